@@ -1,0 +1,719 @@
+//! Configuration: a TOML file, or the embedded default (`src/default.toml`).
+//!
+//! Every key has a default, so a file names only what it changes. Unknown keys, bad values and
+//! impossible combinations are refused before anything starts, with the file, the line, the key,
+//! and what to write instead. `docs/config.md` is the reference.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Network, RelayPolicy};
+use crate::smtp::data::BareLineEndings;
+use crate::smtp::session::SessionConfig;
+use crate::spool::appender::SEGMENT_FILL_CHUNK_BYTES;
+use crate::spool::record::message_record_bytes_max;
+use crate::spool::Durability;
+use crate::units::{ByteSize, Span};
+
+/// The configuration Gannet serves with when no `--config` is given.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default = "default_listeners", rename = "listener")]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub spool: Spool,
+    #[serde(default)]
+    pub relay: Relay,
+    #[serde(default)]
+    pub smtp: Smtp,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Name in the greeting, EHLO reply and Received headers. Default: the system's host name.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// "auto" (one per CPU this process may run on) or a number.
+    #[serde(default)]
+    pub shards: Shards,
+    /// On SIGTERM/SIGINT, how long transactions in flight may take before they are cut off.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Span,
+    /// io_uring registered buffer memory per shard (locked memory: see tuning/).
+    #[serde(default = "default_io_memory")]
+    pub io_memory: ByteSize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shards {
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+impl Serialize for Shards {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Shards::Auto => s.serialize_str("auto"),
+            Shards::Count(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Shards {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Shards, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        const HINT: &str = "write \"auto\" (one shard per CPU) or a number of shards such as 2";
+        match Raw::deserialize(d)? {
+            Raw::Number(n) if n >= 1 => Ok(Shards::Count(n as usize)),
+            Raw::Number(n) => Err(serde::de::Error::custom(format!("{n} shards is not possible; {HINT}"))),
+            Raw::Text(t) if t == "auto" => Ok(Shards::Auto),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!("`{t}` is not a shard count; {HINT}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    /// Port 25: mail from other MTAs.
+    Mx,
+    /// Port 587: mail from users' clients (AUTH arrives with TLS in a later release).
+    Submission,
+    /// Port 465: implicit TLS (needs TLS, which this release does not have yet).
+    Smtps,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub kind: ListenerKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spool {
+    #[serde(default = "default_spool_directory")]
+    pub directory: PathBuf,
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+    /// Size of each pre-written segment file; a multiple of 1MiB.
+    #[serde(default = "default_segment_size")]
+    pub segment_size: ByteSize,
+    /// The most disk the spool may use, over all shards; past it mail is refused with 452.
+    #[serde(default = "default_spool_size_max")]
+    pub size_max: ByteSize,
+    /// Mail is refused with 452 rather than leave less than this free on the file system.
+    #[serde(default = "default_min_free")]
+    pub min_free: ByteSize,
+    /// Memory per shard for messages being received or written; past it, 452.
+    #[serde(default = "default_memory_max")]
+    pub memory_max: ByteSize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Relay {
+    /// Domains we accept mail for from anyone.
+    #[serde(default)]
+    pub local_domains: Vec<String>,
+    /// Clients in these networks may relay to any domain.
+    #[serde(default = "default_trusted_networks")]
+    pub trusted_networks: Vec<NetworkText>,
+}
+
+/// A network as written in the file, checked on load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkText(pub Network);
+
+impl Serialize for NetworkText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<NetworkText, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(NetworkText).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLineEndingPolicy {
+    Reject,
+    Normalize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Smtp {
+    /// What to do with a bare CR or LF in message content: "reject" (550 5.5.2) or "normalize".
+    #[serde(default = "default_bare_line_endings")]
+    pub bare_line_endings: BareLineEndingPolicy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Longest command line, CRLF included (RFC 5321 minimum: 512).
+    #[serde(default = "default_line_length_max")]
+    pub line_length_max: usize,
+    #[serde(default = "default_message_size_max")]
+    pub message_size_max: ByteSize,
+    #[serde(default = "default_recipients_max")]
+    pub recipients_max: usize,
+    #[serde(default = "default_errors_max")]
+    pub errors_max: u32,
+    #[serde(default = "default_sessions_per_shard_max")]
+    pub sessions_per_shard_max: usize,
+    /// Enforced per shard (shards share nothing): the process allows up to shards times this.
+    #[serde(default = "default_sessions_per_ip_max")]
+    pub sessions_per_ip_max: usize,
+    /// How long the client may be silent while a command is expected.
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout: Span,
+    /// How long one message's content (DATA, or all BDAT chunks) may take in total.
+    #[serde(default = "default_data_timeout")]
+    pub data_timeout: Span,
+}
+
+fn default_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer we own. Exercised by
+    // every test that starts the binary on the embedded default.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(name) if rc == 0 && valid_hostname(name) => name.to_string(),
+        _ => "localhost".to_string(),
+    }
+}
+
+fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn default_listeners() -> Vec<Listener> {
+    vec![
+        Listener {
+            address: "127.0.0.1:2525".parse().unwrap(),
+            kind: ListenerKind::Mx,
+        },
+        Listener {
+            address: "127.0.0.1:2587".parse().unwrap(),
+            kind: ListenerKind::Submission,
+        },
+    ]
+}
+
+fn default_shutdown_timeout() -> Span {
+    Span(Duration::from_secs(30))
+}
+fn default_io_memory() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_spool_directory() -> PathBuf {
+    PathBuf::from("./gannet-spool")
+}
+fn default_durability() -> Durability {
+    Durability::Fsync
+}
+fn default_segment_size() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_spool_size_max() -> ByteSize {
+    ByteSize(8 << 30)
+}
+fn default_min_free() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_memory_max() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_trusted_networks() -> Vec<NetworkText> {
+    vec![
+        NetworkText("127.0.0.0/8".parse().unwrap()),
+        NetworkText("::1/128".parse().unwrap()),
+    ]
+}
+fn default_bare_line_endings() -> BareLineEndingPolicy {
+    BareLineEndingPolicy::Reject
+}
+fn default_line_length_max() -> usize {
+    2048
+}
+fn default_message_size_max() -> ByteSize {
+    ByteSize(10 << 20)
+}
+fn default_recipients_max() -> usize {
+    1000
+}
+fn default_errors_max() -> u32 {
+    20
+}
+fn default_sessions_per_shard_max() -> usize {
+    1000
+}
+fn default_sessions_per_ip_max() -> usize {
+    50
+}
+fn default_command_timeout() -> Span {
+    Span(Duration::from_secs(300))
+}
+fn default_data_timeout() -> Span {
+    Span(Duration::from_secs(600))
+}
+
+impl Default for Server {
+    fn default() -> Server {
+        Server {
+            hostname: default_hostname(),
+            shards: Shards::Auto,
+            shutdown_timeout: default_shutdown_timeout(),
+            io_memory: default_io_memory(),
+        }
+    }
+}
+
+impl Default for Spool {
+    fn default() -> Spool {
+        Spool {
+            directory: default_spool_directory(),
+            durability: default_durability(),
+            segment_size: default_segment_size(),
+            size_max: default_spool_size_max(),
+            min_free: default_min_free(),
+            memory_max: default_memory_max(),
+        }
+    }
+}
+
+impl Default for Relay {
+    fn default() -> Relay {
+        Relay {
+            local_domains: Vec::new(),
+            trusted_networks: default_trusted_networks(),
+        }
+    }
+}
+
+impl Default for Smtp {
+    fn default() -> Smtp {
+        Smtp {
+            bare_line_endings: default_bare_line_endings(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            line_length_max: default_line_length_max(),
+            message_size_max: default_message_size_max(),
+            recipients_max: default_recipients_max(),
+            errors_max: default_errors_max(),
+            sessions_per_shard_max: default_sessions_per_shard_max(),
+            sessions_per_ip_max: default_sessions_per_ip_max(),
+            command_timeout: default_command_timeout(),
+            data_timeout: default_data_timeout(),
+        }
+    }
+}
+
+/// A configuration the server cannot start with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, or "<embedded default>".
+    pub source_name: String,
+    pub line: Option<usize>,
+    /// `section.key`, when one key is to blame.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.source_name)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Finds the line of `key` inside `[section]` (or `[[section]]` number `index`) in the TOML text.
+fn line_of(text: &str, section: &str, index: usize, key: &str) -> Option<usize> {
+    let mut in_section = section.is_empty();
+    let mut seen = 0usize;
+    let mut section_line = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            let name = line.trim_matches(|c| c == '[' || c == ']').trim();
+            in_section = name == section && {
+                seen += 1;
+                seen == index + 1
+            };
+            if in_section {
+                section_line = Some(n + 1);
+            }
+            continue;
+        }
+        if in_section {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim() == key {
+                    return Some(n + 1);
+                }
+            }
+        }
+    }
+    section_line
+}
+
+impl Config {
+    /// Parses and validates a configuration. `source_name` names the file in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            source_name: source_name.to_string(),
+            line: e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1),
+            key: None,
+            message: e.message().to_string(),
+        })?;
+        config.validate(text, source_name)?;
+        Ok(config)
+    }
+
+    /// The embedded default.
+    pub fn embedded_default() -> Config {
+        Config::parse(DEFAULT_TOML, "<embedded default>").expect("the embedded default configuration is valid")
+    }
+
+    /// The effective configuration as TOML (every key, defaults filled in).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configuration serialises")
+    }
+
+    /// The number of shards to run, given the CPUs this process may use.
+    pub fn shard_count(&self, cpus: usize) -> usize {
+        match self.server.shards {
+            Shards::Auto => cpus.max(1),
+            Shards::Count(n) => n,
+        }
+    }
+
+    /// Segments each shard may keep (its share of `spool.size_max`).
+    pub fn segments_per_shard_max(&self, shards: usize) -> usize {
+        (self.spool.size_max.0 / self.spool.segment_size.0.max(1) / shards.max(1) as u64) as usize
+    }
+
+    /// The largest spool record these limits allow.
+    pub fn record_bytes_max(&self) -> u64 {
+        message_record_bytes_max(
+            self.limits.line_length_max,
+            self.limits.recipients_max,
+            self.limits.message_size_max.0,
+        )
+    }
+
+    /// Checks values and combinations that the types alone cannot.
+    fn validate(&self, text: &str, source_name: &str) -> Result<(), ConfigError> {
+        let fail = |section: &str, index: usize, key: &str, message: String| ConfigError {
+            source_name: source_name.to_string(),
+            line: line_of(text, section, index, key),
+            key: Some(if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            }),
+            message,
+        };
+        if !valid_hostname(&self.server.hostname) {
+            return Err(fail(
+                "server",
+                0,
+                "hostname",
+                format!(
+                    "`{}` is not a host name; write a fully qualified name such as \"mx.example.com\"",
+                    self.server.hostname
+                ),
+            ));
+        }
+        if self.server.shutdown_timeout.0.is_zero() {
+            return Err(fail(
+                "server",
+                0,
+                "shutdown_timeout",
+                "must be more than zero, such as \"30s\"".into(),
+            ));
+        }
+        if self.server.io_memory.0 < 64 * 1024 {
+            return Err(fail("server", 0, "io_memory", "must be at least \"64KiB\"".into()));
+        }
+        if self.listeners.is_empty() {
+            return Err(fail(
+                "",
+                0,
+                "listener",
+                "at least one [[listener]] is needed, such as address = \"127.0.0.1:2525\" with kind = \"mx\"".into(),
+            ));
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if self.listeners[..i].iter().any(|l| l.address == listener.address) {
+                return Err(fail(
+                    "listener",
+                    i,
+                    "address",
+                    format!(
+                        "{} is listed twice; give each listener its own address",
+                        listener.address
+                    ),
+                ));
+            }
+            if listener.kind == ListenerKind::Smtps {
+                return Err(fail("listener", i, "kind", "\"smtps\" (implicit TLS) needs TLS certificates, which this release cannot load yet; use \"mx\" or \"submission\"".into()));
+            }
+        }
+        let l = &self.limits;
+        if !(512..=65536).contains(&l.line_length_max) {
+            return Err(fail(
+                "limits",
+                0,
+                "line_length_max",
+                format!(
+                    "{} is out of range; RFC 5321 needs at least 512, and at most 65536 is allowed",
+                    l.line_length_max
+                ),
+            ));
+        }
+        if l.message_size_max.0 < 1024 || l.message_size_max.0 > (1 << 30) {
+            return Err(fail(
+                "limits",
+                0,
+                "message_size_max",
+                "must be between \"1KiB\" and \"1GiB\"".into(),
+            ));
+        }
+        if !(1..=100_000).contains(&l.recipients_max) {
+            return Err(fail(
+                "limits",
+                0,
+                "recipients_max",
+                "must be between 1 and 100000 (RFC 5321 asks for at least 100)".into(),
+            ));
+        }
+        if l.errors_max == 0 {
+            return Err(fail("limits", 0, "errors_max", "must be at least 1".into()));
+        }
+        if l.sessions_per_shard_max == 0 || l.sessions_per_ip_max == 0 {
+            let key = if l.sessions_per_shard_max == 0 {
+                "sessions_per_shard_max"
+            } else {
+                "sessions_per_ip_max"
+            };
+            return Err(fail("limits", 0, key, "must be at least 1".into()));
+        }
+        if l.command_timeout.0.is_zero() || l.data_timeout.0.is_zero() {
+            let key = if l.command_timeout.0.is_zero() {
+                "command_timeout"
+            } else {
+                "data_timeout"
+            };
+            return Err(fail("limits", 0, key, "must be more than zero, such as \"5m\"".into()));
+        }
+        let s = &self.spool;
+        if s.segment_size.0 < SEGMENT_FILL_CHUNK_BYTES
+            || s.segment_size.0 % SEGMENT_FILL_CHUNK_BYTES != 0
+            || s.segment_size.0 > (4 << 30)
+        {
+            return Err(fail(
+                "spool",
+                0,
+                "segment_size",
+                format!(
+                    "{} must be a whole number of MiB between \"1MiB\" and \"4GiB\", such as \"64MiB\"",
+                    s.segment_size
+                ),
+            ));
+        }
+        let record_max = self.record_bytes_max();
+        if s.segment_size.0 < record_max {
+            return Err(fail("spool", 0, "segment_size", format!(
+                "{} cannot hold the largest message the limits allow ({} bytes with limits.message_size_max = {} and limits.recipients_max = {}); raise spool.segment_size or lower those limits",
+                s.segment_size, record_max, l.message_size_max, l.recipients_max
+            )));
+        }
+        if s.memory_max.0 < record_max + 512 * 1024 {
+            return Err(fail("spool", 0, "memory_max", format!(
+                "{} cannot buffer the largest message the limits allow; make it at least {} (limits.message_size_max plus 512KiB)",
+                s.memory_max,
+                ByteSize(record_max + 512 * 1024)
+            )));
+        }
+        if s.size_max.0 < 2 * s.segment_size.0 {
+            return Err(fail(
+                "spool",
+                0,
+                "size_max",
+                format!(
+                    "{} must hold at least two segments of spool.segment_size ({}) per shard",
+                    s.size_max, s.segment_size
+                ),
+            ));
+        }
+        for domain in &self.relay.local_domains {
+            if !valid_hostname(domain) {
+                return Err(fail(
+                    "relay",
+                    0,
+                    "local_domains",
+                    format!("`{domain}` is not a domain name; write names such as \"example.com\""),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that need the shard count (known only on the machine that runs the server).
+    pub fn validate_for_shards(&self, shards: usize, cpus: usize, source_name: &str) -> Result<(), ConfigError> {
+        if shards > cpus {
+            return Err(ConfigError {
+                source_name: source_name.to_string(),
+                line: None,
+                key: Some("server.shards".into()),
+                message: format!("{shards} shards asked for, but this process may use only {cpus} CPUs; write \"auto\" or a number up to {cpus}"),
+            });
+        }
+        if self.segments_per_shard_max(shards) < 2 {
+            return Err(ConfigError {
+                source_name: source_name.to_string(),
+                line: None,
+                key: Some("spool.size_max".into()),
+                message: format!(
+                    "{} leaves fewer than two segments of {} for each of {shards} shards; raise spool.size_max",
+                    self.spool.size_max, self.spool.segment_size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The session settings every session of a shard shares.
+    pub fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            hostname: self.server.hostname.clone(),
+            line_length_max: self.limits.line_length_max,
+            message_size_max: self.limits.message_size_max.0,
+            recipients_max: self.limits.recipients_max,
+            errors_max: self.limits.errors_max,
+            bare_line_endings: match self.smtp.bare_line_endings {
+                BareLineEndingPolicy::Reject => BareLineEndings::Reject,
+                BareLineEndingPolicy::Normalize => BareLineEndings::Normalize,
+            },
+            relay: RelayPolicy {
+                local_domains: self
+                    .relay
+                    .local_domains
+                    .iter()
+                    .map(|d| d.to_ascii_lowercase())
+                    .collect(),
+                trusted_networks: self.relay.trusted_networks.iter().map(|n| n.0).collect(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_matches_the_documented_defaults() {
+        let c = Config::embedded_default();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[0].address, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(c.listeners[1].kind, ListenerKind::Submission);
+        assert_eq!(c.spool.directory, PathBuf::from("./gannet-spool"));
+        assert_eq!(c.spool.durability, Durability::Fsync);
+        assert_eq!(c.server.shards, Shards::Auto);
+        // An empty file means every default.
+        let empty = Config::parse("", "empty.toml").unwrap();
+        assert_eq!(empty.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn unknown_keys_name_the_line_and_the_valid_keys() {
+        let e = Config::parse("[limits]\nmessage_size_max = \"1MiB\"\nrecipient_max = 5\n", "g.toml").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert!(e.to_string().starts_with("g.toml:3: "), "{e}");
+        assert!(e.message.contains("recipients_max"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_say_what_to_write() {
+        let e = Config::parse("[limits]\ncommand_timeout = 30\n", "g.toml").unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("\"30s\""), "{e}");
+        let e = Config::parse("[spool]\nsegment_size = \"64 Mb\"\n", "g.toml").unwrap_err();
+        assert!(e.message.contains("\"10MiB\""), "{e}");
+        let e = Config::parse("[relay]\ntrusted_networks = [\"10.0.0.0/40\"]\n", "g.toml").unwrap_err();
+        assert!(e.message.contains("prefix length"), "{e}");
+        let e = Config::parse("[spool]\ndurability = \"sometimes\"\n", "g.toml").unwrap_err();
+        assert!(e.message.contains("fsync"), "{e}");
+    }
+
+    #[test]
+    fn impossible_combinations_are_refused_with_their_line() {
+        let text = "[limits]\nmessage_size_max = \"100MiB\"\n\n[spool]\nsegment_size = \"64MiB\"\n";
+        let e = Config::parse(text, "g.toml").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("spool.segment_size"));
+        assert_eq!(e.line, Some(5));
+        let e = Config::parse("[[listener]]\naddress = \"127.0.0.1:25\"\nkind = \"mx\"\n[[listener]]\naddress = \"127.0.0.1:25\"\nkind = \"submission\"\n", "g.toml").unwrap_err();
+        assert_eq!(e.line, Some(5), "{e}");
+        let e = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:465\"\nkind = \"smtps\"\n",
+            "g.toml",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("TLS"), "{e}");
+        let e = Config::parse("[spool]\nsegment_size = \"3500KiB\"\n", "g.toml").unwrap_err();
+        assert!(e.message.contains("whole number of MiB"), "{e}");
+        let c = Config::parse("[server]\nshards = 4\n", "g.toml").unwrap();
+        assert!(c
+            .validate_for_shards(4, 2, "g.toml")
+            .unwrap_err()
+            .message
+            .contains("only 2 CPUs"));
+        assert!(Config::parse("[server]\nshards = 0\n", "g.toml").is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! Gannet: a shard-per-core mail transfer agent.
+//!
+//! Layout, top-down:
+//! - [`config`]: the TOML configuration, its embedded default and its validation.
+//! - [`smtp`]: the sans-IO protocol core (command parser, DATA decoder, server session).
+//! - [`policy`]: the relay decision and network lists (pure functions).
+//! - [`spool`]: the per-shard segment log (record codec, recovery, appender with group commit).
+//! - [`queue`]: the in-memory index of what each shard has spooled.
+//! - [`server`]: the glommio shell (executors, listeners, connections, shutdown).
+
+pub mod config;
+pub mod policy;
+pub mod queue;
+pub mod server;
+pub mod smtp;
+pub mod spool;
+pub mod units;

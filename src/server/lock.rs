@@ -1,0 +1,44 @@
+//! The spool lock: one process per spool directory.
+//!
+//! Two servers on one spool would interleave segments and, thanks to SO_REUSEPORT, could even
+//! share the listening port without an error. An exclusive `flock` on `gannet.lock`, held for the
+//! life of the process, refuses the second one at start with a clear message.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+pub struct SpoolLock {
+    _file: File,
+}
+
+impl SpoolLock {
+    pub fn acquire(spool_dir: &Path) -> Result<SpoolLock, String> {
+        let path = spool_dir.join("gannet.lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved. Covered by the
+        // integration test that starts a second server on the same spool.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(format!(
+                "spool directory {} is in use by another gannet process (pid {}); stop it, or give this one another spool.directory",
+                spool_dir.display(),
+                holder.trim()
+            ));
+        }
+        let pid = std::process::id().to_string();
+        let _ = file.set_len(0);
+        let _ = file.seek(SeekFrom::Start(0));
+        let _ = file.write_all(pid.as_bytes());
+        Ok(SpoolLock { _file: file })
+    }
+}

@@ -1,0 +1,197 @@
+//! The server: everything that touches threads, sockets and signals. The protocol logic it drives
+//! lives in [`crate::smtp`] and [`crate::spool`].
+//!
+//! Start-up order: check the configuration against this machine, take the spool lock, make sure no
+//! other process listens on our addresses, bind one SO_REUSEPORT socket per listener per shard,
+//! then start one glommio executor per shard, each pinned to its own CPU. A shard recovers its
+//! spool, adopts its sockets and reports ready; once all have, the server logs `ready`.
+
+pub mod connection;
+pub mod lock;
+pub mod shard;
+pub mod signals;
+
+use std::net::SocketAddr;
+use std::os::fd::{IntoRawFd, RawFd};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::spool::Durability;
+
+/// Backlog of each listening socket.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a plain bit set we own; sched_getaffinity writes at most
+    // size_of::<cpu_set_t>() bytes into it, and CPU_ISSET only reads it. Covered by every test
+    // that starts the server (shards are pinned to these CPUs).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+/// Raises the soft locked-memory limit to the hard limit: io_uring's registered buffers are
+/// locked memory (see tuning/memlock.md). Returns the soft limit in force afterwards.
+fn raise_memlock_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit read and write the rlimit struct we own.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        limit.rlim_cur
+    }
+}
+
+/// Binds one listening socket with SO_REUSEPORT.
+fn bind_reuseport(address: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
+}
+
+/// Runs the server until a shutdown signal; returns an error message for start-up failures.
+pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
+    let cpus = allowed_cpus();
+    let shards = config.shard_count(cpus.len());
+    config
+        .validate_for_shards(shards, cpus.len(), source_name)
+        .map_err(|e| e.to_string())?;
+    signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+
+    let memlock = raise_memlock_limit();
+    let io_memory = config.server.io_memory.0 as usize;
+    // glommio registers the buffer once per ring (three rings per executor).
+    let needed = 3 * io_memory as u64 * shards as u64;
+    if memlock < needed {
+        warn!("locked-memory limit is {memlock} bytes, below the {needed} that server.io_memory = {} for {shards} shards registers; storage I/O falls back to unregistered buffers (see tuning/memlock.md)", config.server.io_memory);
+    }
+
+    std::fs::create_dir_all(&config.spool.directory).map_err(|e| {
+        format!(
+            "cannot create spool directory {}: {e}",
+            config.spool.directory.display()
+        )
+    })?;
+    // Absolute from here on: glommio's Directory::open hands relative paths to openat with an
+    // invalid directory descriptor (EBADF), and absolute paths make clearer log lines anyway.
+    config.spool.directory = std::fs::canonicalize(&config.spool.directory).map_err(|e| {
+        format!(
+            "cannot resolve spool directory {}: {e}",
+            config.spool.directory.display()
+        )
+    })?;
+    let lock = lock::SpoolLock::acquire(&config.spool.directory)?;
+
+    if config.spool.durability == Durability::None {
+        warn!("spool.durability = \"none\": mail is acknowledged before it is on stable storage and a crash loses it; use this for benchmarks only");
+    }
+
+    // SO_REUSEPORT lets a second process share our port silently; a plain bind first proves that
+    // nobody else is listening there.
+    for listener in &config.listeners {
+        std::net::TcpListener::bind(listener.address).map_err(|e| {
+            format!(
+                "cannot listen on {} ({:?}): {e}; is another server running there?",
+                listener.address, listener.kind
+            )
+        })?;
+    }
+    let mut shard_fds: Vec<Vec<RawFd>> = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let mut fds = Vec::with_capacity(config.listeners.len());
+        for listener in &config.listeners {
+            let socket =
+                bind_reuseport(listener.address).map_err(|e| format!("cannot listen on {}: {e}", listener.address))?;
+            fds.push(socket.into_raw_fd());
+        }
+        shard_fds.push(fds);
+    }
+
+    let config = Arc::new(config);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<u16, String>>();
+    let mut handles = Vec::with_capacity(shards);
+    for (index, fds) in shard_fds.into_iter().enumerate() {
+        let config = config.clone();
+        let ready_tx = ready_tx.clone();
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpus[index]))
+            .name(&format!("shard-{index}"))
+            .io_memory(io_memory)
+            .spawn(move || async move {
+                let shard = index as u16;
+                let result = shard::run(shard, shards, config, fds, ready_tx.clone()).await;
+                if let Err(e) = &result {
+                    let _ = ready_tx.send(Err(format!("shard {shard}: {e}")));
+                }
+                result
+            })
+            .map_err(|e| format!("cannot start shard {index} on CPU {}: {e}", cpus[index]))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+
+    let mut ready = 0;
+    while ready < shards {
+        match ready_rx.recv() {
+            Ok(Ok(_)) => ready += 1,
+            Ok(Err(e)) => {
+                signals::request_shutdown();
+                for handle in handles {
+                    let _ = handle.join();
+                }
+                return Err(e);
+            }
+            Err(_) => return Err("a shard stopped during start-up".into()),
+        }
+    }
+    let addresses: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| format!("{} ({:?})", l.address, l.kind).to_lowercase())
+        .collect();
+    info!("ready: {shards} shards serving on {}", addresses.join(", "));
+
+    let mut failure = None;
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(format!("shard failed: {e}")),
+        }
+    }
+    drop(lock);
+    match failure {
+        None => {
+            info!("stopped");
+            Ok(())
+        }
+        Some(e) => Err(e),
+    }
+}

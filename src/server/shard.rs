@@ -1,0 +1,353 @@
+//! One shard: an executor pinned to a core that owns its listeners' sockets, its sessions, its
+//! spool directory and its queue index. Nothing here is shared with other shards except the
+//! read-only configuration.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::os::fd::{FromRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpListener;
+use tracing::{error, info, warn};
+
+use super::{connection, signals};
+use crate::config::Config;
+use crate::queue::{QueueEntry, QueueIndex};
+use crate::smtp::session::SessionConfig;
+use crate::spool::appender::{Appender, AppenderConfig};
+use crate::spool::recovery::{list_segments, quarantine, read_segment, scan_segment, Damage};
+use crate::spool::{shard_dir, MessageId};
+
+/// How often a shard looks at the process-wide shutdown flag.
+const SHUTDOWN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// After the shutdown deadline, how long cut-off sessions get to send their 421 and go.
+const FORCED_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Where the shard is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Running,
+    /// No new connections; sessions finish their transaction, then get 421.
+    Draining,
+    /// Past the shutdown deadline: every session gets 421 now.
+    Forced,
+}
+
+/// A session's entry in the shard's registry: how the shard wakes it at shutdown.
+pub struct SessionSlot {
+    waker: RefCell<Option<Waker>>,
+}
+
+pub struct Shard {
+    pub index: u16,
+    pub config: Arc<Config>,
+    pub session_config: Rc<SessionConfig>,
+    pub appender: Rc<Appender>,
+    pub queue: RefCell<QueueIndex>,
+    stage: Cell<Stage>,
+    sessions: RefCell<HashMap<u64, Rc<SessionSlot>>>,
+    sessions_per_ip: RefCell<HashMap<IpAddr, usize>>,
+    next_session_id: Cell<u64>,
+    all_gone_waker: RefCell<Option<Waker>>,
+}
+
+/// Why a connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    ShardFull,
+    IpFull,
+}
+
+/// A session's registration; dropping it frees the session's place.
+pub struct SessionGuard {
+    shard: Rc<Shard>,
+    id: u64,
+    ip: IpAddr,
+    pub slot: Rc<SessionSlot>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.shard.sessions.borrow_mut().remove(&self.id);
+        let mut per_ip = self.shard.sessions_per_ip.borrow_mut();
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        if self.shard.sessions.borrow().is_empty() {
+            if let Some(waker) = self.shard.all_gone_waker.borrow_mut().take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+impl Shard {
+    pub fn stage(&self) -> Stage {
+        self.stage.get()
+    }
+
+    fn advance(&self, stage: Stage) {
+        self.stage.set(stage);
+        for slot in self.sessions.borrow().values() {
+            if let Some(waker) = slot.waker.borrow_mut().take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Admits a session if the shard's limits allow it.
+    pub fn admit(self: &Rc<Self>, ip: IpAddr) -> Result<SessionGuard, Refusal> {
+        let limits = &self.config.limits;
+        if self.sessions.borrow().len() >= limits.sessions_per_shard_max {
+            return Err(Refusal::ShardFull);
+        }
+        let mut per_ip = self.sessions_per_ip.borrow_mut();
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= limits.sessions_per_ip_max {
+            return Err(Refusal::IpFull);
+        }
+        *count += 1;
+        drop(per_ip);
+        let id = self.next_session_id.get();
+        self.next_session_id.set(id + 1);
+        let slot = Rc::new(SessionSlot {
+            waker: RefCell::new(None),
+        });
+        self.sessions.borrow_mut().insert(id, slot.clone());
+        Ok(SessionGuard {
+            shard: self.clone(),
+            id,
+            ip,
+            slot,
+        })
+    }
+
+    /// Records a newly spooled message in the queue index.
+    pub fn record_queued(&self, entry: QueueEntry) {
+        self.queue.borrow_mut().insert(entry);
+    }
+}
+
+/// Ready when the shard's stage differs from `seen`.
+pub struct StageChange<'a> {
+    pub shard: &'a Shard,
+    pub slot: &'a SessionSlot,
+    pub seen: Stage,
+}
+
+impl Future for StageChange<'_> {
+    type Output = Stage;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Stage> {
+        let stage = self.shard.stage.get();
+        if stage != self.seen {
+            return Poll::Ready(stage);
+        }
+        *self.slot.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Ready when no session is left.
+struct AllGone<'a> {
+    shard: &'a Shard,
+}
+
+impl Future for AllGone<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.shard.sessions.borrow().is_empty() {
+            return Poll::Ready(());
+        }
+        *self.shard.all_gone_waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Reads this shard's spool back: its own directory and those of shards that no longer exist
+/// (`shard + k * shard_count`), so that lowering the shard count never strands mail.
+/// Returns the queue index, how many segments the shard's own directory holds, and the next
+/// segment sequence number.
+fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueIndex, usize, u64), String> {
+    let spool = &config.spool.directory;
+    let own_dir = shard_dir(spool, shard);
+    std::fs::create_dir_all(&own_dir).map_err(|e| format!("cannot create {}: {e}", own_dir.display()))?;
+    let mut index = QueueIndex::default();
+    let mut own_segments = 0;
+    let mut next_seq = 0;
+    let mut buf = Vec::new();
+    let mut adopted = u32::from(shard);
+    loop {
+        let dir = shard_dir(spool, adopted as u16);
+        if adopted != u32::from(shard) && !dir.exists() {
+            break;
+        }
+        // Half-made segments from a crash during preparation hold nothing.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().ends_with(".seg.tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        let segments = list_segments(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        for (seq, path) in &segments {
+            read_segment(path, &mut buf).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let scan = scan_segment(&buf, adopted as u16, *seq);
+            for damage in &scan.damage {
+                match *damage {
+                    Damage::TornTail { offset } => {
+                        info!(
+                            shard,
+                            "segment {}: unacknowledged torn tail at offset {offset} cut off",
+                            path.display()
+                        );
+                    }
+                    Damage::Corrupt { offset, len, reason } => {
+                        match quarantine(spool, adopted as u16, *seq, &buf, offset, len) {
+                            Ok(q) => error!(shard, "segment {}: record at offset {offset} is damaged ({reason}); quarantined as {}", path.display(), q.display()),
+                            Err(e) => error!(shard, "segment {}: record at offset {offset} is damaged ({reason}); could not quarantine it: {e}", path.display()),
+                        }
+                    }
+                }
+            }
+            for message in &scan.messages {
+                index.insert(QueueEntry::from_recovered(message));
+            }
+            if adopted == u32::from(shard) {
+                own_segments += 1;
+                next_seq = next_seq.max(seq + 1);
+            }
+        }
+        adopted += shard_count as u32;
+        if adopted > u32::from(u16::MAX) {
+            break;
+        }
+    }
+    Ok((index, own_segments, next_seq))
+}
+
+/// Runs a shard until shutdown. `listener_fds` are bound, listening sockets, one per listener.
+pub async fn run(
+    index: u16,
+    shard_count: usize,
+    config: Arc<Config>,
+    listener_fds: Vec<RawFd>,
+    ready: mpsc::Sender<Result<u16, String>>,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let (queue, own_segments, next_seq) = recover(&config, index, shard_count)?;
+    let appender_config = AppenderConfig {
+        shard: index,
+        dir: shard_dir(&config.spool.directory, index),
+        segment_bytes: config.spool.segment_size.0,
+        segments_max: config.segments_per_shard_max(shard_count),
+        min_free_bytes: config.spool.min_free.0,
+        durability: config.spool.durability,
+        inflight_bytes_max: config.spool.memory_max.0 as usize,
+    };
+    let appender = Appender::open(appender_config, own_segments, next_seq)
+        .await
+        .map_err(|e| format!("cannot open spool: {e}"))?;
+    info!(
+        shard = index,
+        "recovered {} spooled message(s) in {:?}",
+        queue.len(),
+        started.elapsed()
+    );
+    let shard = Rc::new(Shard {
+        index,
+        session_config: Rc::new(config.session_config()),
+        config: config.clone(),
+        appender,
+        queue: RefCell::new(queue),
+        stage: Cell::new(Stage::Running),
+        sessions: RefCell::new(HashMap::new()),
+        sessions_per_ip: RefCell::new(HashMap::new()),
+        next_session_id: Cell::new(0),
+        all_gone_waker: RefCell::new(None),
+    });
+
+    let mut accept_tasks = Vec::with_capacity(listener_fds.len());
+    for (fd, listener_config) in listener_fds.into_iter().zip(&config.listeners) {
+        // SAFETY: `fd` is a bound, listening TCP socket created for this shard alone by
+        // `server::serve`, which gave up ownership with into_raw_fd; nothing else closes it.
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        let shard = shard.clone();
+        let kind = listener_config.kind;
+        accept_tasks.push(glommio::spawn_local(async move {
+            loop {
+                match listener.accept().await {
+                    Ok(stream) => {
+                        glommio::spawn_local(connection::serve(stream, shard.clone(), kind)).detach();
+                    }
+                    Err(e) => {
+                        warn!(shard = shard.index, "accept failed: {e}");
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }));
+    }
+    let _ = ready.send(Ok(index));
+
+    while !signals::shutdown_requested() {
+        glommio::timer::sleep(SHUTDOWN_POLL_INTERVAL).await;
+    }
+    // Stop accepting: cancelling the accept loops drops (closes) this shard's listening sockets.
+    drop(accept_tasks);
+    shard.advance(Stage::Draining);
+    let deadline = config.server.shutdown_timeout.0;
+    let drained = glommio::timer::timeout(deadline, async {
+        AllGone { shard: &shard }.await;
+        Ok(())
+    })
+    .await
+    .is_ok();
+    if !drained {
+        warn!(
+            shard = index,
+            "shutdown timeout: closing {} session(s) with 421",
+            shard.sessions.borrow().len()
+        );
+        shard.advance(Stage::Forced);
+        let _ = glommio::timer::timeout(FORCED_CLOSE_GRACE, async {
+            AllGone { shard: &shard }.await;
+            Ok(())
+        })
+        .await;
+    }
+    // Every acknowledged message was already durable when it was acknowledged: nothing is left
+    // to flush.
+    let queued = shard.queue.borrow().len();
+    info!(shard = index, "stopped with {queued} message(s) spooled");
+    Ok(())
+}
+
+/// Used by the connection for its log line and the queue index.
+pub fn queue_entry(
+    id: MessageId,
+    envelope: &crate::smtp::envelope::Envelope,
+    content_bytes: u64,
+    received_unix_s: u64,
+) -> QueueEntry {
+    QueueEntry {
+        id,
+        sender: envelope.sender().to_vec().into_boxed_slice(),
+        recipient_count: envelope.recipient_count() as u32,
+        content_bytes,
+        received_unix_s,
+    }
+}

@@ -1,0 +1,40 @@
+//! SIGTERM and SIGINT: the first asks for a graceful shutdown, the second exits at once.
+//!
+//! Exiting at once is safe for the spool: only durable messages were acknowledged, and recovery
+//! handles anything half-written.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+static SHUTDOWN_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Exit status after a second signal.
+const EXIT_STATUS_FORCED: i32 = 130;
+
+pub fn shutdown_requested() -> bool {
+    SHUTDOWN_REQUESTED.load(Ordering::Acquire)
+}
+
+pub fn request_shutdown() {
+    SHUTDOWN_REQUESTED.store(true, Ordering::Release);
+}
+
+/// Starts the thread that turns signals into the shutdown flag.
+pub fn install() -> std::io::Result<()> {
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for signal in signals.forever() {
+            if shutdown_requested() {
+                eprintln!("gannet: second signal ({signal}), exiting now; the spool is safe");
+                std::process::exit(EXIT_STATUS_FORCED);
+            }
+            tracing::info!(
+                "signal {signal}: shutting down; transactions in flight may finish (a second signal exits at once)"
+            );
+            request_shutdown();
+        }
+    })?;
+    Ok(())
+}

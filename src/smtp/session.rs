@@ -1,0 +1,1232 @@
+//! The inbound SMTP session as a sans-IO state machine (RFC 5321, with PIPELINING, SIZE, 8BITMIME,
+//! SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING and DSN).
+//!
+//! The shell feeds received bytes to [`Session::receive`], which consumes as many as it can,
+//! appends replies to an output buffer and says what the shell must do next ([`Next`]). Replies to
+//! pipelined commands accumulate in the output buffer; the shell writes them in one go once the
+//! session needs more input (RFC 2920 section 3.1). Message content goes straight from the input
+//! buffer into a [`MessageSink`] (the spool's write buffer); the session never holds a copy.
+//!
+//! Invariants:
+//! - An incomplete command line is never consumed; the shell keeps it and reads more.
+//! - A command line longer than `line_length_max` is answered once and then discarded as it
+//!   streams in, so it never has to fit in any buffer.
+//! - `250` for a message is only written by [`Session::committed`], i.e. after the spool said the
+//!   bytes are durable.
+
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use super::address::{AddressError, Path};
+use super::data::{BareLineEndingScanner, BareLineEndings, DataDecoder};
+use super::envelope::{notify, BodyType, Envelope, Origin, Ret};
+use super::parser::{parse_command, Command, Params, ParseError};
+use super::received::{unix_now_s, write_received, Trace};
+use super::reply::{self, write_line, Reply};
+use crate::policy::RelayPolicy;
+
+/// Longest ENVID (RFC 3461 4.4: 100 characters).
+const ENVID_BYTES_MAX: usize = 100;
+/// Longest ORCPT value (RFC 3461 4.2: 500 characters).
+const ORCPT_BYTES_MAX: usize = 500;
+
+/// The session's fixed settings, shared by every session of a shard.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    /// Longest command line, CRLF included.
+    pub line_length_max: usize,
+    pub message_size_max: u64,
+    pub recipients_max: usize,
+    /// After this many error replies the session is closed with 421.
+    pub errors_max: u32,
+    pub bare_line_endings: BareLineEndings,
+    pub relay: RelayPolicy,
+}
+
+/// Where message content goes while it streams in. The spool implements this with its aligned
+/// write buffers; tests use a `Vec`.
+pub trait MessageSink {
+    /// Starts a message with this envelope. On error the content is still read and discarded,
+    /// and the message is refused with 452 at its end.
+    fn begin(&mut self, envelope: &Envelope, origin: Origin<'_>) -> Result<(), SinkFull>;
+    /// Appends content. On error the same applies as for `begin`.
+    fn append(&mut self, bytes: &[u8]) -> Result<(), SinkFull>;
+    /// Drops the message being built (refused, reset or connection lost).
+    fn abandon(&mut self);
+}
+
+/// The sink has no room for this message (its memory budget is spent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkFull;
+
+/// Why the spool could not make a message durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitError {
+    /// No room: the spool is at its size limit or the disk is (nearly) full. 452 4.3.1.
+    NoSpace,
+    /// A write or fdatasync failed. 451 4.3.0.
+    Io,
+}
+
+/// What the shell must do after [`Session::receive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Flush replies, then read more input.
+    NeedInput,
+    /// Commit the message in the sink to the spool, then call [`Session::committed`].
+    Commit,
+    /// Flush replies and close the connection.
+    Close,
+}
+
+/// What one call to [`Session::receive`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub consumed: usize,
+    pub next: Next,
+}
+
+/// Where the session is. One variant per protocol state.
+#[derive(Debug)]
+enum Phase {
+    /// Connected, greeting sent, no HELO/EHLO yet.
+    Greeted,
+    /// HELO/EHLO done, no transaction open.
+    Idle,
+    /// MAIL accepted; RCPT, DATA or BDAT may follow.
+    Mail,
+    /// Reading DATA content.
+    Data(DataDecoder),
+    /// Reading a BDAT chunk of `chunk_bytes` into the message.
+    Bdat {
+        remaining_bytes: u64,
+        chunk_bytes: u64,
+        last: bool,
+    },
+    /// Between BDAT chunks of one message.
+    BdatBetween,
+    /// Reading a refused BDAT chunk, to throw it away. `reply` is sent once it is consumed.
+    BdatDiscard {
+        remaining_bytes: u64,
+        reply: Reply,
+    },
+    /// Waiting for the spool.
+    Committing,
+    Closed,
+}
+
+/// Per-message facts gathered while the content streams in.
+#[derive(Debug, Default)]
+struct Content {
+    size_bytes: u64,
+    too_big: bool,
+    sink_full: bool,
+    /// A bare CR or LF was seen (DATA decoder or BDAT scanner).
+    bare_line_ending: bool,
+    bare_scanner: BareLineEndingScanner,
+}
+
+pub struct Session {
+    config: Rc<SessionConfig>,
+    client_ip: IpAddr,
+    phase: Phase,
+    helo: Vec<u8>,
+    esmtp: bool,
+    envelope: Envelope,
+    /// RCPT commands seen in this transaction, accepted or not.
+    recipients_attempted: u32,
+    content: Content,
+    errors: u32,
+    /// The rest of an overlong command line is being thrown away.
+    discarding_line: bool,
+}
+
+impl Session {
+    pub fn new(config: Rc<SessionConfig>, client_ip: IpAddr) -> Session {
+        Session {
+            config,
+            client_ip,
+            phase: Phase::Greeted,
+            helo: Vec::new(),
+            esmtp: false,
+            envelope: Envelope::default(),
+            recipients_attempted: 0,
+            content: Content::default(),
+            errors: 0,
+            discarding_line: false,
+        }
+    }
+
+    /// The 220 greeting.
+    pub fn greeting(&self, out: &mut Vec<u8>) {
+        let text = format!("{} ESMTP Gannet", self.config.hostname);
+        write_line(out, 220, ' ', "", text.as_bytes());
+    }
+
+    /// The envelope of the transaction in progress (for the shell's log and queue index).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// A mail transaction is open (MAIL accepted and not yet finished).
+    pub fn in_transaction(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Mail | Phase::Data(_) | Phase::Bdat { .. } | Phase::BdatBetween | Phase::Committing
+        ) || matches!(self.phase, Phase::BdatDiscard { .. } if self.envelope.recipient_count() > 0)
+    }
+
+    /// Message content is streaming in: the data timeout applies rather than the command timeout.
+    pub fn receiving_content(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Data(_) | Phase::Bdat { .. } | Phase::BdatDiscard { .. }
+        )
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// The client was silent too long: 421 4.4.2 and close.
+    pub fn timed_out(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        self.close_with(reply::TIMEOUT, sink, out);
+    }
+
+    /// The server is shutting down: 421 4.3.2 and close.
+    pub fn shutting_down(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        self.close_with(reply::SHUTTING_DOWN, sink, out);
+    }
+
+    fn close_with(&mut self, reply: Reply, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        if !self.is_closed() {
+            if self.in_transaction() {
+                sink.abandon();
+            }
+            reply.write(out);
+            self.phase = Phase::Closed;
+        }
+    }
+
+    /// The spool's answer for the message handed over with [`Next::Commit`].
+    pub fn committed(&mut self, result: Result<&str, CommitError>, out: &mut Vec<u8>) {
+        debug_assert!(matches!(self.phase, Phase::Committing));
+        match result {
+            Ok(id) => {
+                let text = format!("Ok: queued as {id}");
+                write_line(out, 250, ' ', "2.0.0", text.as_bytes());
+            }
+            Err(CommitError::NoSpace) => reply::NO_STORAGE.write(out),
+            Err(CommitError::Io) => reply::SPOOL_ERROR.write(out),
+        }
+        self.end_transaction();
+    }
+
+    fn end_transaction(&mut self) {
+        self.envelope.clear();
+        self.recipients_attempted = 0;
+        self.content = Content::default();
+        self.phase = Phase::Idle;
+    }
+
+    /// Consumes input, writing replies to `out`. Stops when input runs out, a message must be
+    /// committed, or the session closes.
+    pub fn receive(&mut self, input: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) -> Step {
+        let mut pos = 0;
+        loop {
+            match self.phase {
+                Phase::Closed => {
+                    return Step {
+                        consumed: pos,
+                        next: Next::Close,
+                    }
+                }
+                Phase::Committing => {
+                    return Step {
+                        consumed: pos,
+                        next: Next::Commit,
+                    }
+                }
+                Phase::Data(_) => {
+                    let (used, end) = self.receive_data(&input[pos..], sink);
+                    pos += used;
+                    if !end {
+                        return Step {
+                            consumed: pos,
+                            next: Next::NeedInput,
+                        };
+                    }
+                    if let Some(next) = self.finish_message(sink, out) {
+                        return Step { consumed: pos, next };
+                    }
+                }
+                Phase::Bdat { .. } | Phase::BdatDiscard { .. } => {
+                    pos += self.receive_chunk(&input[pos..], sink, out);
+                    if matches!(self.phase, Phase::Bdat { .. } | Phase::BdatDiscard { .. }) {
+                        return Step {
+                            consumed: pos,
+                            next: Next::NeedInput,
+                        };
+                    }
+                    if matches!(self.phase, Phase::Committing) {
+                        return Step {
+                            consumed: pos,
+                            next: Next::Commit,
+                        };
+                    }
+                }
+                Phase::Greeted | Phase::Idle | Phase::Mail | Phase::BdatBetween => {
+                    let rest = &input[pos..];
+                    if self.discarding_line {
+                        match memchr::memchr(b'\n', rest) {
+                            Some(lf) => {
+                                pos += lf + 1;
+                                self.discarding_line = false;
+                                continue;
+                            }
+                            None => {
+                                return Step {
+                                    consumed: input.len(),
+                                    next: Next::NeedInput,
+                                }
+                            }
+                        }
+                    }
+                    let Some(lf) = memchr::memchr(b'\n', rest) else {
+                        if rest.len() >= self.config.line_length_max {
+                            self.discarding_line = true;
+                            self.error(reply::LINE_TOO_LONG, sink, out);
+                            continue;
+                        }
+                        return Step {
+                            consumed: pos,
+                            next: Next::NeedInput,
+                        };
+                    };
+                    pos += lf + 1;
+                    if lf + 1 > self.config.line_length_max {
+                        self.error(reply::LINE_TOO_LONG, sink, out);
+                        continue;
+                    }
+                    let line = &rest[..lf];
+                    let Some(line) = line.strip_suffix(b"\r") else {
+                        self.error(reply::BARE_LF_COMMAND, sink, out);
+                        continue;
+                    };
+                    if line.contains(&b'\r') {
+                        self.error(reply::BARE_LF_COMMAND, sink, out);
+                        continue;
+                    }
+                    if line.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
+                        self.error(reply::BAD_CHARACTERS, sink, out);
+                        continue;
+                    }
+                    self.command(line, sink, out);
+                }
+            }
+        }
+    }
+
+    /// Writes an error reply and counts it; past the limit, closes the session.
+    fn error(&mut self, reply: Reply, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        debug_assert!(reply.is_error());
+        reply.write(out);
+        self.count_error(sink, out);
+    }
+
+    fn error_text(&mut self, code: u16, enhanced: &str, text: &str, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        write_line(out, code, ' ', enhanced, text.as_bytes());
+        self.count_error(sink, out);
+    }
+
+    fn count_error(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        self.errors += 1;
+        if self.errors >= self.config.errors_max {
+            self.close_with(reply::TOO_MANY_ERRORS, sink, out);
+        }
+    }
+
+    fn command(&mut self, line: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        let command = match parse_command(line) {
+            Ok(command) => command,
+            Err(e) => return self.parse_error(e, sink, out),
+        };
+        if matches!(self.phase, Phase::BdatBetween)
+            && !matches!(
+                command,
+                Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop
+            )
+        {
+            return self.error(reply::MIXED_DATA_BDAT, sink, out);
+        }
+        match command {
+            Command::Helo(domain) => self.hello(domain, false, sink, out),
+            Command::Ehlo(domain) => self.hello(domain, true, sink, out),
+            Command::Mail { from, params } => self.mail(from, params, sink, out),
+            Command::Rcpt { to, params } => self.rcpt(to, params, sink, out),
+            Command::Data => self.data(sink, out),
+            Command::Bdat { size_bytes, last } => self.bdat(size_bytes, last, sink),
+            Command::Rset => {
+                if self.in_transaction() {
+                    sink.abandon();
+                }
+                let greeted = !matches!(self.phase, Phase::Greeted);
+                self.end_transaction();
+                if !greeted {
+                    self.phase = Phase::Greeted;
+                }
+                reply::RESET_OK.write(out);
+            }
+            Command::Noop => reply::NOOP_OK.write(out),
+            Command::Quit => {
+                if self.in_transaction() {
+                    sink.abandon();
+                }
+                reply::BYE.write(out);
+                self.phase = Phase::Closed;
+            }
+            Command::Vrfy(_) => reply::VRFY_CANNOT.write(out),
+            Command::Help => reply::HELP.write(out),
+            Command::NotImplemented => self.error(reply::NOT_IMPLEMENTED, sink, out),
+        }
+    }
+
+    fn parse_error(&mut self, e: ParseError, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        match e {
+            ParseError::Unrecognized => self.error(reply::UNRECOGNIZED, sink, out),
+            ParseError::NoArgumentsAllowed => self.error(reply::NO_ARGUMENTS_ALLOWED, sink, out),
+            ParseError::HeloNeedsDomain => self.error(reply::HELO_NEEDS_DOMAIN, sink, out),
+            ParseError::VrfyNeedsArgument => self.error(reply::VRFY_NEEDS_ARGUMENT, sink, out),
+            ParseError::MailSyntax => {
+                self.error_text(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]", sink, out)
+            }
+            ParseError::RcptSyntax => {
+                self.error_text(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]", sink, out)
+            }
+            ParseError::BdatSyntax => {
+                // The chunk size is unknown, so its bytes cannot be skipped: the only safe course
+                // is to end the session (RFC 3030 leaves this to the server).
+                self.error_text(501, "5.5.4", "Syntax: BDAT <size> [LAST]", sink, out);
+                self.close_with(
+                    Reply::new(
+                        421,
+                        "4.5.0",
+                        "Cannot find the end of the BDAT chunk, closing connection",
+                    ),
+                    sink,
+                    out,
+                );
+            }
+            ParseError::Sender(a) => self.address_error(501, "5.1.7", a, sink, out),
+            ParseError::Recipient(a) => self.address_error(501, "5.1.3", a, sink, out),
+        }
+    }
+
+    fn address_error(
+        &mut self,
+        code: u16,
+        enhanced: &str,
+        e: AddressError,
+        sink: &mut impl MessageSink,
+        out: &mut Vec<u8>,
+    ) {
+        self.error_text(code, enhanced, e.sentence(), sink, out);
+    }
+
+    fn hello(&mut self, domain: &[u8], esmtp: bool, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        // RFC 5321 4.1.4: HELO/EHLO in the middle of a transaction resets it.
+        if self.in_transaction() {
+            sink.abandon();
+        }
+        self.end_transaction();
+        self.helo.clear();
+        self.helo.extend_from_slice(domain);
+        self.esmtp = esmtp;
+        let config = &self.config;
+        if !esmtp {
+            write_line(out, 250, ' ', "", config.hostname.as_bytes());
+            return;
+        }
+        write_line(out, 250, '-', "", config.hostname.as_bytes());
+        for extension in ["PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"] {
+            write_line(out, 250, '-', "", extension.as_bytes());
+        }
+        let size = format!("SIZE {}", config.message_size_max);
+        write_line(out, 250, '-', "", size.as_bytes());
+        write_line(out, 250, ' ', "", b"DSN");
+    }
+
+    fn mail(&mut self, from: Path<'_>, params: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        match self.phase {
+            Phase::Greeted => return self.error(reply::NEED_HELO, sink, out),
+            Phase::Idle => {}
+            _ => return self.error(reply::NESTED_MAIL, sink, out),
+        }
+        self.envelope.clear();
+        let mut seen = 0u8;
+        for param in Params::new(params) {
+            let Ok((key, value)) = param else {
+                return self.error(reply::BAD_PARAMETER_VALUE, sink, out);
+            };
+            let (bit, known) = match_keyword(key, &[b"SIZE", b"BODY", b"SMTPUTF8", b"RET", b"ENVID"]);
+            if !known {
+                return self.error(reply::UNKNOWN_PARAMETER, sink, out);
+            }
+            if seen & bit != 0 {
+                return self.error(reply::DUPLICATE_PARAMETER, sink, out);
+            }
+            seen |= bit;
+            let ok = match (bit, value) {
+                (1, Some(v)) => match parse_decimal(v) {
+                    Some(n) if n > self.config.message_size_max => {
+                        return self.error(reply::SIZE_DECLARED_TOO_BIG, sink, out);
+                    }
+                    Some(n) => {
+                        self.envelope.size_declared_bytes = Some(n);
+                        true
+                    }
+                    None => false,
+                },
+                (2, Some(v)) if v.eq_ignore_ascii_case(b"7BIT") => {
+                    self.envelope.body = BodyType::SevenBit;
+                    true
+                }
+                (2, Some(v)) if v.eq_ignore_ascii_case(b"8BITMIME") => {
+                    self.envelope.body = BodyType::EightBitMime;
+                    true
+                }
+                (4, None) => {
+                    self.envelope.smtputf8 = true;
+                    true
+                }
+                (8, Some(v)) if v.eq_ignore_ascii_case(b"FULL") => {
+                    self.envelope.ret = Ret::Full;
+                    true
+                }
+                (8, Some(v)) if v.eq_ignore_ascii_case(b"HDRS") => {
+                    self.envelope.ret = Ret::Headers;
+                    true
+                }
+                (16, Some(v)) if v.len() <= ENVID_BYTES_MAX && v.is_ascii() => {
+                    self.envelope.set_envid(v);
+                    true
+                }
+                _ => false,
+            };
+            if !ok {
+                return self.error(reply::BAD_PARAMETER_VALUE, sink, out);
+            }
+        }
+        if let Path::Mailbox(m) = from {
+            if m.utf8 && !self.envelope.smtputf8 {
+                self.envelope.clear();
+                return self.error(reply::UTF8_NOT_ALLOWED, sink, out);
+            }
+            self.envelope.set_sender(|buf| m.write_to(buf));
+        }
+        self.phase = Phase::Mail;
+        reply::SENDER_OK.write(out);
+    }
+
+    fn rcpt(&mut self, to: super::address::Mailbox<'_>, params: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        match self.phase {
+            Phase::Mail => {}
+            Phase::Greeted => return self.error(reply::NEED_HELO, sink, out),
+            _ => return self.error(reply::NEED_MAIL, sink, out),
+        }
+        self.recipients_attempted += 1;
+        if self.envelope.recipient_count() >= self.config.recipients_max {
+            // Not counted as a client error: RFC 5321 4.5.3.1.10 says the client should retry
+            // the rest in another transaction.
+            reply::TOO_MANY_RECIPIENTS.write(out);
+            return;
+        }
+        let mut notify_flags = 0u8;
+        let mut orcpt: &[u8] = &[];
+        let mut seen = 0u8;
+        for param in Params::new(params) {
+            let Ok((key, value)) = param else {
+                return self.error(reply::BAD_PARAMETER_VALUE, sink, out);
+            };
+            let (bit, known) = match_keyword(key, &[b"NOTIFY", b"ORCPT"]);
+            if !known {
+                return self.error(reply::UNKNOWN_PARAMETER, sink, out);
+            }
+            if seen & bit != 0 {
+                return self.error(reply::DUPLICATE_PARAMETER, sink, out);
+            }
+            seen |= bit;
+            let ok = match (bit, value) {
+                (1, Some(v)) => match parse_notify(v) {
+                    Some(flags) => {
+                        notify_flags = flags;
+                        true
+                    }
+                    None => false,
+                },
+                (2, Some(v)) if v.len() <= ORCPT_BYTES_MAX && v.contains(&b';') => {
+                    orcpt = v;
+                    true
+                }
+                _ => false,
+            };
+            if !ok {
+                return self.error(reply::BAD_PARAMETER_VALUE, sink, out);
+            }
+        }
+        if to.utf8 && !self.envelope.smtputf8 {
+            return self.error(reply::UTF8_NOT_ALLOWED, sink, out);
+        }
+        if !self.config.relay.decide(self.client_ip, to.domain).accepted() {
+            return self.error(reply::RELAY_DENIED, sink, out);
+        }
+        self.envelope.add_recipient(|buf| to.write_to(buf), notify_flags, orcpt);
+        reply::RECIPIENT_OK.write(out);
+    }
+
+    /// Checks that a transaction may move on to its content, and starts the message in the sink.
+    fn start_content(&mut self, sink: &mut impl MessageSink) -> Result<(), Reply> {
+        match self.phase {
+            Phase::Mail if self.envelope.recipient_count() > 0 => {}
+            Phase::Mail if self.recipients_attempted > 0 => return Err(reply::NO_VALID_RECIPIENTS),
+            Phase::Mail => return Err(reply::NEED_RCPT),
+            Phase::Greeted => return Err(reply::NEED_HELO),
+            _ => return Err(reply::NEED_MAIL),
+        }
+        self.content = Content::default();
+        let received_unix_s = unix_now_s();
+        let origin = Origin {
+            client_ip: self.client_ip,
+            helo: &self.helo,
+            received_unix_s,
+        };
+        if sink.begin(&self.envelope, origin).is_err() {
+            self.content.sink_full = true;
+            return Ok(());
+        }
+        let mut header = Vec::with_capacity(256);
+        let single_recipient = (self.envelope.recipient_count() == 1)
+            .then(|| self.envelope.recipients().next().map(|(a, _, _)| a))
+            .flatten();
+        let protocol = match (self.esmtp, self.envelope.smtputf8) {
+            (_, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        write_received(
+            &Trace {
+                helo: &self.helo,
+                client_ip: self.client_ip,
+                hostname: &self.config.hostname,
+                protocol,
+                single_recipient,
+                unix_time_s: received_unix_s,
+            },
+            &mut header,
+        );
+        if sink.append(&header).is_err() {
+            self.content.sink_full = true;
+            sink.abandon();
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        if let Err(reply) = self.start_content(sink) {
+            return self.error(reply, sink, out);
+        }
+        self.phase = Phase::Data(DataDecoder::new(self.config.bare_line_endings));
+        reply::START_DATA.write(out);
+    }
+
+    /// Feeds DATA content to the decoder and the sink. Returns bytes used and whether the end
+    /// marker was reached.
+    fn receive_data(&mut self, input: &[u8], sink: &mut impl MessageSink) -> (usize, bool) {
+        let Phase::Data(decoder) = &mut self.phase else {
+            unreachable!("receive_data outside DATA");
+        };
+        let content = &mut self.content;
+        let size_max = self.config.message_size_max;
+        let decoded = decoder.decode(input, |bytes| content.take(bytes, size_max, sink));
+        content.bare_line_ending |= decoder.bare_line_ending_seen();
+        (decoded.consumed, decoded.end)
+    }
+
+    fn bdat(&mut self, size_bytes: u64, last: bool, sink: &mut impl MessageSink) {
+        let first_chunk = !matches!(self.phase, Phase::BdatBetween);
+        if first_chunk {
+            if let Err(reply) = self.start_content(sink) {
+                // The chunk's bytes follow the command whatever we answer; skip them.
+                self.phase = Phase::BdatDiscard {
+                    remaining_bytes: size_bytes,
+                    reply,
+                };
+                return;
+            }
+        }
+        if self.content.size_bytes.saturating_add(size_bytes) > self.config.message_size_max {
+            self.content.too_big = true;
+        }
+        self.phase = Phase::Bdat {
+            remaining_bytes: size_bytes,
+            chunk_bytes: size_bytes,
+            last,
+        };
+    }
+
+    /// Consumes BDAT chunk bytes. Returns bytes used; moves the phase on when the chunk is done.
+    fn receive_chunk(&mut self, input: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) -> usize {
+        match &mut self.phase {
+            Phase::BdatDiscard { remaining_bytes, reply } => {
+                let used = input.len().min(usize::try_from(*remaining_bytes).unwrap_or(usize::MAX));
+                *remaining_bytes -= used as u64;
+                if *remaining_bytes == 0 {
+                    let reply = *reply;
+                    self.phase = if self.envelope.recipient_count() > 0 {
+                        Phase::Mail
+                    } else if self.helo.is_empty() {
+                        Phase::Greeted
+                    } else {
+                        Phase::Idle
+                    };
+                    self.error(reply, sink, out);
+                }
+                used
+            }
+            Phase::Bdat {
+                remaining_bytes,
+                chunk_bytes,
+                last,
+            } => {
+                let used = input.len().min(usize::try_from(*remaining_bytes).unwrap_or(usize::MAX));
+                *remaining_bytes -= used as u64;
+                let (done, last, chunk_bytes) = (*remaining_bytes == 0, *last, *chunk_bytes);
+                let size_max = self.config.message_size_max;
+                let policy = self.config.bare_line_endings;
+                let content = &mut self.content;
+                let mut scanner = std::mem::take(&mut content.bare_scanner);
+                scanner.scan(&input[..used], policy, |bytes| content.take(bytes, size_max, sink));
+                if done && last {
+                    scanner.finish(policy, |bytes| content.take(bytes, size_max, sink));
+                }
+                content.bare_line_ending |= scanner.seen();
+                content.bare_scanner = scanner;
+                if done {
+                    if last {
+                        if let Some(Next::Close) = self.finish_message(sink, out) {
+                            return used;
+                        }
+                    } else {
+                        let text = format!("{chunk_bytes} octets received");
+                        write_line(out, 250, ' ', "2.0.0", text.as_bytes());
+                        self.phase = Phase::BdatBetween;
+                    }
+                }
+                used
+            }
+            _ => unreachable!("receive_chunk outside BDAT"),
+        }
+    }
+
+    /// The end of the content: refuse or hand over for commit. Returns `Some(Next::Commit)` when
+    /// the shell must commit, `Some(Next::Close)` when the session closed, `None` to carry on.
+    fn finish_message(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) -> Option<Next> {
+        let refusal = if self.content.bare_line_ending && self.config.bare_line_endings == BareLineEndings::Reject {
+            Some(reply::BARE_LINE_ENDING)
+        } else if self.content.too_big {
+            Some(reply::MESSAGE_TOO_BIG)
+        } else if self.content.sink_full {
+            Some(reply::NO_STORAGE)
+        } else {
+            None
+        };
+        match refusal {
+            None => {
+                self.phase = Phase::Committing;
+                Some(Next::Commit)
+            }
+            Some(reply) => {
+                sink.abandon();
+                self.end_transaction();
+                self.error(reply, sink, out);
+                self.is_closed().then_some(Next::Close)
+            }
+        }
+    }
+}
+
+impl Content {
+    /// Takes decoded content: counts it against the size limit and passes it to the sink until
+    /// either refuses.
+    fn take(&mut self, bytes: &[u8], size_max: u64, sink: &mut impl MessageSink) {
+        self.size_bytes += bytes.len() as u64;
+        if self.size_bytes > size_max && !self.too_big {
+            self.too_big = true;
+            if !self.sink_full {
+                sink.abandon();
+            }
+        }
+        if self.too_big || self.sink_full {
+            return;
+        }
+        if sink.append(bytes).is_err() {
+            self.sink_full = true;
+            sink.abandon();
+        }
+    }
+}
+
+/// Matches `key` case-insensitively against `words`; returns (1 << index, found).
+fn match_keyword(key: &[u8], words: &[&[u8]]) -> (u8, bool) {
+    match words.iter().position(|w| w.eq_ignore_ascii_case(key)) {
+        Some(i) => (1 << i, true),
+        None => (0, false),
+    }
+}
+
+fn parse_decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// `NEVER`, or a comma list of SUCCESS, FAILURE, DELAY (RFC 3461 4.1).
+fn parse_notify(v: &[u8]) -> Option<u8> {
+    if v.eq_ignore_ascii_case(b"NEVER") {
+        return Some(notify::NEVER);
+    }
+    let mut flags = 0;
+    for word in v.split(|&b| b == b',') {
+        flags |= match word {
+            w if w.eq_ignore_ascii_case(b"SUCCESS") => notify::SUCCESS,
+            w if w.eq_ignore_ascii_case(b"FAILURE") => notify::FAILURE,
+            w if w.eq_ignore_ascii_case(b"DELAY") => notify::DELAY,
+            _ => return None,
+        };
+    }
+    Some(flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Network;
+
+    /// A sink that keeps the message in memory, with an optional size budget.
+    #[derive(Default)]
+    struct VecSink {
+        message: Vec<u8>,
+        open: bool,
+        budget_bytes: Option<usize>,
+        committed: Vec<Vec<u8>>,
+    }
+
+    impl MessageSink for VecSink {
+        fn begin(&mut self, _envelope: &Envelope, _origin: Origin<'_>) -> Result<(), SinkFull> {
+            self.message.clear();
+            self.open = true;
+            Ok(())
+        }
+        fn append(&mut self, bytes: &[u8]) -> Result<(), SinkFull> {
+            assert!(self.open, "append without begin");
+            if self.budget_bytes.is_some_and(|b| self.message.len() + bytes.len() > b) {
+                return Err(SinkFull);
+            }
+            self.message.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn abandon(&mut self) {
+            self.message.clear();
+            self.open = false;
+        }
+    }
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            hostname: "mx.test".into(),
+            line_length_max: 512,
+            message_size_max: 1000,
+            recipients_max: 3,
+            errors_max: 5,
+            bare_line_endings: BareLineEndings::Reject,
+            relay: RelayPolicy {
+                local_domains: vec!["local.test".into()],
+                trusted_networks: vec!["127.0.0.1/32".parse::<Network>().unwrap()],
+            },
+        }
+    }
+
+    struct Harness {
+        session: Session,
+        sink: VecSink,
+        /// The spool's answer for the next commit.
+        commit_result: Result<&'static str, CommitError>,
+    }
+
+    impl Harness {
+        fn new(config: SessionConfig, ip: &str) -> Harness {
+            Harness {
+                session: Session::new(Rc::new(config), ip.parse().unwrap()),
+                sink: VecSink::default(),
+                commit_result: Ok("ID1"),
+            }
+        }
+
+        /// Feeds `input` in pieces of `split` bytes; returns all replies and whether it closed.
+        fn feed_split(&mut self, input: &[u8], split: usize) -> (String, bool) {
+            let mut out = Vec::new();
+            let mut pending: Vec<u8> = Vec::new();
+            let mut closed = false;
+            for piece in input.chunks(split.max(1)) {
+                pending.extend_from_slice(piece);
+                loop {
+                    let step = self.session.receive(&pending, &mut self.sink, &mut out);
+                    pending.drain(..step.consumed);
+                    match step.next {
+                        Next::NeedInput => break,
+                        Next::Close => {
+                            closed = true;
+                            break;
+                        }
+                        Next::Commit => {
+                            self.sink.committed.push(std::mem::take(&mut self.sink.message));
+                            self.sink.open = false;
+                            self.session.committed(self.commit_result, &mut out);
+                        }
+                    }
+                }
+                if closed {
+                    break;
+                }
+            }
+            (String::from_utf8(out).unwrap(), closed)
+        }
+
+        fn feed(&mut self, input: &str) -> String {
+            self.feed_split(input.as_bytes(), usize::MAX).0
+        }
+    }
+
+    fn codes(replies: &str) -> Vec<&str> {
+        replies
+            .split("\r\n")
+            .filter(|l| !l.is_empty() && l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| &l[..9.min(l.len())])
+            .collect()
+    }
+
+    /// The client's content: what follows our Received header and its folded lines.
+    fn content_after_received(message: &[u8]) -> &[u8] {
+        assert!(message.starts_with(b"Received: "));
+        let mut pos = 0;
+        loop {
+            let lf = memchr::memchr(b'\n', &message[pos..]).expect("header ends") + pos;
+            pos = lf + 1;
+            if message.get(pos) != Some(&b'\t') {
+                return &message[pos..];
+            }
+        }
+    }
+
+    #[test]
+    fn a_pipelined_transaction_is_answered_in_order() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        let replies = h.feed(
+            "EHLO client.test\r\nMAIL FROM:<a@x.test> SIZE=100\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@local.test>\r\nDATA\r\n",
+        );
+        assert!(replies.starts_with("250-mx.test\r\n250-PIPELINING\r\n"), "{replies}");
+        assert!(replies.contains("250-SIZE 1000\r\n250 DSN\r\n"), "{replies}");
+        assert_eq!(
+            codes(&replies),
+            vec!["250 DSN", "250 2.1.0", "250 2.1.5", "250 2.1.5", "354 End d"]
+        );
+        let replies = h.feed("Subject: t\r\n\r\n..dot\r\n.\r\nQUIT\r\n");
+        assert_eq!(replies, "250 2.0.0 Ok: queued as ID1\r\n221 2.0.0 Bye\r\n");
+        assert_eq!(
+            content_after_received(&h.sink.committed[0]),
+            b"Subject: t\r\n\r\n.dot\r\n"
+        );
+        let header = String::from_utf8_lossy(&h.sink.committed[0]);
+        assert!(
+            header.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mx.test (Gannet) with ESMTP;"),
+            "{header}"
+        );
+    }
+
+    #[test]
+    fn every_split_of_the_input_gives_the_same_replies_and_bytes() {
+        let input = b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nline\r\n.\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 6\r\nab\r\ncdBDAT 0 LAST\r\nQUIT\r\n";
+        let mut first = None;
+        for split in [1, 2, 3, 5, 8, 13, 1000] {
+            let mut h = Harness::new(config(), "127.0.0.1");
+            let (replies, closed) = h.feed_split(input, split);
+            assert!(closed);
+            let bodies: Vec<Vec<u8>> = h
+                .sink
+                .committed
+                .iter()
+                .map(|m| content_after_received(m).to_vec())
+                .collect();
+            assert_eq!(bodies, vec![b"line\r\n".to_vec(), b"ab\r\ncd".to_vec()]);
+            match &first {
+                None => first = Some(replies),
+                Some(f) => assert_eq!(&replies, f, "split {split}"),
+            }
+        }
+        assert!(first.unwrap().contains("250 2.0.0 6 octets received\r\n"));
+    }
+
+    #[test]
+    fn sequencing_errors_get_503_and_syntax_errors_501() {
+        let mut cfg = config();
+        cfg.errors_max = 100;
+        let mut h = Harness::new(cfg, "127.0.0.1");
+        assert_eq!(
+            h.feed("MAIL FROM:<a@x.test>\r\n"),
+            "503 5.5.1 Send HELO or EHLO first\r\n"
+        );
+        assert_eq!(h.feed("HELO c\r\n"), "250 mx.test\r\n");
+        assert_eq!(h.feed("RCPT TO:<b@y.test>\r\n"), "503 5.5.1 Need MAIL before RCPT\r\n");
+        assert_eq!(h.feed("DATA\r\n"), "503 5.5.1 Need MAIL before RCPT\r\n");
+        h.feed("MAIL FROM:<a@x.test>\r\n");
+        assert_eq!(h.feed("MAIL FROM:<a@x.test>\r\n"), "503 5.5.1 Nested MAIL command\r\n");
+        assert_eq!(h.feed("DATA\r\n"), "503 5.5.1 Need RCPT before DATA\r\n");
+        assert_eq!(h.feed("RCPT TO:<b@@y.test>\r\n"), "501 5.1.3 Bad domain in address\r\n");
+        assert_eq!(h.feed("FOO\r\n"), "500 5.5.2 Command not recognized\r\n");
+        assert_eq!(h.feed("STARTTLS\r\n"), "502 5.5.1 Command not implemented\r\n");
+    }
+
+    #[test]
+    fn the_error_limit_closes_the_session() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        let (replies, closed) = h.feed_split(b"FOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n", 1000);
+        assert!(closed);
+        assert!(
+            replies.ends_with("500 5.5.2 Command not recognized\r\n421 4.7.0 Too many errors, closing connection\r\n"),
+            "{replies}"
+        );
+        assert!(!replies.contains("250"), "NOOP after the limit must not run");
+    }
+
+    #[test]
+    fn relay_is_refused_for_strangers_but_local_domains_accepted() {
+        let mut h = Harness::new(config(), "192.0.2.9");
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\n");
+        assert_eq!(
+            h.feed("RCPT TO:<b@elsewhere.test>\r\n"),
+            "554 5.7.1 Relay access denied\r\n"
+        );
+        assert_eq!(h.feed("RCPT TO:<b@LOCAL.test>\r\n"), "250 2.1.5 Recipient ok\r\n");
+        assert_eq!(h.feed("RCPT TO:<postmaster>\r\n"), "250 2.1.5 Recipient ok\r\n");
+        let mut h = Harness::new(config(), "192.0.2.9");
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@elsewhere.test>\r\n");
+        assert_eq!(h.feed("DATA\r\n"), "554 5.5.1 No valid recipients\r\n");
+    }
+
+    #[test]
+    fn limits_on_size_recipients_and_line_length() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.feed("EHLO c\r\n");
+        assert_eq!(
+            h.feed("MAIL FROM:<a@x.test> SIZE=1001\r\n"),
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+        );
+        h.feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<1@y.test>\r\nRCPT TO:<2@y.test>\r\nRCPT TO:<3@y.test>\r\n");
+        assert_eq!(h.feed("RCPT TO:<4@y.test>\r\n"), "452 4.5.3 Too many recipients\r\n");
+        h.feed("DATA\r\n");
+        let big = format!("{}\r\n.\r\n", "x".repeat(1100));
+        assert_eq!(
+            h.feed(&big),
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+        );
+        assert!(h.sink.committed.is_empty());
+        // The session is still usable, and an overlong line is answered once and skipped.
+        let long = format!("NOOP {}\r\nNOOP\r\n", "y".repeat(2000));
+        assert_eq!(
+            h.feed_split(long.as_bytes(), 100).0,
+            "500 5.5.2 Line too long\r\n250 2.0.0 Ok\r\n"
+        );
+    }
+
+    #[test]
+    fn bare_line_endings_in_data_are_refused_and_the_session_survives() {
+        for evil in ["a\n.\nb\r\n", "a\n.\r\nb\r\n", "a\r\n.\nb\r\n", "a\rb\r\n"] {
+            let mut h = Harness::new(config(), "127.0.0.1");
+            h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+            let replies = h.feed(&format!("{evil}.\r\nNOOP\r\n"));
+            assert_eq!(
+                replies, "550 5.5.2 Message contains a bare CR or LF; end every line with CRLF\r\n250 2.0.0 Ok\r\n",
+                "{evil:?}"
+            );
+            assert!(h.sink.committed.is_empty());
+        }
+        let mut cfg = config();
+        cfg.bare_line_endings = BareLineEndings::Normalize;
+        let mut h = Harness::new(cfg, "127.0.0.1");
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+        assert_eq!(h.feed("a\nb\r\n.\r\n"), "250 2.0.0 Ok: queued as ID1\r\n");
+        assert_eq!(content_after_received(&h.sink.committed[0]), b"a\r\nb\r\n");
+    }
+
+    #[test]
+    fn commands_with_bare_lf_or_control_bytes_are_refused() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        assert_eq!(
+            h.feed("NOOP\n"),
+            "500 5.5.2 Command line ends in a bare LF or contains a bare CR; end lines with CRLF\r\n"
+        );
+        assert_eq!(
+            h.feed("NO\0OP\r\n"),
+            "500 5.5.2 Command contains control characters\r\n"
+        );
+    }
+
+    #[test]
+    fn smtputf8_addresses_need_the_parameter() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.feed("EHLO c\r\n");
+        assert_eq!(
+            h.feed("MAIL FROM:<用户@例子.test>\r\n"),
+            "553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter on MAIL FROM\r\n"
+        );
+        assert_eq!(
+            h.feed("MAIL FROM:<用户@例子.test> SMTPUTF8\r\n"),
+            "250 2.1.0 Sender ok\r\n"
+        );
+        assert_eq!(
+            h.feed("RCPT TO:<δοκιμή@παράδειγμα.test>\r\n"),
+            "250 2.1.5 Recipient ok\r\n"
+        );
+        assert_eq!(h.session.envelope().sender(), "用户@例子.test".as_bytes());
+    }
+
+    #[test]
+    fn esmtp_parameters_are_kept_and_checked() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.feed("EHLO c\r\n");
+        assert_eq!(
+            h.feed("MAIL FROM:<a@x.test> BODY=8BITMIME RET=HDRS ENVID=abc123 SMTPUTF8\r\n"),
+            "250 2.1.0 Sender ok\r\n"
+        );
+        assert_eq!(
+            h.feed("RCPT TO:<b@y.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b@y.test\r\n"),
+            "250 2.1.5 Recipient ok\r\n"
+        );
+        let env = h.session.envelope();
+        assert_eq!(
+            (env.body, env.ret, env.envid()),
+            (BodyType::EightBitMime, Ret::Headers, &b"abc123"[..])
+        );
+        let (_, notify_flags, orcpt) = env.recipients().next().unwrap();
+        assert_eq!(notify_flags, notify::SUCCESS | notify::DELAY);
+        assert_eq!(orcpt, b"rfc822;b@y.test");
+        assert_eq!(
+            h.feed("RCPT TO:<c@y.test> NOTIFY=SOMETIMES\r\n"),
+            "501 5.5.4 Bad parameter value\r\n"
+        );
+        assert_eq!(
+            h.feed("RCPT TO:<c@y.test> FOO=1\r\n"),
+            "555 5.5.4 Parameter not recognized\r\n"
+        );
+        h.feed("RSET\r\n");
+        assert_eq!(
+            h.feed("MAIL FROM:<a@x.test> BODY=BINARYMIME\r\n"),
+            "501 5.5.4 Bad parameter value\r\n"
+        );
+        assert_eq!(
+            h.feed("MAIL FROM:<a@x.test> SIZE=1 SIZE=2\r\n"),
+            "501 5.5.4 Parameter given twice\r\n"
+        );
+    }
+
+    #[test]
+    fn bdat_chunks_are_counted_and_refused_ones_skipped() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        // A BDAT without a transaction: refused, and its bytes are not read as commands.
+        let replies = h.feed("EHLO c\r\nBDAT 6\r\nQUIT\r\nNOOP\r\n");
+        assert!(
+            replies.ends_with("503 5.5.1 Need MAIL before RCPT\r\n250 2.0.0 Ok\r\n"),
+            "{replies}"
+        );
+        h.feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n");
+        assert_eq!(h.feed("BDAT 600\r\n"), "");
+        let replies = h.feed(&format!("{}BDAT 600 LAST\r\n{}", "a".repeat(600), "b".repeat(600)));
+        assert_eq!(
+            replies,
+            "250 2.0.0 600 octets received\r\n552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+        );
+        assert!(h.sink.committed.is_empty());
+        h.feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 3\r\n");
+        assert_eq!(
+            h.feed("a\nbDATA\r\n"),
+            "250 2.0.0 3 octets received\r\n503 5.5.1 DATA and BDAT cannot be mixed in one transaction\r\n"
+        );
+        assert_eq!(
+            h.feed("BDAT 0 LAST\r\n"),
+            "550 5.5.2 Message contains a bare CR or LF; end every line with CRLF\r\n"
+        );
+    }
+
+    #[test]
+    fn spool_failures_never_answer_250() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.commit_result = Err(CommitError::NoSpace);
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+        assert_eq!(
+            h.feed("x\r\n.\r\n"),
+            "452 4.3.1 Insufficient system storage, try again later\r\n"
+        );
+        h.commit_result = Err(CommitError::Io);
+        h.feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+        assert_eq!(
+            h.feed("x\r\n.\r\n"),
+            "451 4.3.0 Local error writing the message, try again later\r\n"
+        );
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.sink.budget_bytes = Some(400);
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+        assert_eq!(
+            h.feed(&format!("{}\r\n.\r\n", "z".repeat(500))),
+            "452 4.3.1 Insufficient system storage, try again later\r\n"
+        );
+    }
+
+    #[test]
+    fn rset_helo_vrfy_help_noop_and_quit() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\n");
+        assert_eq!(h.feed("RSET\r\n"), "250 2.0.0 Reset ok\r\n");
+        assert_eq!(h.feed("RCPT TO:<b@y.test>\r\n"), "503 5.5.1 Need MAIL before RCPT\r\n");
+        assert_eq!(
+            h.feed("VRFY bob\r\n"),
+            "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n"
+        );
+        assert_eq!(h.feed("VRFY\r\n"), "501 5.5.4 VRFY needs an argument\r\n");
+        assert!(h.feed("HELP\r\n").starts_with("214 2.0.0 "));
+        assert_eq!(
+            h.feed("EHLO\r\n"),
+            "501 5.5.4 HELO and EHLO need a domain or address literal\r\n"
+        );
+        let (replies, closed) = h.feed_split(b"QUIT\r\nNOOP\r\n", 100);
+        assert_eq!(replies, "221 2.0.0 Bye\r\n");
+        assert!(closed);
+    }
+
+    #[test]
+    fn timeouts_and_shutdown_close_with_421() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        let mut out = Vec::new();
+        h.session.timed_out(&mut h.sink, &mut out);
+        assert_eq!(out, b"421 4.4.2 Timeout exceeded, closing connection\r\n");
+        assert!(h.session.is_closed());
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\npartial");
+        assert!(h.session.in_transaction() && h.session.receiving_content());
+        let mut out = Vec::new();
+        h.session.shutting_down(&mut h.sink, &mut out);
+        assert_eq!(out, b"421 4.3.2 Service shutting down, try again later\r\n");
+        assert!(!h.sink.open, "the half-received message is dropped");
+    }
+}

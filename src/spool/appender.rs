@@ -1,0 +1,484 @@
+//! The shard's appender: places records in the active segment, writes them with O_DIRECT, and
+//! acknowledges them through group commit.
+//!
+//! Ordering invariant (what makes recovery's "stop at the first bad record" safe): a record is
+//! acknowledged only when every record reserved before it has finished writing and an fdatasync
+//! that started after all of those writes has completed. Reservations take a ticket in segment
+//! order; `window_base` is the first ticket whose write has not completed; `durable_below` is the
+//! first ticket not yet covered by a completed fdatasync. A waiter with ticket `t` is answered once
+//! `durable_below > t`.
+//!
+//! Group commit: one committer task per shard waits until there are completed-but-not-durable
+//! writes, yields once so that writes finishing at the same moment join the batch ("gather before
+//! leading"), then issues one fdatasync per touched segment for all of them.
+//!
+//! Failures: a failed write or fdatasync poisons its segment from the first ticket it may have
+//! lost; every later record of that segment is answered 451 (never 250), and new records go to a
+//! fresh segment.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use glommio::io::{Directory, DmaFile, OpenOptions};
+use tracing::{error, info, warn};
+
+use super::buffer::{Budget, FinishedMessage, MessageBuffer};
+use super::{segment_file_name, Durability, MessageId};
+use crate::smtp::session::CommitError;
+
+/// Zero-fill granularity for new segments; segment sizes are a multiple of it.
+pub const SEGMENT_FILL_CHUNK_BYTES: u64 = 1024 * 1024;
+
+/// What the appender needs to know.
+#[derive(Debug, Clone)]
+pub struct AppenderConfig {
+    pub shard: u16,
+    /// This shard's own directory.
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    /// Segments this shard may have on disk at once (its share of the spool size limit).
+    pub segments_max: usize,
+    /// New segments are refused when the file system would have less free space than this.
+    pub min_free_bytes: u64,
+    pub durability: Durability,
+    pub inflight_bytes_max: usize,
+}
+
+/// One segment file open for appending (write-only: see FIELD-NOTES on the IOPOLL pitfall).
+pub struct Segment {
+    pub seq: u64,
+    file: DmaFile,
+    write_pos: Cell<u64>,
+    /// Tickets from this one on must not be acknowledged (u64::MAX: healthy).
+    poisoned_from: Cell<u64>,
+}
+
+impl Segment {
+    fn healthy(&self) -> bool {
+        self.poisoned_from.get() == u64::MAX
+    }
+
+    fn poison_from(&self, ticket: u64) {
+        self.poisoned_from.set(self.poisoned_from.get().min(ticket));
+    }
+}
+
+#[derive(Default)]
+struct State {
+    active: Option<Rc<Segment>>,
+    spare: Option<Rc<Segment>>,
+    preparing: bool,
+    prepare_error: Option<CommitError>,
+    segment_waiters: Vec<Waker>,
+    /// Segment files of this shard on disk.
+    segment_count: usize,
+    next_seq: u64,
+    next_ticket: u64,
+    /// Completion flags of tickets `window_base..next_ticket`.
+    window: VecDeque<bool>,
+    window_base: u64,
+    durable_below: u64,
+    /// Segments with completed writes not yet covered by an fdatasync.
+    unsynced: Vec<Rc<Segment>>,
+    durable_waiters: Vec<(u64, Waker)>,
+    committer_waker: Option<Waker>,
+}
+
+pub struct Appender {
+    config: AppenderConfig,
+    directory: Directory,
+    budget: Rc<Budget>,
+    state: RefCell<State>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn commit_error(e: &io::Error) -> CommitError {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => CommitError::NoSpace,
+        _ => CommitError::Io,
+    }
+}
+
+/// Free bytes for unprivileged users on the file system holding `path`.
+fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is a valid NUL-terminated string and `stat` a valid, writable statvfs;
+    // statvfs writes only into it. Covered by the spool size tests, which start a real server.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+impl Appender {
+    /// Opens the appender for a shard whose directory already holds `existing_segments` (all
+    /// read-only from now on) with sequences below `next_seq`. Starts the committer and creates
+    /// the first segment to write to; if that fails, the shard still serves and answers 452.
+    pub async fn open(config: AppenderConfig, existing_segments: usize, next_seq: u64) -> io::Result<Rc<Appender>> {
+        let directory = Directory::open(&config.dir).await.map_err(io::Error::from)?;
+        let budget = Budget::new(config.inflight_bytes_max);
+        let appender = Rc::new(Appender {
+            directory,
+            budget,
+            state: RefCell::new(State {
+                segment_count: existing_segments,
+                next_seq,
+                ..State::default()
+            }),
+            config,
+        });
+        if appender.config.durability == Durability::Fsync {
+            glommio::spawn_local(appender.clone().run_committer()).detach();
+        }
+        appender.state.borrow_mut().preparing = true;
+        appender.prepare().await;
+        let spare = appender.state.borrow_mut().spare.take();
+        appender.state.borrow_mut().active = spare;
+        Ok(appender)
+    }
+
+    /// A fresh sink for a session.
+    pub fn message_buffer(&self) -> MessageBuffer {
+        MessageBuffer::new(self.budget.clone())
+    }
+
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Writes the message and returns its id once it is durable (or written, with durability
+    /// `none`).
+    pub async fn commit(self: &Rc<Self>, message: FinishedMessage) -> Result<MessageId, CommitError> {
+        let record_bytes = message.record_bytes();
+        assert!(
+            record_bytes <= self.config.segment_bytes,
+            "record larger than a segment"
+        );
+        let (segment, offset, ticket) = self.reserve(record_bytes).await?;
+        let id = MessageId::new(segment.seq, self.config.shard, offset);
+        let (chunks, charge) = message.seal(segment.seq);
+        let mut pos = offset;
+        let mut written = true;
+        for chunk in chunks {
+            let len = chunk.len();
+            match segment.file.write_at(chunk, pos).await {
+                Ok(n) if n == len => pos += len as u64,
+                Ok(n) => {
+                    error!(
+                        shard = self.config.shard,
+                        segment = segment.seq,
+                        offset = pos,
+                        "short spool write: {n} of {len} bytes"
+                    );
+                    written = false;
+                    break;
+                }
+                Err(e) => {
+                    error!(
+                        shard = self.config.shard,
+                        segment = segment.seq,
+                        offset = pos,
+                        "spool write failed: {e}"
+                    );
+                    written = false;
+                    break;
+                }
+            }
+        }
+        drop(charge);
+        debug_assert!(!written || pos == offset + record_bytes);
+        self.complete(ticket, &segment, written);
+        if !written {
+            return Err(CommitError::Io);
+        }
+        if self.config.durability == Durability::None {
+            return Ok(id);
+        }
+        WaitDurable { appender: self, ticket }.await;
+        if segment.poisoned_from.get() <= ticket {
+            return Err(CommitError::Io);
+        }
+        Ok(id)
+    }
+
+    /// Takes a ticket and a place for `len` bytes, rolling to a new segment when needed.
+    async fn reserve(self: &Rc<Self>, len: u64) -> Result<(Rc<Segment>, u64, u64), CommitError> {
+        loop {
+            let must_prepare = {
+                let mut st = self.state.borrow_mut();
+                if let Some(segment) = st.active.clone() {
+                    let pos = segment.write_pos.get();
+                    if segment.healthy() && pos + len <= self.config.segment_bytes {
+                        segment.write_pos.set(pos + len);
+                        let ticket = st.next_ticket;
+                        st.next_ticket += 1;
+                        st.window.push_back(false);
+                        // Prepare the next segment once this one is half full, off the hot path.
+                        if st.spare.is_none() && !st.preparing && (pos + len) * 2 > self.config.segment_bytes {
+                            st.preparing = true;
+                            let appender = self.clone();
+                            glommio::spawn_local(async move { appender.prepare().await }).detach();
+                        }
+                        return Ok((segment, pos, ticket));
+                    }
+                }
+                if let Some(spare) = st.spare.take() {
+                    st.active = Some(spare);
+                    continue;
+                }
+                if st.preparing {
+                    false
+                } else {
+                    st.preparing = true;
+                    st.prepare_error = None;
+                    true
+                }
+            };
+            if must_prepare {
+                self.prepare().await;
+            } else {
+                WaitSegment { appender: self }.await;
+            }
+            let mut st = self.state.borrow_mut();
+            if st.spare.is_none() && !st.preparing {
+                if let Some(e) = st.prepare_error.take() {
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Creates a spare segment (or records why not) and wakes whoever waits for one.
+    async fn prepare(self: &Rc<Self>) {
+        let result = self.create_segment().await;
+        let mut st = self.state.borrow_mut();
+        match result {
+            Ok(segment) => st.spare = Some(Rc::new(segment)),
+            Err(e) => st.prepare_error = Some(e),
+        }
+        st.preparing = false;
+        for waker in st.segment_waiters.drain(..) {
+            waker.wake();
+        }
+    }
+
+    async fn create_segment(&self) -> Result<Segment, CommitError> {
+        let shard = self.config.shard;
+        let seq = {
+            let mut st = self.state.borrow_mut();
+            if st.segment_count >= self.config.segments_max {
+                warn!(
+                    shard,
+                    "spool full: {} segments of {} bytes (spool.size_max); refusing mail with 452",
+                    st.segment_count,
+                    self.config.segment_bytes
+                );
+                return Err(CommitError::NoSpace);
+            }
+            let seq = st.next_seq.max(now_ms());
+            st.next_seq = seq + 1;
+            seq
+        };
+        match free_bytes(&self.config.dir) {
+            Ok(free) if free < self.config.min_free_bytes + self.config.segment_bytes => {
+                warn!(shard, "file system nearly full: {free} bytes free, spool.min_free needs {} plus a segment; refusing mail with 452", self.config.min_free_bytes);
+                return Err(CommitError::NoSpace);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(shard, "cannot read free space of {}: {e}", self.config.dir.display()),
+        }
+        let name = segment_file_name(seq);
+        let tmp_path = self.config.dir.join(format!("{name}.tmp"));
+        let final_path = self.config.dir.join(&name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(&tmp_path)
+            .await
+            .map_err(|e| {
+                let e = io::Error::from(e);
+                error!(shard, "cannot create segment {}: {e}", tmp_path.display());
+                commit_error(&e)
+            })?;
+        if let Err(e) = self.fill_segment(&file, &final_path).await {
+            error!(shard, "cannot prepare segment {}: {e}", tmp_path.display());
+            let _ = file.remove().await;
+            let _ = file.close().await;
+            return Err(commit_error(&e));
+        }
+        self.state.borrow_mut().segment_count += 1;
+        info!(shard, segment = seq, "new spool segment {}", final_path.display());
+        Ok(Segment {
+            seq,
+            file,
+            write_pos: Cell::new(0),
+            poisoned_from: Cell::new(u64::MAX),
+        })
+    }
+
+    /// Zero-fills the whole segment and makes it durable under its final name, so that later
+    /// fdatasyncs have no metadata to persist.
+    async fn fill_segment(&self, file: &DmaFile, final_path: &Path) -> io::Result<()> {
+        let mut zeros = glommio::allocate_dma_buffer(SEGMENT_FILL_CHUNK_BYTES as usize);
+        zeros.as_bytes_mut().fill(0);
+        let zeros = Rc::new(zeros);
+        let mut offset = 0;
+        while offset < self.config.segment_bytes {
+            let n = file.write_rc_at(zeros.clone(), offset).await.map_err(io::Error::from)?;
+            if n as u64 != SEGMENT_FILL_CHUNK_BYTES {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "short write while zero-filling",
+                ));
+            }
+            offset += SEGMENT_FILL_CHUNK_BYTES;
+        }
+        file.fdatasync().await.map_err(io::Error::from)?;
+        file.rename(final_path).await.map_err(io::Error::from)?;
+        self.directory.sync().await.map_err(io::Error::from)?;
+        Ok(())
+    }
+
+    /// Records that ticket's write finished (or failed) and advances the completion window.
+    fn complete(&self, ticket: u64, segment: &Rc<Segment>, written: bool) {
+        let mut st = self.state.borrow_mut();
+        let index = (ticket - st.window_base) as usize;
+        st.window[index] = true;
+        if written {
+            if !st.unsynced.iter().any(|s| Rc::ptr_eq(s, segment)) {
+                st.unsynced.push(segment.clone());
+            }
+        } else {
+            segment.poison_from(ticket);
+            if st.active.as_ref().is_some_and(|a| Rc::ptr_eq(a, segment)) {
+                st.active = None;
+            }
+        }
+        while st.window.front() == Some(&true) {
+            st.window.pop_front();
+            st.window_base += 1;
+        }
+        if st.window_base > st.durable_below {
+            if let Some(waker) = st.committer_waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// The group-commit loop (durability `fsync` only).
+    async fn run_committer(self: Rc<Self>) {
+        loop {
+            CommitWork { appender: &self }.await;
+            // Gather before leading: let writes completing right now join this batch.
+            futures_lite::future::yield_now().await;
+            let (target, first_undurable, segments) = {
+                let mut st = self.state.borrow_mut();
+                (st.window_base, st.durable_below, std::mem::take(&mut st.unsynced))
+            };
+            for segment in &segments {
+                if let Err(e) = segment.file.fdatasync().await {
+                    error!(
+                        shard = self.config.shard,
+                        segment = segment.seq,
+                        "fdatasync failed, answering 451 for its unsynced mail: {e}"
+                    );
+                    segment.poison_from(first_undurable);
+                    let mut st = self.state.borrow_mut();
+                    if st.active.as_ref().is_some_and(|a| Rc::ptr_eq(a, segment)) {
+                        st.active = None;
+                    }
+                }
+            }
+            let mut st = self.state.borrow_mut();
+            debug_assert!(target >= st.durable_below);
+            st.durable_below = target;
+            st.durable_waiters.retain(|(ticket, waker)| {
+                if *ticket < target {
+                    waker.wake_by_ref();
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+}
+
+/// Ready when the committer has work: completed writes not yet durable.
+struct CommitWork<'a> {
+    appender: &'a Appender,
+}
+
+impl Future for CommitWork<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.appender.state.borrow_mut();
+        if st.window_base > st.durable_below {
+            Poll::Ready(())
+        } else {
+            st.committer_waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+/// Ready when ticket is covered by a completed fdatasync.
+struct WaitDurable<'a> {
+    appender: &'a Appender,
+    ticket: u64,
+}
+
+impl Future for WaitDurable<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.appender.state.borrow_mut();
+        if st.durable_below > self.ticket {
+            Poll::Ready(())
+        } else {
+            let ticket = self.ticket;
+            match st.durable_waiters.iter_mut().find(|(t, _)| *t == ticket) {
+                Some((_, waker)) => waker.clone_from(cx.waker()),
+                None => st.durable_waiters.push((ticket, cx.waker().clone())),
+            }
+            Poll::Pending
+        }
+    }
+}
+
+/// Ready when no segment is being prepared.
+struct WaitSegment<'a> {
+    appender: &'a Appender,
+}
+
+impl Future for WaitSegment<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.appender.state.borrow_mut();
+        if st.preparing {
+            st.segment_waiters.push(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+}

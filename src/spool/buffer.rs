@@ -1,0 +1,226 @@
+//! The spool's write buffer for one message: aligned DMA buffers that the session's decoded
+//! content is copied into as it arrives, and that are then written to the segment as they are.
+//!
+//! The record is built in place: a header placeholder, the encoded envelope, then the content.
+//! When the message is complete and its place in the segment is known, [`FinishedMessage::seal`]
+//! fills in the header and CRC and zeroes the padding. There is no other copy of the message.
+//!
+//! Memory: buffers grow 16 KiB, 64 KiB, then 256 KiB at a time, and every byte is charged to the
+//! shard's [`Budget`]; a message that would exceed it is refused with 452 rather than waiting.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use glommio::io::DmaBuffer;
+
+use super::record::{crc_start, encode_envelope, Header, Kind, HEADER_BYTES};
+use super::{align_up, RECORD_ALIGN_BYTES};
+use crate::smtp::envelope::{Envelope, Origin};
+use crate::smtp::session::{MessageSink, SinkFull};
+
+const FIRST_CHUNK_BYTES: usize = 16 * 1024;
+const CHUNK_BYTES_MAX: usize = 256 * 1024;
+
+/// A shard's budget of memory for messages being received or written.
+#[derive(Debug)]
+pub struct Budget {
+    used_bytes: Cell<usize>,
+    max_bytes: usize,
+}
+
+impl Budget {
+    pub fn new(max_bytes: usize) -> Rc<Budget> {
+        Rc::new(Budget {
+            used_bytes: Cell::new(0),
+            max_bytes,
+        })
+    }
+
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes.get()
+    }
+
+    fn charge(&self, bytes: usize) -> Result<(), SinkFull> {
+        let used = self.used_bytes.get() + bytes;
+        if used > self.max_bytes {
+            return Err(SinkFull);
+        }
+        self.used_bytes.set(used);
+        Ok(())
+    }
+
+    fn release(&self, bytes: usize) {
+        let used = self.used_bytes.get();
+        assert!(bytes <= used, "budget released more than it was charged");
+        self.used_bytes.set(used - bytes);
+    }
+}
+
+/// Bytes charged to a budget, given back when dropped.
+#[derive(Debug)]
+pub struct Charge {
+    budget: Rc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+/// The session's message sink, backed by DMA buffers.
+pub struct MessageBuffer {
+    budget: Rc<Budget>,
+    chunks: Vec<DmaBuffer>,
+    /// Bytes used in the last chunk.
+    tail_bytes: usize,
+    /// Header plus payload bytes so far.
+    total_bytes: usize,
+    charged_bytes: usize,
+    /// Header, envelope length and envelope: everything before the content.
+    prefix_bytes: usize,
+    envelope_scratch: Vec<u8>,
+    open: bool,
+}
+
+impl MessageBuffer {
+    pub fn new(budget: Rc<Budget>) -> MessageBuffer {
+        MessageBuffer {
+            budget,
+            chunks: Vec::new(),
+            tail_bytes: 0,
+            total_bytes: 0,
+            charged_bytes: 0,
+            prefix_bytes: 0,
+            envelope_scratch: Vec::new(),
+            open: false,
+        }
+    }
+
+    fn grow(&mut self) -> Result<(), SinkFull> {
+        let size = match self.chunks.last() {
+            None => FIRST_CHUNK_BYTES,
+            Some(last) => (last.len() * 4).min(CHUNK_BYTES_MAX),
+        };
+        self.budget.charge(size)?;
+        self.charged_bytes += size;
+        self.chunks.push(glommio::allocate_dma_buffer(size));
+        self.tail_bytes = 0;
+        Ok(())
+    }
+
+    fn write(&mut self, mut bytes: &[u8]) -> Result<(), SinkFull> {
+        debug_assert!(self.open);
+        while !bytes.is_empty() {
+            let room = self.chunks.last().map_or(0, |c| c.len() - self.tail_bytes);
+            if room == 0 {
+                self.grow()?;
+                continue;
+            }
+            let n = room.min(bytes.len());
+            let tail = self.tail_bytes;
+            let chunk = self.chunks.last_mut().expect("a chunk after grow");
+            chunk.as_bytes_mut()[tail..tail + n].copy_from_slice(&bytes[..n]);
+            self.tail_bytes += n;
+            self.total_bytes += n;
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+
+    /// Hands the complete message over for writing; the buffer is empty afterwards.
+    pub fn take(&mut self) -> FinishedMessage {
+        assert!(self.open, "take without a message");
+        self.open = false;
+        let charge = Charge {
+            budget: self.budget.clone(),
+            bytes: std::mem::take(&mut self.charged_bytes),
+        };
+        FinishedMessage {
+            content_bytes: (self.total_bytes - self.prefix_bytes) as u64,
+            chunks: std::mem::take(&mut self.chunks),
+            tail_bytes: std::mem::take(&mut self.tail_bytes),
+            total_bytes: std::mem::take(&mut self.total_bytes),
+            charge,
+        }
+    }
+}
+
+impl Drop for MessageBuffer {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
+
+impl MessageSink for MessageBuffer {
+    fn begin(&mut self, envelope: &Envelope, origin: Origin<'_>) -> Result<(), SinkFull> {
+        self.abandon();
+        self.open = true;
+        self.envelope_scratch.clear();
+        encode_envelope(envelope, origin, &mut self.envelope_scratch);
+        let scratch = std::mem::take(&mut self.envelope_scratch);
+        let result = self
+            .write(&[0u8; HEADER_BYTES])
+            .and_then(|()| self.write(&(scratch.len() as u32).to_le_bytes()))
+            .and_then(|()| self.write(&scratch));
+        self.envelope_scratch = scratch;
+        self.prefix_bytes = self.total_bytes;
+        if result.is_err() {
+            self.abandon();
+        }
+        result
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<(), SinkFull> {
+        self.write(bytes)
+    }
+
+    fn abandon(&mut self) {
+        self.chunks.clear();
+        self.tail_bytes = 0;
+        self.total_bytes = 0;
+        self.budget.release(std::mem::take(&mut self.charged_bytes));
+        self.open = false;
+    }
+}
+
+/// A complete message, ready to be sealed and written.
+pub struct FinishedMessage {
+    /// What the record stores as the message: our Received header and the client's content.
+    pub content_bytes: u64,
+    chunks: Vec<DmaBuffer>,
+    tail_bytes: usize,
+    total_bytes: usize,
+    /// Keeps the memory charged until the writes are done.
+    pub charge: Charge,
+}
+
+impl FinishedMessage {
+    /// Bytes the record takes in the segment, padding included.
+    pub fn record_bytes(&self) -> u64 {
+        align_up(self.total_bytes as u64)
+    }
+
+    /// Fills in the header for a record in segment `segment_seq`, zeroes the padding and trims
+    /// the last buffer. Returns the buffers to write back to back from the record's offset.
+    pub fn seal(mut self, segment_seq: u64) -> (Vec<DmaBuffer>, Charge) {
+        let len = u32::try_from(self.total_bytes - HEADER_BYTES).expect("record over 4 GiB");
+        let kind = Kind::Message as u8;
+        let mut crc = crc_start(segment_seq, len, kind);
+        let last = self.chunks.len() - 1;
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            let start = if i == 0 { HEADER_BYTES } else { 0 };
+            let end = if i == last { self.tail_bytes } else { chunk.len() };
+            crc = crc32c::crc32c_append(crc, &chunk.as_bytes()[start..end]);
+        }
+        let header = Header { len, kind, crc }.encode();
+        self.chunks[0].as_bytes_mut()[..HEADER_BYTES].copy_from_slice(&header);
+        let padded = align_up(self.tail_bytes as u64) as usize;
+        let tail = &mut self.chunks[last];
+        tail.as_bytes_mut()[self.tail_bytes..padded].fill(0);
+        tail.trim_to_size(padded);
+        debug_assert!(self.chunks.iter().all(|c| c.len() as u64 % RECORD_ALIGN_BYTES == 0));
+        (self.chunks, self.charge)
+    }
+}

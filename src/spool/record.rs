@@ -1,0 +1,385 @@
+//! The spool's record format.
+//!
+//! ```text
+//! record  = len:u32le kind:u8 crc:u32le payload[len]      then zero padding to 4 KiB
+//! crc     = crc32c(segment_seq:u64le len:u32le kind:u8 payload)
+//! ```
+//! The CRC covers the segment's sequence number without storing it: a record left over from a
+//! segment's earlier life (recycled segments) fails its check instead of coming back to life.
+//! A zero length and kind mark the pre-zeroed space after the last record.
+//!
+//! A `Message` payload is `envelope_len:u32le envelope content`, where content is the message
+//! exactly as it will be relayed (our Received header, then the client's bytes, unstuffed).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::smtp::envelope::{BodyType, Envelope, Origin, Ret};
+
+pub const HEADER_BYTES: usize = 9;
+
+/// Record kinds. Only `Message` is written today; `Outcome` and `Tombstone` are reserved for
+/// delivery state (a later issue) and already recognised by recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Message = 1,
+    Outcome = 2,
+    Tombstone = 3,
+}
+
+impl Kind {
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Message),
+            2 => Some(Kind::Outcome),
+            3 => Some(Kind::Tombstone),
+            _ => None,
+        }
+    }
+}
+
+/// The fixed header in front of every record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub len: u32,
+    pub kind: u8,
+    pub crc: u32,
+}
+
+impl Header {
+    pub fn decode(bytes: &[u8; HEADER_BYTES]) -> Header {
+        Header {
+            len: u32::from_le_bytes(bytes[0..4].try_into().unwrap()),
+            kind: bytes[4],
+            crc: u32::from_le_bytes(bytes[5..9].try_into().unwrap()),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_BYTES] {
+        let mut out = [0u8; HEADER_BYTES];
+        out[0..4].copy_from_slice(&self.len.to_le_bytes());
+        out[4] = self.kind;
+        out[5..9].copy_from_slice(&self.crc.to_le_bytes());
+        out
+    }
+
+    /// The all-zero header of never-written space.
+    pub fn is_zero(&self) -> bool {
+        self.len == 0 && self.kind == 0 && self.crc == 0
+    }
+}
+
+/// Starts a CRC for a record of `len` payload bytes of `kind` in segment `segment_seq`;
+/// continue it over the payload with `crc32c::crc32c_append`.
+pub fn crc_start(segment_seq: u64, len: u32, kind: u8) -> u32 {
+    let mut prefix = [0u8; 13];
+    prefix[0..8].copy_from_slice(&segment_seq.to_le_bytes());
+    prefix[8..12].copy_from_slice(&len.to_le_bytes());
+    prefix[12] = kind;
+    crc32c::crc32c(&prefix)
+}
+
+/// The largest `Message` record the session can produce with these limits: header, envelope
+/// (HELO is at most a command line; addresses at most 512 bytes; ENVID 100; ORCPT 500), the
+/// Received header (under 2 KiB) and the content. Configuration checks segments against it.
+pub fn message_record_bytes_max(line_length_max: usize, recipients_max: usize, message_size_max: u64) -> u64 {
+    let fixed = 1 + 8 + 17 + 3 + 8 + (2 + line_length_max) + (2 + 512) + (2 + 100) + 4;
+    let per_recipient = 2 + 512 + 1 + 2 + 500;
+    let received_header = 2048;
+    let payload = 4 + fixed + recipients_max * per_recipient + received_header;
+    super::align_up(HEADER_BYTES as u64 + payload as u64 + message_size_max)
+}
+
+const ENVELOPE_VERSION: u8 = 1;
+
+/// Appends the encoded envelope (without its length prefix) to `out`.
+pub fn encode_envelope(envelope: &Envelope, origin: Origin<'_>, out: &mut Vec<u8>) {
+    out.push(ENVELOPE_VERSION);
+    out.extend_from_slice(&origin.received_unix_s.to_le_bytes());
+    match origin.client_ip {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.push(u8::from(envelope.smtputf8));
+    out.push(match envelope.body {
+        BodyType::Unspecified => 0,
+        BodyType::SevenBit => 1,
+        BodyType::EightBitMime => 2,
+    });
+    out.push(match envelope.ret {
+        Ret::Unspecified => 0,
+        Ret::Full => 1,
+        Ret::Headers => 2,
+    });
+    out.extend_from_slice(&envelope.size_declared_bytes.unwrap_or(u64::MAX).to_le_bytes());
+    put_bytes(out, origin.helo);
+    put_bytes(out, envelope.sender());
+    put_bytes(out, envelope.envid());
+    out.extend_from_slice(&(envelope.recipient_count() as u32).to_le_bytes());
+    for (address, notify, orcpt) in envelope.recipients() {
+        put_bytes(out, address);
+        out.push(notify);
+        put_bytes(out, orcpt);
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Every field is bounded well below 64 KiB by the session's line length limit.
+    let len = u16::try_from(bytes.len()).expect("envelope field longer than 64 KiB");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A recipient as read back from the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecipient {
+    pub address: Vec<u8>,
+    pub notify: u8,
+    pub orcpt: Vec<u8>,
+}
+
+/// A `Message` record's envelope as read back from the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEnvelope {
+    pub received_unix_s: u64,
+    pub client_ip: IpAddr,
+    pub smtputf8: bool,
+    pub body: BodyType,
+    pub ret: Ret,
+    pub size_declared_bytes: Option<u64>,
+    pub helo: Vec<u8>,
+    pub sender: Vec<u8>,
+    pub envid: Vec<u8>,
+    pub recipients: Vec<StoredRecipient>,
+}
+
+/// Why a payload could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    Truncated,
+    UnknownVersion(u8),
+    BadField(&'static str),
+}
+
+/// A decoded `Message` payload: the envelope and where the content starts in the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub envelope: StoredEnvelope,
+    pub content_offset: usize,
+    pub content_bytes: usize,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
+        let slice = self.bytes.get(self.pos..end).ok_or(DecodeError::Truncated)?;
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+
+    fn bytes(&mut self) -> Result<Vec<u8>, DecodeError> {
+        let len = u16::from_le_bytes(self.take(2)?.try_into().unwrap());
+        Ok(self.take(usize::from(len))?.to_vec())
+    }
+}
+
+/// Decodes a `Message` payload. Never panics, whatever the bytes.
+pub fn decode_message(payload: &[u8]) -> Result<StoredMessage, DecodeError> {
+    let mut outer = Reader { bytes: payload, pos: 0 };
+    let envelope_len = outer.u32()? as usize;
+    let envelope_bytes = outer.take(envelope_len)?;
+    let mut r = Reader {
+        bytes: envelope_bytes,
+        pos: 0,
+    };
+    let version = r.u8()?;
+    if version != ENVELOPE_VERSION {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    let received_unix_s = r.u64()?;
+    let client_ip = match r.u8()? {
+        4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(r.take(4)?).unwrap())),
+        6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(r.take(16)?).unwrap())),
+        _ => return Err(DecodeError::BadField("client address family")),
+    };
+    let smtputf8 = match r.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(DecodeError::BadField("smtputf8")),
+    };
+    let body = match r.u8()? {
+        0 => BodyType::Unspecified,
+        1 => BodyType::SevenBit,
+        2 => BodyType::EightBitMime,
+        _ => return Err(DecodeError::BadField("body")),
+    };
+    let ret = match r.u8()? {
+        0 => Ret::Unspecified,
+        1 => Ret::Full,
+        2 => Ret::Headers,
+        _ => return Err(DecodeError::BadField("ret")),
+    };
+    let size_declared_bytes = match r.u64()? {
+        u64::MAX => None,
+        n => Some(n),
+    };
+    let helo = r.bytes()?;
+    let sender = r.bytes()?;
+    let envid = r.bytes()?;
+    let count = r.u32()? as usize;
+    // Each recipient takes at least 5 bytes; refuse counts the bytes cannot hold before allocating.
+    if count > (envelope_bytes.len() - r.pos) / 5 {
+        return Err(DecodeError::BadField("recipient count"));
+    }
+    let mut recipients = Vec::with_capacity(count);
+    for _ in 0..count {
+        let address = r.bytes()?;
+        let notify = r.u8()?;
+        let orcpt = r.bytes()?;
+        recipients.push(StoredRecipient { address, notify, orcpt });
+    }
+    if r.pos != envelope_bytes.len() {
+        return Err(DecodeError::BadField("envelope length"));
+    }
+    Ok(StoredMessage {
+        envelope: StoredEnvelope {
+            received_unix_s,
+            client_ip,
+            smtputf8,
+            body,
+            ret,
+            size_declared_bytes,
+            helo,
+            sender,
+            envid,
+            recipients,
+        },
+        content_offset: outer.pos,
+        content_bytes: payload.len() - outer.pos,
+    })
+}
+
+/// Builds a complete `Message` record in memory (header, payload, padding). The appender builds
+/// the same bytes in place in its aligned buffers; this form serves tests, tools and fuzzing.
+pub fn build_message_record(segment_seq: u64, envelope: &Envelope, origin: Origin<'_>, content: &[u8]) -> Vec<u8> {
+    let mut env = Vec::new();
+    encode_envelope(envelope, origin, &mut env);
+    let mut out = vec![0u8; HEADER_BYTES];
+    out.extend_from_slice(&(env.len() as u32).to_le_bytes());
+    out.extend_from_slice(&env);
+    out.extend_from_slice(content);
+    let len = (out.len() - HEADER_BYTES) as u32;
+    let crc = crc32c::crc32c_append(crc_start(segment_seq, len, Kind::Message as u8), &out[HEADER_BYTES..]);
+    out[..HEADER_BYTES].copy_from_slice(
+        &Header {
+            len,
+            kind: Kind::Message as u8,
+            crc,
+        }
+        .encode(),
+    );
+    out.resize(super::align_up(out.len() as u64) as usize, 0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::envelope::notify;
+
+    pub(crate) fn sample_envelope() -> Envelope {
+        let mut env = Envelope::default();
+        env.set_sender(|b| b.extend_from_slice(b"from@x.example"));
+        env.add_recipient(
+            |b| b.extend_from_slice(b"to@y.example"),
+            notify::FAILURE | notify::DELAY,
+            b"rfc822;to@y.example",
+        );
+        env.body = BodyType::EightBitMime;
+        env.ret = Ret::Headers;
+        env.size_declared_bytes = Some(1234);
+        env.set_envid(b"QQ314159");
+        env
+    }
+
+    #[test]
+    fn message_round_trips() {
+        let env = sample_envelope();
+        let origin = Origin {
+            client_ip: "2001:db8::7".parse().unwrap(),
+            helo: b"client.example",
+            received_unix_s: 1_700_000_000,
+        };
+        let record = build_message_record(42, &env, origin, b"Subject: hi\r\n\r\nbody\r\n");
+        assert_eq!(record.len() % 4096, 0);
+        let header = Header::decode(record[..HEADER_BYTES].try_into().unwrap());
+        assert_eq!(header.kind, Kind::Message as u8);
+        let payload = &record[HEADER_BYTES..HEADER_BYTES + header.len as usize];
+        let crc = crc32c::crc32c_append(crc_start(42, header.len, header.kind), payload);
+        assert_eq!(crc, header.crc);
+        assert_ne!(
+            crc32c::crc32c_append(crc_start(43, header.len, header.kind), payload),
+            header.crc
+        );
+        let msg = decode_message(payload).unwrap();
+        assert_eq!(msg.envelope.sender, b"from@x.example");
+        assert_eq!(msg.envelope.helo, b"client.example");
+        assert_eq!(msg.envelope.client_ip, origin.client_ip);
+        assert_eq!(msg.envelope.envid, b"QQ314159");
+        assert_eq!(msg.envelope.size_declared_bytes, Some(1234));
+        assert_eq!(msg.envelope.ret, Ret::Headers);
+        assert_eq!(msg.envelope.body, BodyType::EightBitMime);
+        assert_eq!(
+            msg.envelope.recipients,
+            vec![StoredRecipient {
+                address: b"to@y.example".to_vec(),
+                notify: notify::FAILURE | notify::DELAY,
+                orcpt: b"rfc822;to@y.example".to_vec()
+            }]
+        );
+        assert_eq!(&payload[msg.content_offset..], b"Subject: hi\r\n\r\nbody\r\n");
+    }
+
+    #[test]
+    fn truncated_or_garbled_payloads_are_errors_not_panics() {
+        let env = sample_envelope();
+        let origin = Origin {
+            client_ip: "192.0.2.1".parse().unwrap(),
+            helo: b"h",
+            received_unix_s: 1,
+        };
+        let record = build_message_record(1, &env, origin, b"x");
+        let header = Header::decode(record[..HEADER_BYTES].try_into().unwrap());
+        let payload = &record[HEADER_BYTES..HEADER_BYTES + header.len as usize];
+        for cut in 0..payload.len() - 1 {
+            let _ = decode_message(&payload[..cut]);
+        }
+        let mut bad = payload.to_vec();
+        bad[4] = 9;
+        assert_eq!(decode_message(&bad), Err(DecodeError::UnknownVersion(9)));
+        assert_eq!(decode_message(&[0xff, 0xff, 0xff, 0xff]), Err(DecodeError::Truncated));
+    }
+}
