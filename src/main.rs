@@ -1,12 +1,14 @@
 //! The `gannet` command.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gannet::config::Config;
 use gannet::queue::QueueEntry;
-use gannet::spool::recovery::{list_segments, read_segment, scan_segment, Damage};
+use gannet::spool::recovery::{list_segments, read_message, read_segment, scan_segment, Damage};
+use gannet::spool::MessageId;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -47,6 +49,14 @@ enum Command {
 enum QueueCommand {
     /// List every message in the spool (reads the spool files; safe while the server runs).
     List,
+    /// Print one message exactly as spooled (our Received header, then the client's bytes).
+    Show {
+        /// The id from `queue list` or the `250 ... queued as` reply.
+        id: String,
+        /// Print the envelope instead of the message.
+        #[arg(long)]
+        envelope: bool,
+    },
 }
 
 fn load(path: Option<&Path>) -> Result<(Config, String), String> {
@@ -106,6 +116,25 @@ fn queue_list(config: &Config) -> Result<(), String> {
 /// write-only so that the executor does not busy-poll), so that target is silenced.
 const DEFAULT_LOG_FILTER: &str = "info,glommio::reactor=off";
 
+fn queue_show(config: &Config, id: &str, envelope_only: bool) -> Result<(), String> {
+    let parsed: MessageId = id
+        .parse()
+        .map_err(|()| format!("`{id}` is not a message id; ids look like 01A2278EF947-00-000000"))?;
+    let (envelope, content) = read_message(&config.spool.directory, parsed).map_err(|e| e.to_string())?;
+    if envelope_only {
+        println!("sender: <{}>", String::from_utf8_lossy(&envelope.sender));
+        for r in &envelope.recipients {
+            println!("recipient: <{}>", String::from_utf8_lossy(&r.address));
+        }
+        println!("client: {}", envelope.client_ip);
+        println!("helo: {}", String::from_utf8_lossy(&envelope.helo));
+        println!("smtputf8: {}", envelope.smtputf8);
+        println!("body: {:?}", envelope.body);
+        return Ok(());
+    }
+    std::io::stdout().write_all(&content).map_err(|e| e.to_string())
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GANNET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
@@ -134,6 +163,12 @@ fn run(cli: Cli) -> Result<(), String> {
         }) => {
             let (config, _) = load(cli.config.as_deref())?;
             queue_list(&config)
+        }
+        Some(Command::Queue {
+            command: QueueCommand::Show { id, envelope },
+        }) => {
+            let (config, _) = load(cli.config.as_deref())?;
+            queue_show(&config, &id, envelope)
         }
         None => {
             init_logging();

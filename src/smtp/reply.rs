@@ -75,6 +75,7 @@ pub const NOT_IMPLEMENTED: Reply = Reply::new(502, "5.5.1", "Command not impleme
 pub const NEED_HELO: Reply = Reply::new(503, "5.5.1", "Send HELO or EHLO first");
 pub const NESTED_MAIL: Reply = Reply::new(503, "5.5.1", "Nested MAIL command");
 pub const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "Need MAIL before RCPT");
+pub const NEED_MAIL_BEFORE_DATA: Reply = Reply::new(503, "5.5.1", "Need MAIL and RCPT before DATA or BDAT");
 pub const NEED_RCPT: Reply = Reply::new(503, "5.5.1", "Need RCPT before DATA");
 pub const NO_VALID_RECIPIENTS: Reply = Reply::new(554, "5.5.1", "No valid recipients");
 pub const MIXED_DATA_BDAT: Reply = Reply::new(503, "5.5.1", "DATA and BDAT cannot be mixed in one transaction");

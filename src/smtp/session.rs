@@ -592,7 +592,7 @@ impl Session {
             Phase::Mail if self.recipients_attempted > 0 => return Err(reply::NO_VALID_RECIPIENTS),
             Phase::Mail => return Err(reply::NEED_RCPT),
             Phase::Greeted => return Err(reply::NEED_HELO),
-            _ => return Err(reply::NEED_MAIL),
+            _ => return Err(reply::NEED_MAIL_BEFORE_DATA),
         }
         self.content = Content::default();
         let received_unix_s = unix_now_s();
@@ -989,7 +989,10 @@ mod tests {
         );
         assert_eq!(h.feed("HELO c\r\n"), "250 mx.test\r\n");
         assert_eq!(h.feed("RCPT TO:<b@y.test>\r\n"), "503 5.5.1 Need MAIL before RCPT\r\n");
-        assert_eq!(h.feed("DATA\r\n"), "503 5.5.1 Need MAIL before RCPT\r\n");
+        assert_eq!(
+            h.feed("DATA\r\n"),
+            "503 5.5.1 Need MAIL and RCPT before DATA or BDAT\r\n"
+        );
         h.feed("MAIL FROM:<a@x.test>\r\n");
         assert_eq!(h.feed("MAIL FROM:<a@x.test>\r\n"), "503 5.5.1 Nested MAIL command\r\n");
         assert_eq!(h.feed("DATA\r\n"), "503 5.5.1 Need RCPT before DATA\r\n");

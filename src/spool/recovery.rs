@@ -170,6 +170,29 @@ pub fn read_segment(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads one message back from the spool by id: its envelope and its stored content (our
+/// Received header followed by the client's bytes, exactly as they will be relayed).
+pub fn read_message(spool_dir: &Path, id: MessageId) -> io::Result<(StoredEnvelope, Vec<u8>)> {
+    let path = super::shard_dir(spool_dir, id.shard).join(super::segment_file_name(id.segment_seq));
+    let mut buf = Vec::new();
+    read_segment(&path, &mut buf)?;
+    let not_found = || {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no message {id} in {}", path.display()),
+        )
+    };
+    let Probe::Good { header, .. } = probe(&buf, id.segment_seq, id.offset_bytes()) else {
+        return Err(not_found());
+    };
+    if header.kind != Kind::Message as u8 {
+        return Err(not_found());
+    }
+    let payload = &buf[id.offset_bytes() as usize + HEADER_BYTES..][..header.len as usize];
+    let message = decode_message(payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
+    Ok((message.envelope, payload[message.content_offset..].to_vec()))
+}
+
 /// Copies a damaged record's bytes into the quarantine directory for a human to look at.
 pub fn quarantine(spool_dir: &Path, shard: u16, seq: u64, bytes: &[u8], offset: u64, len: u64) -> io::Result<PathBuf> {
     let dir = spool_dir.join("quarantine");

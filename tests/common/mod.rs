@@ -1,0 +1,419 @@
+//! Test harness: runs the real `gannet` binary on ephemeral loopback ports with a configuration
+//! written into a temporary directory, and waits on its log lines (events, not sleeps).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gannet");
+/// How long a server may take to start (recovery, zero-filling segments) on a busy CI machine.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A free loopback port (the OS picks it; we release it right before the server binds).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A configuration: sections of key = value lines, with test-friendly defaults.
+#[derive(Clone)]
+pub struct Setup {
+    sections: Vec<(String, Vec<(String, String)>)>,
+    pub mx_port: u16,
+    pub submission_port: u16,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup::new()
+    }
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        let mut s = Setup {
+            sections: Vec::new(),
+            mx_port: free_port(),
+            submission_port: free_port(),
+        };
+        s.set("server", "hostname", "\"mx.test\"");
+        s.set("server", "shards", "1");
+        s.set("server", "io_memory", "\"256KiB\"");
+        s.set("server", "shutdown_timeout", "\"10s\"");
+        s.set("spool", "segment_size", "\"4MiB\"");
+        s.set("spool", "size_max", "\"1GiB\"");
+        s.set("spool", "min_free", "\"0B\"");
+        s.set("spool", "memory_max", "\"16MiB\"");
+        s.set("limits", "message_size_max", "\"1MiB\"");
+        s
+    }
+
+    /// Sets `key = value` (value in TOML syntax) in `[section]`.
+    pub fn set(&mut self, section: &str, key: &str, value: &str) -> &mut Setup {
+        let idx = match self.sections.iter().position(|(name, _)| name == section) {
+            Some(i) => i,
+            None => {
+                self.sections.push((section.to_string(), Vec::new()));
+                self.sections.len() - 1
+            }
+        };
+        let keys = &mut self.sections[idx].1;
+        match keys.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value.to_string(),
+            None => keys.push((key.to_string(), value.to_string())),
+        }
+        self
+    }
+
+    pub fn shards(&mut self, n: usize) -> &mut Setup {
+        self.set("server", "shards", &n.to_string())
+    }
+
+    pub fn toml(&self, spool_dir: &Path) -> String {
+        let mut text = String::new();
+        for (name, keys) in &self.sections {
+            text.push_str(&format!("[{name}]\n"));
+            for (k, v) in keys {
+                text.push_str(&format!("{k} = {v}\n"));
+            }
+            if name == "spool" {
+                text.push_str(&format!("directory = {:?}\n", spool_dir.display().to_string()));
+            }
+            text.push('\n');
+        }
+        if !self.sections.iter().any(|(n, _)| n == "spool") {
+            text.push_str(&format!(
+                "[spool]\ndirectory = {:?}\n\n",
+                spool_dir.display().to_string()
+            ));
+        }
+        text.push_str(&format!(
+            "[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"mx\"\n\n[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"submission\"\n",
+            self.mx_port, self.submission_port
+        ));
+        text
+    }
+}
+
+type LogLines = Arc<(Mutex<Vec<String>>, Condvar)>;
+
+/// A running gannet process.
+pub struct Gannet {
+    child: Option<Child>,
+    pub dir: Arc<tempfile::TempDir>,
+    pub config_path: PathBuf,
+    pub spool_dir: PathBuf,
+    pub setup: Setup,
+    log: LogLines,
+}
+
+impl Gannet {
+    pub fn start(setup: &Setup) -> Gannet {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        Gannet::start_in(setup, dir)
+    }
+
+    /// Starts on an existing directory (and so an existing spool): a restart.
+    pub fn start_in(setup: &Setup, dir: Arc<tempfile::TempDir>) -> Gannet {
+        let g = Gannet::spawn(setup, dir);
+        let ready = g.wait_for_log("ready:", START_TIMEOUT);
+        assert!(ready, "gannet did not become ready; log:\n{}", g.log_text());
+        g
+    }
+
+    /// Starts without waiting for readiness.
+    pub fn spawn(setup: &Setup, dir: Arc<tempfile::TempDir>) -> Gannet {
+        let spool_dir = dir.path().join("spool");
+        let config_path = dir.path().join("gannet.toml");
+        std::fs::write(&config_path, setup.toml(&spool_dir)).unwrap();
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .env("GANNET_LOG", "info,glommio::reactor=off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gannet");
+        let log: LogLines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (lines, cv) = &*sink;
+                lines.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+            let (lines, cv) = &*sink;
+            lines.lock().unwrap().push("<eof>".into());
+            cv.notify_all();
+        });
+        Gannet {
+            child: Some(child),
+            dir,
+            config_path,
+            spool_dir,
+            setup: setup.clone(),
+            log,
+        }
+    }
+
+    pub fn mx(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.setup.mx_port))
+    }
+
+    pub fn submission(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.setup.submission_port))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Waits until a log line contains `needle` (true), or the process ends / time runs out.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lines, cv) = &*self.log;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if guard.iter().filter(|l| l.contains(needle)).count() >= count {
+                return true;
+            }
+            if guard.last().is_some_and(|l| l == "<eof>") {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            guard = cv.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.0.lock().unwrap().join("\n")
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY (test): kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait()
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gannet did not exit; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs `gannet <args> --config <ours>` and returns its output.
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .unwrap()
+    }
+
+    /// The ids in `gannet queue list`.
+    pub fn queued_ids(&self) -> Vec<String> {
+        let out = self.command(&["queue", "list"]);
+        assert!(
+            out.status.success(),
+            "queue list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.ends_with(&format!("message(s) in {}", self.spool_dir.display())))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+
+    /// The stored content of a message (our Received header, then the client's bytes).
+    pub fn stored(&self, id: &str) -> Vec<u8> {
+        let out = self.command(&["queue", "show", id]);
+        assert!(
+            out.status.success(),
+            "queue show {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+impl Drop for Gannet {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The client's bytes of a stored message: what follows our Received header.
+pub fn without_received(stored: &[u8]) -> &[u8] {
+    assert!(stored.starts_with(b"Received: from "), "no Received header first");
+    let mut pos = 0;
+    loop {
+        let lf = stored[pos..].iter().position(|&b| b == b'\n').expect("header ends") + pos;
+        pos = lf + 1;
+        if stored.get(pos) != Some(&b'\t') {
+            return &stored[pos..];
+        }
+    }
+}
+
+/// The id in a `250 2.0.0 Ok: queued as <id>` reply.
+pub fn queued_id(reply: &str) -> Option<String> {
+    reply.split("queued as ").nth(1).map(|s| s.trim().to_string())
+}
+
+/// A minimal raw SMTP connection for the byte-level tests (pipelining, BDAT, smuggling), where
+/// no off-the-shelf client can send the exact bytes.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        Raw::connect_from(addr, None)
+    }
+
+    /// Connects from a given local address (127.0.0.2 is outside the default trusted network
+    /// only if the test configures it so).
+    pub fn connect_from(addr: SocketAddr, local: Option<&str>) -> Raw {
+        let stream = match local {
+            None => TcpStream::connect(addr).unwrap(),
+            Some(ip) => {
+                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                let local: SocketAddr = format!("{ip}:0").parse().unwrap();
+                socket.bind(&local.into()).unwrap();
+                socket.connect(&addr.into()).unwrap();
+                socket.into()
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one complete reply (all its lines); None at EOF.
+    pub fn reply(&mut self) -> Option<String> {
+        let mut lines = String::new();
+        loop {
+            let line = self.line()?;
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            lines.push_str(&line);
+            if last {
+                return Some(lines);
+            }
+        }
+    }
+
+    fn line(&mut self) -> Option<String> {
+        loop {
+            if let Some(lf) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=lf).collect();
+                return Some(String::from_utf8(line).unwrap());
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Sends a command and returns its reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply().expect("a reply")
+    }
+
+    /// Reads the greeting and says EHLO.
+    pub fn hello(&mut self) {
+        let greeting = self.reply().unwrap();
+        assert!(greeting.starts_with("220 "), "{greeting}");
+        let ehlo = self.cmd("EHLO client.test");
+        assert!(ehlo.starts_with("250-"), "{ehlo}");
+    }
+
+    /// True when the server closed the connection (EOF with nothing more).
+    pub fn closed(&mut self) -> bool {
+        self.reply().is_none()
+    }
+}
+
+/// Runs a Python 3 script with arguments; panics with its output if it fails.
+pub fn python(script: &str, args: &[&str]) -> String {
+    String::from_utf8(python_bytes(script, args)).unwrap()
+}
+
+/// Like [`python`], for scripts that print bytes.
+pub fn python_bytes(script: &str, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "python failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Finds a Postfix/swaks tool: on PATH or in /usr/sbin.
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed; run scripts/test (it installs postfix and swaks)");
+}
