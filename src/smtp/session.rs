@@ -1150,7 +1150,7 @@ mod tests {
         // A BDAT without a transaction: refused, and its bytes are not read as commands.
         let replies = h.feed("EHLO c\r\nBDAT 6\r\nQUIT\r\nNOOP\r\n");
         assert!(
-            replies.ends_with("503 5.5.1 Need MAIL before RCPT\r\n250 2.0.0 Ok\r\n"),
+            replies.ends_with("503 5.5.1 Need MAIL and RCPT before DATA or BDAT\r\n250 2.0.0 Ok\r\n"),
             "{replies}"
         );
         h.feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n");
