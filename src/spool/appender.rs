@@ -230,8 +230,15 @@ impl Appender {
                         st.next_ticket += 1;
                         st.window.push_back(false);
                         // Prepare the next segment once this one is half full, off the hot path.
-                        if st.spare.is_none() && !st.preparing && (pos + len) * 2 > self.config.segment_bytes {
+                        let prepare_early =
+                            st.spare.is_none() && !st.preparing && (pos + len) * 2 > self.config.segment_bytes;
+                        if prepare_early {
                             st.preparing = true;
+                            st.prepare_error = None;
+                        }
+                        drop(st);
+                        if prepare_early {
+                            // After the borrow ends: glommio runs a spawned task right away.
                             let appender = self.clone();
                             glommio::spawn_local(async move { appender.prepare().await }).detach();
                         }

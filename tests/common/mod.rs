@@ -371,6 +371,12 @@ impl Raw {
         self.reply().expect("a reply")
     }
 
+    /// Sends a command; None if the connection closed instead of replying.
+    pub fn cmd_opt(&mut self, line: &str) -> Option<String> {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
     /// Reads the greeting and says EHLO.
     pub fn hello(&mut self) {
         let greeting = self.reply().unwrap();
