@@ -135,15 +135,19 @@ fn queue_show(config: &Config, id: &str, envelope_only: bool) -> Result<(), Stri
     std::io::stdout().write_all(&content).map_err(|e| e.to_string())
 }
 
-fn init_logging() {
+/// Logs go through a lock-free channel to one writer thread, so shards never wait on each other
+/// for the stderr lock. The guard flushes what is queued when dropped at exit.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GANNET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    guard
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -171,7 +175,7 @@ fn run(cli: Cli) -> Result<(), String> {
             queue_show(&config, &id, envelope)
         }
         None => {
-            init_logging();
+            let _log_guard = init_logging();
             let (config, name) = load(cli.config.as_deref())?;
             gannet::server::serve(config, &name)
         }

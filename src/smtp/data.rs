@@ -390,6 +390,28 @@ mod tests {
             prop_assert!(!bare);
         }
 
+        /// Any byte stream, bare CRs and LFs included, comes back byte for byte through
+        /// stuff -> unstuff (plus the CRLF the stuffer adds to an unterminated last line), and the
+        /// decoder flags a bare line ending exactly when the content has one.
+        #[test]
+        fn any_byte_stream_round_trips(content in proptest::collection::vec(
+            prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), any::<u8>()], 0..400), split in 1usize..64) {
+            let mut wire = Vec::new();
+            dot_stuff(&content, &mut wire);
+            let (out, end, bare) = decode_all(&wire, BareLineEndings::Reject, split);
+            let mut expected = content.clone();
+            if !content.is_empty() && !content.ends_with(b"\r\n") {
+                expected.extend_from_slice(b"\r\n");
+            }
+            prop_assert_eq!(&out, &expected);
+            prop_assert_eq!(end, Some(wire.len()));
+            let has_bare = expected.iter().enumerate().any(|(i, &b)| {
+                (b == b'\n' && (i == 0 || expected[i - 1] != b'\r'))
+                    || (b == b'\r' && expected.get(i + 1) != Some(&b'\n'))
+            });
+            prop_assert_eq!(bare, has_bare);
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic_and_never_end_early(bytes in proptest::collection::vec(any::<u8>(), 0..300), split in 1usize..16) {
             // Whatever comes in, the decoder ends exactly at the first CRLF.CRLF that follows a
