@@ -58,10 +58,7 @@ fn crash_under_load(setup: &Setup, messages: usize, kill_after: usize, size_byte
         acked.len() < messages,
         "the kill came after the load had finished; nothing was tested"
     );
-
-    let (dir, setup) = (g.dir.clone(), g.setup.clone());
-    drop(g);
-    let g = Gannet::start_in(&setup, dir);
+    let g = g.restart();
     let spooled: BTreeSet<String> = g.queued_ids().into_iter().collect();
     let lost: Vec<&String> = acked.difference(&spooled).collect();
     assert!(

@@ -229,10 +229,7 @@ fn restart_recovers_every_message_and_ids_stay_unique() {
         ids.insert(send_one(&mut c, &format!("message {i}")));
     }
     assert_eq!(g.stop().code(), Some(0));
-    let dir = g.dir.clone();
-    let setup = g.setup.clone();
-    drop(g);
-    let g = Gannet::start_in(&setup, dir);
+    let g = g.restart();
     let listed: BTreeSet<String> = g.queued_ids().into_iter().collect();
     assert_eq!(listed, ids);
     assert!(g.wait_for_log_count("recovered", 2, Duration::from_secs(5)));
@@ -256,9 +253,7 @@ fn a_damaged_record_is_quarantined_and_the_rest_survive() {
     let mut bytes = std::fs::read(&segment).unwrap();
     bytes[second.offset_bytes() as usize + 40] ^= 0x5a;
     std::fs::write(&segment, &bytes).unwrap();
-    let (dir, setup) = (g.dir.clone(), g.setup.clone());
-    drop(g);
-    let g = Gannet::start_in(&setup, dir);
+    let g = g.restart();
     let listed = g.queued_ids();
     assert_eq!(listed, vec![ids[0].clone(), ids[2].clone()]);
     assert!(g.log_text().contains("quarantined as"), "{}", g.log_text());
@@ -280,9 +275,7 @@ fn a_torn_tail_is_cut_and_serving_continues() {
     let torn = last.offset_bytes() as usize + 4096;
     bytes[torn..torn + 9].copy_from_slice(&[200, 0, 0, 0, 1, 1, 2, 3, 4]);
     std::fs::write(&segment, &bytes).unwrap();
-    let (dir, setup) = (g.dir.clone(), g.setup.clone());
-    drop(g);
-    let g = Gannet::start_in(&setup, dir);
+    let g = g.restart();
     assert_eq!(g.queued_ids(), ids);
     assert!(g.log_text().contains("torn tail"), "{}", g.log_text());
 }

@@ -124,6 +124,14 @@ impl Gannet {
         g
     }
 
+    /// Stops this process if it still runs (SIGKILL) and starts a new one on the same spool.
+    pub fn restart(mut self) -> Gannet {
+        self.kill();
+        let (setup, dir) = (self.setup.clone(), self.dir.clone());
+        drop(self);
+        Gannet::start_in(&setup, dir)
+    }
+
     /// Starts without waiting for readiness.
     pub fn spawn(setup: &Setup, dir: Arc<tempfile::TempDir>) -> Gannet {
         let spool_dir = dir.path().join("spool");
