@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gannet::config::Config;
-use gannet::queue::QueueEntry;
+use gannet::queue::QueueIndex;
 use gannet::spool::recovery::{list_segments, read_message, read_segment, scan_segment, Damage};
 use gannet::spool::MessageId;
 
@@ -89,8 +89,8 @@ fn queue_list(config: &Config) -> Result<(), String> {
         }
     }
     shard_dirs.sort();
-    let mut total = 0usize;
     let mut buf = Vec::new();
+    let (mut messages, mut outcomes, mut tombstones) = (Vec::new(), Vec::new(), Vec::new());
     for (shard, dir) in shard_dirs {
         let segments = list_segments(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         for (seq, path) in segments {
@@ -101,20 +101,18 @@ fn queue_list(config: &Config) -> Result<(), String> {
                     eprintln!("{}: damaged record at offset {offset}: {reason}", path.display());
                 }
             }
-            for message in &scan.messages {
-                println!("{}", QueueEntry::from_recovered(message).listing_line());
-                total += 1;
-            }
+            messages.extend(scan.messages);
+            outcomes.extend(scan.outcomes);
+            tombstones.extend(scan.tombstones);
         }
     }
-    println!("{total} message(s) in {}", spool.display());
+    let index = QueueIndex::rebuild(messages, &outcomes, &tombstones);
+    for message in index.sorted() {
+        println!("{}", message.listing_line());
+    }
+    println!("{} message(s) in {}", index.len(), spool.display());
     Ok(())
 }
-
-/// Default log filter. glommio's reactor logs an ERROR when its IOPOLL probe fails on our
-/// write-only spool files; that failure is the intended outcome (the appender is opened
-/// write-only so that the executor does not busy-poll), so that target is silenced.
-const DEFAULT_LOG_FILTER: &str = "info,glommio::reactor=off";
 
 fn queue_show(config: &Config, id: &str, envelope_only: bool) -> Result<(), String> {
     let parsed: MessageId = id
@@ -134,6 +132,11 @@ fn queue_show(config: &Config, id: &str, envelope_only: bool) -> Result<(), Stri
     }
     std::io::stdout().write_all(&content).map_err(|e| e.to_string())
 }
+
+/// Default log filter. glommio's reactor logs an ERROR when its IOPOLL probe fails on our
+/// write-only spool files; that failure is the intended outcome (the appender is opened
+/// write-only so that the executor does not busy-poll), so that target is silenced.
+const DEFAULT_LOG_FILTER: &str = "info,glommio::reactor=off";
 
 /// Logs go through a lock-free channel to one writer thread, so shards never wait on each other
 /// for the stderr lock. The guard flushes what is queued when dropped at exit.

@@ -1,70 +1,237 @@
-//! The in-memory index of what a shard has spooled, rebuilt from the spool at start.
+//! The in-memory index of a shard's unfinished messages, rebuilt from the spool at start.
 //!
-//! Today it records every accepted message (delivery, which removes entries, is the next step).
-//! It is bounded by the spool itself: at most one entry per 4 KiB of spool.
+//! Each message keeps its envelope and which recipients are finished. The index also counts the
+//! unfinished messages of every segment, which tells the spool's garbage collector when a
+//! segment holds nothing anyone needs. It is bounded by the spool itself: at most one entry per
+//! 4 KiB of spool.
 
+use std::collections::{BTreeMap, HashMap};
+
+use crate::spool::record::{StateEntry, StoredEnvelope};
 use crate::spool::recovery::RecoveredMessage;
 use crate::spool::MessageId;
 
-/// One spooled message, as the queue listing shows it.
+/// One unfinished message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueEntry {
+pub struct QueuedMessage {
     pub id: MessageId,
-    pub sender: Box<[u8]>,
-    pub recipient_count: u32,
+    /// The record's length on disk (header included, padding not): what delivery reads back.
+    pub record_bytes: u32,
+    pub envelope: StoredEnvelope,
+    /// Finished flags, one per recipient of `envelope`.
+    pub done: Vec<bool>,
     pub content_bytes: u64,
-    pub received_unix_s: u64,
+    /// Delivery attempts so far (not persisted: a restart retries at once).
+    pub attempts: u32,
 }
 
-impl QueueEntry {
-    pub fn from_recovered(m: &RecoveredMessage) -> QueueEntry {
-        QueueEntry {
+impl QueuedMessage {
+    pub fn from_recovered(m: RecoveredMessage) -> QueuedMessage {
+        QueuedMessage {
             id: m.id,
-            sender: m.envelope.sender.clone().into_boxed_slice(),
-            recipient_count: m.envelope.recipients.len() as u32,
+            record_bytes: m.record_bytes,
+            done: vec![false; m.envelope.recipients.len()],
+            envelope: m.envelope,
             content_bytes: m.content_bytes,
-            received_unix_s: m.envelope.received_unix_s,
+            attempts: 0,
         }
+    }
+
+    pub fn pending_recipients(&self) -> usize {
+        self.done.iter().filter(|d| !**d).count()
     }
 
     /// One line of `gannet queue list`.
     pub fn listing_line(&self) -> String {
-        let sender = if self.sender.is_empty() {
+        let sender = if self.envelope.sender.is_empty() {
             "<>".to_string()
         } else {
-            format!("<{}>", String::from_utf8_lossy(&self.sender))
+            format!("<{}>", String::from_utf8_lossy(&self.envelope.sender))
         };
-        let received = time::OffsetDateTime::from_unix_timestamp(self.received_unix_s as i64)
+        let received = time::OffsetDateTime::from_unix_timestamp(self.envelope.received_unix_s as i64)
             .ok()
             .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-            .unwrap_or_else(|| self.received_unix_s.to_string());
+            .unwrap_or_else(|| self.envelope.received_unix_s.to_string());
         format!(
-            "{}  {:>10}  {}  {} recipient(s)  received {}",
-            self.id, self.content_bytes, sender, self.recipient_count, received
+            "{}  {:>10}  {}  {}/{} recipient(s) pending  received {}",
+            self.id,
+            self.content_bytes,
+            sender,
+            self.pending_recipients(),
+            self.done.len(),
+            received
         )
     }
 }
 
-/// A shard's queue index.
+/// The segment a message lives in: (shard directory, sequence).
+fn segment_of(id: MessageId) -> (u16, u64) {
+    (id.shard, id.segment_seq)
+}
+
 #[derive(Debug, Default)]
 pub struct QueueIndex {
-    entries: Vec<QueueEntry>,
+    messages: HashMap<MessageId, QueuedMessage>,
+    live_per_segment: BTreeMap<(u16, u64), usize>,
 }
 
 impl QueueIndex {
-    pub fn insert(&mut self, entry: QueueEntry) {
-        self.entries.push(entry);
+    /// Builds the index from everything recovery found, in any order: messages, then the
+    /// recipients and messages that later records say are finished.
+    pub fn rebuild(messages: Vec<RecoveredMessage>, outcomes: &[StateEntry], tombstones: &[MessageId]) -> QueueIndex {
+        let mut index = QueueIndex::default();
+        for m in messages {
+            index.insert(QueuedMessage::from_recovered(m));
+        }
+        for id in tombstones {
+            index.finish(*id);
+        }
+        for outcome in outcomes {
+            if index.recipient_done(outcome.id, outcome.recipient) {
+                index.finish(outcome.id);
+            }
+        }
+        index
+    }
+
+    pub fn insert(&mut self, message: QueuedMessage) {
+        *self.live_per_segment.entry(segment_of(message.id)).or_insert(0) += 1;
+        if let Some(old) = self.messages.insert(message.id, message) {
+            // Ids are unique; a duplicate would mean a recovery bug. Keep the counts honest.
+            *self.live_per_segment.get_mut(&segment_of(old.id)).unwrap() -= 1;
+        }
+    }
+
+    pub fn get(&self, id: &MessageId) -> Option<&QueuedMessage> {
+        self.messages.get(id)
+    }
+
+    pub fn get_mut(&mut self, id: &MessageId) -> Option<&mut QueuedMessage> {
+        self.messages.get_mut(id)
+    }
+
+    /// Marks a recipient finished. Returns true when that leaves the message with none pending.
+    pub fn recipient_done(&mut self, id: MessageId, recipient: u32) -> bool {
+        let Some(message) = self.messages.get_mut(&id) else {
+            return false;
+        };
+        if let Some(flag) = message.done.get_mut(recipient as usize) {
+            *flag = true;
+        }
+        message.pending_recipients() == 0
+    }
+
+    /// Removes a finished message.
+    pub fn finish(&mut self, id: MessageId) -> Option<QueuedMessage> {
+        let message = self.messages.remove(&id)?;
+        let key = segment_of(id);
+        let live = self.live_per_segment.get_mut(&key).expect("counted segment");
+        *live -= 1;
+        if *live == 0 {
+            self.live_per_segment.remove(&key);
+        }
+        Some(message)
+    }
+
+    /// Whether a segment still holds an unfinished message.
+    pub fn segment_is_live(&self, shard: u16, seq: u64) -> bool {
+        self.live_per_segment.contains_key(&(shard, seq))
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.messages.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.messages.is_empty()
     }
 
-    pub fn entries(&self) -> &[QueueEntry] {
-        &self.entries
+    /// Every message, oldest first.
+    pub fn sorted(&self) -> Vec<&QueuedMessage> {
+        let mut all: Vec<&QueuedMessage> = self.messages.values().collect();
+        all.sort_by_key(|m| m.id);
+        all
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = MessageId> + '_ {
+        self.messages.keys().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::envelope::{BodyType, Ret};
+    use crate::spool::record::StoredRecipient;
+
+    fn message(seq: u64, block: u32, recipients: usize) -> RecoveredMessage {
+        RecoveredMessage {
+            id: MessageId {
+                segment_seq: seq,
+                shard: 0,
+                offset_blocks: block,
+            },
+            envelope: StoredEnvelope {
+                received_unix_s: 0,
+                client_ip: "127.0.0.1".parse().unwrap(),
+                smtputf8: false,
+                body: BodyType::Unspecified,
+                ret: Ret::Unspecified,
+                size_declared_bytes: None,
+                helo: vec![],
+                sender: b"a@x".to_vec(),
+                envid: vec![],
+                recipients: (0..recipients)
+                    .map(|i| StoredRecipient {
+                        address: format!("r{i}@y").into_bytes(),
+                        notify: 0,
+                        orcpt: vec![],
+                    })
+                    .collect(),
+            },
+            content_bytes: 10,
+            record_bytes: 100,
+        }
+    }
+
+    #[test]
+    fn rebuild_applies_outcomes_and_tombstones_and_counts_segments() {
+        let a = message(1, 0, 2);
+        let b = message(1, 1, 1);
+        let c = message(2, 0, 3);
+        let (ida, idb, idc) = (a.id, b.id, c.id);
+        let outcomes = [
+            StateEntry { id: ida, recipient: 0 },
+            StateEntry { id: idc, recipient: 0 },
+            StateEntry { id: idc, recipient: 1 },
+            StateEntry { id: idc, recipient: 2 },
+        ];
+        let index = QueueIndex::rebuild(vec![a, b, c], &outcomes, &[idb]);
+        assert_eq!(index.len(), 1, "b tombstoned, c has every recipient done");
+        assert_eq!(index.get(&ida).unwrap().done, vec![true, false]);
+        assert!(index.segment_is_live(0, 1));
+        assert!(!index.segment_is_live(0, 2));
+    }
+
+    #[test]
+    fn finishing_the_last_message_frees_its_segment() {
+        let mut index = QueueIndex::rebuild(vec![message(5, 0, 1), message(5, 1, 1)], &[], &[]);
+        let first = MessageId {
+            segment_seq: 5,
+            shard: 0,
+            offset_blocks: 0,
+        };
+        let second = MessageId {
+            segment_seq: 5,
+            shard: 0,
+            offset_blocks: 1,
+        };
+        assert!(index.recipient_done(first, 0));
+        index.finish(first);
+        assert!(index.segment_is_live(0, 5));
+        index.finish(second);
+        assert!(!index.segment_is_live(0, 5));
+        assert!(index.is_empty());
+        assert!(index.finish(second).is_none());
     }
 }

@@ -11,11 +11,13 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::shard::{queue_entry, Refusal, Shard, Stage, StageChange};
+use super::shard::{Refusal, Shard, Stage, StageChange};
 use crate::config::ListenerKind;
+use crate::queue::QueuedMessage;
 use crate::smtp::received::unix_now_s;
 use crate::smtp::reply;
 use crate::smtp::session::{Next, Session};
+use crate::spool::record::StoredEnvelope;
 
 /// Smallest read buffer; it is at least one command line long.
 const READ_BUFFER_BYTES_MIN: usize = 16 * 1024;
@@ -88,6 +90,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
                 Next::Commit => {
                     let message = sink.take();
                     let content_bytes = message.content_bytes;
+                    let record_bytes = message.record_len();
                     let result = shard.appender.commit(message).await;
                     match result {
                         Ok(id) => {
@@ -101,7 +104,14 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
                                 size = content_bytes,
                                 "queued"
                             );
-                            shard.record_queued(queue_entry(id, env, content_bytes, unix_now_s()));
+                            shard.record_queued(QueuedMessage {
+                                id,
+                                record_bytes,
+                                envelope: StoredEnvelope::from_envelope(env, session.origin(unix_now_s())),
+                                done: vec![false; env.recipient_count()],
+                                content_bytes,
+                                attempts: 0,
+                            });
                             let id = id.to_string();
                             session.committed(Ok(&id), &mut out);
                         }

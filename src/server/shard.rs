@@ -19,11 +19,11 @@ use tracing::{error, info, warn};
 
 use super::{connection, signals};
 use crate::config::Config;
-use crate::queue::{QueueEntry, QueueIndex};
+use crate::queue::{QueueIndex, QueuedMessage};
 use crate::smtp::session::SessionConfig;
 use crate::spool::appender::{Appender, AppenderConfig};
 use crate::spool::recovery::{list_segments, quarantine, read_segment, scan_segment, Damage};
-use crate::spool::{shard_dir, MessageId};
+use crate::spool::shard_dir;
 
 /// How often a shard looks at the process-wide shutdown flag.
 const SHUTDOWN_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -133,8 +133,8 @@ impl Shard {
     }
 
     /// Records a newly spooled message in the queue index.
-    pub fn record_queued(&self, entry: QueueEntry) {
-        self.queue.borrow_mut().insert(entry);
+    pub fn record_queued(&self, message: QueuedMessage) {
+        self.queue.borrow_mut().insert(message);
     }
 }
 
@@ -177,14 +177,16 @@ impl Future for AllGone<'_> {
 
 /// Reads this shard's spool back: its own directory and those of shards that no longer exist
 /// (`shard + k * shard_count`), so that lowering the shard count never strands mail.
-/// Returns the queue index, how many segments the shard's own directory holds, and the next
-/// segment sequence number.
-fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueIndex, usize, u64), String> {
+/// Returns the queue index, the sequences of the segments in the shard's own directory (oldest
+/// first), and the next segment sequence number.
+fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueIndex, Vec<u64>, u64), String> {
     let spool = &config.spool.directory;
     let own_dir = shard_dir(spool, shard);
     std::fs::create_dir_all(&own_dir).map_err(|e| format!("cannot create {}: {e}", own_dir.display()))?;
-    let mut index = QueueIndex::default();
-    let mut own_segments = 0;
+    let mut messages = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut tombstones = Vec::new();
+    let mut own_segments = Vec::new();
     let mut next_seq = 0;
     let mut buf = Vec::new();
     let mut adopted = u32::from(shard);
@@ -222,11 +224,11 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
                     }
                 }
             }
-            for message in &scan.messages {
-                index.insert(QueueEntry::from_recovered(message));
-            }
+            messages.extend(scan.messages);
+            outcomes.extend(scan.outcomes);
+            tombstones.extend(scan.tombstones);
             if adopted == u32::from(shard) {
-                own_segments += 1;
+                own_segments.push(*seq);
                 next_seq = next_seq.max(seq + 1);
             }
         }
@@ -235,7 +237,11 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
             break;
         }
     }
-    Ok((index, own_segments, next_seq))
+    Ok((
+        QueueIndex::rebuild(messages, &outcomes, &tombstones),
+        own_segments,
+        next_seq,
+    ))
 }
 
 /// Runs a shard until shutdown. `listener_fds` are bound, listening sockets, one per listener.
@@ -257,7 +263,7 @@ pub async fn run(
         durability: config.spool.durability,
         inflight_bytes_max: config.spool.memory_max.0 as usize,
     };
-    let appender = Appender::open(appender_config, own_segments, next_seq)
+    let appender = Appender::open(appender_config, own_segments.len(), next_seq)
         .await
         .map_err(|e| format!("cannot open spool: {e}"))?;
     info!(
@@ -334,20 +340,4 @@ pub async fn run(
     let queued = shard.queue.borrow().len();
     info!(shard = index, "stopped with {queued} message(s) spooled");
     Ok(())
-}
-
-/// Used by the connection for its log line and the queue index.
-pub fn queue_entry(
-    id: MessageId,
-    envelope: &crate::smtp::envelope::Envelope,
-    content_bytes: u64,
-    received_unix_s: u64,
-) -> QueueEntry {
-    QueueEntry {
-        id,
-        sender: envelope.sender().to_vec().into_boxed_slice(),
-        recipient_count: envelope.recipient_count() as u32,
-        content_bytes,
-        received_unix_s,
-    }
 }

@@ -169,6 +169,15 @@ impl Session {
         &self.envelope
     }
 
+    /// Where the transaction in progress comes from, stamped `received_unix_s`.
+    pub fn origin(&self, received_unix_s: u64) -> Origin<'_> {
+        Origin {
+            client_ip: self.client_ip,
+            helo: &self.helo,
+            received_unix_s,
+        }
+    }
+
     /// A mail transaction is open (MAIL accepted and not yet finished).
     pub fn in_transaction(&self) -> bool {
         matches!(

@@ -197,6 +197,11 @@ pub struct FinishedMessage {
 }
 
 impl FinishedMessage {
+    /// The record's length: header and payload, without padding.
+    pub fn record_len(&self) -> u32 {
+        self.total_bytes as u32
+    }
+
     /// Bytes the record takes in the segment, padding included.
     pub fn record_bytes(&self) -> u64 {
         align_up(self.total_bytes as u64)

@@ -17,8 +17,8 @@ use crate::smtp::envelope::{BodyType, Envelope, Origin, Ret};
 
 pub const HEADER_BYTES: usize = 9;
 
-/// Record kinds. Only `Message` is written today; `Outcome` and `Tombstone` are reserved for
-/// delivery state (a later issue) and already recognised by recovery.
+/// Record kinds. `Message` holds a new message; `Outcome` and `Tombstone` are batches of delivery
+/// state (recipients finished, messages finished), appended as deliveries complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
@@ -157,6 +157,31 @@ pub struct StoredEnvelope {
     pub sender: Vec<u8>,
     pub envid: Vec<u8>,
     pub recipients: Vec<StoredRecipient>,
+}
+
+impl StoredEnvelope {
+    /// The stored form of a live session's envelope.
+    pub fn from_envelope(envelope: &Envelope, origin: Origin<'_>) -> StoredEnvelope {
+        StoredEnvelope {
+            received_unix_s: origin.received_unix_s,
+            client_ip: origin.client_ip,
+            smtputf8: envelope.smtputf8,
+            body: envelope.body,
+            ret: envelope.ret,
+            size_declared_bytes: envelope.size_declared_bytes,
+            helo: origin.helo.to_vec(),
+            sender: envelope.sender().to_vec(),
+            envid: envelope.envid().to_vec(),
+            recipients: envelope
+                .recipients()
+                .map(|(address, notify, orcpt)| StoredRecipient {
+                    address: address.to_vec(),
+                    notify,
+                    orcpt: orcpt.to_vec(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Why a payload could not be decoded.
@@ -305,6 +330,72 @@ pub fn build_message_record(segment_seq: u64, envelope: &Envelope, origin: Origi
     out
 }
 
+/// Bytes of one entry in a state batch: shard u16, segment seq u64, offset blocks u32, recipient u32.
+const STATE_ENTRY_BYTES: usize = 2 + 8 + 4 + 4;
+
+/// One piece of delivery state: recipient `recipient` of message `id` is finished (delivered or
+/// failed for good). In a `Tombstone` batch the recipient is ignored: the whole message is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateEntry {
+    pub id: super::MessageId,
+    pub recipient: u32,
+}
+
+/// Appends a state batch payload (`count:u32le` then the entries).
+pub fn encode_state_batch(entries: &[StateEntry], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(&e.id.shard.to_le_bytes());
+        out.extend_from_slice(&e.id.segment_seq.to_le_bytes());
+        out.extend_from_slice(&e.id.offset_blocks.to_le_bytes());
+        out.extend_from_slice(&e.recipient.to_le_bytes());
+    }
+}
+
+/// Decodes a state batch payload. Never panics, whatever the bytes.
+pub fn decode_state_batch(payload: &[u8]) -> Result<Vec<StateEntry>, DecodeError> {
+    let mut r = Reader { bytes: payload, pos: 0 };
+    let count = r.u32()? as usize;
+    if count.checked_mul(STATE_ENTRY_BYTES) != Some(payload.len() - 4) {
+        return Err(DecodeError::BadField("state batch length"));
+    }
+    let mut entries = Vec::with_capacity(count);
+    for _ in 0..count {
+        let shard = u16::from_le_bytes(r.take(2)?.try_into().unwrap());
+        let segment_seq = r.u64()?;
+        let offset_blocks = r.u32()?;
+        let recipient = r.u32()?;
+        entries.push(StateEntry {
+            id: super::MessageId {
+                segment_seq,
+                shard,
+                offset_blocks,
+            },
+            recipient,
+        });
+    }
+    Ok(entries)
+}
+
+/// Builds a complete state record (header, payload, padding) for segment `segment_seq`.
+pub fn build_state_record(segment_seq: u64, kind: Kind, entries: &[StateEntry]) -> Vec<u8> {
+    debug_assert!(kind != Kind::Message);
+    let mut out = vec![0u8; HEADER_BYTES];
+    encode_state_batch(entries, &mut out);
+    let len = (out.len() - HEADER_BYTES) as u32;
+    let crc = crc32c::crc32c_append(crc_start(segment_seq, len, kind as u8), &out[HEADER_BYTES..]);
+    out[..HEADER_BYTES].copy_from_slice(
+        &Header {
+            len,
+            kind: kind as u8,
+            crc,
+        }
+        .encode(),
+    );
+    out.resize(super::align_up(out.len() as u64) as usize, 0);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +452,26 @@ mod tests {
             }]
         );
         assert_eq!(&payload[msg.content_offset..], b"Subject: hi\r\n\r\nbody\r\n");
+    }
+
+    #[test]
+    fn state_batches_round_trip() {
+        let entries = vec![
+            StateEntry {
+                id: crate::spool::MessageId::new(7, 1, 8192),
+                recipient: 3,
+            },
+            StateEntry {
+                id: crate::spool::MessageId::new(9, 0, 0),
+                recipient: u32::MAX,
+            },
+        ];
+        let record = build_state_record(11, Kind::Outcome, &entries);
+        let header = Header::decode(record[..HEADER_BYTES].try_into().unwrap());
+        let payload = &record[HEADER_BYTES..HEADER_BYTES + header.len as usize];
+        assert_eq!(decode_state_batch(payload), Ok(entries));
+        assert!(decode_state_batch(&payload[..payload.len() - 1]).is_err());
+        assert!(decode_state_batch(&[1, 0, 0, 0]).is_err());
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use super::record::{crc_start, decode_message, DecodeError, Header, Kind, StoredEnvelope, HEADER_BYTES};
+use super::record::{
+    crc_start, decode_message, decode_state_batch, DecodeError, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES,
+};
 use super::{align_up, parse_segment_file_name, MessageId};
 
 /// A message found in a segment.
@@ -22,6 +24,8 @@ pub struct RecoveredMessage {
     pub id: MessageId,
     pub envelope: StoredEnvelope,
     pub content_bytes: u64,
+    /// The whole record's length on disk, header included (not padding).
+    pub record_bytes: u32,
 }
 
 /// Why the scan of a segment stopped or skipped something.
@@ -42,6 +46,10 @@ pub enum Damage {
 #[derive(Debug, Default)]
 pub struct SegmentScan {
     pub messages: Vec<RecoveredMessage>,
+    /// Recipients finished (from `Outcome` records).
+    pub outcomes: Vec<StateEntry>,
+    /// Messages finished (from `Tombstone` records).
+    pub tombstones: Vec<MessageId>,
     pub damage: Vec<Damage>,
     /// Offset just past the last good record.
     pub end_offset: u64,
@@ -96,13 +104,24 @@ pub fn scan_segment(bytes: &[u8], shard: u16, seq: u64) -> SegmentScan {
         match probe(bytes, seq, offset) {
             Probe::Zero => break,
             Probe::Good { header, next } => {
-                if header.kind == Kind::Message as u8 {
-                    let payload = &bytes[offset as usize + HEADER_BYTES..][..header.len as usize];
+                let payload = &bytes[offset as usize + HEADER_BYTES..][..header.len as usize];
+                if header.kind != Kind::Message as u8 {
+                    match decode_state_batch(payload) {
+                        Ok(entries) if header.kind == Kind::Outcome as u8 => scan.outcomes.extend(entries),
+                        Ok(entries) => scan.tombstones.extend(entries.iter().map(|e| e.id)),
+                        Err(e) => scan.damage.push(Damage::Corrupt {
+                            offset,
+                            len: next - offset,
+                            reason: decode_reason(e),
+                        }),
+                    }
+                } else {
                     match decode_message(payload) {
                         Ok(msg) => scan.messages.push(RecoveredMessage {
                             id: MessageId::new(seq, shard, offset),
                             envelope: msg.envelope,
                             content_bytes: msg.content_bytes as u64,
+                            record_bytes: HEADER_BYTES as u32 + header.len,
                         }),
                         Err(e) => scan.damage.push(Damage::Corrupt {
                             offset,
@@ -273,6 +292,27 @@ mod tests {
         let scan = scan_segment(&seg, 0, 7);
         assert_eq!(scan.messages.len(), 1);
         assert_eq!(scan.damage, vec![Damage::TornTail { offset: 4096 }]);
+    }
+
+    #[test]
+    fn state_records_are_collected() {
+        use crate::spool::record::build_state_record;
+        let done = StateEntry {
+            id: MessageId::new(7, 0, 0),
+            recipient: 0,
+        };
+        let seg = segment(
+            &[
+                record(7, b"one"),
+                build_state_record(7, Kind::Outcome, &[done]),
+                build_state_record(7, Kind::Tombstone, &[done]),
+            ],
+            64 * 1024,
+        );
+        let scan = scan_segment(&seg, 0, 7);
+        assert_eq!(scan.messages.len(), 1);
+        assert_eq!(scan.outcomes, vec![done]);
+        assert_eq!(scan.tombstones, vec![done.id]);
     }
 
     #[test]
