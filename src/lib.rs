@@ -9,6 +9,7 @@
 //! - [`server`]: the glommio shell (executors, listeners, connections, shutdown).
 
 pub mod config;
+pub mod delivery;
 pub mod policy;
 pub mod queue;
 pub mod server;
