@@ -37,6 +37,54 @@ pub struct Config {
     pub smtp: Smtp,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Where mail for each domain goes; the first exact match wins, then "*".
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delivery {
+    /// Name sent in EHLO. Default: `server.hostname`.
+    #[serde(default)]
+    pub helo_name: Option<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Span,
+    /// Waiting for the greeting, and for the reply to each command (RFC 5321 4.5.3.2: 5 minutes).
+    #[serde(default = "default_reply_timeout")]
+    pub reply_timeout: Span,
+    /// Waiting for the reply after the final dot (RFC 5321: 10 minutes).
+    #[serde(default = "default_final_reply_timeout")]
+    pub final_reply_timeout: Span,
+    /// Concurrent connections per destination, per shard.
+    #[serde(default = "default_connections_per_destination_max")]
+    pub connections_per_destination_max: usize,
+    #[serde(default = "default_messages_per_connection_max")]
+    pub messages_per_connection_max: usize,
+    /// How long an idle outbound connection is kept for reuse.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Span,
+    /// First retry after a temporary failure; each further one waits twice as long (with
+    /// jitter), up to `retry_max`.
+    #[serde(default = "default_retry_first")]
+    pub retry_first: Span,
+    #[serde(default = "default_retry_max")]
+    pub retry_max: Span,
+    /// After this long in the queue a message that still cannot be delivered fails for good.
+    #[serde(default = "default_queue_lifetime")]
+    pub queue_lifetime: Span,
+}
+
+/// One routing rule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// A domain, or "*" for every domain without a rule of its own.
+    pub domain: String,
+    /// Relay everything for the domain to this `IP:port`.
+    pub smarthost: SocketAddr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -286,6 +334,51 @@ fn default_command_timeout() -> Span {
 }
 fn default_data_timeout() -> Span {
     Span(Duration::from_secs(600))
+}
+
+fn default_connect_timeout() -> Span {
+    Span(Duration::from_secs(30))
+}
+fn default_reply_timeout() -> Span {
+    Span(Duration::from_secs(300))
+}
+fn default_final_reply_timeout() -> Span {
+    Span(Duration::from_secs(600))
+}
+fn default_connections_per_destination_max() -> usize {
+    20
+}
+fn default_messages_per_connection_max() -> usize {
+    1000
+}
+fn default_idle_timeout() -> Span {
+    Span(Duration::from_secs(10))
+}
+fn default_retry_first() -> Span {
+    Span(Duration::from_secs(300))
+}
+fn default_retry_max() -> Span {
+    Span(Duration::from_secs(4000))
+}
+fn default_queue_lifetime() -> Span {
+    Span(Duration::from_secs(5 * 24 * 3600))
+}
+
+impl Default for Delivery {
+    fn default() -> Delivery {
+        Delivery {
+            helo_name: None,
+            connect_timeout: default_connect_timeout(),
+            reply_timeout: default_reply_timeout(),
+            final_reply_timeout: default_final_reply_timeout(),
+            connections_per_destination_max: default_connections_per_destination_max(),
+            messages_per_connection_max: default_messages_per_connection_max(),
+            idle_timeout: default_idle_timeout(),
+            retry_first: default_retry_first(),
+            retry_max: default_retry_max(),
+            queue_lifetime: default_queue_lifetime(),
+        }
+    }
 }
 
 impl Default for Server {
@@ -591,6 +684,73 @@ impl Config {
                 ),
             ));
         }
+        let d = &self.delivery;
+        for (key, span) in [
+            ("connect_timeout", d.connect_timeout),
+            ("reply_timeout", d.reply_timeout),
+            ("final_reply_timeout", d.final_reply_timeout),
+            ("idle_timeout", d.idle_timeout),
+            ("retry_first", d.retry_first),
+            ("retry_max", d.retry_max),
+            ("queue_lifetime", d.queue_lifetime),
+        ] {
+            if span.0.is_zero() {
+                return Err(fail(
+                    "delivery",
+                    0,
+                    key,
+                    "must be more than zero, such as \"30s\"".into(),
+                ));
+            }
+        }
+        if d.retry_max < d.retry_first {
+            return Err(fail(
+                "delivery",
+                0,
+                "retry_max",
+                format!(
+                    "{} is shorter than delivery.retry_first ({}); make it at least as long",
+                    d.retry_max, d.retry_first
+                ),
+            ));
+        }
+        if d.connections_per_destination_max == 0 || d.messages_per_connection_max == 0 {
+            let key = if d.connections_per_destination_max == 0 {
+                "connections_per_destination_max"
+            } else {
+                "messages_per_connection_max"
+            };
+            return Err(fail("delivery", 0, key, "must be at least 1".into()));
+        }
+        if let Some(name) = &d.helo_name {
+            if !valid_hostname(name) {
+                return Err(fail("delivery", 0, "helo_name", format!("`{name}` is not a host name")));
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.domain != "*" && !valid_hostname(&route.domain) {
+                return Err(fail(
+                    "route",
+                    i,
+                    "domain",
+                    format!(
+                        "`{}` is not a domain; write a name such as \"example.com\", or \"*\" for every domain",
+                        route.domain
+                    ),
+                ));
+            }
+            if self.routes[..i]
+                .iter()
+                .any(|r| r.domain.eq_ignore_ascii_case(&route.domain))
+            {
+                return Err(fail(
+                    "route",
+                    i,
+                    "domain",
+                    format!("`{}` has two routes; keep one", route.domain),
+                ));
+            }
+        }
         for domain in &self.relay.local_domains {
             if !valid_hostname(domain) {
                 return Err(fail(
@@ -626,6 +786,22 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The smarthost for a recipient domain: its own route, else the "*" route.
+    pub fn route(&self, domain: &[u8]) -> Option<SocketAddr> {
+        let exact = self
+            .routes
+            .iter()
+            .find(|r| r.domain.as_bytes().eq_ignore_ascii_case(domain));
+        exact
+            .or_else(|| self.routes.iter().find(|r| r.domain == "*"))
+            .map(|r| r.smarthost)
+    }
+
+    /// The name Gannet gives in EHLO when delivering.
+    pub fn helo_name(&self) -> &str {
+        self.delivery.helo_name.as_deref().unwrap_or(&self.server.hostname)
     }
 
     /// The session settings every session of a shard shares.
@@ -672,6 +848,18 @@ mod tests {
     }
 
     #[test]
+    fn routes_match_the_domain_then_the_wildcard() {
+        let c = Config::parse(
+            "[[route]]\ndomain = \"special.example\"\nsmarthost = \"127.0.0.1:2601\"\n\n[[route]]\ndomain = \"*\"\nsmarthost = \"[::1]:2602\"\n",
+            "g.toml",
+        )
+        .unwrap();
+        assert_eq!(c.route(b"SPECIAL.example"), Some("127.0.0.1:2601".parse().unwrap()));
+        assert_eq!(c.route(b"other.example"), Some("[::1]:2602".parse().unwrap()));
+        assert_eq!(Config::embedded_default().route(b"x.example"), None);
+    }
+
+    #[test]
     fn unknown_keys_name_the_line_and_the_valid_keys() {
         let e = Config::parse("[limits]\nmessage_size_max = \"1MiB\"\nrecipient_max = 5\n", "g.toml").unwrap_err();
         assert_eq!(e.line, Some(3));
@@ -708,6 +896,14 @@ mod tests {
         assert!(e.message.contains("TLS"), "{e}");
         let e = Config::parse("[spool]\nsegment_size = \"3500KiB\"\n", "g.toml").unwrap_err();
         assert!(e.message.contains("whole number of MiB"), "{e}");
+        let e = Config::parse(
+            "[[route]]\ndomain = \"*\"\nsmarthost = \"relay.example:25\"\n",
+            "g.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        let e = Config::parse("[delivery]\nretry_first = \"1h\"\nretry_max = \"5m\"\n", "g.toml").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
         let c = Config::parse("[server]\nshards = 4\n", "g.toml").unwrap();
         assert!(c
             .validate_for_shards(4, 2, "g.toml")

@@ -23,6 +23,8 @@ pub struct QueuedMessage {
     pub content_bytes: u64,
     /// Delivery attempts so far (not persisted: a restart retries at once).
     pub attempts: u32,
+    /// Delivery jobs (one per destination) queued or running for this message.
+    pub jobs_outstanding: u32,
 }
 
 impl QueuedMessage {
@@ -34,6 +36,7 @@ impl QueuedMessage {
             envelope: m.envelope,
             content_bytes: m.content_bytes,
             attempts: 0,
+            jobs_outstanding: 0,
         }
     }
 

@@ -86,7 +86,7 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// A span of time, written as a string with a unit: ms, s, m or h (`"250ms"`, `"30s"`, `"5m"`).
+/// A span of time, written as a string with a unit: ms, s, m, h or d (`"250ms"`, `"30s"`, `"5d"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Span(pub Duration);
 
@@ -105,6 +105,7 @@ impl Span {
             "s" => number.checked_mul(1000),
             "m" => number.checked_mul(60_000),
             "h" => number.checked_mul(3_600_000),
+            "d" => number.checked_mul(86_400_000),
             _ => return Err(hint()),
         };
         millis
@@ -116,7 +117,9 @@ impl Span {
 impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 3_600_000 == 0 && ms > 0 {
+        if ms % 86_400_000 == 0 && ms > 0 {
+            write!(f, "{}d", ms / 86_400_000)
+        } else if ms % 3_600_000 == 0 && ms > 0 {
             write!(f, "{}h", ms / 3_600_000)
         } else if ms % 60_000 == 0 && ms > 0 {
             write!(f, "{}m", ms / 60_000)
@@ -180,6 +183,8 @@ mod tests {
         assert!(Span::parse("30").is_err());
         assert!(Span::parse("soon").is_err());
         assert_eq!(Span(Duration::from_secs(300)).to_string(), "5m");
+        assert_eq!(Span::parse("5d"), Ok(Span(Duration::from_secs(5 * 86400))));
+        assert_eq!(Span(Duration::from_secs(2 * 86400)).to_string(), "2d");
         assert_eq!(Span(Duration::from_millis(1500)).to_string(), "1500ms");
     }
 }

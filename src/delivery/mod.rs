@@ -1,3 +1,4 @@
-//! Delivery: routing, the outbound SMTP client, and (next) the per-shard queue runner.
+//! Delivery: the outbound SMTP client (sans-IO) and the per-shard queue runner.
 
 pub mod client;
+pub mod runner;

@@ -111,6 +111,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
                                 done: vec![false; env.recipient_count()],
                                 content_bytes,
                                 attempts: 0,
+                                jobs_outstanding: 0,
                             });
                             let id = id.to_string();
                             session.committed(Ok(&id), &mut out);

@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use super::{connection, signals};
 use crate::config::Config;
+use crate::delivery::runner::Deliverer;
 use crate::queue::{QueueIndex, QueuedMessage};
 use crate::smtp::session::SessionConfig;
 use crate::spool::appender::{Appender, AppenderConfig};
@@ -50,7 +51,7 @@ pub struct Shard {
     pub config: Arc<Config>,
     pub session_config: Rc<SessionConfig>,
     pub appender: Rc<Appender>,
-    pub queue: RefCell<QueueIndex>,
+    pub deliverer: Rc<Deliverer>,
     stage: Cell<Stage>,
     sessions: RefCell<HashMap<u64, Rc<SessionSlot>>>,
     sessions_per_ip: RefCell<HashMap<IpAddr, usize>>,
@@ -132,9 +133,9 @@ impl Shard {
         })
     }
 
-    /// Records a newly spooled message in the queue index.
+    /// Hands a newly spooled message to delivery.
     pub fn record_queued(&self, message: QueuedMessage) {
-        self.queue.borrow_mut().insert(message);
+        self.deliverer.accept(message);
     }
 }
 
@@ -263,7 +264,7 @@ pub async fn run(
         durability: config.spool.durability,
         inflight_bytes_max: config.spool.memory_max.0 as usize,
     };
-    let appender = Appender::open(appender_config, own_segments.len(), next_seq)
+    let appender = Appender::open(appender_config, &own_segments, next_seq)
         .await
         .map_err(|e| format!("cannot open spool: {e}"))?;
     info!(
@@ -272,12 +273,14 @@ pub async fn run(
         queue.len(),
         started.elapsed()
     );
+    let deliverer = Deliverer::new(index, config.clone(), appender.clone(), queue);
+    deliverer.start();
     let shard = Rc::new(Shard {
         index,
         session_config: Rc::new(config.session_config()),
         config: config.clone(),
         appender,
-        queue: RefCell::new(queue),
+        deliverer,
         stage: Cell::new(Stage::Running),
         sessions: RefCell::new(HashMap::new()),
         sessions_per_ip: RefCell::new(HashMap::new()),
@@ -337,7 +340,7 @@ pub async fn run(
     }
     // Every acknowledged message was already durable when it was acknowledged: nothing is left
     // to flush.
-    let queued = shard.queue.borrow().len();
+    let queued = shard.deliverer.queued();
     info!(shard = index, "stopped with {queued} message(s) spooled");
     Ok(())
 }

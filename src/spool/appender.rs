@@ -30,8 +30,12 @@ use glommio::io::{Directory, DmaFile, OpenOptions};
 use tracing::{error, info, warn};
 
 use super::buffer::{Budget, FinishedMessage, MessageBuffer};
-use super::{segment_file_name, Durability, MessageId};
+use super::record::{self, build_state_record, Kind, StateEntry};
+use super::{align_up, segment_file_name, Durability, MessageId};
 use crate::smtp::session::CommitError;
+
+/// Entries per state record: keeps one record far below the smallest segment.
+const STATE_BATCH_ENTRIES_MAX: usize = 4096;
 
 /// Zero-fill granularity for new segments; segment sizes are a multiple of it.
 pub const SEGMENT_FILL_CHUNK_BYTES: u64 = 1024 * 1024;
@@ -79,6 +83,8 @@ struct State {
     segment_waiters: Vec<Waker>,
     /// Segment files of this shard on disk.
     segment_count: usize,
+    /// Own segments no longer written, oldest first: recovered ones (no handle) and rolled ones.
+    sealed: VecDeque<(u64, Option<Rc<Segment>>)>,
     next_seq: u64,
     next_ticket: u64,
     /// Completion flags of tickets `window_base..next_ticket`.
@@ -89,6 +95,16 @@ struct State {
     unsynced: Vec<Rc<Segment>>,
     durable_waiters: Vec<(u64, Waker)>,
     committer_waker: Option<Waker>,
+}
+
+impl State {
+    /// Stops writing to `segment` if it is the active one (after a failure).
+    fn retire_active_if(&mut self, segment: &Rc<Segment>) {
+        if self.active.as_ref().is_some_and(|a| Rc::ptr_eq(a, segment)) {
+            let old = self.active.take().expect("checked");
+            self.sealed.push_back((old.seq, Some(old)));
+        }
+    }
 }
 
 pub struct Appender {
@@ -130,14 +146,15 @@ impl Appender {
     /// Opens the appender for a shard whose directory already holds `existing_segments` (all
     /// read-only from now on) with sequences below `next_seq`. Starts the committer and creates
     /// the first segment to write to; if that fails, the shard still serves and answers 452.
-    pub async fn open(config: AppenderConfig, existing_segments: usize, next_seq: u64) -> io::Result<Rc<Appender>> {
+    pub async fn open(config: AppenderConfig, existing_segments: &[u64], next_seq: u64) -> io::Result<Rc<Appender>> {
         let directory = Directory::open(&config.dir).await.map_err(io::Error::from)?;
         let budget = Budget::new(config.inflight_bytes_max);
         let appender = Rc::new(Appender {
             directory,
             budget,
             state: RefCell::new(State {
-                segment_count: existing_segments,
+                segment_count: existing_segments.len(),
+                sealed: existing_segments.iter().map(|&seq| (seq, None)).collect(),
                 next_seq,
                 ..State::default()
             }),
@@ -217,6 +234,86 @@ impl Appender {
         Ok(id)
     }
 
+    /// Appends delivery state (finished recipients or messages). Not waited on for durability: a
+    /// record lost in a crash only repeats a delivery. Large batches are split.
+    pub async fn append_state(self: &Rc<Self>, kind: Kind, entries: &[StateEntry]) -> Result<(), CommitError> {
+        for batch in entries.chunks(STATE_BATCH_ENTRIES_MAX) {
+            let len = align_up(record::state_record_bytes(batch.len()) as u64);
+            let (segment, offset, ticket) = self.reserve(len).await?;
+            let bytes = build_state_record(segment.seq, kind, batch);
+            debug_assert_eq!(bytes.len() as u64, len);
+            let mut buffer = glommio::allocate_dma_buffer(bytes.len());
+            buffer.as_bytes_mut().copy_from_slice(&bytes);
+            let written = match segment.file.write_at(buffer, offset).await {
+                Ok(n) => n == bytes.len(),
+                Err(e) => {
+                    error!(
+                        shard = self.config.shard,
+                        segment = segment.seq,
+                        "state record write failed: {e}"
+                    );
+                    false
+                }
+            };
+            self.complete(ticket, &segment, written);
+            if !written {
+                return Err(CommitError::Io);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes own segments, oldest first, while nothing in them is needed: `is_live(shard, seq)`
+    /// says whether a segment still holds an unfinished message. Oldest-first matters: a
+    /// segment's tombstones refer only to messages in it or in older segments, so deleting in
+    /// order never brings a finished message back. Returns the number deleted.
+    pub async fn collect_garbage(&self, is_live: impl Fn(u16, u64) -> bool) -> usize {
+        let mut deleted = 0;
+        loop {
+            let seq = {
+                let st = self.state.borrow();
+                match st.sealed.front() {
+                    // A handle still shared means a write or an fdatasync is in flight.
+                    Some((seq, segment))
+                        if !is_live(self.config.shard, *seq)
+                            && segment.as_ref().is_none_or(|s| Rc::strong_count(s) == 1) =>
+                    {
+                        *seq
+                    }
+                    _ => break,
+                }
+            };
+            let path = self.config.dir.join(segment_file_name(seq));
+            if let Err(e) = glommio::io::remove(&path).await {
+                warn!(
+                    shard = self.config.shard,
+                    "cannot delete drained segment {}: {e}",
+                    path.display()
+                );
+                break;
+            }
+            let mut st = self.state.borrow_mut();
+            st.sealed.pop_front();
+            st.segment_count -= 1;
+            deleted += 1;
+        }
+        if deleted > 0 {
+            if let Err(e) = self.directory.sync().await {
+                warn!(
+                    shard = self.config.shard,
+                    "cannot sync spool directory after deleting segments: {e}"
+                );
+            }
+            info!(shard = self.config.shard, "deleted {deleted} drained segment(s)");
+        }
+        deleted
+    }
+
+    /// Segment files this shard has on disk now.
+    pub fn segment_count(&self) -> usize {
+        self.state.borrow().segment_count
+    }
+
     /// Takes a ticket and a place for `len` bytes, rolling to a new segment when needed.
     async fn reserve(self: &Rc<Self>, len: u64) -> Result<(Rc<Segment>, u64, u64), CommitError> {
         loop {
@@ -246,7 +343,9 @@ impl Appender {
                     }
                 }
                 if let Some(spare) = st.spare.take() {
-                    st.active = Some(spare);
+                    if let Some(old) = st.active.replace(spare) {
+                        st.sealed.push_back((old.seq, Some(old)));
+                    }
                     continue;
                 }
                 if st.preparing {
@@ -374,9 +473,7 @@ impl Appender {
             }
         } else {
             segment.poison_from(ticket);
-            if st.active.as_ref().is_some_and(|a| Rc::ptr_eq(a, segment)) {
-                st.active = None;
-            }
+            st.retire_active_if(segment);
         }
         while st.window.front() == Some(&true) {
             st.window.pop_front();
@@ -407,10 +504,7 @@ impl Appender {
                         "fdatasync failed, answering 451 for its unsynced mail: {e}"
                     );
                     segment.poison_from(first_undurable);
-                    let mut st = self.state.borrow_mut();
-                    if st.active.as_ref().is_some_and(|a| Rc::ptr_eq(a, segment)) {
-                        st.active = None;
-                    }
+                    self.state.borrow_mut().retire_active_if(segment);
                 }
             }
             let mut st = self.state.borrow_mut();

@@ -341,6 +341,11 @@ pub struct StateEntry {
     pub recipient: u32,
 }
 
+/// Bytes of a state record with `entries` entries, header included, padding not.
+pub fn state_record_bytes(entries: usize) -> usize {
+    HEADER_BYTES + 4 + entries * STATE_ENTRY_BYTES
+}
+
 /// Appends a state batch payload (`count:u32le` then the entries).
 pub fn encode_state_batch(entries: &[StateEntry], out: &mut Vec<u8>) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());

@@ -1,0 +1,639 @@
+//! The per-shard queue runner: every message a shard spools is delivered by that shard.
+//!
+//! Recipients are grouped by destination (the route's smarthost) into jobs; each destination has
+//! a queue of jobs, at most `connections_per_destination_max` worker tasks, and a pool of idle
+//! connections reused for up to `messages_per_connection_max` messages. Outcomes are batched into
+//! spool state records; a message with no recipient left gets a tombstone, and segments whose
+//! messages are all finished are deleted.
+//!
+//! Retries: a message with deferred recipients waits `retry_first`, then twice as long each time
+//! (plus up to 10% jitter) up to `retry_max`, until `queue_lifetime` has passed, when its
+//! remaining recipients fail for good. A destination that cannot be reached defers every job
+//! queued for it at once, so a dead host costs one connection attempt, not one per message.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::io::{DmaFile, OpenOptions};
+use glommio::net::TcpStream;
+use tracing::{info, warn};
+
+use super::client::{
+    Capabilities, OutboundEnvelope, RecipientResult, ReplyParser, ServerReply, Transaction, TxStep, Unsendable,
+};
+use crate::config::Config;
+use crate::queue::{QueueIndex, QueuedMessage};
+use crate::smtp::data::dot_stuff;
+use crate::smtp::envelope::BodyType;
+use crate::spool::appender::Appender;
+use crate::spool::record::{crc_start, decode_message, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES};
+use crate::spool::{segment_file_name, shard_dir, MessageId};
+
+/// How often due retries and idle connections are looked at.
+const TICK: Duration = Duration::from_millis(500);
+/// Read buffer for replies.
+const REPLY_BUFFER_BYTES: usize = 8 * 1024;
+
+/// Recipients of one message that go to one destination.
+#[derive(Debug)]
+struct Job {
+    id: MessageId,
+    recipients: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Destination {
+    pending: VecDeque<Job>,
+    workers: usize,
+    idle: Vec<(OutboundConnection, Instant)>,
+}
+
+#[derive(Default)]
+struct PendingState {
+    outcomes: Vec<StateEntry>,
+    tombstones: Vec<StateEntry>,
+    flushing: bool,
+}
+
+pub struct Deliverer {
+    shard: u16,
+    config: Arc<Config>,
+    appender: Rc<Appender>,
+    queue: RefCell<QueueIndex>,
+    destinations: RefCell<HashMap<SocketAddr, Destination>>,
+    retries: RefCell<BTreeSet<(Instant, MessageId)>>,
+    state: RefCell<PendingState>,
+    readers: RefCell<HashMap<(u16, u64), Rc<DmaFile>>>,
+    jitter_seed: Cell<u64>,
+}
+
+fn unix_now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The domain of an address as stored (`local@domain`); empty for `<Postmaster>`.
+fn domain_of(address: &[u8]) -> &[u8] {
+    match address.iter().rposition(|&b| b == b'@') {
+        Some(at) => &address[at + 1..],
+        None => &[],
+    }
+}
+
+impl Deliverer {
+    pub fn new(shard: u16, config: Arc<Config>, appender: Rc<Appender>, queue: QueueIndex) -> Rc<Deliverer> {
+        Rc::new(Deliverer {
+            shard,
+            config,
+            appender,
+            queue: RefCell::new(queue),
+            destinations: RefCell::new(HashMap::new()),
+            retries: RefCell::new(BTreeSet::new()),
+            state: RefCell::new(PendingState::default()),
+            readers: RefCell::new(HashMap::new()),
+            jitter_seed: Cell::new(u64::from(shard) + 0x9E37_79B9_7F4A_7C15),
+        })
+    }
+
+    /// Starts the timer task and schedules everything recovered from the spool.
+    pub fn start(self: &Rc<Self>) {
+        let ids: Vec<MessageId> = self.queue.borrow().ids().collect();
+        for id in ids {
+            self.schedule(id);
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(TICK).await;
+                me.tick();
+            }
+        })
+        .detach();
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.borrow().len()
+    }
+
+    /// Takes a newly spooled message and starts delivering it.
+    pub fn accept(self: &Rc<Self>, message: QueuedMessage) {
+        let id = message.id;
+        self.queue.borrow_mut().insert(message);
+        self.schedule(id);
+    }
+
+    fn tick(self: &Rc<Self>) {
+        let now = Instant::now();
+        let due: Vec<MessageId> = {
+            let mut retries = self.retries.borrow_mut();
+            let mut due = Vec::new();
+            while let Some(&(at, id)) = retries.first() {
+                if at > now {
+                    break;
+                }
+                retries.pop_first();
+                due.push(id);
+            }
+            due
+        };
+        for id in due {
+            self.schedule(id);
+        }
+        let idle_timeout = self.config.delivery.idle_timeout.0;
+        for destination in self.destinations.borrow_mut().values_mut() {
+            // Dropping a connection closes it; a polite QUIT is not worth a task per socket.
+            destination.idle.retain(|(_, since)| since.elapsed() < idle_timeout);
+        }
+    }
+
+    /// Retry delay after `attempts` failed attempts: doubling from retry_first up to retry_max,
+    /// plus up to 10% jitter so that retries of a burst do not come back as a burst.
+    fn backoff(&self, attempts: u32) -> Duration {
+        let d = &self.config.delivery;
+        let base = d
+            .retry_first
+            .0
+            .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
+        let base = base.min(d.retry_max.0);
+        let mut x = self.jitter_seed.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.jitter_seed.set(x);
+        base + base.mul_f64((x % 1000) as f64 / 10_000.0)
+    }
+
+    fn retry_later(&self, message: &mut QueuedMessage) {
+        message.attempts += 1;
+        let at = Instant::now() + self.backoff(message.attempts);
+        self.retries.borrow_mut().insert((at, message.id));
+    }
+
+    /// Groups a message's pending recipients by destination and queues the jobs.
+    fn schedule(self: &Rc<Self>, id: MessageId) {
+        let mut groups: Vec<(SocketAddr, Vec<u32>)> = Vec::new();
+        {
+            let mut queue = self.queue.borrow_mut();
+            let Some(message) = queue.get_mut(&id) else { return };
+            if message.jobs_outstanding > 0 {
+                return;
+            }
+            let mut unrouted = false;
+            for (i, recipient) in message.envelope.recipients.iter().enumerate() {
+                if message.done[i] {
+                    continue;
+                }
+                match self.config.route(domain_of(&recipient.address)) {
+                    Some(addr) => match groups.iter_mut().find(|(a, _)| *a == addr) {
+                        Some((_, list)) => list.push(i as u32),
+                        None => groups.push((addr, vec![i as u32])),
+                    },
+                    None => unrouted = true,
+                }
+            }
+            message.jobs_outstanding = groups.len() as u32;
+            if groups.is_empty() {
+                if unrouted {
+                    if message.attempts == 0 {
+                        info!(shard = self.shard, id = %id, "no route for the recipients' domains; the message stays queued");
+                    }
+                    self.retry_later(message);
+                }
+                return;
+            }
+        }
+        for (addr, recipients) in groups {
+            self.destinations
+                .borrow_mut()
+                .entry(addr)
+                .or_default()
+                .pending
+                .push_back(Job { id, recipients });
+            self.kick(addr);
+        }
+    }
+
+    /// Starts a worker for a destination if it has work and room for one.
+    fn kick(self: &Rc<Self>, addr: SocketAddr) {
+        let start = {
+            let mut destinations = self.destinations.borrow_mut();
+            let d = destinations.entry(addr).or_default();
+            let room = d.workers < self.config.delivery.connections_per_destination_max;
+            if room && !d.pending.is_empty() {
+                d.workers += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if start {
+            // After the borrow: glommio runs the new task at once.
+            glommio::spawn_local(self.clone().worker(addr)).detach();
+        }
+    }
+
+    async fn worker(self: Rc<Self>, addr: SocketAddr) {
+        let mut connection: Option<OutboundConnection> = None;
+        loop {
+            let job = self
+                .destinations
+                .borrow_mut()
+                .get_mut(&addr)
+                .and_then(|d| d.pending.pop_front());
+            let Some(job) = job else { break };
+            if connection.is_none() {
+                connection = self
+                    .destinations
+                    .borrow_mut()
+                    .get_mut(&addr)
+                    .and_then(|d| d.idle.pop())
+                    .map(|(c, _)| c);
+            }
+            if connection.is_none() {
+                match OutboundConnection::open(addr, &self.config).await {
+                    Ok(c) => connection = Some(c),
+                    Err(why) => {
+                        warn!(shard = self.shard, destination = %addr, "cannot deliver: {why}; deferring what is queued for it");
+                        let mut jobs = vec![job];
+                        if let Some(d) = self.destinations.borrow_mut().get_mut(&addr) {
+                            jobs.extend(d.pending.drain(..));
+                        }
+                        let reply = ServerReply::new(421, &why);
+                        for job in jobs {
+                            let results = job
+                                .recipients
+                                .iter()
+                                .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
+                                .collect();
+                            self.finish_job(&job, results, addr);
+                        }
+                        break;
+                    }
+                }
+            }
+            let conn = connection.as_mut().expect("a connection");
+            let (results, healthy) = self.deliver(conn, &job, addr).await;
+            self.finish_job(&job, results, addr);
+            if !healthy || conn.messages >= self.config.delivery.messages_per_connection_max {
+                if healthy {
+                    conn.quit().await;
+                }
+                connection = None;
+            }
+        }
+        let mut destinations = self.destinations.borrow_mut();
+        let d = destinations.get_mut(&addr).expect("the worker's destination");
+        if let Some(c) = connection {
+            d.idle.push((c, Instant::now()));
+        }
+        d.workers -= 1;
+    }
+
+    /// Reads a message back from its segment and checks it.
+    async fn read_message(&self, id: MessageId, record_bytes: u32) -> Result<(StoredEnvelope, Vec<u8>), String> {
+        let key = (id.shard, id.segment_seq);
+        let cached = self.readers.borrow().get(&key).cloned();
+        let file = match cached {
+            Some(f) => f,
+            None => {
+                let path = shard_dir(&self.config.spool.directory, id.shard).join(segment_file_name(id.segment_seq));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .dma_open(&path)
+                    .await
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                let file = Rc::new(file);
+                self.readers.borrow_mut().insert(key, file.clone());
+                file
+            }
+        };
+        let bytes = file
+            .read_at(id.offset_bytes(), record_bytes as usize)
+            .await
+            .map_err(|e| format!("cannot read message {id}: {e}"))?;
+        if bytes.len() != record_bytes as usize {
+            return Err(format!("message {id}: short read"));
+        }
+        let header = Header::decode(bytes[..HEADER_BYTES].try_into().unwrap());
+        let payload = &bytes[HEADER_BYTES..];
+        let crc = crc32c::crc32c_append(crc_start(id.segment_seq, header.len, header.kind), payload);
+        if header.kind != Kind::Message as u8 || header.len as usize != payload.len() || crc != header.crc {
+            return Err(format!("message {id}: record fails its checks"));
+        }
+        let message = decode_message(payload).map_err(|e| format!("message {id}: {e:?}"))?;
+        Ok((message.envelope, payload[message.content_offset..].to_vec()))
+    }
+
+    /// Runs one transaction. Returns the results and whether the connection can be reused.
+    async fn deliver(
+        &self,
+        conn: &mut OutboundConnection,
+        job: &Job,
+        addr: SocketAddr,
+    ) -> (Vec<(u32, RecipientResult)>, bool) {
+        let record_bytes = self.queue.borrow().get(&job.id).map(|m| m.record_bytes);
+        let defer_all = |why: &str| -> Vec<(u32, RecipientResult)> {
+            let reply = ServerReply::new(451, why);
+            job.recipients
+                .iter()
+                .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
+                .collect()
+        };
+        let Some(record_bytes) = record_bytes else {
+            return (Vec::new(), true);
+        };
+        let (envelope, content) = match self.read_message(job.id, record_bytes).await {
+            Ok(m) => m,
+            Err(why) => {
+                warn!(shard = self.shard, id = %job.id, "{why}");
+                return (defer_all(&why), true);
+            }
+        };
+        let outbound = OutboundEnvelope {
+            sender: &envelope.sender,
+            recipients: job
+                .recipients
+                .iter()
+                .map(|&i| (i, &envelope.recipients[i as usize].address[..]))
+                .collect(),
+            content_bytes: content.len() as u64,
+            eightbit: envelope.body == BodyType::EightBitMime,
+            smtputf8: envelope.smtputf8,
+        };
+        if conn.needs_reset {
+            if let Err(why) = conn.command(b"RSET\r\n", self.config.delivery.reply_timeout.0).await {
+                return (defer_all(&why), false);
+            }
+            conn.needs_reset = false;
+        }
+        let mut out = Vec::with_capacity(256);
+        let mut tx = match Transaction::begin(&outbound, &conn.caps, &mut out) {
+            Ok(tx) => tx,
+            Err(Unsendable::TooBig { limit }) => {
+                let reply = ServerReply::new(
+                    552,
+                    &format!(
+                        "message of {} bytes exceeds {addr}'s SIZE limit of {limit}",
+                        outbound.content_bytes
+                    ),
+                );
+                return (
+                    job.recipients
+                        .iter()
+                        .map(|&i| (i, RecipientResult::Failed(reply.clone())))
+                        .collect(),
+                    true,
+                );
+            }
+            Err(Unsendable::NeedsSmtpUtf8) => {
+                let reply = ServerReply::new(
+                    553,
+                    &format!("{addr} does not offer SMTPUTF8, which this message's addresses need"),
+                );
+                return (
+                    job.recipients
+                        .iter()
+                        .map(|&i| (i, RecipientResult::Failed(reply.clone())))
+                        .collect(),
+                    true,
+                );
+            }
+        };
+        let reply_timeout = self.config.delivery.reply_timeout.0;
+        let final_timeout = self.config.delivery.final_reply_timeout.0;
+        let mut timeout = reply_timeout;
+        loop {
+            if !out.is_empty() {
+                if let Err(why) = conn.send(&out).await {
+                    tx.broken(&why);
+                    return (tx.results().to_vec(), false);
+                }
+                out.clear();
+            }
+            let reply = match conn.read_reply(timeout).await {
+                Ok(reply) => reply,
+                Err(why) => {
+                    if tx.broken(&why) {
+                        warn!(shard = self.shard, id = %job.id, destination = %addr, "connection lost after the final dot ({why}); the retry may deliver a duplicate");
+                    }
+                    return (tx.results().to_vec(), false);
+                }
+            };
+            match tx.on_reply(reply, &outbound, &mut out) {
+                TxStep::Continue => timeout = reply_timeout,
+                TxStep::SendContent => {
+                    dot_stuff(&content, &mut out);
+                    timeout = final_timeout;
+                }
+                TxStep::Done { needs_reset } => {
+                    conn.needs_reset = needs_reset;
+                    conn.messages += 1;
+                    return (tx.results().to_vec(), true);
+                }
+            }
+        }
+    }
+
+    /// Records a job's results: finished recipients, the message's fate, retries, state records.
+    fn finish_job(self: &Rc<Self>, job: &Job, results: Vec<(u32, RecipientResult)>, addr: SocketAddr) {
+        let lifetime_s = self.config.delivery.queue_lifetime.0.as_secs();
+        let mut finished = false;
+        {
+            let mut queue = self.queue.borrow_mut();
+            let Some(message) = queue.get_mut(&job.id) else { return };
+            let expired = unix_now_s().saturating_sub(message.envelope.received_unix_s) > lifetime_s;
+            let mut state = self.state.borrow_mut();
+            for (index, result) in results {
+                let rcpt = String::from_utf8_lossy(&message.envelope.recipients[index as usize].address).into_owned();
+                let done = match &result {
+                    RecipientResult::Delivered(reply) => {
+                        info!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "delivered: {}", reply.text());
+                        true
+                    }
+                    RecipientResult::Failed(reply) => {
+                        warn!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "failed for good: {}", reply.text());
+                        true
+                    }
+                    RecipientResult::Deferred(reply) if expired => {
+                        warn!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "expired after queue_lifetime: {}", reply.text());
+                        true
+                    }
+                    RecipientResult::Deferred(reply) => {
+                        info!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "deferred: {}", reply.text());
+                        false
+                    }
+                };
+                if done {
+                    message.done[index as usize] = true;
+                    state.outcomes.push(StateEntry {
+                        id: job.id,
+                        recipient: index,
+                    });
+                }
+            }
+            message.jobs_outstanding -= 1;
+            if message.pending_recipients() == 0 {
+                state.tombstones.push(StateEntry {
+                    id: job.id,
+                    recipient: u32::MAX,
+                });
+                finished = true;
+            } else if message.jobs_outstanding == 0 {
+                self.retry_later(message);
+            }
+            if finished {
+                queue.finish(job.id);
+            }
+        }
+        self.flush_state_soon();
+    }
+
+    /// Writes the batched state records (and then collects garbage) from a task of its own.
+    fn flush_state_soon(self: &Rc<Self>) {
+        {
+            let mut state = self.state.borrow_mut();
+            if state.flushing {
+                return;
+            }
+            state.flushing = true;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            // Gather: let other jobs finishing now add to this batch.
+            futures_lite::future::yield_now().await;
+            loop {
+                let (outcomes, tombstones) = {
+                    let mut state = me.state.borrow_mut();
+                    (
+                        std::mem::take(&mut state.outcomes),
+                        std::mem::take(&mut state.tombstones),
+                    )
+                };
+                if outcomes.is_empty() && tombstones.is_empty() {
+                    break;
+                }
+                for (kind, entries) in [(Kind::Outcome, &outcomes), (Kind::Tombstone, &tombstones)] {
+                    if !entries.is_empty() {
+                        if let Err(e) = me.appender.append_state(kind, entries).await {
+                            // Losing state only repeats deliveries after a restart.
+                            warn!(shard = me.shard, "cannot record delivery state: {e:?}");
+                        }
+                    }
+                }
+            }
+            me.state.borrow_mut().flushing = false;
+            let deleted = me
+                .appender
+                .collect_garbage(|shard, seq| me.queue.borrow().segment_is_live(shard, seq))
+                .await;
+            if deleted > 0 {
+                let queue = me.queue.borrow();
+                me.readers
+                    .borrow_mut()
+                    .retain(|(shard, seq), _| queue.segment_is_live(*shard, *seq));
+            }
+        })
+        .detach();
+    }
+}
+
+/// One outbound SMTP connection with its read buffer and the server's capabilities.
+pub struct OutboundConnection {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    parser: ReplyParser,
+    caps: Capabilities,
+    needs_reset: bool,
+    messages: usize,
+}
+
+impl OutboundConnection {
+    /// Connects, reads the greeting and says EHLO (falling back to HELO).
+    async fn open(addr: SocketAddr, config: &Config) -> Result<OutboundConnection, String> {
+        let d = &config.delivery;
+        let stream = TcpStream::connect_timeout(addr, d.connect_timeout.0)
+            .await
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(d.reply_timeout.0));
+        let mut conn = OutboundConnection {
+            stream,
+            buf: vec![0; REPLY_BUFFER_BYTES],
+            start: 0,
+            end: 0,
+            parser: ReplyParser::default(),
+            caps: Capabilities::default(),
+            needs_reset: false,
+            messages: 0,
+        };
+        let greeting = conn.read_reply(d.reply_timeout.0).await?;
+        if greeting.code != 220 {
+            return Err(format!("{addr} greeted with {}", greeting.text()));
+        }
+        let ehlo = format!("EHLO {}\r\n", config.helo_name());
+        let reply = conn.command(ehlo.as_bytes(), d.reply_timeout.0).await?;
+        if reply.is_positive() {
+            conn.caps = Capabilities::from_ehlo_lines(reply.lines.iter().map(String::as_str));
+        } else {
+            let helo = format!("HELO {}\r\n", config.helo_name());
+            let reply = conn.command(helo.as_bytes(), d.reply_timeout.0).await?;
+            if !reply.is_positive() {
+                return Err(format!("{addr} refused EHLO and HELO: {}", reply.text()));
+            }
+        }
+        Ok(conn)
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| format!("write failed: {e}"))
+    }
+
+    async fn command(&mut self, line: &[u8], timeout: Duration) -> Result<ServerReply, String> {
+        self.send(line).await?;
+        self.read_reply(timeout).await
+    }
+
+    async fn read_reply(&mut self, timeout: Duration) -> Result<ServerReply, String> {
+        let _ = self.stream.set_read_timeout(Some(timeout));
+        loop {
+            let (reply, used) = self
+                .parser
+                .parse(&self.buf[self.start..self.end])
+                .map_err(|e| format!("bad reply from server: {e:?}"))?;
+            self.start += used;
+            if let Some(reply) = reply {
+                return Ok(reply);
+            }
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = self
+                .stream
+                .read(&mut self.buf[self.end..])
+                .await
+                .map_err(|e| format!("read failed: {e}"))?;
+            if n == 0 {
+                return Err("connection closed by the server".into());
+            }
+            self.end += n;
+        }
+    }
+
+    async fn quit(&mut self) {
+        let _ = self.command(b"QUIT\r\n", Duration::from_secs(5)).await;
+    }
+}
