@@ -495,6 +495,28 @@ impl Deliverer {
         self.flush_state_soon();
     }
 
+    /// At shutdown: waits for a state flush in progress, then writes whatever is still batched,
+    /// so that a clean stop never repeats a delivery.
+    pub async fn flush_state(&self) {
+        while self.state.borrow().flushing {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        let (outcomes, tombstones) = {
+            let mut state = self.state.borrow_mut();
+            (
+                std::mem::take(&mut state.outcomes),
+                std::mem::take(&mut state.tombstones),
+            )
+        };
+        for (kind, entries) in [(Kind::Outcome, &outcomes), (Kind::Tombstone, &tombstones)] {
+            if !entries.is_empty() {
+                if let Err(e) = self.appender.append_state(kind, entries).await {
+                    warn!(shard = self.shard, "cannot record delivery state at shutdown: {e:?}");
+                }
+            }
+        }
+    }
+
     /// Writes the batched state records (and then collects garbage) from a task of its own.
     fn flush_state_soon(self: &Rc<Self>) {
         {

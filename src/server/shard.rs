@@ -338,8 +338,9 @@ pub async fn run(
         })
         .await;
     }
-    // Every acknowledged message was already durable when it was acknowledged: nothing is left
-    // to flush.
+    // Every acknowledged message was already durable when it was acknowledged; what is left is
+    // delivery state, written now so that a clean stop never repeats a delivery.
+    shard.deliverer.flush_state().await;
     let queued = shard.deliverer.queued();
     info!(shard = index, "stopped with {queued} message(s) spooled");
     Ok(())

@@ -2,6 +2,8 @@
 //! written into a temporary directory, and waits on its log lines (events, not sleeps).
 #![allow(dead_code)]
 
+pub mod sink;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -22,6 +24,7 @@ pub fn free_port() -> u16 {
 #[derive(Clone)]
 pub struct Setup {
     sections: Vec<(String, Vec<(String, String)>)>,
+    routes: Vec<(String, SocketAddr)>,
     pub mx_port: u16,
     pub submission_port: u16,
 }
@@ -36,6 +39,7 @@ impl Setup {
     pub fn new() -> Setup {
         let mut s = Setup {
             sections: Vec::new(),
+            routes: Vec::new(),
             mx_port: free_port(),
             submission_port: free_port(),
         };
@@ -68,6 +72,12 @@ impl Setup {
         self
     }
 
+    /// Adds a `[[route]]`: mail for `domain` ("*" for all) goes to `smarthost`.
+    pub fn route(&mut self, domain: &str, smarthost: SocketAddr) -> &mut Setup {
+        self.routes.push((domain.to_string(), smarthost));
+        self
+    }
+
     pub fn shards(&mut self, n: usize) -> &mut Setup {
         self.set("server", "shards", &n.to_string())
     }
@@ -88,6 +98,11 @@ impl Setup {
             text.push_str(&format!(
                 "[spool]\ndirectory = {:?}\n\n",
                 spool_dir.display().to_string()
+            ));
+        }
+        for (domain, smarthost) in &self.routes {
+            text.push_str(&format!(
+                "[[route]]\ndomain = {domain:?}\nsmarthost = \"{smarthost}\"\n\n"
             ));
         }
         text.push_str(&format!(

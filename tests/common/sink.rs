@@ -1,0 +1,190 @@
+//! A capture sink for delivery tests: a small SMTP server (PIPELINING, 8BITMIME, SMTPUTF8) that
+//! records every transaction with its exact, unstuffed content, counts connections, and can be
+//! told to answer 4xx or 5xx.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// One received transaction.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub from: String,
+    pub recipients: Vec<String>,
+    /// Content with dot-stuffing removed, as the sender's MTA stored it.
+    pub content: Vec<u8>,
+}
+
+#[derive(Default)]
+pub struct Behaviour {
+    /// Answer `451` after the final dot for this many transactions, then `250`.
+    pub defer_data: AtomicUsize,
+    /// Answer `550` to RCPT for addresses containing this.
+    pub reject_rcpt: Mutex<Option<String>>,
+}
+
+pub struct CaptureSink {
+    pub addr: SocketAddr,
+    pub behaviour: Arc<Behaviour>,
+    captured: Arc<(Mutex<Vec<Captured>>, Condvar)>,
+    pub connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CaptureSink {
+    pub fn start() -> CaptureSink {
+        CaptureSink::start_on("127.0.0.1:0".parse().unwrap())
+    }
+
+    pub fn start_on(addr: SocketAddr) -> CaptureSink {
+        let listener = TcpListener::bind(addr).expect("bind capture sink");
+        let addr = listener.local_addr().unwrap();
+        let sink = CaptureSink {
+            addr,
+            behaviour: Arc::new(Behaviour::default()),
+            captured: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
+            connections: Arc::new(AtomicUsize::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (behaviour, captured, connections, stop) = (
+            sink.behaviour.clone(),
+            sink.captured.clone(),
+            sink.connections.clone(),
+            sink.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                connections.fetch_add(1, Ordering::AcqRel);
+                let (behaviour, captured) = (behaviour.clone(), captured.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &behaviour, &captured);
+                });
+            }
+        });
+        sink
+    }
+
+    /// Waits until `n` transactions have arrived; returns them all.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Captured> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.captured;
+        let mut got = lock.lock().unwrap();
+        while got.len() < n {
+            let now = Instant::now();
+            assert!(now < deadline, "only {} of {n} transactions arrived", got.len());
+            got = cv.wait_timeout(got, deadline - now).unwrap().0;
+        }
+        got.clone()
+    }
+
+    pub fn captured(&self) -> Vec<Captured> {
+        self.captured.0.lock().unwrap().clone()
+    }
+}
+
+impl Drop for CaptureSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Captured>>, Condvar)) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    out.write_all(b"220 capture.test ESMTP\r\n")?;
+    let (mut from, mut recipients) = (String::new(), Vec::new());
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        let upper = text.to_ascii_uppercase();
+        if upper.starts_with("EHLO") {
+            out.write_all(
+                b"250-capture.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000\r\n",
+            )?;
+        } else if upper.starts_with("HELO") {
+            out.write_all(b"250 capture.test\r\n")?;
+        } else if upper.starts_with("MAIL FROM:") {
+            from = text[10..]
+                .split('>')
+                .next()
+                .unwrap_or("")
+                .trim_start_matches('<')
+                .to_string();
+            recipients.clear();
+            out.write_all(b"250 2.1.0 ok\r\n")?;
+        } else if upper.starts_with("RCPT TO:") {
+            let rcpt = text[8..]
+                .split('>')
+                .next()
+                .unwrap_or("")
+                .trim_start_matches('<')
+                .to_string();
+            let reject = behaviour
+                .reject_rcpt
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|r| rcpt.contains(r.as_str()));
+            if reject {
+                out.write_all(b"550 5.1.1 no such user\r\n")?;
+            } else {
+                recipients.push(rcpt);
+                out.write_all(b"250 2.1.5 ok\r\n")?;
+            }
+        } else if upper == "DATA" {
+            if recipients.is_empty() {
+                out.write_all(b"554 5.5.1 no valid recipients\r\n")?;
+                continue;
+            }
+            out.write_all(b"354 go ahead\r\n")?;
+            let mut content = Vec::new();
+            loop {
+                line.clear();
+                if reader.read_until(b'\n', &mut line)? == 0 {
+                    return Ok(());
+                }
+                if line == b".\r\n" {
+                    break;
+                }
+                let unstuffed = if line.starts_with(b".") { &line[1..] } else { &line[..] };
+                content.extend_from_slice(unstuffed);
+            }
+            let defer = behaviour
+                .defer_data
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok();
+            if defer {
+                out.write_all(b"451 4.3.0 try again later\r\n")?;
+            } else {
+                let (lock, cv) = captured;
+                lock.lock().unwrap().push(Captured {
+                    from: from.clone(),
+                    recipients: recipients.clone(),
+                    content,
+                });
+                cv.notify_all();
+                out.write_all(b"250 2.0.0 captured\r\n")?;
+            }
+        } else if upper == "RSET" || upper == "NOOP" {
+            out.write_all(b"250 2.0.0 ok\r\n")?;
+        } else if upper == "QUIT" {
+            out.write_all(b"221 2.0.0 bye\r\n")?;
+            return Ok(());
+        } else {
+            out.write_all(b"500 5.5.2 what\r\n")?;
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Delivery end to end: the real binary relays to a capture sink of the tests' own and to
+//! Postfix's smtp-sink.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::sink::CaptureSink;
+use common::{python, tool, without_received, Gannet, Raw, Setup};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn send(g: &Gannet, from: &str, to: &[&str], content: &str) -> String {
+    let mut c = Raw::connect(g.mx());
+    c.hello();
+    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
+    for rcpt in to {
+        assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).starts_with("250"));
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(content.as_bytes());
+    let reply = c.cmd(".");
+    common::queued_id(&reply).unwrap_or_else(|| panic!("{reply}"))
+}
+
+/// Stops the server cleanly and returns what the spool still holds.
+fn stop_and_list(mut g: Gannet) -> Vec<String> {
+    assert_eq!(g.stop().code(), Some(0), "{}", g.log_text());
+    g.queued_ids()
+}
+
+const SMTPLIB_DOTS: &str = r#"
+import smtplib, sys
+port = int(sys.argv[1])
+body = b"Subject: dots\r\n\r\n.\r\n..two\r\n.x\r\ncaf\xc3\xa9\r\nend\r\n"
+s = smtplib.SMTP("127.0.0.1", port)
+s.sendmail("from@dots.test", ["to@remote.test"], body, mail_options=["BODY=8BITMIME"])
+s.quit()
+"#;
+
+#[test]
+fn relays_bytes_exactly_with_dot_stuffing_both_ways() {
+    let sink = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup.route("*", sink.addr);
+    let g = Gannet::start(&setup);
+    python(SMTPLIB_DOTS, &[&g.mx().port().to_string()]);
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got[0].from, "from@dots.test");
+    assert_eq!(got[0].recipients, vec!["to@remote.test".to_string()]);
+    assert_eq!(
+        without_received(&got[0].content),
+        b"Subject: dots\r\n\r\n.\r\n..two\r\n.x\r\ncaf\xc3\xa9\r\nend\r\n"
+    );
+    assert!(String::from_utf8_lossy(&got[0].content).starts_with("Received: from "));
+    assert!(g.wait_for_log("delivered: 250 2.0.0 captured", WAIT));
+    assert!(stop_and_list(g).is_empty(), "a delivered message leaves the queue");
+}
+
+#[test]
+fn a_deferral_is_retried_and_delivered_once() {
+    let sink = CaptureSink::start();
+    sink.behaviour.defer_data.store(1, Ordering::Release);
+    let mut setup = Setup::new();
+    setup.route("*", sink.addr);
+    setup.set("delivery", "retry_first", "\"1s\"");
+    let g = Gannet::start(&setup);
+    send(&g, "a@retry.test", &["b@remote.test"], "Subject: retry\r\n\r\nbody\r\n");
+    assert!(
+        g.wait_for_log("deferred: 451 4.3.0 try again later", WAIT),
+        "{}",
+        g.log_text()
+    );
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got.len(), 1);
+    assert!(g.wait_for_log("delivered: ", WAIT));
+    assert!(stop_and_list(g).is_empty());
+    assert_eq!(sink.captured().len(), 1, "delivered exactly once");
+}
+
+#[test]
+fn a_refused_recipient_fails_and_the_others_are_delivered() {
+    let sink = CaptureSink::start();
+    *sink.behaviour.reject_rcpt.lock().unwrap() = Some("nobody".into());
+    let mut setup = Setup::new();
+    setup.route("*", sink.addr);
+    let g = Gannet::start(&setup);
+    send(&g, "a@x.test", &["nobody@remote.test", "someone@remote.test"], "x\r\n");
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got[0].recipients, vec!["someone@remote.test".to_string()]);
+    assert!(g.wait_for_log("failed for good: 550 5.1.1 no such user", WAIT));
+    assert!(stop_and_list(g).is_empty());
+}
+
+#[test]
+fn many_messages_share_few_connections() {
+    let sink = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup.shards(2).route("*", sink.addr);
+    setup.set("delivery", "connections_per_destination_max", "2");
+    let g = Gannet::start(&setup);
+    let out = Command::new(tool("smtp-source"))
+        .args([
+            "-s",
+            "10",
+            "-m",
+            "300",
+            "-l",
+            "500",
+            "-f",
+            "a@reuse.test",
+            "-t",
+            "b@remote.test",
+        ])
+        .arg(g.mx().to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    sink.wait_for(300, WAIT);
+    let connections = sink.connections.load(Ordering::Acquire);
+    assert!(
+        connections <= 4,
+        "300 messages over {connections} connections (at most 2 per shard)"
+    );
+    assert!(stop_and_list(g).is_empty());
+}
+
+#[test]
+fn routes_send_each_domain_to_its_smarthost() {
+    let (one, other) = (CaptureSink::start(), CaptureSink::start());
+    let mut setup = Setup::new();
+    setup.route("one.test", one.addr).route("*", other.addr);
+    let g = Gannet::start(&setup);
+    send(
+        &g,
+        "a@x.test",
+        &["r1@one.test", "r2@two.test", "r3@ONE.test"],
+        "split\r\n",
+    );
+    let a = one.wait_for(1, WAIT);
+    let b = other.wait_for(1, WAIT);
+    assert_eq!(
+        a[0].recipients,
+        vec!["r1@one.test".to_string(), "r3@ONE.test".to_string()]
+    );
+    assert_eq!(b[0].recipients, vec!["r2@two.test".to_string()]);
+    assert!(stop_and_list(g).is_empty());
+}
+
+#[test]
+fn postfix_smtp_sink_receives_every_message() {
+    let port = common::free_port();
+    let mut sink_cmd = Command::new(tool("smtp-sink"));
+    if unsafe { libc::geteuid() } == 0 {
+        sink_cmd.args(["-u", "nobody"]);
+    }
+    let mut sink = sink_cmd
+        .args(["-c", &format!("127.0.0.1:{port}"), "100"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut setup = Setup::new();
+    setup.shards(2).route("*", format!("127.0.0.1:{port}").parse().unwrap());
+    let g = Gannet::start(&setup);
+    let out = Command::new(tool("smtp-source"))
+        .args([
+            "-s",
+            "20",
+            "-m",
+            "1000",
+            "-l",
+            "2000",
+            "-f",
+            "a@sink.test",
+            "-t",
+            "b@remote.test",
+        ])
+        .arg(g.mx().to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(g.wait_for_log_count("delivered: ", 1000, WAIT), "{}", g.log_text());
+    assert!(stop_and_list(g).is_empty());
+    let _ = sink.kill();
+    let mut counter = String::new();
+    sink.stdout.take().unwrap().read_to_string(&mut counter).unwrap();
+    let last = counter.rsplit("mesg=").next().unwrap();
+    let count: usize = last.trim_matches(|c: char| !c.is_ascii_digit()).parse().unwrap();
+    assert_eq!(count, 1000, "smtp-sink counted {count} messages");
+}
+
+#[test]
+fn mail_queued_while_the_receiver_is_down_is_delivered_after_a_crash_and_restart() {
+    let sink_port = common::free_port();
+    let mut setup = Setup::new();
+    setup
+        .shards(2)
+        .route("*", format!("127.0.0.1:{sink_port}").parse().unwrap());
+    setup.set("delivery", "retry_first", "\"1h\"");
+    let mut g = Gannet::start(&setup);
+    let mut subjects = Vec::new();
+    for i in 0..20 {
+        let subject = format!("queued-{i}");
+        send(
+            &g,
+            "a@x.test",
+            &["b@remote.test"],
+            &format!("Subject: {subject}\r\n\r\nbody\r\n"),
+        );
+        subjects.push(subject);
+    }
+    // Every message has met the closed port once (one "cannot deliver" per destination attempt).
+    assert!(
+        g.wait_for_log_count("deferred: 421 connect to", 20, WAIT),
+        "{}",
+        g.log_text()
+    );
+    g.kill();
+    let sink = CaptureSink::start_on(format!("127.0.0.1:{sink_port}").parse().unwrap());
+    let g = g.restart();
+    let got = sink.wait_for(20, WAIT);
+    let mut received: Vec<String> = got
+        .iter()
+        .map(|c| {
+            let text = String::from_utf8_lossy(&c.content).to_string();
+            text.split("Subject: ")
+                .nth(1)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    received.sort();
+    subjects.sort();
+    assert_eq!(received, subjects);
+    assert!(stop_and_list(g).is_empty());
+}
+
+#[test]
+fn spool_disk_use_returns_to_near_zero_after_a_batch() {
+    let sink = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup.route("*", sink.addr);
+    setup.set("spool", "segment_size", "\"1MiB\"");
+    setup.set("limits", "message_size_max", "\"64KiB\"");
+    setup.set("limits", "recipients_max", "10");
+    let g = Gannet::start(&setup);
+    let out = Command::new(tool("smtp-source"))
+        .args([
+            "-s",
+            "5",
+            "-m",
+            "400",
+            "-l",
+            "20000",
+            "-f",
+            "a@gc.test",
+            "-t",
+            "b@remote.test",
+        ])
+        .arg(g.mx().to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    sink.wait_for(400, WAIT);
+    // 400 records of 24 KiB filled ~10 segments of 1 MiB; once delivered they are deleted.
+    assert!(g.wait_for_log("drained segment(s)", WAIT), "{}", g.log_text());
+    let dir = gannet::spool::shard_dir(&g.spool_dir, 0);
+    let mut collections = 1;
+    loop {
+        // Active segment, perhaps a spare, perhaps one whose last state write is still in flight.
+        let segments = std::fs::read_dir(&dir).unwrap().count();
+        if segments <= 3 {
+            break;
+        }
+        collections += 1;
+        assert!(
+            g.wait_for_log_count("drained segment(s)", collections, WAIT),
+            "{segments} segments left after the batch was delivered"
+        );
+    }
+    assert!(stop_and_list(g).is_empty());
+}
