@@ -188,6 +188,7 @@ fn postfix_smtp_sink_receives_every_message() {
     let _ = sink.kill();
     let mut counter = String::new();
     sink.stdout.take().unwrap().read_to_string(&mut counter).unwrap();
+    let _ = sink.wait();
     let last = counter.rsplit("mesg=").next().unwrap();
     let count: usize = last.trim_matches(|c: char| !c.is_ascii_digit()).parse().unwrap();
     assert_eq!(count, 1000, "smtp-sink counted {count} messages");
