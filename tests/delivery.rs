@@ -82,17 +82,66 @@ fn a_deferral_is_retried_and_delivered_once() {
 }
 
 #[test]
-fn a_refused_recipient_fails_and_the_others_are_delivered() {
+fn a_refused_recipient_is_bounced_to_the_sender_and_the_others_are_delivered() {
     let sink = CaptureSink::start();
     *sink.behaviour.reject_rcpt.lock().unwrap() = Some("nobody".into());
     let mut setup = Setup::new();
     setup.route("*", sink.addr);
     let g = Gannet::start(&setup);
-    send(&g, "a@x.test", &["nobody@remote.test", "someone@remote.test"], "x\r\n");
-    let got = sink.wait_for(1, WAIT);
-    assert_eq!(got[0].recipients, vec!["someone@remote.test".to_string()]);
-    assert!(g.wait_for_log("failed for good: 550 5.1.1 no such user", WAIT));
+    let mut c = Raw::connect(g.mx());
+    c.hello();
+    c.cmd("MAIL FROM:<sender@x.test> RET=HDRS ENVID=ENV-7");
+    c.cmd("RCPT TO:<nobody@remote.test> ORCPT=rfc822;nobody@remote.test");
+    c.cmd("RCPT TO:<someone@remote.test>");
+    c.cmd("DATA");
+    let id = common::queued_id(&c.cmd("Subject: to bounce\r\n\r\nsecret body\r\n.")).unwrap();
+    // The original (to the recipient that exists) and the bounce (to the sender) both arrive.
+    let got = sink.wait_for(2, WAIT);
+    let original = got.iter().find(|c| c.from == "sender@x.test").expect("the original");
+    assert_eq!(original.recipients, vec!["someone@remote.test".to_string()]);
+    let bounce = got.iter().find(|c| c.from.is_empty()).expect("a bounce from <>");
+    assert_eq!(bounce.recipients, vec!["sender@x.test".to_string()]);
+    let text = String::from_utf8_lossy(&bounce.content).to_string();
+    for needle in [
+        "Subject: Undelivered Mail Returned to Sender\r\n",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        "Original-Envelope-Id: ENV-7\r\n",
+        "Final-Recipient: rfc822; nobody@remote.test\r\n",
+        "Original-Recipient: rfc822;nobody@remote.test\r\n",
+        "Action: failed\r\n",
+        "Status: 5.1.1\r\n",
+        "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n",
+        "Content-Type: text/rfc822-headers",
+        "Subject: to bounce\r\n",
+        &format!("Message-ID: <{id}.failed@mx.test>"),
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from the bounce:\n{text}");
+    }
+    assert!(!text.contains("secret body"), "RET=HDRS returns the headers only");
+    assert!(g.wait_for_log("bounce queued", WAIT));
     assert!(stop_and_list(g).is_empty());
+}
+
+#[test]
+fn the_null_sender_and_notify_never_are_not_bounced() {
+    let sink = CaptureSink::start();
+    *sink.behaviour.reject_rcpt.lock().unwrap() = Some("nobody".into());
+    let mut setup = Setup::new();
+    setup.route("*", sink.addr);
+    let g = Gannet::start(&setup);
+    let mut c = Raw::connect(g.mx());
+    c.hello();
+    for (from, params) in [("", ""), ("sender@x.test", " NOTIFY=NEVER")] {
+        c.cmd(&format!("MAIL FROM:<{from}>"));
+        c.cmd(&format!("RCPT TO:<nobody@remote.test>{params}"));
+        c.cmd("DATA");
+        assert!(c.cmd("Subject: x\r\n\r\nx\r\n.").starts_with("250"));
+    }
+    assert!(g.wait_for_log_count("failed for good", 2, WAIT));
+    assert!(!g.log_text().contains("bounce queued"), "{}", g.log_text());
+    // A clean stop writes the state; nothing may be left, and no bounce was ever queued.
+    assert!(stop_and_list(g).is_empty());
+    assert!(sink.captured().is_empty(), "{:?}", sink.captured());
 }
 
 #[test]

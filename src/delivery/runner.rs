@@ -13,7 +13,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,9 +27,12 @@ use super::client::{
     Capabilities, OutboundEnvelope, RecipientResult, ReplyParser, ServerReply, Transaction, TxStep, Unsendable,
 };
 use crate::config::Config;
+use crate::dsn::{self, build_bounce, BounceContext, FailedRecipient};
 use crate::queue::{QueueIndex, QueuedMessage};
 use crate::smtp::data::dot_stuff;
 use crate::smtp::envelope::BodyType;
+use crate::smtp::envelope::{Envelope, Origin, Ret};
+use crate::smtp::session::MessageSink;
 use crate::spool::appender::Appender;
 use crate::spool::record::{crc_start, decode_message, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES};
 use crate::spool::{segment_file_name, shard_dir, MessageId};
@@ -38,6 +41,9 @@ use crate::spool::{segment_file_name, shard_dir, MessageId};
 const TICK: Duration = Duration::from_millis(500);
 /// Read buffer for replies.
 const REPLY_BUFFER_BYTES: usize = 8 * 1024;
+
+/// A message as read back from the spool, shared between delivery and its bounce.
+type Original = Option<Rc<(StoredEnvelope, Vec<u8>)>>;
 
 /// Recipients of one message that go to one destination.
 #[derive(Debug)]
@@ -272,15 +278,15 @@ impl Deliverer {
                                 .iter()
                                 .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
                                 .collect();
-                            self.finish_job(&job, results, addr);
+                            self.finish_job(&job, results, addr, None).await;
                         }
                         break;
                     }
                 }
             }
             let conn = connection.as_mut().expect("a connection");
-            let (results, healthy) = self.deliver(conn, &job, addr).await;
-            self.finish_job(&job, results, addr);
+            let (results, healthy, original) = self.deliver(conn, &job, addr).await;
+            self.finish_job(&job, results, addr, original).await;
             if !healthy || conn.messages >= self.config.delivery.messages_per_connection_max {
                 if healthy {
                     conn.quit().await;
@@ -331,13 +337,14 @@ impl Deliverer {
         Ok((message.envelope, payload[message.content_offset..].to_vec()))
     }
 
-    /// Runs one transaction. Returns the results and whether the connection can be reused.
+    /// Runs one transaction. Returns the results, whether the connection can be reused, and the
+    /// message as read from the spool (for a bounce).
     async fn deliver(
         &self,
         conn: &mut OutboundConnection,
         job: &Job,
         addr: SocketAddr,
-    ) -> (Vec<(u32, RecipientResult)>, bool) {
+    ) -> (Vec<(u32, RecipientResult)>, bool, Original) {
         let record_bytes = self.queue.borrow().get(&job.id).map(|m| m.record_bytes);
         let defer_all = |why: &str| -> Vec<(u32, RecipientResult)> {
             let reply = ServerReply::new(451, why);
@@ -347,14 +354,33 @@ impl Deliverer {
                 .collect()
         };
         let Some(record_bytes) = record_bytes else {
-            return (Vec::new(), true);
+            return (Vec::new(), true, None);
         };
         let (envelope, content) = match self.read_message(job.id, record_bytes).await {
             Ok(m) => m,
             Err(why) => {
                 warn!(shard = self.shard, id = %job.id, "{why}");
-                return (defer_all(&why), true);
+                return (defer_all(&why), true, None);
             }
+        };
+        let (results, healthy) = self.transact(conn, job, addr, &envelope, &content).await;
+        (results, healthy, Some(Rc::new((envelope, content))))
+    }
+
+    async fn transact(
+        &self,
+        conn: &mut OutboundConnection,
+        job: &Job,
+        addr: SocketAddr,
+        envelope: &StoredEnvelope,
+        content: &[u8],
+    ) -> (Vec<(u32, RecipientResult)>, bool) {
+        let defer_all = |why: &str| -> Vec<(u32, RecipientResult)> {
+            let reply = ServerReply::new(451, why);
+            job.recipients
+                .iter()
+                .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
+                .collect()
         };
         let outbound = OutboundEnvelope {
             sender: &envelope.sender,
@@ -429,7 +455,7 @@ impl Deliverer {
             match tx.on_reply(reply, &outbound, &mut out) {
                 TxStep::Continue => timeout = reply_timeout,
                 TxStep::SendContent => {
-                    dot_stuff(&content, &mut out);
+                    dot_stuff(content, &mut out);
                     timeout = final_timeout;
                 }
                 TxStep::Done { needs_reset } => {
@@ -441,42 +467,78 @@ impl Deliverer {
         }
     }
 
-    /// Records a job's results: finished recipients, the message's fate, retries, state records.
-    fn finish_job(self: &Rc<Self>, job: &Job, results: Vec<(u32, RecipientResult)>, addr: SocketAddr) {
+    /// Records a job's results: finished recipients, bounces for failures, the message's fate,
+    /// retries, state records. A failed recipient counts as finished only once its bounce is
+    /// spooled (or none is wanted); if the bounce cannot be spooled it is retried later.
+    async fn finish_job(
+        self: &Rc<Self>,
+        job: &Job,
+        results: Vec<(u32, RecipientResult)>,
+        addr: SocketAddr,
+        original: Original,
+    ) {
         let lifetime_s = self.config.delivery.queue_lifetime.0.as_secs();
-        let mut finished = false;
-        {
-            let mut queue = self.queue.borrow_mut();
-            let Some(message) = queue.get_mut(&job.id) else { return };
+        let mut done: Vec<u32> = Vec::new();
+        let mut bounce: Vec<FailedRecipient> = Vec::new();
+        let (record_bytes, envelope) = {
+            let queue = self.queue.borrow();
+            let Some(message) = queue.get(&job.id) else { return };
             let expired = unix_now_s().saturating_sub(message.envelope.received_unix_s) > lifetime_s;
-            let mut state = self.state.borrow_mut();
-            for (index, result) in results {
-                let rcpt = String::from_utf8_lossy(&message.envelope.recipients[index as usize].address).into_owned();
-                let done = match &result {
+            for (index, result) in &results {
+                let rcpt = String::from_utf8_lossy(&message.envelope.recipients[*index as usize].address).into_owned();
+                let failure = match result {
                     RecipientResult::Delivered(reply) => {
                         info!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "delivered: {}", reply.text());
-                        true
+                        done.push(*index);
+                        None
                     }
                     RecipientResult::Failed(reply) => {
                         warn!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "failed for good: {}", reply.text());
-                        true
+                        Some(reply.text())
                     }
                     RecipientResult::Deferred(reply) if expired => {
                         warn!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "expired after queue_lifetime: {}", reply.text());
-                        true
+                        Some(format!("{} (gave up after delivery.queue_lifetime)", reply.text()))
                     }
                     RecipientResult::Deferred(reply) => {
                         info!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "deferred: {}", reply.text());
-                        false
+                        None
                     }
                 };
-                if done {
-                    message.done[index as usize] = true;
-                    state.outcomes.push(StateEntry {
-                        id: job.id,
-                        recipient: index,
-                    });
+                if let Some(diagnostic) = failure {
+                    if dsn::wants_failure_notice(&message.envelope, *index) {
+                        bounce.push(FailedRecipient {
+                            index: *index,
+                            diagnostic,
+                            remote_mta: Some(addr.to_string()),
+                        });
+                    } else {
+                        done.push(*index);
+                    }
                 }
+            }
+            (message.record_bytes, message.envelope.clone())
+        };
+        if !bounce.is_empty() {
+            let original = match original {
+                Some(o) => Some(o),
+                None => self.read_message(job.id, record_bytes).await.ok().map(Rc::new),
+            };
+            let content: &[u8] = original.as_ref().map_or(&[], |o| &o.1);
+            if self.spool_bounce(job.id, &envelope, content, &bounce).await {
+                done.extend(bounce.iter().map(|f| f.index));
+            }
+        }
+        {
+            let mut queue = self.queue.borrow_mut();
+            let Some(message) = queue.get_mut(&job.id) else { return };
+            let mut state = self.state.borrow_mut();
+            for index in done {
+                message.done[index as usize] = true;
+                state.outcomes.push(StateEntry {
+                    id: job.id,
+                    recipient: index,
+                });
             }
             message.jobs_outstanding -= 1;
             if message.pending_recipients() == 0 {
@@ -484,15 +546,75 @@ impl Deliverer {
                     id: job.id,
                     recipient: u32::MAX,
                 });
-                finished = true;
+                drop(state);
+                queue.finish(job.id);
             } else if message.jobs_outstanding == 0 {
                 self.retry_later(message);
             }
-            if finished {
-                queue.finish(job.id);
-            }
         }
         self.flush_state_soon();
+    }
+
+    /// Spools a bounce to the original sender, from the null sender. True once it is durable.
+    async fn spool_bounce(
+        self: &Rc<Self>,
+        original_id: MessageId,
+        envelope: &StoredEnvelope,
+        content: &[u8],
+        failed: &[FailedRecipient],
+    ) -> bool {
+        let id_text = original_id.to_string();
+        let ctx = BounceContext {
+            hostname: &self.config.server.hostname,
+            original_id: &id_text,
+            now_unix_s: unix_now_s(),
+            action: "failed",
+        };
+        let size_max = self.config.limits.message_size_max.0 as usize;
+        let mut bytes = build_bounce(&ctx, envelope, content, failed);
+        if bytes.len() > size_max {
+            // Too big to return whole: fall back to the headers, then to nothing.
+            let mut headers_only = envelope.clone();
+            headers_only.ret = Ret::Headers;
+            bytes = build_bounce(&ctx, &headers_only, content, failed);
+            if bytes.len() > size_max {
+                bytes = build_bounce(&ctx, &headers_only, &[], failed);
+            }
+        }
+        let mut bounce_envelope = Envelope::default();
+        bounce_envelope.add_recipient(|b| b.extend_from_slice(&envelope.sender), 0, b"");
+        let hostname = self.config.server.hostname.clone();
+        let origin = Origin {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            helo: hostname.as_bytes(),
+            received_unix_s: unix_now_s(),
+        };
+        let mut buffer = self.appender.message_buffer();
+        if buffer.begin(&bounce_envelope, origin).is_err() || buffer.append(&bytes).is_err() {
+            warn!(shard = self.shard, id = %original_id, "no memory for a bounce now; the failure will be reported later");
+            return false;
+        }
+        let message = buffer.take();
+        let (record_bytes, content_bytes) = (message.record_len(), message.content_bytes);
+        match self.appender.commit(message).await {
+            Ok(bounce_id) => {
+                info!(shard = self.shard, id = %original_id, bounce = %bounce_id, to = %String::from_utf8_lossy(&envelope.sender), "bounce queued");
+                self.accept(QueuedMessage {
+                    id: bounce_id,
+                    record_bytes,
+                    envelope: StoredEnvelope::from_envelope(&bounce_envelope, origin),
+                    done: vec![false],
+                    content_bytes,
+                    attempts: 0,
+                    jobs_outstanding: 0,
+                });
+                true
+            }
+            Err(e) => {
+                warn!(shard = self.shard, id = %original_id, "cannot spool a bounce ({e:?}); the failure will be reported later");
+                false
+            }
+        }
     }
 
     /// At shutdown: waits for a state flush in progress, then writes whatever is still batched,
