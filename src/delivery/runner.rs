@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::io::{DmaFile, OpenOptions};
+use glommio::io::{DmaFile, OpenOptions, ReadResult};
 use glommio::net::TcpStream;
 use tracing::{info, warn};
 
@@ -43,7 +43,20 @@ const TICK: Duration = Duration::from_millis(500);
 const REPLY_BUFFER_BYTES: usize = 8 * 1024;
 
 /// A message as read back from the spool, shared between delivery and its bounce.
-type Original = Option<Rc<(StoredEnvelope, Vec<u8>)>>;
+type Original = Option<Rc<Loaded>>;
+
+/// A message read back from its segment: the read buffer itself, not a copy.
+pub struct Loaded {
+    envelope: StoredEnvelope,
+    bytes: ReadResult,
+    content_offset: usize,
+}
+
+impl Loaded {
+    fn content(&self) -> &[u8] {
+        &self.bytes[self.content_offset..]
+    }
+}
 
 /// Recipients of one message that go to one destination.
 #[derive(Debug)]
@@ -303,7 +316,7 @@ impl Deliverer {
     }
 
     /// Reads a message back from its segment and checks it.
-    async fn read_message(&self, id: MessageId, record_bytes: u32) -> Result<(StoredEnvelope, Vec<u8>), String> {
+    async fn read_message(&self, id: MessageId, record_bytes: u32) -> Result<Loaded, String> {
         let key = (id.shard, id.segment_seq);
         let cached = self.readers.borrow().get(&key).cloned();
         let file = match cached {
@@ -334,7 +347,11 @@ impl Deliverer {
             return Err(format!("message {id}: record fails its checks"));
         }
         let message = decode_message(payload).map_err(|e| format!("message {id}: {e:?}"))?;
-        Ok((message.envelope, payload[message.content_offset..].to_vec()))
+        Ok(Loaded {
+            envelope: message.envelope,
+            content_offset: HEADER_BYTES + message.content_offset,
+            bytes,
+        })
     }
 
     /// Runs one transaction. Returns the results, whether the connection can be reused, and the
@@ -356,15 +373,21 @@ impl Deliverer {
         let Some(record_bytes) = record_bytes else {
             return (Vec::new(), true, None);
         };
-        let (envelope, content) = match self.read_message(job.id, record_bytes).await {
+        let loaded = match self.read_message(job.id, record_bytes).await {
             Ok(m) => m,
             Err(why) => {
                 warn!(shard = self.shard, id = %job.id, "{why}");
                 return (defer_all(&why), true, None);
             }
         };
-        let (results, healthy) = self.transact(conn, job, addr, &envelope, &content).await;
-        (results, healthy, Some(Rc::new((envelope, content))))
+        // The connection's output buffer is reused from message to message: no fresh pages.
+        let mut out = std::mem::take(&mut conn.out);
+        out.clear();
+        let (results, healthy) = self
+            .transact(conn, job, addr, &loaded.envelope, loaded.content(), &mut out)
+            .await;
+        conn.out = out;
+        (results, healthy, Some(Rc::new(loaded)))
     }
 
     async fn transact(
@@ -374,6 +397,7 @@ impl Deliverer {
         addr: SocketAddr,
         envelope: &StoredEnvelope,
         content: &[u8],
+        out: &mut Vec<u8>,
     ) -> (Vec<(u32, RecipientResult)>, bool) {
         let defer_all = |why: &str| -> Vec<(u32, RecipientResult)> {
             let reply = ServerReply::new(451, why);
@@ -399,8 +423,7 @@ impl Deliverer {
             }
             conn.needs_reset = false;
         }
-        let mut out = Vec::with_capacity(256);
-        let mut tx = match Transaction::begin(&outbound, &conn.caps, &mut out) {
+        let mut tx = match Transaction::begin(&outbound, &conn.caps, out) {
             Ok(tx) => tx,
             Err(Unsendable::TooBig { limit }) => {
                 let reply = ServerReply::new(
@@ -437,7 +460,7 @@ impl Deliverer {
         let mut timeout = reply_timeout;
         loop {
             if !out.is_empty() {
-                if let Err(why) = conn.send(&out).await {
+                if let Err(why) = conn.send(out).await {
                     tx.broken(&why);
                     return (tx.results().to_vec(), false);
                 }
@@ -452,10 +475,10 @@ impl Deliverer {
                     return (tx.results().to_vec(), false);
                 }
             };
-            match tx.on_reply(reply, &outbound, &mut out) {
+            match tx.on_reply(reply, &outbound, out) {
                 TxStep::Continue => timeout = reply_timeout,
                 TxStep::SendContent => {
-                    dot_stuff(content, &mut out);
+                    dot_stuff(content, out);
                     timeout = final_timeout;
                 }
                 TxStep::Done { needs_reset } => {
@@ -524,7 +547,7 @@ impl Deliverer {
                 Some(o) => Some(o),
                 None => self.read_message(job.id, record_bytes).await.ok().map(Rc::new),
             };
-            let content: &[u8] = original.as_ref().map_or(&[], |o| &o.1);
+            let content: &[u8] = original.as_ref().map_or(&[], |o| o.content());
             if self.spool_bounce(job.id, &envelope, content, &bounce).await {
                 done.extend(bounce.iter().map(|f| f.index));
             }
@@ -692,6 +715,8 @@ impl Deliverer {
 pub struct OutboundConnection {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Commands and content to send, reused across messages.
+    out: Vec<u8>,
     start: usize,
     end: usize,
     parser: ReplyParser,
@@ -712,6 +737,7 @@ impl OutboundConnection {
         let mut conn = OutboundConnection {
             stream,
             buf: vec![0; REPLY_BUFFER_BYTES],
+            out: Vec::new(),
             start: 0,
             end: 0,
             parser: ReplyParser::default(),

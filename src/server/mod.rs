@@ -141,9 +141,13 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     for (index, fds) in shard_fds.into_iter().enumerate() {
         let config = config.clone();
         let ready_tx = ready_tx.clone();
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpus[index]))
+        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpus[index]))
             .name(&format!("shard-{index}"))
-            .io_memory(io_memory)
+            .io_memory(io_memory);
+        if !config.server.spin_before_park.0.is_zero() {
+            builder = builder.spin_before_park(config.server.spin_before_park.0);
+        }
+        let handle = builder
             .spawn(move || async move {
                 let shard = index as u16;
                 let result = shard::run(shard, shards, config, fds, ready_tx.clone()).await;

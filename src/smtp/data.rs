@@ -249,16 +249,21 @@ impl BareLineEndingScanner {
 
 /// Dot-stuffs `content` for transmission and appends the end-of-data marker. `content` must use
 /// CRLF line endings; a final line without CRLF gets one. Used by the outbound client and tests.
+///
+/// Runs of lines are copied in bulk: memchr finds each `\n.`, and only a dot that starts a line
+/// (after CRLF, or at the very start) gets its extra dot.
 pub fn dot_stuff(content: &[u8], out: &mut Vec<u8>) {
-    let mut at_line_start = true;
+    out.reserve(content.len() + content.len() / 64 + 5);
     let mut start = 0;
-    for (i, &b) in content.iter().enumerate() {
-        if at_line_start && b == b'.' {
-            out.extend_from_slice(&content[start..i]);
+    if content.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    for at in memchr::memmem::find_iter(content, b"\n.") {
+        if at > 0 && content[at - 1] == CR {
+            out.extend_from_slice(&content[start..=at]);
             out.push(b'.');
-            start = i;
+            start = at + 1;
         }
-        at_line_start = b == LF && i > 0 && content[i - 1] == CR;
     }
     out.extend_from_slice(&content[start..]);
     if !content.is_empty() && !content.ends_with(b"\r\n") {
