@@ -61,6 +61,48 @@ fn relays_bytes_exactly_with_dot_stuffing_both_ways() {
 }
 
 #[test]
+fn chunking_receivers_get_bdat_with_the_exact_bytes() {
+    let sink = CaptureSink::start();
+    sink.behaviour.chunking.store(true, Ordering::Release);
+    let mut setup = Setup::new();
+    setup.route("*", sink.addr);
+    let g = Gannet::start(&setup);
+    python(SMTPLIB_DOTS, &[&g.mx().port().to_string()]);
+    let got = sink.wait_for(1, WAIT);
+    assert!(got[0].via_bdat, "CHUNKING was offered, so BDAT is used");
+    assert_eq!(
+        without_received(&got[0].content),
+        b"Subject: dots\r\n\r\n.\r\n..two\r\n.x\r\ncaf\xc3\xa9\r\nend\r\n"
+    );
+    assert!(g.wait_for_log("delivered: 250 2.0.0 captured", WAIT));
+    assert!(stop_and_list(g).is_empty());
+}
+
+#[test]
+fn gannet_relays_to_gannet_byte_for_byte() {
+    // The receiver is a second Gannet (CHUNKING, PIPELINING); it keeps what it gets queued.
+    let receiver = Gannet::start(&Setup::new());
+    let mut setup = Setup::new();
+    setup.route("*", receiver.mx());
+    let sender = Gannet::start(&setup);
+    python(SMTPLIB_DOTS, &[&sender.mx().port().to_string()]);
+    assert!(
+        sender.wait_for_log("delivered: 250 2.0.0 Ok: queued as", WAIT),
+        "{}",
+        sender.log_text()
+    );
+    let ids = receiver.queued_ids();
+    assert_eq!(ids.len(), 1);
+    let stored = receiver.stored(&ids[0]);
+    // The receiver's Received header, then the sender's, then the client's bytes.
+    assert_eq!(
+        without_received(without_received(&stored)),
+        b"Subject: dots\r\n\r\n.\r\n..two\r\n.x\r\ncaf\xc3\xa9\r\nend\r\n"
+    );
+    assert!(stop_and_list(sender).is_empty());
+}
+
+#[test]
 fn a_deferral_is_retried_and_delivered_once() {
     let sink = CaptureSink::start();
     sink.behaviour.defer_data.store(1, Ordering::Release);

@@ -189,6 +189,9 @@ pub enum TxStep {
     Continue,
     /// Send the dot-stuffed content and its end marker, then wait for the final reply.
     SendContent,
+    /// Append the content as it is (it is the chunk of the `BDAT <n> LAST` just written), send,
+    /// then wait for the final reply.
+    SendRaw,
     /// The transaction is over. `needs_reset`: send RSET before the next MAIL.
     Done { needs_reset: bool },
 }
@@ -197,6 +200,9 @@ pub enum TxStep {
 #[derive(Debug)]
 pub struct Transaction {
     pipelining: bool,
+    /// CHUNKING (RFC 3030): the content goes as one `BDAT <n> LAST` chunk instead of DATA.
+    chunking: bool,
+    content_bytes: u64,
     state: TxState,
     rcpt_indexes: Vec<u32>,
     rcpt_replies: Vec<Option<ServerReply>>,
@@ -245,6 +251,8 @@ impl Transaction {
         write_command(out, &[&mail]);
         let tx = Transaction {
             pipelining: caps.pipelining,
+            chunking: caps.chunking,
+            content_bytes: envelope.content_bytes,
             state: TxState::AwaitMail,
             rcpt_indexes: envelope.recipients.iter().map(|(i, _)| *i).collect(),
             rcpt_replies: vec![None; envelope.recipients.len()],
@@ -255,9 +263,23 @@ impl Transaction {
             for (_, rcpt) in &envelope.recipients {
                 write_command(out, &[b"RCPT TO:<", rcpt, b">"]);
             }
-            write_command(out, &[b"DATA"]);
+            if caps.chunking {
+                tx.write_bdat(out);
+            } else {
+                write_command(out, &[b"DATA"]);
+            }
         }
         Ok(tx)
+    }
+
+    fn write_bdat(&self, out: &mut Vec<u8>) {
+        write_command(out, &[format!("BDAT {} LAST", self.content_bytes).as_bytes()]);
+    }
+
+    /// With PIPELINING and CHUNKING the whole transaction goes in one write: the shell appends
+    /// the content, as it is, right after the commands `begin` wrote.
+    pub fn wants_content_now(&self) -> bool {
+        self.pipelining && self.chunking
     }
 
     fn recipients_of(&self, envelope: &OutboundEnvelope<'_>, i: usize) -> Vec<u8> {
@@ -325,12 +347,22 @@ impl Transaction {
                     return TxStep::Continue;
                 }
                 if self.pipelining {
-                    self.state = TxState::AwaitData;
+                    // The next reply answers DATA, or (CHUNKING) the whole BDAT chunk.
+                    self.state = if self.chunking {
+                        TxState::AwaitFinal
+                    } else {
+                        TxState::AwaitData
+                    };
                     return TxStep::Continue;
                 }
                 if self.accepted == 0 {
                     self.state = TxState::Done;
                     return TxStep::Done { needs_reset: true };
+                }
+                if self.chunking {
+                    self.write_bdat(out);
+                    self.state = TxState::AwaitFinal;
+                    return TxStep::SendRaw;
                 }
                 self.state = TxState::AwaitData;
                 write_command(out, &[b"DATA"]);
@@ -351,6 +383,12 @@ impl Transaction {
                 TxStep::SendContent
             }
             TxState::AwaitFinal => {
+                if self.accepted == 0 {
+                    // A pipelined BDAT chunk after refused recipients: its reply is an error
+                    // that changes nothing; the recipients' own replies stand.
+                    self.state = TxState::Done;
+                    return TxStep::Done { needs_reset: true };
+                }
                 for (i, idx) in self.rcpt_indexes.iter().enumerate() {
                     if self.rcpt_replies[i].as_ref().is_some_and(|r| r.is_positive()) {
                         self.results.push((*idx, classify(reply.clone(), true)));
@@ -375,6 +413,11 @@ impl Transaction {
         }
         self.state = TxState::Done;
         after_dot
+    }
+
+    /// The next reply is the one after the content (the final reply).
+    pub fn awaiting_final(&self) -> bool {
+        self.state == TxState::AwaitFinal
     }
 
     pub fn is_done(&self) -> bool {
@@ -591,6 +634,68 @@ mod tests {
         assert_eq!(tx.on_reply(reply(354, "go"), &env, &mut out), TxStep::SendContent);
         assert!(tx.broken("connection lost"));
         assert!(matches!(tx.results(), [(0, RecipientResult::Deferred(_))]));
+    }
+
+    #[test]
+    fn chunking_sends_the_whole_transaction_in_one_write() {
+        let caps = Capabilities {
+            pipelining: true,
+            chunking: true,
+            ..Default::default()
+        };
+        let env = envelope(&["a@y", "b@y"]);
+        let mut out = Vec::new();
+        let mut tx = Transaction::begin(&env, &caps, &mut out).unwrap();
+        assert!(tx.wants_content_now());
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "MAIL FROM:<s@x.test>\r\nRCPT TO:<a@y>\r\nRCPT TO:<b@y>\r\nBDAT 100 LAST\r\n"
+        );
+        out.clear();
+        tx.on_reply(reply(250, "ok"), &env, &mut out);
+        tx.on_reply(reply(250, "ok"), &env, &mut out);
+        assert_eq!(tx.on_reply(reply(550, "no"), &env, &mut out), TxStep::Continue);
+        assert_eq!(
+            tx.on_reply(reply(250, "queued"), &env, &mut out),
+            TxStep::Done { needs_reset: false }
+        );
+        let mut results = tx.results().to_vec();
+        results.sort_by_key(|(i, _)| *i);
+        assert_eq!(
+            results,
+            vec![
+                (0, RecipientResult::Delivered(reply(250, "queued"))),
+                (1, RecipientResult::Failed(reply(550, "no")))
+            ]
+        );
+        // Without PIPELINING: BDAT after the last RCPT reply, content raw.
+        let caps = Capabilities {
+            chunking: true,
+            ..Default::default()
+        };
+        let env = envelope(&["a@y"]);
+        let mut out = Vec::new();
+        let mut tx = Transaction::begin(&env, &caps, &mut out).unwrap();
+        assert!(!tx.wants_content_now());
+        out.clear();
+        tx.on_reply(reply(250, "ok"), &env, &mut out);
+        out.clear();
+        assert_eq!(tx.on_reply(reply(250, "ok"), &env, &mut out), TxStep::SendRaw);
+        assert_eq!(out, b"BDAT 100 LAST\r\n");
+        // Every recipient refused in a pipelined chunked transaction: the chunk reply changes nothing.
+        let caps = Capabilities {
+            pipelining: true,
+            chunking: true,
+            ..Default::default()
+        };
+        let mut tx = Transaction::begin(&env, &caps, &mut Vec::new()).unwrap();
+        tx.on_reply(reply(250, "ok"), &env, &mut out);
+        tx.on_reply(reply(550, "no"), &env, &mut out);
+        assert_eq!(
+            tx.on_reply(reply(503, "no valid recipients"), &env, &mut out),
+            TxStep::Done { needs_reset: true }
+        );
+        assert_eq!(tx.results(), &[(0, RecipientResult::Failed(reply(550, "no")))]);
     }
 
     #[test]

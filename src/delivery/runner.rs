@@ -458,6 +458,10 @@ impl Deliverer {
         let reply_timeout = self.config.delivery.reply_timeout.0;
         let final_timeout = self.config.delivery.final_reply_timeout.0;
         let mut timeout = reply_timeout;
+        if tx.wants_content_now() {
+            // PIPELINING + CHUNKING: envelope, BDAT and the content in one write.
+            out.extend_from_slice(content);
+        }
         loop {
             if !out.is_empty() {
                 if let Err(why) = conn.send(out).await {
@@ -476,9 +480,19 @@ impl Deliverer {
                 }
             };
             match tx.on_reply(reply, &outbound, out) {
-                TxStep::Continue => timeout = reply_timeout,
+                TxStep::Continue => {
+                    timeout = if tx.awaiting_final() {
+                        final_timeout
+                    } else {
+                        reply_timeout
+                    }
+                }
                 TxStep::SendContent => {
                     dot_stuff(content, out);
+                    timeout = final_timeout;
+                }
+                TxStep::SendRaw => {
+                    out.extend_from_slice(content);
                     timeout = final_timeout;
                 }
                 TxStep::Done { needs_reset } => {

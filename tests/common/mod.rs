@@ -15,9 +15,30 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_gannet");
 /// How long a server may take to start (recovery, zero-filling segments) on a busy CI machine.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A free loopback port (the OS picks it; we release it right before the server binds).
+/// Test ports come from below the kernel's ephemeral range (32768 and up here), so that no
+/// outbound connection can take a port as its source port while a test server is restarting,
+/// and below relay-bench's default range (31000-31099).
+const TEST_PORT_FIRST: u16 = 20000;
+const TEST_PORT_COUNT: u16 = 11000;
+
+/// A free loopback port, outside the ephemeral range (see above).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // A different starting point per test process, so that consecutive runs do not collide
+    // with sockets the previous run left in TIME_WAIT.
+    let seed = (std::process::id() as u16).wrapping_mul(7919) % TEST_PORT_COUNT;
+    for _ in 0..TEST_PORT_COUNT {
+        let offset = (seed + NEXT.fetch_add(1, Ordering::Relaxed)) % TEST_PORT_COUNT;
+        let port = TEST_PORT_FIRST + offset;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free test port in {TEST_PORT_FIRST}..{}",
+        TEST_PORT_FIRST + TEST_PORT_COUNT
+    );
 }
 
 /// A configuration: sections of key = value lines, with test-friendly defaults.

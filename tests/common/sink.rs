@@ -16,6 +16,8 @@ pub struct Captured {
     pub recipients: Vec<String>,
     /// Content with dot-stuffing removed, as the sender's MTA stored it.
     pub content: Vec<u8>,
+    /// Whether it came as BDAT chunks (CHUNKING) rather than DATA.
+    pub via_bdat: bool,
 }
 
 #[derive(Default)]
@@ -24,6 +26,8 @@ pub struct Behaviour {
     pub defer_data: AtomicUsize,
     /// Answer `550` to RCPT for addresses containing this.
     pub reject_rcpt: Mutex<Option<String>>,
+    /// Offer CHUNKING (RFC 3030) and accept BDAT.
+    pub chunking: AtomicBool,
 }
 
 pub struct CaptureSink {
@@ -102,6 +106,7 @@ fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Capture
     let mut reader = BufReader::new(stream);
     out.write_all(b"220 capture.test ESMTP\r\n")?;
     let (mut from, mut recipients) = (String::new(), Vec::new());
+    let mut bdat_content: Vec<u8> = Vec::new();
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -111,9 +116,37 @@ fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Capture
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = text.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
-            out.write_all(
-                b"250-capture.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000\r\n",
-            )?;
+            if behaviour.chunking.load(Ordering::Acquire) {
+                out.write_all(b"250-capture.test\r\n250-CHUNKING\r\n")?;
+            } else {
+                out.write_all(b"250-capture.test\r\n")?;
+            }
+            out.write_all(b"250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000\r\n")?;
+        } else if upper.starts_with("BDAT ") {
+            let mut words = upper[5..].split_whitespace();
+            let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let last = words.next() == Some("LAST");
+            let mut chunk = vec![0u8; size];
+            std::io::Read::read_exact(&mut reader, &mut chunk)?;
+            bdat_content.extend_from_slice(&chunk);
+            if !last {
+                out.write_all(format!("250 2.0.0 {size} octets\r\n").as_bytes())?;
+                continue;
+            }
+            if recipients.is_empty() {
+                bdat_content.clear();
+                out.write_all(b"554 5.5.1 no valid recipients\r\n")?;
+                continue;
+            }
+            let (lock, cv) = captured;
+            lock.lock().unwrap().push(Captured {
+                from: from.clone(),
+                recipients: recipients.clone(),
+                content: std::mem::take(&mut bdat_content),
+                via_bdat: true,
+            });
+            cv.notify_all();
+            out.write_all(b"250 2.0.0 captured\r\n")?;
         } else if upper.starts_with("HELO") {
             out.write_all(b"250 capture.test\r\n")?;
         } else if upper.starts_with("MAIL FROM:") {
@@ -174,6 +207,7 @@ fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Capture
                     from: from.clone(),
                     recipients: recipients.clone(),
                     content,
+                    via_bdat: false,
                 });
                 cv.notify_all();
                 out.write_all(b"250 2.0.0 captured\r\n")?;
