@@ -122,8 +122,8 @@ fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Capture
                 out.write_all(b"250-capture.test\r\n")?;
             }
             out.write_all(b"250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000\r\n")?;
-        } else if upper.starts_with("BDAT ") {
-            let mut words = upper[5..].split_whitespace();
+        } else if let Some(args) = upper.strip_prefix("BDAT ") {
+            let mut words = args.split_whitespace();
             let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
             let last = words.next() == Some("LAST");
             let mut chunk = vec![0u8; size];
