@@ -103,6 +103,55 @@ fn gannet_relays_to_gannet_byte_for_byte() {
 }
 
 #[test]
+fn a_pooled_connection_closed_by_the_server_does_not_delay_the_next_message() {
+    let sink = CaptureSink::start();
+    sink.behaviour.close_after_message.store(true, Ordering::Release);
+    let mut setup = Setup::new();
+    setup.route("*", sink.addr);
+    // A deferral would wait an hour: the test would time out.
+    setup.set("delivery", "retry_first", "\"1h\"");
+    setup.set("delivery", "retry_max", "\"1h\"");
+    let g = Gannet::start(&setup);
+    send(&g, "a@x.test", &["b@remote.test"], "Subject: one\r\n\r\nx\r\n");
+    sink.wait_for(1, WAIT);
+    assert!(g.wait_for_log_count("delivered: ", 1, WAIT));
+    send(&g, "a@x.test", &["b@remote.test"], "Subject: two\r\n\r\nx\r\n");
+    sink.wait_for(2, WAIT);
+    assert!(g.wait_for_log_count("delivered: ", 2, WAIT));
+    assert!(!g.log_text().contains("deferred"), "{}", g.log_text());
+    assert!(stop_and_list(g).is_empty());
+}
+
+#[test]
+fn mail_without_a_route_expires_and_is_bounced() {
+    let sink = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup.route("routed.test", sink.addr);
+    setup.set("delivery", "retry_first", "\"1s\"");
+    setup.set("delivery", "queue_lifetime", "\"1s\"");
+    let g = Gannet::start(&setup);
+    send(
+        &g,
+        "sender@routed.test",
+        &["someone@unrouted.test"],
+        "Subject: lost\r\n\r\nx\r\n",
+    );
+    assert!(g.wait_for_log("deferred: 451 4.4.0 no route", WAIT), "{}", g.log_text());
+    // After the lifetime the next attempt gives up and the sender (routed) gets the bounce.
+    let got = sink.wait_for(1, WAIT);
+    assert!(got[0].from.is_empty());
+    assert_eq!(got[0].recipients, vec!["sender@routed.test".to_string()]);
+    let text = String::from_utf8_lossy(&got[0].content).to_string();
+    assert!(
+        text.contains("Final-Recipient: rfc822; someone@unrouted.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 4.4.0") || text.contains("no route"), "{text}");
+    assert!(g.wait_for_log("delivered: ", WAIT));
+    assert!(stop_and_list(g).is_empty());
+}
+
+#[test]
 fn a_deferral_is_retried_and_delivered_once() {
     let sink = CaptureSink::start();
     sink.behaviour.defer_data.store(1, Ordering::Release);

@@ -63,6 +63,8 @@ impl Loaded {
 struct Job {
     id: MessageId,
     recipients: Vec<u32>,
+    /// Already put back once because a pooled connection turned out to be dead.
+    retried_on_fresh_connection: bool,
 }
 
 #[derive(Default)]
@@ -198,13 +200,13 @@ impl Deliverer {
     /// Groups a message's pending recipients by destination and queues the jobs.
     fn schedule(self: &Rc<Self>, id: MessageId) {
         let mut groups: Vec<(SocketAddr, Vec<u32>)> = Vec::new();
+        let mut unrouted: Vec<u32> = Vec::new();
         {
             let mut queue = self.queue.borrow_mut();
             let Some(message) = queue.get_mut(&id) else { return };
             if message.jobs_outstanding > 0 {
                 return;
             }
-            let mut unrouted = false;
             for (i, recipient) in message.envelope.recipients.iter().enumerate() {
                 if message.done[i] {
                     continue;
@@ -214,19 +216,10 @@ impl Deliverer {
                         Some((_, list)) => list.push(i as u32),
                         None => groups.push((addr, vec![i as u32])),
                     },
-                    None => unrouted = true,
+                    None => unrouted.push(i as u32),
                 }
             }
-            message.jobs_outstanding = groups.len() as u32;
-            if groups.is_empty() {
-                if unrouted {
-                    if message.attempts == 0 {
-                        info!(shard = self.shard, id = %id, "no route for the recipients' domains; the message stays queued");
-                    }
-                    self.retry_later(message);
-                }
-                return;
-            }
+            message.jobs_outstanding = groups.len() as u32 + u32::from(!unrouted.is_empty());
         }
         for (addr, recipients) in groups {
             self.destinations
@@ -234,8 +227,36 @@ impl Deliverer {
                 .entry(addr)
                 .or_default()
                 .pending
-                .push_back(Job { id, recipients });
+                .push_back(Job {
+                    id,
+                    recipients,
+                    retried_on_fresh_connection: false,
+                });
             self.kick(addr);
+        }
+        if !unrouted.is_empty() {
+            // No route: a deferral like any other, so that retries, expiry and the bounce after
+            // delivery.queue_lifetime follow the same path. After the borrows: glommio runs
+            // the task at once.
+            let job = Job {
+                id,
+                recipients: unrouted,
+                retried_on_fresh_connection: false,
+            };
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                let reply = ServerReply::new(
+                    451,
+                    "4.4.0 no route for the recipient's domain (no [[route]] matches it)",
+                );
+                let results = job
+                    .recipients
+                    .iter()
+                    .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
+                    .collect();
+                me.finish_job(&job, results, None, None).await;
+            })
+            .detach();
         }
     }
 
@@ -260,6 +281,9 @@ impl Deliverer {
 
     async fn worker(self: Rc<Self>, addr: SocketAddr) {
         let mut connection: Option<OutboundConnection> = None;
+        // The connection came from the idle pool and has not carried a message since: the
+        // server may have closed it meanwhile.
+        let mut unproven = false;
         loop {
             let job = self
                 .destinations
@@ -274,6 +298,7 @@ impl Deliverer {
                     .get_mut(&addr)
                     .and_then(|d| d.idle.pop())
                     .map(|(c, _)| c);
+                unproven = connection.is_some();
             }
             if connection.is_none() {
                 match OutboundConnection::open(addr, &self.config).await {
@@ -291,7 +316,7 @@ impl Deliverer {
                                 .iter()
                                 .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
                                 .collect();
-                            self.finish_job(&job, results, addr, None).await;
+                            self.finish_job(&job, results, Some(addr), None).await;
                         }
                         break;
                     }
@@ -299,7 +324,24 @@ impl Deliverer {
             }
             let conn = connection.as_mut().expect("a connection");
             let (results, healthy, original) = self.deliver(conn, &job, addr).await;
-            self.finish_job(&job, results, addr, original).await;
+            let dead_pooled_connection = !healthy
+                && unproven
+                && !job.retried_on_fresh_connection
+                && results.iter().all(|(_, r)| matches!(r, RecipientResult::Deferred(_)));
+            if dead_pooled_connection {
+                // Not the message's fault: try it once more, at once, on a fresh connection.
+                let mut job = job;
+                job.retried_on_fresh_connection = true;
+                if let Some(d) = self.destinations.borrow_mut().get_mut(&addr) {
+                    d.pending.push_front(job);
+                    // Its idle siblings most likely died with it (a restarted server).
+                    d.idle.clear();
+                }
+                connection = None;
+                continue;
+            }
+            unproven = false;
+            self.finish_job(&job, results, Some(addr), original).await;
             if !healthy || conn.messages >= self.config.delivery.messages_per_connection_max {
                 if healthy {
                     conn.quit().await;
@@ -511,9 +553,10 @@ impl Deliverer {
         self: &Rc<Self>,
         job: &Job,
         results: Vec<(u32, RecipientResult)>,
-        addr: SocketAddr,
+        relay: Option<SocketAddr>,
         original: Original,
     ) {
+        let relay_text = relay.map_or_else(|| "none".to_string(), |a| a.to_string());
         let lifetime_s = self.config.delivery.queue_lifetime.0.as_secs();
         let mut done: Vec<u32> = Vec::new();
         let mut bounce: Vec<FailedRecipient> = Vec::new();
@@ -525,20 +568,20 @@ impl Deliverer {
                 let rcpt = String::from_utf8_lossy(&message.envelope.recipients[*index as usize].address).into_owned();
                 let failure = match result {
                     RecipientResult::Delivered(reply) => {
-                        info!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "delivered: {}", reply.text());
+                        info!(shard = self.shard, id = %job.id, to = %rcpt, relay = %relay_text, "delivered: {}", reply.text());
                         done.push(*index);
                         None
                     }
                     RecipientResult::Failed(reply) => {
-                        warn!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "failed for good: {}", reply.text());
+                        warn!(shard = self.shard, id = %job.id, to = %rcpt, relay = %relay_text, "failed for good: {}", reply.text());
                         Some(reply.text())
                     }
                     RecipientResult::Deferred(reply) if expired => {
-                        warn!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "expired after queue_lifetime: {}", reply.text());
+                        warn!(shard = self.shard, id = %job.id, to = %rcpt, relay = %relay_text, "expired after queue_lifetime: {}", reply.text());
                         Some(format!("{} (gave up after delivery.queue_lifetime)", reply.text()))
                     }
                     RecipientResult::Deferred(reply) => {
-                        info!(shard = self.shard, id = %job.id, to = %rcpt, relay = %addr, "deferred: {}", reply.text());
+                        info!(shard = self.shard, id = %job.id, to = %rcpt, relay = %relay_text, "deferred: {}", reply.text());
                         None
                     }
                 };
@@ -547,7 +590,7 @@ impl Deliverer {
                         bounce.push(FailedRecipient {
                             index: *index,
                             diagnostic,
-                            remote_mta: Some(addr.to_string()),
+                            remote_mta: relay.map(|a| a.to_string()),
                         });
                     } else {
                         done.push(*index);

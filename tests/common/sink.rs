@@ -28,6 +28,9 @@ pub struct Behaviour {
     pub reject_rcpt: Mutex<Option<String>>,
     /// Offer CHUNKING (RFC 3030) and accept BDAT.
     pub chunking: AtomicBool,
+    /// Close the connection right after each accepted message, without waiting for QUIT (as a
+    /// server with a short idle timeout does).
+    pub close_after_message: AtomicBool,
 }
 
 pub struct CaptureSink {
@@ -211,6 +214,9 @@ fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Capture
                 });
                 cv.notify_all();
                 out.write_all(b"250 2.0.0 captured\r\n")?;
+                if behaviour.close_after_message.load(Ordering::Acquire) {
+                    return Ok(());
+                }
             }
         } else if upper == "RSET" || upper == "NOOP" {
             out.write_all(b"250 2.0.0 ok\r\n")?;
