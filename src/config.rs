@@ -42,6 +42,38 @@ pub struct Config {
     /// Where mail for each domain goes; the first exact match wins, then "*".
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+    #[serde(default)]
+    pub dns: Dns,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// Recursive DNS servers (`IP:port`). Empty: the `nameserver` lines of /etc/resolv.conf.
+    #[serde(default)]
+    pub servers: Vec<SocketAddr>,
+    /// How long to wait for one server's answer.
+    #[serde(default = "default_dns_timeout")]
+    pub timeout: Span,
+    /// Rounds over all servers before a lookup fails (temporarily).
+    #[serde(default = "default_dns_attempts")]
+    pub attempts: usize,
+    /// Entries in the cache shared by all shards.
+    #[serde(default = "default_dns_cache_entries_max")]
+    pub cache_entries_max: usize,
+    /// Answers are kept at least this long, whatever their TTL...
+    #[serde(default = "default_dns_ttl_min")]
+    pub ttl_min: Span,
+    /// ...and at most this long.
+    #[serde(default = "default_dns_ttl_max")]
+    pub ttl_max: Span,
+    /// NXDOMAIN/NODATA are kept for the SOA minimum (RFC 2308), at most this long.
+    #[serde(default = "default_dns_negative_ttl_max")]
+    pub negative_ttl_max: Span,
+    /// A server failure or timeout is remembered this long, so that a dead server is not asked
+    /// again for every message.
+    #[serde(default = "default_dns_failure_ttl")]
+    pub failure_ttl: Span,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,16 +107,30 @@ pub struct Delivery {
     /// After this long in the queue a message that still cannot be delivered fails for good.
     #[serde(default = "default_queue_lifetime")]
     pub queue_lifetime: Span,
+    /// The port of MX hosts (25; other values are for tests and unusual setups).
+    #[serde(default = "default_mx_port")]
+    pub mx_port: u16,
 }
 
-/// One routing rule.
+/// One routing rule: a smarthost, or MX delivery.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// A domain, or "*" for every domain without a rule of its own.
     pub domain: String,
     /// Relay everything for the domain to this `IP:port`.
-    pub smarthost: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smarthost: Option<SocketAddr>,
+    /// Deliver to the domain's MX hosts (RFC 5321 5.1) on `delivery.mx_port`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mx: bool,
+}
+
+/// Where a route sends mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteTarget {
+    Smarthost(SocketAddr),
+    Mx,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -343,6 +389,57 @@ fn default_data_timeout() -> Span {
     Span(Duration::from_secs(600))
 }
 
+fn default_mx_port() -> u16 {
+    25
+}
+fn default_dns_timeout() -> Span {
+    Span(Duration::from_secs(5))
+}
+fn default_dns_attempts() -> usize {
+    2
+}
+fn default_dns_cache_entries_max() -> usize {
+    100_000
+}
+fn default_dns_ttl_min() -> Span {
+    Span(Duration::from_secs(30))
+}
+fn default_dns_ttl_max() -> Span {
+    Span(Duration::from_secs(86_400))
+}
+fn default_dns_negative_ttl_max() -> Span {
+    Span(Duration::from_secs(3600))
+}
+fn default_dns_failure_ttl() -> Span {
+    Span(Duration::from_secs(30))
+}
+
+impl Default for Dns {
+    fn default() -> Dns {
+        Dns {
+            servers: Vec::new(),
+            timeout: default_dns_timeout(),
+            attempts: default_dns_attempts(),
+            cache_entries_max: default_dns_cache_entries_max(),
+            ttl_min: default_dns_ttl_min(),
+            ttl_max: default_dns_ttl_max(),
+            negative_ttl_max: default_dns_negative_ttl_max(),
+            failure_ttl: default_dns_failure_ttl(),
+        }
+    }
+}
+
+/// The `nameserver` lines of /etc/resolv.conf, on port 53.
+pub fn system_dns_servers() -> Vec<SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
 fn default_connect_timeout() -> Span {
     Span(Duration::from_secs(30))
 }
@@ -384,6 +481,7 @@ impl Default for Delivery {
             retry_first: default_retry_first(),
             retry_max: default_retry_max(),
             queue_lifetime: default_queue_lifetime(),
+            mx_port: default_mx_port(),
         }
     }
 }
@@ -747,6 +845,17 @@ impl Config {
                     ),
                 ));
             }
+            if route.smarthost.is_some() == route.mx {
+                return Err(fail(
+                    "route",
+                    i,
+                    "domain",
+                    format!(
+                        "the route for `{}` needs exactly one of smarthost = \"IP:port\" or mx = true",
+                        route.domain
+                    ),
+                ));
+            }
             if self.routes[..i]
                 .iter()
                 .any(|r| r.domain.eq_ignore_ascii_case(&route.domain))
@@ -758,6 +867,29 @@ impl Config {
                     format!("`{}` has two routes; keep one", route.domain),
                 ));
             }
+        }
+        let dns = &self.dns;
+        if dns.timeout.0.is_zero() {
+            return Err(fail(
+                "dns",
+                0,
+                "timeout",
+                "must be more than zero, such as \"5s\"".into(),
+            ));
+        }
+        if dns.attempts == 0 || dns.attempts > 10 {
+            return Err(fail("dns", 0, "attempts", "must be between 1 and 10".into()));
+        }
+        if dns.cache_entries_max == 0 {
+            return Err(fail("dns", 0, "cache_entries_max", "must be at least 1".into()));
+        }
+        if dns.ttl_min > dns.ttl_max {
+            return Err(fail(
+                "dns",
+                0,
+                "ttl_min",
+                format!("{} is longer than dns.ttl_max ({})", dns.ttl_min, dns.ttl_max),
+            ));
         }
         for domain in &self.relay.local_domains {
             if !valid_hostname(domain) {
@@ -796,15 +928,18 @@ impl Config {
         Ok(())
     }
 
-    /// The smarthost for a recipient domain: its own route, else the "*" route.
-    pub fn route(&self, domain: &[u8]) -> Option<SocketAddr> {
+    /// Where mail for a recipient domain goes: its own route, else the "*" route.
+    pub fn route(&self, domain: &[u8]) -> Option<RouteTarget> {
         let exact = self
             .routes
             .iter()
             .find(|r| r.domain.as_bytes().eq_ignore_ascii_case(domain));
         exact
             .or_else(|| self.routes.iter().find(|r| r.domain == "*"))
-            .map(|r| r.smarthost)
+            .map(|r| match r.smarthost {
+                Some(addr) => RouteTarget::Smarthost(addr),
+                None => RouteTarget::Mx,
+            })
     }
 
     /// The name Gannet gives in EHLO when delivering.
@@ -862,8 +997,22 @@ mod tests {
             "g.toml",
         )
         .unwrap();
-        assert_eq!(c.route(b"SPECIAL.example"), Some("127.0.0.1:2601".parse().unwrap()));
-        assert_eq!(c.route(b"other.example"), Some("[::1]:2602".parse().unwrap()));
+        assert_eq!(
+            c.route(b"SPECIAL.example"),
+            Some(RouteTarget::Smarthost("127.0.0.1:2601".parse().unwrap()))
+        );
+        assert_eq!(
+            c.route(b"other.example"),
+            Some(RouteTarget::Smarthost("[::1]:2602".parse().unwrap()))
+        );
+        let c = Config::parse("[[route]]\ndomain = \"*\"\nmx = true\n", "g.toml").unwrap();
+        assert_eq!(c.route(b"x.example"), Some(RouteTarget::Mx));
+        let e = Config::parse(
+            "[[route]]\ndomain = \"*\"\nmx = true\nsmarthost = \"127.0.0.1:25\"\n",
+            "g.toml",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("exactly one"), "{e}");
         assert_eq!(Config::embedded_default().route(b"x.example"), None);
     }
 
@@ -910,6 +1059,8 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
+        let e = Config::parse("[dns]\nttl_min = \"2h\"\nttl_max = \"1h\"\n", "g.toml").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
         let e = Config::parse("[delivery]\nretry_first = \"1h\"\nretry_max = \"5m\"\n", "g.toml").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
         let c = Config::parse("[server]\nshards = 4\n", "g.toml").unwrap();

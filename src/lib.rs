@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod delivery;
+pub mod dns;
 pub mod dsn;
 pub mod policy;
 pub mod queue;

@@ -26,7 +26,9 @@ use tracing::{info, warn};
 use super::client::{
     Capabilities, OutboundEnvelope, RecipientResult, ReplyParser, ServerReply, Transaction, TxStep, Unsendable,
 };
-use crate::config::Config;
+use crate::config::{Config, RouteTarget};
+use crate::dns::mx::{self, MxError};
+use crate::dns::resolver::Resolver;
 use crate::dsn::{self, build_bounce, BounceContext, FailedRecipient};
 use crate::queue::{QueueIndex, QueuedMessage};
 use crate::smtp::data::dot_stuff;
@@ -86,7 +88,8 @@ pub struct Deliverer {
     config: Arc<Config>,
     appender: Rc<Appender>,
     queue: RefCell<QueueIndex>,
-    destinations: RefCell<HashMap<SocketAddr, Destination>>,
+    destinations: RefCell<HashMap<DestinationKey, Destination>>,
+    resolver: Resolver,
     retries: RefCell<BTreeSet<(Instant, MessageId)>>,
     state: RefCell<PendingState>,
     readers: RefCell<HashMap<(u16, u64), Rc<DmaFile>>>,
@@ -100,6 +103,28 @@ fn unix_now_s() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where a job goes: a smarthost, or a domain's MX hosts. Queues, workers and pools are per key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DestinationKey {
+    Smarthost(SocketAddr),
+    Mx(String),
+}
+
+impl std::fmt::Display for DestinationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DestinationKey::Smarthost(addr) => write!(f, "{addr}"),
+            DestinationKey::Mx(domain) => write!(f, "MX of {domain}"),
+        }
+    }
+}
+
+/// A reply text such as `550 5.1.2 ...` as a reply.
+fn reply_from_text(text: &str) -> ServerReply {
+    let code = text.get(..3).and_then(|c| c.parse().ok()).unwrap_or(451);
+    ServerReply::new(code, text.get(4..).unwrap_or(text))
+}
+
 /// The domain of an address as stored (`local@domain`); empty for `<Postmaster>`.
 fn domain_of(address: &[u8]) -> &[u8] {
     match address.iter().rposition(|&b| b == b'@') {
@@ -109,9 +134,16 @@ fn domain_of(address: &[u8]) -> &[u8] {
 }
 
 impl Deliverer {
-    pub fn new(shard: u16, config: Arc<Config>, appender: Rc<Appender>, queue: QueueIndex) -> Rc<Deliverer> {
+    pub fn new(
+        shard: u16,
+        config: Arc<Config>,
+        appender: Rc<Appender>,
+        queue: QueueIndex,
+        resolver: Resolver,
+    ) -> Rc<Deliverer> {
         Rc::new(Deliverer {
             shard,
+            resolver,
             config,
             appender,
             queue: RefCell::new(queue),
@@ -183,12 +215,18 @@ impl Deliverer {
             .0
             .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
         let base = base.min(d.retry_max.0);
+        let x = self.next_random();
+        base + base.mul_f64((x % 1000) as f64 / 10_000.0)
+    }
+
+    /// xorshift64: jitter and shuffling only, never security.
+    fn next_random(&self) -> u64 {
         let mut x = self.jitter_seed.get();
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         self.jitter_seed.set(x);
-        base + base.mul_f64((x % 1000) as f64 / 10_000.0)
+        x
     }
 
     fn retry_later(&self, message: &mut QueuedMessage) {
@@ -199,7 +237,7 @@ impl Deliverer {
 
     /// Groups a message's pending recipients by destination and queues the jobs.
     fn schedule(self: &Rc<Self>, id: MessageId) {
-        let mut groups: Vec<(SocketAddr, Vec<u32>)> = Vec::new();
+        let mut groups: Vec<(DestinationKey, Vec<u32>)> = Vec::new();
         let mut unrouted: Vec<u32> = Vec::new();
         {
             let mut queue = self.queue.borrow_mut();
@@ -211,10 +249,18 @@ impl Deliverer {
                 if message.done[i] {
                     continue;
                 }
-                match self.config.route(domain_of(&recipient.address)) {
-                    Some(addr) => match groups.iter_mut().find(|(a, _)| *a == addr) {
+                let domain = domain_of(&recipient.address);
+                let key = match self.config.route(domain) {
+                    Some(RouteTarget::Smarthost(addr)) => Some(DestinationKey::Smarthost(addr)),
+                    Some(RouteTarget::Mx) if !domain.is_empty() => {
+                        Some(DestinationKey::Mx(String::from_utf8_lossy(domain).to_ascii_lowercase()))
+                    }
+                    _ => None,
+                };
+                match key {
+                    Some(key) => match groups.iter_mut().find(|(k, _)| *k == key) {
                         Some((_, list)) => list.push(i as u32),
-                        None => groups.push((addr, vec![i as u32])),
+                        None => groups.push((key, vec![i as u32])),
                     },
                     None => unrouted.push(i as u32),
                 }
@@ -224,7 +270,7 @@ impl Deliverer {
         for (addr, recipients) in groups {
             self.destinations
                 .borrow_mut()
-                .entry(addr)
+                .entry(addr.clone())
                 .or_default()
                 .pending
                 .push_back(Job {
@@ -261,10 +307,10 @@ impl Deliverer {
     }
 
     /// Starts a worker for a destination if it has work and room for one.
-    fn kick(self: &Rc<Self>, addr: SocketAddr) {
+    fn kick(self: &Rc<Self>, addr: DestinationKey) {
         let start = {
             let mut destinations = self.destinations.borrow_mut();
-            let d = destinations.entry(addr).or_default();
+            let d = destinations.entry(addr.clone()).or_default();
             let room = d.workers < self.config.delivery.connections_per_destination_max;
             if room && !d.pending.is_empty() {
                 d.workers += 1;
@@ -279,7 +325,37 @@ impl Deliverer {
         }
     }
 
-    async fn worker(self: Rc<Self>, addr: SocketAddr) {
+    /// Opens a connection to a destination: the smarthost, or the first MX address that answers
+    /// (RFC 5321 5.1: the next address on a connection failure or a bad greeting). The error says
+    /// whether the failure is permanent (null MX, no such domain).
+    async fn connect(&self, key: &DestinationKey) -> Result<OutboundConnection, (ServerReply, bool)> {
+        match key {
+            DestinationKey::Smarthost(addr) => OutboundConnection::open(*addr, &self.config)
+                .await
+                .map_err(|why| (ServerReply::new(421, &why), false)),
+            DestinationKey::Mx(domain) => {
+                let port = self.config.delivery.mx_port;
+                let addresses = match mx::resolve(&self.resolver, domain, port, self.next_random()).await {
+                    Ok(a) => a,
+                    Err(MxError::Permanent(text)) => return Err((reply_from_text(&text), true)),
+                    Err(MxError::Temporary(text)) => return Err((reply_from_text(&text), false)),
+                };
+                let mut last = String::new();
+                for addr in addresses {
+                    match OutboundConnection::open(addr, &self.config).await {
+                        Ok(c) => return Ok(c),
+                        Err(why) => {
+                            info!(shard = self.shard, destination = %key, "{why}; trying the next address");
+                            last = why;
+                        }
+                    }
+                }
+                Err((ServerReply::new(421, &last), false))
+            }
+        }
+    }
+
+    async fn worker(self: Rc<Self>, addr: DestinationKey) {
         let mut connection: Option<OutboundConnection> = None;
         // The connection came from the idle pool and has not carried a message since: the
         // server may have closed it meanwhile.
@@ -301,29 +377,39 @@ impl Deliverer {
                 unproven = connection.is_some();
             }
             if connection.is_none() {
-                match OutboundConnection::open(addr, &self.config).await {
+                match self.connect(&addr).await {
                     Ok(c) => connection = Some(c),
-                    Err(why) => {
-                        warn!(shard = self.shard, destination = %addr, "cannot deliver: {why}; deferring what is queued for it");
+                    Err((reply, permanent)) => {
+                        warn!(shard = self.shard, destination = %addr, "cannot deliver: {}; {} what is queued for it", reply.text(), if permanent { "failing" } else { "deferring" });
                         let mut jobs = vec![job];
                         if let Some(d) = self.destinations.borrow_mut().get_mut(&addr) {
                             jobs.extend(d.pending.drain(..));
                         }
-                        let reply = ServerReply::new(421, &why);
                         for job in jobs {
                             let results = job
                                 .recipients
                                 .iter()
-                                .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
+                                .map(|&i| {
+                                    let r = reply.clone();
+                                    (
+                                        i,
+                                        if permanent {
+                                            RecipientResult::Failed(r)
+                                        } else {
+                                            RecipientResult::Deferred(r)
+                                        },
+                                    )
+                                })
                                 .collect();
-                            self.finish_job(&job, results, Some(addr), None).await;
+                            self.finish_job(&job, results, None, None).await;
                         }
                         break;
                     }
                 }
             }
             let conn = connection.as_mut().expect("a connection");
-            let (results, healthy, original) = self.deliver(conn, &job, addr).await;
+            let peer = conn.peer;
+            let (results, healthy, original) = self.deliver(conn, &job, peer).await;
             let dead_pooled_connection = !healthy
                 && unproven
                 && !job.retried_on_fresh_connection
@@ -341,7 +427,7 @@ impl Deliverer {
                 continue;
             }
             unproven = false;
-            self.finish_job(&job, results, Some(addr), original).await;
+            self.finish_job(&job, results, Some(peer), original).await;
             if !healthy || conn.messages >= self.config.delivery.messages_per_connection_max {
                 if healthy {
                     conn.quit().await;
@@ -771,6 +857,8 @@ impl Deliverer {
 /// One outbound SMTP connection with its read buffer and the server's capabilities.
 pub struct OutboundConnection {
     stream: TcpStream,
+    /// The address connected to.
+    peer: SocketAddr,
     buf: Vec<u8>,
     /// Commands and content to send, reused across messages.
     out: Vec<u8>,
@@ -793,6 +881,7 @@ impl OutboundConnection {
         let _ = stream.set_write_timeout(Some(d.reply_timeout.0));
         let mut conn = OutboundConnection {
             stream,
+            peer: addr,
             buf: vec![0; REPLY_BUFFER_BYTES],
             out: Vec::new(),
             start: 0,

@@ -21,6 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::dns::cache::{CacheLimits, DnsCache};
 use crate::spool::Durability;
 
 /// Backlog of each listening socket.
@@ -135,11 +136,19 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         shard_fds.push(fds);
     }
 
+    let dns_cache = DnsCache::new(CacheLimits {
+        entries_max: config.dns.cache_entries_max,
+        ttl_min: config.dns.ttl_min.0,
+        ttl_max: config.dns.ttl_max.0,
+        negative_ttl_max: config.dns.negative_ttl_max.0,
+        failure_ttl: config.dns.failure_ttl.0,
+    });
     let config = Arc::new(config);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<u16, String>>();
     let mut handles = Vec::with_capacity(shards);
     for (index, fds) in shard_fds.into_iter().enumerate() {
         let config = config.clone();
+        let dns_cache = dns_cache.clone();
         let ready_tx = ready_tx.clone();
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpus[index]))
             .name(&format!("shard-{index}"))
@@ -150,7 +159,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         let handle = builder
             .spawn(move || async move {
                 let shard = index as u16;
-                let result = shard::run(shard, shards, config, fds, ready_tx.clone()).await;
+                let result = shard::run(shard, shards, config, fds, dns_cache, ready_tx.clone()).await;
                 if let Err(e) = &result {
                     let _ = ready_tx.send(Err(format!("shard {shard}: {e}")));
                 }

@@ -18,8 +18,10 @@ use glommio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use super::{connection, signals};
-use crate::config::Config;
+use crate::config::{system_dns_servers, Config};
 use crate::delivery::runner::Deliverer;
+use crate::dns::cache::DnsCache;
+use crate::dns::resolver::Resolver;
 use crate::queue::{QueueIndex, QueuedMessage};
 use crate::smtp::session::SessionConfig;
 use crate::spool::appender::{Appender, AppenderConfig};
@@ -251,6 +253,7 @@ pub async fn run(
     shard_count: usize,
     config: Arc<Config>,
     listener_fds: Vec<RawFd>,
+    dns_cache: Arc<DnsCache>,
     ready: mpsc::Sender<Result<u16, String>>,
 ) -> Result<(), String> {
     let started = Instant::now();
@@ -273,7 +276,13 @@ pub async fn run(
         queue.len(),
         started.elapsed()
     );
-    let deliverer = Deliverer::new(index, config.clone(), appender.clone(), queue);
+    let dns_servers = if config.dns.servers.is_empty() {
+        system_dns_servers()
+    } else {
+        config.dns.servers.clone()
+    };
+    let resolver = Resolver::new(dns_servers, config.dns.timeout.0, config.dns.attempts, dns_cache, index);
+    let deliverer = Deliverer::new(index, config.clone(), appender.clone(), queue, resolver);
     deliverer.start();
     let shard = Rc::new(Shard {
         index,

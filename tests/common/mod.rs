@@ -2,6 +2,7 @@
 //! written into a temporary directory, and waits on its log lines (events, not sleeps).
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod sink;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -45,7 +46,7 @@ pub fn free_port() -> u16 {
 #[derive(Clone)]
 pub struct Setup {
     sections: Vec<(String, Vec<(String, String)>)>,
-    routes: Vec<(String, SocketAddr)>,
+    routes: Vec<(String, Option<SocketAddr>)>,
     pub mx_port: u16,
     pub submission_port: u16,
 }
@@ -95,7 +96,13 @@ impl Setup {
 
     /// Adds a `[[route]]`: mail for `domain` ("*" for all) goes to `smarthost`.
     pub fn route(&mut self, domain: &str, smarthost: SocketAddr) -> &mut Setup {
-        self.routes.push((domain.to_string(), smarthost));
+        self.routes.push((domain.to_string(), Some(smarthost)));
+        self
+    }
+
+    /// Adds a `[[route]]` with `mx = true` for `domain`.
+    pub fn mx_route(&mut self, domain: &str) -> &mut Setup {
+        self.routes.push((domain.to_string(), None));
         self
     }
 
@@ -122,9 +129,10 @@ impl Setup {
             ));
         }
         for (domain, smarthost) in &self.routes {
-            text.push_str(&format!(
-                "[[route]]\ndomain = {domain:?}\nsmarthost = \"{smarthost}\"\n\n"
-            ));
+            match smarthost {
+                Some(addr) => text.push_str(&format!("[[route]]\ndomain = {domain:?}\nsmarthost = \"{addr}\"\n\n")),
+                None => text.push_str(&format!("[[route]]\ndomain = {domain:?}\nmx = true\n\n")),
+            }
         }
         text.push_str(&format!(
             "[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"mx\"\n\n[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"submission\"\n",

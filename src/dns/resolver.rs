@@ -1,0 +1,216 @@
+//! A stub resolver, one per shard: asks the configured recursive servers over a fresh UDP socket
+//! per query (random source port and id, random name case), falls back to TCP when the reply is
+//! truncated, retries across servers, and shares answers with every shard through the cache.
+//! Lookups for the same name on one shard share one query.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpStream, UdpSocket};
+use hickory_proto::rr::RecordType;
+
+use super::cache::DnsCache;
+use super::message::{build_query, parse_response, randomize_case, Answer, Parsed};
+
+/// Largest UDP reply we read (EDNS is not used, so servers send at most 512 bytes; some send more).
+const UDP_REPLY_BYTES_MAX: usize = 4096;
+/// Largest TCP reply (the length prefix allows 64 KiB).
+const TCP_REPLY_BYTES_MAX: usize = 65535;
+
+pub struct Resolver {
+    servers: Vec<SocketAddr>,
+    timeout: Duration,
+    attempts: usize,
+    cache: Arc<DnsCache>,
+    inflight: RefCell<HashMap<(String, u16), Vec<Waker>>>,
+    random: Cell<u64>,
+}
+
+/// Ready when no query for `key` is in flight on this shard.
+struct Settled<'a> {
+    resolver: &'a Resolver,
+    key: (String, u16),
+}
+
+impl Future for Settled<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inflight = self.resolver.inflight.borrow_mut();
+        match inflight.get_mut(&self.key) {
+            Some(waiters) => {
+                waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+impl Resolver {
+    pub fn new(
+        servers: Vec<SocketAddr>,
+        timeout: Duration,
+        attempts: usize,
+        cache: Arc<DnsCache>,
+        shard: u16,
+    ) -> Resolver {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ (u64::from(shard) << 48)
+            ^ u64::from(std::process::id());
+        Resolver {
+            servers,
+            timeout,
+            attempts: attempts.max(1),
+            cache,
+            inflight: RefCell::new(HashMap::new()),
+            random: Cell::new(seed | 1),
+        }
+    }
+
+    fn next_random(&self) -> u64 {
+        // xorshift64*: unpredictable enough for ids and 0x20 bits together with fresh ports.
+        let mut x = self.random.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.random.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// The answer for `name` and `rtype`, from the cache or the servers.
+    pub async fn lookup(&self, name: &str, rtype: RecordType) -> Arc<Answer> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let key = (name.clone(), u16::from(rtype));
+        loop {
+            if let Some(answer) = self.cache.get(&name, rtype, Instant::now()) {
+                return answer;
+            }
+            if self.inflight.borrow().contains_key(&key) {
+                Settled {
+                    resolver: self,
+                    key: key.clone(),
+                }
+                .await;
+                continue;
+            }
+            self.inflight.borrow_mut().insert(key.clone(), Vec::new());
+            let parsed = self.query(&name, rtype).await;
+            let answer = Arc::new(parsed.answer.clone());
+            self.cache
+                .insert(&name, rtype, parsed.answer, parsed.ttl_s, Instant::now());
+            if let Some(waiters) = self.inflight.borrow_mut().remove(&key) {
+                for waker in waiters {
+                    waker.wake();
+                }
+            }
+            return answer;
+        }
+    }
+
+    async fn query(&self, name: &str, rtype: RecordType) -> Parsed {
+        let mut last_failure = String::from("no DNS server configured");
+        for _ in 0..self.attempts {
+            for &server in &self.servers {
+                let random = self.next_random();
+                let id = random as u16;
+                let qname = randomize_case(name, random >> 16);
+                let Ok(query) = build_query(id, &qname, rtype) else {
+                    // Not encodable as a DNS name: it cannot exist.
+                    return Parsed {
+                        answer: Answer::NxDomain,
+                        ttl_s: 0,
+                        truncated: false,
+                    };
+                };
+                let result = match self.udp(server, &query, id, &qname, rtype).await {
+                    Ok(p) if p.truncated => self.tcp(server, &query, id, &qname, rtype).await,
+                    other => other,
+                };
+                match result {
+                    Ok(Parsed {
+                        answer: Answer::ServerFailure(why),
+                        ..
+                    }) => last_failure = format!("{server}: {why}"),
+                    Ok(parsed) => return parsed,
+                    Err(why) => last_failure = format!("{server}: {why}"),
+                }
+            }
+        }
+        Parsed {
+            answer: Answer::ServerFailure(last_failure),
+            ttl_s: 0,
+            truncated: false,
+        }
+    }
+
+    async fn udp(
+        &self,
+        server: SocketAddr,
+        query: &[u8],
+        id: u16,
+        qname: &str,
+        rtype: RecordType,
+    ) -> Result<Parsed, String> {
+        let bind = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let socket = UdpSocket::bind(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        socket
+            .send_to(query, server)
+            .await
+            .map_err(|e| format!("send failed: {e}"))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut buf = vec![0u8; UDP_REPLY_BYTES_MAX];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("timed out".into());
+            }
+            let (n, from) = glommio::timer::timeout(left, async { socket.recv_from(&mut buf).await })
+                .await
+                .map_err(|_| "timed out".to_string())?;
+            if from != server {
+                continue; // Not from the server we asked: ignore.
+            }
+            if let Ok(parsed) = parse_response(&buf[..n], id, qname, rtype) {
+                return Ok(parsed);
+            }
+            // A bogus or spoofed reply: keep waiting for the real one.
+        }
+    }
+
+    async fn tcp(
+        &self,
+        server: SocketAddr,
+        query: &[u8],
+        id: u16,
+        qname: &str,
+        rtype: RecordType,
+    ) -> Result<Parsed, String> {
+        let exchange = async {
+            let mut stream = TcpStream::connect_timeout(server, self.timeout).await?;
+            let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(query);
+            stream.write_all(&framed).await?;
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).await?;
+            let len = usize::from(u16::from_be_bytes(len)).min(TCP_REPLY_BYTES_MAX);
+            let mut reply = vec![0u8; len];
+            stream.read_exact(&mut reply).await?;
+            Ok(reply)
+        };
+        let reply = glommio::timer::timeout(self.timeout, exchange)
+            .await
+            .map_err(|e| format!("TCP query failed: {e}"))?;
+        parse_response(&reply, id, qname, rtype).map_err(|e| format!("bad TCP reply: {e:?}"))
+    }
+}

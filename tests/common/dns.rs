@@ -1,0 +1,181 @@
+//! An authoritative DNS server for the tests, on loopback UDP and TCP (one port), built with
+//! hickory-proto. It answers from a small zone, and can be told to fail, stay silent, or truncate
+//! its UDP answer for chosen names. It records every question it gets.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::{Arc, Mutex};
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, MX, SOA};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+#[derive(Default)]
+pub struct Zone {
+    records: HashMap<(String, RecordType), Vec<RData>>,
+    pub ttl_s: u32,
+    pub servfail: HashSet<String>,
+    pub silent: HashSet<String>,
+    pub truncate_udp: HashSet<String>,
+}
+
+impl Zone {
+    pub fn mx(&mut self, name: &str, records: &[(u16, &str)]) -> &mut Zone {
+        let rdata = records
+            .iter()
+            .map(|(pref, host)| {
+                let exchange = if *host == "." {
+                    Name::root()
+                } else {
+                    Name::from_ascii(format!("{host}.")).unwrap()
+                };
+                RData::MX(MX::new(*pref, exchange))
+            })
+            .collect();
+        self.records.insert((name.to_string(), RecordType::MX), rdata);
+        self
+    }
+
+    pub fn a(&mut self, name: &str, ip: [u8; 4]) -> &mut Zone {
+        self.records
+            .entry((name.to_string(), RecordType::A))
+            .or_default()
+            .push(RData::A(A::new(ip[0], ip[1], ip[2], ip[3])));
+        self
+    }
+}
+
+/// One question the server got: name as asked (case kept), type, and whether over TCP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Question {
+    pub name: String,
+    pub rtype: RecordType,
+    pub tcp: bool,
+}
+
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    pub zone: Arc<Mutex<Zone>>,
+    pub questions: Arc<Mutex<Vec<Question>>>,
+}
+
+fn answer(zone: &Zone, request: &Message, tcp: bool) -> Option<Vec<u8>> {
+    let query = request.queries.first()?.clone();
+    let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    if zone.silent.contains(&name) {
+        return None;
+    }
+    let mut reply = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
+    reply.metadata.recursion_desired = request.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.metadata.authoritative = true;
+    // Echo the question exactly as asked (DNS 0x20).
+    reply.add_query(query.clone());
+    if zone.servfail.contains(&name) {
+        reply.metadata.response_code = ResponseCode::ServFail;
+        return reply.to_vec().ok();
+    }
+    if !tcp && zone.truncate_udp.contains(&name) {
+        reply.metadata.truncation = true;
+        return reply.to_vec().ok();
+    }
+    let soa = Record::from_rdata(
+        Name::from_ascii("test.").unwrap(),
+        zone.ttl_s,
+        RData::SOA(SOA::new(Name::root(), Name::root(), 1, 60, 60, 60, zone.ttl_s)),
+    );
+    match zone.records.get(&(name.clone(), query.query_type)) {
+        Some(rdata) => {
+            for data in rdata {
+                reply
+                    .answers
+                    .push(Record::from_rdata(query.name.clone(), zone.ttl_s, data.clone()));
+            }
+        }
+        None if zone.records.keys().any(|(n, _)| *n == name) => reply.authorities.push(soa),
+        None => {
+            reply.metadata.response_code = ResponseCode::NXDomain;
+            reply.authorities.push(soa);
+        }
+    }
+    reply.to_vec().ok()
+}
+
+impl DnsServer {
+    pub fn start() -> DnsServer {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(addr).unwrap();
+        let zone = Arc::new(Mutex::new(Zone {
+            ttl_s: 300,
+            ..Zone::default()
+        }));
+        let questions = Arc::new(Mutex::new(Vec::new()));
+        let (z, q) = (zone.clone(), questions.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let Ok(request) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                if let Some(query) = request.queries.first() {
+                    q.lock().unwrap().push(Question {
+                        name: query.name.to_ascii(),
+                        rtype: query.query_type,
+                        tcp: false,
+                    });
+                }
+                if let Some(reply) = answer(&z.lock().unwrap(), &request, false) {
+                    let _ = udp.send_to(&reply, from);
+                }
+            }
+        });
+        let (z, q) = (zone.clone(), questions.clone());
+        std::thread::spawn(move || {
+            for stream in tcp.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let (z, q) = (z.clone(), q.clone());
+                std::thread::spawn(move || {
+                    let mut len = [0u8; 2];
+                    while stream.read_exact(&mut len).is_ok() {
+                        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                        if stream.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        let Ok(request) = Message::from_vec(&body) else { return };
+                        if let Some(query) = request.queries.first() {
+                            q.lock().unwrap().push(Question {
+                                name: query.name.to_ascii(),
+                                rtype: query.query_type,
+                                tcp: true,
+                            });
+                        }
+                        let Some(reply) = answer(&z.lock().unwrap(), &request, true) else {
+                            return;
+                        };
+                        let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                        framed.extend_from_slice(&reply);
+                        if stream.write_all(&framed).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        DnsServer { addr, zone, questions }
+    }
+
+    /// Questions asked about `name` (case-insensitive) of `rtype`.
+    pub fn asked(&self, name: &str, rtype: RecordType) -> Vec<Question> {
+        let wanted = format!("{}.", name.to_ascii_lowercase());
+        self.questions
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|q| q.rtype == rtype && q.name.to_ascii_lowercase() == wanted)
+            .cloned()
+            .collect()
+    }
+}
