@@ -1,4 +1,5 @@
 //! Delivery: the outbound SMTP client (sans-IO) and the per-shard queue runner.
 
 pub mod client;
+pub mod lanes;
 pub mod runner;

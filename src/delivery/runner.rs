@@ -12,7 +12,7 @@
 //! queued for it at once, so a dead host costs one connection attempt, not one per message.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use super::client::{
     Capabilities, OutboundEnvelope, RecipientResult, ReplyParser, ServerReply, Transaction, TxStep, Unsendable,
 };
+use super::lanes::{Lane, Lanes};
 use crate::config::{Config, RouteTarget};
 use crate::dns::mx::{self, MxError};
 use crate::dns::resolver::Resolver;
@@ -65,13 +66,14 @@ impl Loaded {
 struct Job {
     id: MessageId,
     recipients: Vec<u32>,
+    lane: Lane,
     /// Already put back once because a pooled connection turned out to be dead.
     retried_on_fresh_connection: bool,
 }
 
 #[derive(Default)]
 struct Destination {
-    pending: VecDeque<Job>,
+    pending: Lanes<Job>,
     workers: usize,
     idle: Vec<(OutboundConnection, Instant)>,
 }
@@ -239,6 +241,7 @@ impl Deliverer {
     fn schedule(self: &Rc<Self>, id: MessageId) {
         let mut groups: Vec<(DestinationKey, Vec<u32>)> = Vec::new();
         let mut unrouted: Vec<u32> = Vec::new();
+        let lane;
         {
             let mut queue = self.queue.borrow_mut();
             let Some(message) = queue.get_mut(&id) else { return };
@@ -266,6 +269,13 @@ impl Deliverer {
                 }
             }
             message.jobs_outstanding = groups.len() as u32 + u32::from(!unrouted.is_empty());
+            lane = if message.envelope.sender.is_empty() {
+                Lane::Bounce
+            } else if message.attempts > 0 {
+                Lane::Retry
+            } else {
+                Lane::Fresh
+            };
         }
         for (addr, recipients) in groups {
             self.destinations
@@ -273,11 +283,15 @@ impl Deliverer {
                 .entry(addr.clone())
                 .or_default()
                 .pending
-                .push_back(Job {
-                    id,
-                    recipients,
-                    retried_on_fresh_connection: false,
-                });
+                .push_back(
+                    lane,
+                    Job {
+                        id,
+                        recipients,
+                        lane,
+                        retried_on_fresh_connection: false,
+                    },
+                );
             self.kick(addr);
         }
         if !unrouted.is_empty() {
@@ -287,6 +301,7 @@ impl Deliverer {
             let job = Job {
                 id,
                 recipients: unrouted,
+                lane,
                 retried_on_fresh_connection: false,
             };
             let me = self.clone();
@@ -365,7 +380,7 @@ impl Deliverer {
                 .destinations
                 .borrow_mut()
                 .get_mut(&addr)
-                .and_then(|d| d.pending.pop_front());
+                .and_then(|d| d.pending.pop());
             let Some(job) = job else { break };
             if connection.is_none() {
                 connection = self
@@ -383,7 +398,7 @@ impl Deliverer {
                         warn!(shard = self.shard, destination = %addr, "cannot deliver: {}; {} what is queued for it", reply.text(), if permanent { "failing" } else { "deferring" });
                         let mut jobs = vec![job];
                         if let Some(d) = self.destinations.borrow_mut().get_mut(&addr) {
-                            jobs.extend(d.pending.drain(..));
+                            jobs.extend(d.pending.drain());
                         }
                         for job in jobs {
                             let results = job
@@ -419,7 +434,7 @@ impl Deliverer {
                 let mut job = job;
                 job.retried_on_fresh_connection = true;
                 if let Some(d) = self.destinations.borrow_mut().get_mut(&addr) {
-                    d.pending.push_front(job);
+                    d.pending.push_front(job.lane, job);
                     // Its idle siblings most likely died with it (a restarted server).
                     d.idle.clear();
                 }
