@@ -110,6 +110,10 @@ pub struct Delivery {
     /// The port of MX hosts (25; other values are for tests and unusual setups).
     #[serde(default = "default_mx_port")]
     pub mx_port: u16,
+    /// After this long in the queue, one delay notice (RFC 3464 "delayed") goes to the sender
+    /// for recipients still deferred that asked NOTIFY=DELAY or gave no NOTIFY. "0s": never.
+    #[serde(default = "default_delay_warning_after")]
+    pub delay_warning_after: Span,
 }
 
 /// One routing rule: a smarthost, or MX delivery.
@@ -389,6 +393,9 @@ fn default_data_timeout() -> Span {
     Span(Duration::from_secs(600))
 }
 
+fn default_delay_warning_after() -> Span {
+    Span(Duration::from_secs(4 * 3600))
+}
 fn default_mx_port() -> u16 {
     25
 }
@@ -482,6 +489,7 @@ impl Default for Delivery {
             retry_max: default_retry_max(),
             queue_lifetime: default_queue_lifetime(),
             mx_port: default_mx_port(),
+            delay_warning_after: default_delay_warning_after(),
         }
     }
 }

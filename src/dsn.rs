@@ -31,6 +31,18 @@ pub fn wants_failure_notice(envelope: &StoredEnvelope, index: u32) -> bool {
     }
 }
 
+/// Whether a delay notice for this recipient should be sent (NOTIFY=DELAY, or no NOTIFY at all).
+pub fn wants_delay_notice(envelope: &StoredEnvelope, index: u32) -> bool {
+    if envelope.sender.is_empty() {
+        return false;
+    }
+    match envelope.recipients.get(index as usize) {
+        None => false,
+        Some(r) if r.notify == 0 => true,
+        Some(r) => r.notify & notify::DELAY != 0 && r.notify & notify::NEVER == 0,
+    }
+}
+
 /// The RFC 3463 status in a reply text (`550 5.1.1 ...` gives `5.1.1`), or a default by class.
 fn status_of(diagnostic: &str) -> String {
     let mut words = diagnostic.split_whitespace();
@@ -260,6 +272,40 @@ mod tests {
         .unwrap();
         assert!(full
             .contains("Content-Type: message/rfc822\r\n\r\nSubject: hello\r\nFrom: a@x.test\r\n\r\nsecret body\r\n"));
+    }
+
+    #[test]
+    fn delay_notices_follow_notify() {
+        assert!(wants_delay_notice(&envelope("a@x.test", 0, Ret::Unspecified), 0));
+        assert!(wants_delay_notice(
+            &envelope("a@x.test", notify::DELAY, Ret::Unspecified),
+            0
+        ));
+        assert!(!wants_delay_notice(
+            &envelope("a@x.test", notify::FAILURE, Ret::Unspecified),
+            0
+        ));
+        assert!(!wants_delay_notice(&envelope("", 0, Ret::Unspecified), 0));
+        let ctx = BounceContext {
+            hostname: "mx.test",
+            original_id: "ID1",
+            now_unix_s: 0,
+            action: "delayed",
+        };
+        let failed = [FailedRecipient {
+            index: 0,
+            diagnostic: "451 4.3.0 try later".into(),
+            remote_mta: None,
+        }];
+        let notice = String::from_utf8(build_bounce(
+            &ctx,
+            &envelope("a@x.test", 0, Ret::Full),
+            b"Subject: s\r\n\r\nbody\r\n",
+            &failed,
+        ))
+        .unwrap();
+        assert!(notice.contains("Subject: Delayed Mail (still being retried)"));
+        assert!(notice.contains("Action: delayed\r\nStatus: 4.3.0\r\n"));
     }
 
     #[test]

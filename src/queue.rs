@@ -25,6 +25,8 @@ pub struct QueuedMessage {
     pub attempts: u32,
     /// Delivery jobs (one per destination) queued or running for this message.
     pub jobs_outstanding: u32,
+    /// A delay notice went out (not persisted: after a restart one may go out again).
+    pub delay_notified: bool,
 }
 
 impl QueuedMessage {
@@ -37,6 +39,7 @@ impl QueuedMessage {
             content_bytes: m.content_bytes,
             attempts: 0,
             jobs_outstanding: 0,
+            delay_notified: false,
         }
     }
 

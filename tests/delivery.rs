@@ -152,6 +152,35 @@ fn mail_without_a_route_expires_and_is_bounced() {
 }
 
 #[test]
+fn a_long_deferral_sends_one_delay_notice() {
+    let (deferring, sender_side) = (CaptureSink::start(), CaptureSink::start());
+    deferring.behaviour.defer_data.store(usize::MAX, Ordering::Release);
+    let mut setup = Setup::new();
+    setup
+        .route("remote.test", deferring.addr)
+        .route("sender.test", sender_side.addr);
+    setup.set("delivery", "retry_first", "\"1s\"");
+    setup.set("delivery", "retry_max", "\"1s\"");
+    setup.set("delivery", "delay_warning_after", "\"1s\"");
+    let g = Gannet::start(&setup);
+    send(
+        &g,
+        "me@sender.test",
+        &["slow@remote.test"],
+        "Subject: patience\r\n\r\nx\r\n",
+    );
+    let got = sender_side.wait_for(1, WAIT);
+    assert!(got[0].from.is_empty());
+    let text = String::from_utf8_lossy(&got[0].content).to_string();
+    assert!(text.contains("Subject: Delayed Mail (still being retried)"), "{text}");
+    assert!(text.contains("Action: delayed\r\nStatus: 4.3.0\r\n"), "{text}");
+    // More attempts, still one notice.
+    assert!(g.wait_for_log_count("deferred: 451 4.3.0", 3, WAIT));
+    assert_eq!(sender_side.captured().len(), 1);
+    assert_eq!(g.queued_ids().len(), 1, "the message itself is still queued");
+}
+
+#[test]
 fn a_deferral_is_retried_and_delivered_once() {
     let sink = CaptureSink::start();
     sink.behaviour.defer_data.store(1, Ordering::Release);
@@ -209,7 +238,7 @@ fn a_refused_recipient_is_bounced_to_the_sender_and_the_others_are_delivered() {
         assert!(text.contains(needle), "{needle:?} missing from the bounce:\n{text}");
     }
     assert!(!text.contains("secret body"), "RET=HDRS returns the headers only");
-    assert!(g.wait_for_log("bounce queued", WAIT));
+    assert!(g.wait_for_log("failed notice queued", WAIT));
     assert!(stop_and_list(g).is_empty());
 }
 
@@ -229,7 +258,7 @@ fn the_null_sender_and_notify_never_are_not_bounced() {
         assert!(c.cmd("Subject: x\r\n\r\nx\r\n.").starts_with("250"));
     }
     assert!(g.wait_for_log_count("failed for good", 2, WAIT));
-    assert!(!g.log_text().contains("bounce queued"), "{}", g.log_text());
+    assert!(!g.log_text().contains("notice queued"), "{}", g.log_text());
     // A clean stop writes the state; nothing may be left, and no bounce was ever queued.
     assert!(stop_and_list(g).is_empty());
     assert!(sink.captured().is_empty(), "{:?}", sink.captured());

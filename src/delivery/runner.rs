@@ -661,10 +661,14 @@ impl Deliverer {
         let lifetime_s = self.config.delivery.queue_lifetime.0.as_secs();
         let mut done: Vec<u32> = Vec::new();
         let mut bounce: Vec<FailedRecipient> = Vec::new();
+        let mut delayed: Vec<FailedRecipient> = Vec::new();
+        let delay_warning_s = self.config.delivery.delay_warning_after.0.as_secs();
         let (record_bytes, envelope) = {
             let queue = self.queue.borrow();
             let Some(message) = queue.get(&job.id) else { return };
-            let expired = unix_now_s().saturating_sub(message.envelope.received_unix_s) > lifetime_s;
+            let age_s = unix_now_s().saturating_sub(message.envelope.received_unix_s);
+            let expired = age_s > lifetime_s;
+            let warn_delay = delay_warning_s > 0 && age_s >= delay_warning_s && !message.delay_notified;
             for (index, result) in &results {
                 let rcpt = String::from_utf8_lossy(&message.envelope.recipients[*index as usize].address).into_owned();
                 let failure = match result {
@@ -683,6 +687,13 @@ impl Deliverer {
                     }
                     RecipientResult::Deferred(reply) => {
                         info!(shard = self.shard, id = %job.id, to = %rcpt, relay = %relay_text, "deferred: {}", reply.text());
+                        if warn_delay && dsn::wants_delay_notice(&message.envelope, *index) {
+                            delayed.push(FailedRecipient {
+                                index: *index,
+                                diagnostic: reply.text(),
+                                remote_mta: relay.map(|a| a.to_string()),
+                            });
+                        }
                         None
                     }
                 };
@@ -700,19 +711,24 @@ impl Deliverer {
             }
             (message.record_bytes, message.envelope.clone())
         };
-        if !bounce.is_empty() {
+        let mut delay_notified = false;
+        if !bounce.is_empty() || !delayed.is_empty() {
             let original = match original {
                 Some(o) => Some(o),
                 None => self.read_message(job.id, record_bytes).await.ok().map(Rc::new),
             };
             let content: &[u8] = original.as_ref().map_or(&[], |o| o.content());
-            if self.spool_bounce(job.id, &envelope, content, &bounce).await {
+            if !bounce.is_empty() && self.spool_bounce(job.id, &envelope, content, &bounce, "failed").await {
                 done.extend(bounce.iter().map(|f| f.index));
+            }
+            if !delayed.is_empty() {
+                delay_notified = self.spool_bounce(job.id, &envelope, content, &delayed, "delayed").await;
             }
         }
         {
             let mut queue = self.queue.borrow_mut();
             let Some(message) = queue.get_mut(&job.id) else { return };
+            message.delay_notified |= delay_notified;
             let mut state = self.state.borrow_mut();
             for index in done {
                 message.done[index as usize] = true;
@@ -736,20 +752,22 @@ impl Deliverer {
         self.flush_state_soon();
     }
 
-    /// Spools a bounce to the original sender, from the null sender. True once it is durable.
+    /// Spools a delivery status notification (`action`: "failed" or "delayed") to the original
+    /// sender, from the null sender. True once it is durable.
     async fn spool_bounce(
         self: &Rc<Self>,
         original_id: MessageId,
         envelope: &StoredEnvelope,
         content: &[u8],
         failed: &[FailedRecipient],
+        action: &str,
     ) -> bool {
         let id_text = original_id.to_string();
         let ctx = BounceContext {
             hostname: &self.config.server.hostname,
             original_id: &id_text,
             now_unix_s: unix_now_s(),
-            action: "failed",
+            action,
         };
         let size_max = self.config.limits.message_size_max.0 as usize;
         let mut bytes = build_bounce(&ctx, envelope, content, failed);
@@ -779,7 +797,7 @@ impl Deliverer {
         let (record_bytes, content_bytes) = (message.record_len(), message.content_bytes);
         match self.appender.commit(message).await {
             Ok(bounce_id) => {
-                info!(shard = self.shard, id = %original_id, bounce = %bounce_id, to = %String::from_utf8_lossy(&envelope.sender), "bounce queued");
+                info!(shard = self.shard, id = %original_id, bounce = %bounce_id, to = %String::from_utf8_lossy(&envelope.sender), "{action} notice queued");
                 self.accept(QueuedMessage {
                     id: bounce_id,
                     record_bytes,
@@ -788,6 +806,7 @@ impl Deliverer {
                     content_bytes,
                     attempts: 0,
                     jobs_outstanding: 0,
+                    delay_notified: false,
                 });
                 true
             }

@@ -112,6 +112,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
                                 content_bytes,
                                 attempts: 0,
                                 jobs_outstanding: 0,
+                                delay_notified: false,
                             });
                             let id = id.to_string();
                             session.committed(Ok(&id), &mut out);
