@@ -105,9 +105,15 @@ fn answer(zone: &Zone, request: &Message, tcp: bool) -> Option<Vec<u8>> {
 
 impl DnsServer {
     pub fn start() -> DnsServer {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // One port for UDP and TCP, from below the ephemeral range (see `free_port`), so that no
+        // outbound connection can be holding it.
+        let (udp, tcp) = loop {
+            let addr = SocketAddr::from(([127, 0, 0, 1], super::free_port()));
+            if let (Ok(tcp), Ok(udp)) = (TcpListener::bind(addr), UdpSocket::bind(addr)) {
+                break (udp, tcp);
+            }
+        };
         let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).unwrap();
         let zone = Arc::new(Mutex::new(Zone {
             ttl_s: 300,
             ..Zone::default()
