@@ -44,6 +44,46 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub dns: Dns,
+    /// Receiver-specific limits: the first matching rule applies to a destination.
+    #[serde(default, rename = "destination")]
+    pub destinations: Vec<DestinationLimits>,
+}
+
+/// Limits for the destinations a rule matches (per shard, like the defaults they replace).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationLimits {
+    /// A smarthost `IP:port`, a recipient domain (`example.com`), or `*.example.com` for the
+    /// domain's subdomains, or `*` for everything.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Instead of `delivery.connections_per_destination_max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_max: Option<usize>,
+    /// Instead of `delivery.messages_per_connection_max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_connection_max: Option<usize>,
+    /// At most this many messages per second to the destination (per shard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_second: Option<f64>,
+}
+
+impl DestinationLimits {
+    /// Whether this rule covers a destination named `name` (an `IP:port` or a domain).
+    pub fn matches(&self, name: &str) -> bool {
+        let p = self.pattern.as_str();
+        if p == "*" || p.eq_ignore_ascii_case(name) {
+            return true;
+        }
+        match p.strip_prefix("*.") {
+            Some(suffix) => {
+                name.len() > suffix.len()
+                    && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                    && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+            }
+            None => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -899,6 +939,32 @@ impl Config {
                 format!("{} is longer than dns.ttl_max ({})", dns.ttl_min, dns.ttl_max),
             ));
         }
+        for (i, rule) in self.destinations.iter().enumerate() {
+            if rule.pattern.is_empty() {
+                return Err(fail(
+                    "destination",
+                    i,
+                    "match",
+                    "write an IP:port, a domain, *.domain or *".into(),
+                ));
+            }
+            if rule.connections_max == Some(0) || rule.messages_per_connection_max == Some(0) {
+                return Err(fail(
+                    "destination",
+                    i,
+                    "connections_max",
+                    "limits must be at least 1".into(),
+                ));
+            }
+            if rule.messages_per_second.is_some_and(|r| !(r > 0.0 && r <= 1_000_000.0)) {
+                return Err(fail(
+                    "destination",
+                    i,
+                    "messages_per_second",
+                    "must be a number above 0, such as 10 or 0.5".into(),
+                ));
+            }
+        }
         for domain in &self.relay.local_domains {
             if !valid_hostname(domain) {
                 return Err(fail(
@@ -948,6 +1014,11 @@ impl Config {
                 Some(addr) => RouteTarget::Smarthost(addr),
                 None => RouteTarget::Mx,
             })
+    }
+
+    /// The limits rule for a destination named `name` (an `IP:port` or a domain), if any.
+    pub fn destination_limits(&self, name: &str) -> Option<&DestinationLimits> {
+        self.destinations.iter().find(|d| d.matches(name))
     }
 
     /// The name Gannet gives in EHLO when delivering.
@@ -1022,6 +1093,31 @@ mod tests {
         .unwrap_err();
         assert!(e.message.contains("exactly one"), "{e}");
         assert_eq!(Config::embedded_default().route(b"x.example"), None);
+    }
+
+    #[test]
+    fn destination_rules_match_addresses_domains_and_suffixes() {
+        let c = Config::parse(
+            "[[destination]]\nmatch = \"*.big.example\"\nconnections_max = 2\n\n[[destination]]\nmatch = \"127.0.0.1:2526\"\nmessages_per_second = 0.5\n",
+            "g.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.destination_limits("mx.BIG.example").and_then(|d| d.connections_max),
+            Some(2)
+        );
+        assert!(
+            c.destination_limits("big.example").is_none(),
+            "a suffix rule needs a subdomain"
+        );
+        assert!(c.destination_limits("notbig.example").is_none());
+        assert_eq!(
+            c.destination_limits("127.0.0.1:2526")
+                .and_then(|d| d.messages_per_second),
+            Some(0.5)
+        );
+        let e = Config::parse("[[destination]]\nmatch = \"x\"\nmessages_per_second = 0\n", "g.toml").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
     }
 
     #[test]

@@ -181,6 +181,43 @@ fn a_long_deferral_sends_one_delay_notice() {
 }
 
 #[test]
+fn destination_rules_cap_connections_and_rate() {
+    let sink = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup.route("*", sink.addr);
+    setup.raw(&format!(
+        "[[destination]]\nmatch = \"{}\"\nconnections_max = 1\nmessages_per_second = 4\n",
+        sink.addr
+    ));
+    let g = Gannet::start(&setup);
+    let t0 = std::time::Instant::now();
+    let out = Command::new(tool("smtp-source"))
+        .args([
+            "-s",
+            "4",
+            "-m",
+            "6",
+            "-l",
+            "300",
+            "-f",
+            "a@rate.test",
+            "-t",
+            "b@remote.test",
+        ])
+        .arg(g.mx().to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    sink.wait_for(6, WAIT);
+    // Six messages at four a second: the last starts at least 5 x 250 ms after the first. A
+    // lower bound only: the rate is the behaviour under test, not a speed.
+    assert!(t0.elapsed() >= Duration::from_millis(1200), "{:?}", t0.elapsed());
+    assert_eq!(sink.connections.load(Ordering::Acquire), 1);
+    assert!(g.wait_for_log_count("delivered: ", 6, WAIT));
+    assert!(stop_and_list(g).is_empty());
+}
+
+#[test]
 fn a_deferral_is_retried_and_delivered_once() {
     let sink = CaptureSink::start();
     sink.behaviour.defer_data.store(1, Ordering::Release);

@@ -71,11 +71,48 @@ struct Job {
     retried_on_fresh_connection: bool,
 }
 
-#[derive(Default)]
 struct Destination {
     pending: Lanes<Job>,
     workers: usize,
     idle: Vec<(OutboundConnection, Instant)>,
+    connections_max: usize,
+    messages_per_connection_max: usize,
+    /// Time between messages when a rate is set (`[[destination]] messages_per_second`).
+    send_interval: Option<Duration>,
+    /// When the next message may start, under the rate.
+    next_send: Option<Instant>,
+}
+
+impl Destination {
+    /// A destination with the limits of the first `[[destination]]` rule that matches it.
+    fn new(config: &Config, key: &DestinationKey) -> Destination {
+        let rule = config.destination_limits(&key.name());
+        Destination {
+            pending: Lanes::default(),
+            workers: 0,
+            idle: Vec::new(),
+            connections_max: rule
+                .and_then(|r| r.connections_max)
+                .unwrap_or(config.delivery.connections_per_destination_max),
+            messages_per_connection_max: rule
+                .and_then(|r| r.messages_per_connection_max)
+                .unwrap_or(config.delivery.messages_per_connection_max),
+            send_interval: rule
+                .and_then(|r| r.messages_per_second)
+                .map(|rate| Duration::from_secs_f64(1.0 / rate)),
+            next_send: None,
+        }
+    }
+
+    /// How long to wait before the next message may go, reserving its slot.
+    fn wait_for_rate(&mut self, now: Instant) -> Duration {
+        let Some(interval) = self.send_interval else {
+            return Duration::ZERO;
+        };
+        let at = self.next_send.map_or(now, |t| t.max(now));
+        self.next_send = Some(at + interval);
+        at.saturating_duration_since(now)
+    }
 }
 
 #[derive(Default)]
@@ -110,6 +147,16 @@ fn unix_now_s() -> u64 {
 pub enum DestinationKey {
     Smarthost(SocketAddr),
     Mx(String),
+}
+
+impl DestinationKey {
+    /// What `[[destination]]` rules match: the smarthost's `IP:port`, or the domain.
+    fn name(&self) -> String {
+        match self {
+            DestinationKey::Smarthost(addr) => addr.to_string(),
+            DestinationKey::Mx(domain) => domain.clone(),
+        }
+    }
 }
 
 impl std::fmt::Display for DestinationKey {
@@ -281,7 +328,7 @@ impl Deliverer {
             self.destinations
                 .borrow_mut()
                 .entry(addr.clone())
-                .or_default()
+                .or_insert_with(|| Destination::new(&self.config, &addr))
                 .pending
                 .push_back(
                     lane,
@@ -325,8 +372,10 @@ impl Deliverer {
     fn kick(self: &Rc<Self>, addr: DestinationKey) {
         let start = {
             let mut destinations = self.destinations.borrow_mut();
-            let d = destinations.entry(addr.clone()).or_default();
-            let room = d.workers < self.config.delivery.connections_per_destination_max;
+            let d = destinations
+                .entry(addr.clone())
+                .or_insert_with(|| Destination::new(&self.config, &addr));
+            let room = d.workers < d.connections_max;
             if room && !d.pending.is_empty() {
                 d.workers += 1;
                 true
@@ -422,6 +471,14 @@ impl Deliverer {
                     }
                 }
             }
+            let wait = self
+                .destinations
+                .borrow_mut()
+                .get_mut(&addr)
+                .map_or(Duration::ZERO, |d| d.wait_for_rate(Instant::now()));
+            if !wait.is_zero() {
+                glommio::timer::sleep(wait).await;
+            }
             let conn = connection.as_mut().expect("a connection");
             let peer = conn.peer;
             let (results, healthy, original) = self.deliver(conn, &job, peer).await;
@@ -443,7 +500,14 @@ impl Deliverer {
             }
             unproven = false;
             self.finish_job(&job, results, Some(peer), original).await;
-            if !healthy || conn.messages >= self.config.delivery.messages_per_connection_max {
+            let messages_max = self
+                .destinations
+                .borrow()
+                .get(&addr)
+                .map_or(self.config.delivery.messages_per_connection_max, |d| {
+                    d.messages_per_connection_max
+                });
+            if !healthy || conn.messages >= messages_max {
                 if healthy {
                     conn.quit().await;
                 }

@@ -47,6 +47,8 @@ pub fn free_port() -> u16 {
 pub struct Setup {
     sections: Vec<(String, Vec<(String, String)>)>,
     routes: Vec<(String, Option<SocketAddr>)>,
+    /// Extra TOML appended as is (array tables such as `[[destination]]`).
+    raw: String,
     pub mx_port: u16,
     pub submission_port: u16,
 }
@@ -62,6 +64,7 @@ impl Setup {
         let mut s = Setup {
             sections: Vec::new(),
             routes: Vec::new(),
+            raw: String::new(),
             mx_port: free_port(),
             submission_port: free_port(),
         };
@@ -100,6 +103,13 @@ impl Setup {
         self
     }
 
+    /// Appends raw TOML (array tables).
+    pub fn raw(&mut self, toml: &str) -> &mut Setup {
+        self.raw.push_str(toml);
+        self.raw.push('\n');
+        self
+    }
+
     /// Adds a `[[route]]` with `mx = true` for `domain`.
     pub fn mx_route(&mut self, domain: &str) -> &mut Setup {
         self.routes.push((domain.to_string(), None));
@@ -134,6 +144,7 @@ impl Setup {
                 None => text.push_str(&format!("[[route]]\ndomain = {domain:?}\nmx = true\n\n")),
             }
         }
+        text.push_str(&self.raw);
         text.push_str(&format!(
             "[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"mx\"\n\n[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"submission\"\n",
             self.mx_port, self.submission_port
