@@ -57,7 +57,7 @@ pub struct DestinationLimits {
     /// domain's subdomains, or `*` for everything.
     #[serde(rename = "match")]
     pub pattern: String,
-    /// Instead of `delivery.connections_per_destination_max`.
+    /// Instead of `delivery.connections_per_destination_max` (process-wide, split across shards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections_max: Option<usize>,
     /// Instead of `delivery.messages_per_connection_max`.
@@ -130,9 +130,13 @@ pub struct Delivery {
     /// Waiting for the reply after the final dot (RFC 5321: 10 minutes).
     #[serde(default = "default_final_reply_timeout")]
     pub final_reply_timeout: Span,
-    /// Concurrent connections per destination, per shard.
+    /// Concurrent connections per destination, for the whole process: each shard gets an equal
+    /// share (rounded up).
     #[serde(default = "default_connections_per_destination_max")]
     pub connections_per_destination_max: usize,
+    /// Concurrent delivering connections per shard, over all destinations.
+    #[serde(default = "default_connections_per_shard_max")]
+    pub connections_per_shard_max: usize,
     #[serde(default = "default_messages_per_connection_max")]
     pub messages_per_connection_max: usize,
     /// How long an idle outbound connection is kept for reuse.
@@ -499,6 +503,9 @@ fn default_final_reply_timeout() -> Span {
 fn default_connections_per_destination_max() -> usize {
     20
 }
+fn default_connections_per_shard_max() -> usize {
+    500
+}
 fn default_messages_per_connection_max() -> usize {
     1000
 }
@@ -523,6 +530,7 @@ impl Default for Delivery {
             reply_timeout: default_reply_timeout(),
             final_reply_timeout: default_final_reply_timeout(),
             connections_per_destination_max: default_connections_per_destination_max(),
+            connections_per_shard_max: default_connections_per_shard_max(),
             messages_per_connection_max: default_messages_per_connection_max(),
             idle_timeout: default_idle_timeout(),
             retry_first: default_retry_first(),
@@ -868,7 +876,10 @@ impl Config {
                 ),
             ));
         }
-        if d.connections_per_destination_max == 0 || d.messages_per_connection_max == 0 {
+        if d.connections_per_destination_max == 0
+            || d.messages_per_connection_max == 0
+            || d.connections_per_shard_max == 0
+        {
             let key = if d.connections_per_destination_max == 0 {
                 "connections_per_destination_max"
             } else {

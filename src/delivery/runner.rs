@@ -85,15 +85,17 @@ struct Destination {
 
 impl Destination {
     /// A destination with the limits of the first `[[destination]]` rule that matches it.
-    fn new(config: &Config, key: &DestinationKey) -> Destination {
+    fn new(config: &Config, key: &DestinationKey, shard_count: usize) -> Destination {
         let rule = config.destination_limits(&key.name());
+        let process_wide = rule
+            .and_then(|r| r.connections_max)
+            .unwrap_or(config.delivery.connections_per_destination_max);
         Destination {
             pending: Lanes::default(),
             workers: 0,
             idle: Vec::new(),
-            connections_max: rule
-                .and_then(|r| r.connections_max)
-                .unwrap_or(config.delivery.connections_per_destination_max),
+            // Each shard takes its share of the process-wide cap, rounded up.
+            connections_max: process_wide.div_ceil(shard_count.max(1)).max(1),
             messages_per_connection_max: rule
                 .and_then(|r| r.messages_per_connection_max)
                 .unwrap_or(config.delivery.messages_per_connection_max),
@@ -133,6 +135,9 @@ pub struct Deliverer {
     state: RefCell<PendingState>,
     readers: RefCell<HashMap<(u16, u64), Rc<DmaFile>>>,
     jitter_seed: Cell<u64>,
+    shard_count: usize,
+    /// Delivering connections (workers) over all destinations.
+    workers_total: Cell<usize>,
 }
 
 fn unix_now_s() -> u64 {
@@ -185,12 +190,15 @@ fn domain_of(address: &[u8]) -> &[u8] {
 impl Deliverer {
     pub fn new(
         shard: u16,
+        shard_count: usize,
         config: Arc<Config>,
         appender: Rc<Appender>,
         queue: QueueIndex,
         resolver: Resolver,
     ) -> Rc<Deliverer> {
         Rc::new(Deliverer {
+            shard_count,
+            workers_total: Cell::new(0),
             shard,
             resolver,
             config,
@@ -328,7 +336,7 @@ impl Deliverer {
             self.destinations
                 .borrow_mut()
                 .entry(addr.clone())
-                .or_insert_with(|| Destination::new(&self.config, &addr))
+                .or_insert_with(|| Destination::new(&self.config, &addr, self.shard_count))
                 .pending
                 .push_back(
                     lane,
@@ -374,10 +382,12 @@ impl Deliverer {
             let mut destinations = self.destinations.borrow_mut();
             let d = destinations
                 .entry(addr.clone())
-                .or_insert_with(|| Destination::new(&self.config, &addr));
-            let room = d.workers < d.connections_max;
+                .or_insert_with(|| Destination::new(&self.config, &addr, self.shard_count));
+            let room = d.workers < d.connections_max
+                && self.workers_total.get() < self.config.delivery.connections_per_shard_max;
             if room && !d.pending.is_empty() {
                 d.workers += 1;
+                self.workers_total.set(self.workers_total.get() + 1);
                 true
             } else {
                 false
@@ -520,6 +530,16 @@ impl Deliverer {
             d.idle.push((c, Instant::now()));
         }
         d.workers -= 1;
+        self.workers_total.set(self.workers_total.get() - 1);
+        // A shard-wide place is free: give it to a destination that has been waiting for one.
+        let waiting = destinations
+            .iter()
+            .find(|(_, d)| !d.pending.is_empty() && d.workers < d.connections_max)
+            .map(|(k, _)| k.clone());
+        drop(destinations);
+        if let Some(key) = waiting {
+            self.kick(key);
+        }
     }
 
     /// Reads a message back from its segment and checks it.

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -78,6 +79,26 @@ fn bind_reuseport(address: SocketAddr) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
+/// How long start-up waits for a listening address still held by a previous instance.
+const ADDRESS_IN_USE_WAIT: Duration = Duration::from_secs(3);
+
+/// Checks that nobody listens on `address` with a plain bind (no SO_REUSEPORT). A previous
+/// instance killed a moment ago can still hold its listening socket: io_uring tears down a dead
+/// process's ring in a kernel work queue, after the process is gone. So "address in use" is
+/// retried for a few seconds before it counts.
+fn probe_address(address: SocketAddr) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + ADDRESS_IN_USE_WAIT;
+    loop {
+        match std::net::TcpListener::bind(address) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Runs the server until a shutdown signal; returns an error message for start-up failures.
 pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     let cpus = allowed_cpus();
@@ -118,7 +139,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     // SO_REUSEPORT lets a second process share our port silently; a plain bind first proves that
     // nobody else is listening there.
     for listener in &config.listeners {
-        std::net::TcpListener::bind(listener.address).map_err(|e| {
+        probe_address(listener.address).map_err(|e| {
             format!(
                 "cannot listen on {} ({:?}): {e}; is another server running there?",
                 listener.address, listener.kind

@@ -282,7 +282,7 @@ pub async fn run(
         config.dns.servers.clone()
     };
     let resolver = Resolver::new(dns_servers, config.dns.timeout.0, config.dns.attempts, dns_cache, index);
-    let deliverer = Deliverer::new(index, config.clone(), appender.clone(), queue, resolver);
+    let deliverer = Deliverer::new(index, shard_count, config.clone(), appender.clone(), queue, resolver);
     deliverer.start();
     let shard = Rc::new(Shard {
         index,

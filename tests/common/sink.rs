@@ -38,6 +38,9 @@ pub struct CaptureSink {
     pub behaviour: Arc<Behaviour>,
     captured: Arc<(Mutex<Vec<Captured>>, Condvar)>,
     pub connections: Arc<AtomicUsize>,
+    /// Connections open now, and the most ever open at once (shareable between sinks).
+    pub active: Arc<AtomicUsize>,
+    pub active_max: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -47,6 +50,19 @@ impl CaptureSink {
     }
 
     pub fn start_on(addr: SocketAddr) -> CaptureSink {
+        CaptureSink::start_with(addr, Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)))
+    }
+
+    /// A second sink whose open-connection gauge is shared with `other`.
+    pub fn start_sharing_gauge(other: &CaptureSink) -> CaptureSink {
+        CaptureSink::start_with(
+            "127.0.0.1:0".parse().unwrap(),
+            other.active.clone(),
+            other.active_max.clone(),
+        )
+    }
+
+    fn start_with(addr: SocketAddr, active: Arc<AtomicUsize>, active_max: Arc<AtomicUsize>) -> CaptureSink {
         let listener = TcpListener::bind(addr).expect("bind capture sink");
         let addr = listener.local_addr().unwrap();
         let sink = CaptureSink {
@@ -54,6 +70,8 @@ impl CaptureSink {
             behaviour: Arc::new(Behaviour::default()),
             captured: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
             connections: Arc::new(AtomicUsize::new(0)),
+            active,
+            active_max,
             stop: Arc::new(AtomicBool::new(false)),
         };
         let (behaviour, captured, connections, stop) = (
@@ -62,6 +80,7 @@ impl CaptureSink {
             sink.connections.clone(),
             sink.stop.clone(),
         );
+        let (active, active_max) = (sink.active.clone(), sink.active_max.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if stop.load(Ordering::Acquire) {
@@ -70,8 +89,12 @@ impl CaptureSink {
                 let Ok(stream) = stream else { continue };
                 connections.fetch_add(1, Ordering::AcqRel);
                 let (behaviour, captured) = (behaviour.clone(), captured.clone());
+                let (active, active_max) = (active.clone(), active_max.clone());
+                let now = active.fetch_add(1, Ordering::AcqRel) + 1;
+                active_max.fetch_max(now, Ordering::AcqRel);
                 std::thread::spawn(move || {
                     let _ = serve(stream, &behaviour, &captured);
+                    active.fetch_sub(1, Ordering::AcqRel);
                 });
             }
         });
