@@ -71,6 +71,13 @@ struct Job {
     retried_on_fresh_connection: bool,
 }
 
+impl Job {
+    /// The same result for every recipient of the job (the connection or the route failed).
+    fn every_recipient(&self, result: impl Fn() -> RecipientResult) -> Vec<(u32, RecipientResult)> {
+        self.recipients.iter().map(|&i| (i, result())).collect()
+    }
+}
+
 struct Destination {
     pending: Lanes<Job>,
     workers: usize,
@@ -365,11 +372,7 @@ impl Deliverer {
                     451,
                     "4.4.0 no route for the recipient's domain (no [[route]] matches it)",
                 );
-                let results = job
-                    .recipients
-                    .iter()
-                    .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
-                    .collect();
+                let results = job.every_recipient(|| RecipientResult::Deferred(reply.clone()));
                 me.finish_job(&job, results, None, None).await;
             })
             .detach();
@@ -460,21 +463,10 @@ impl Deliverer {
                             jobs.extend(d.pending.drain());
                         }
                         for job in jobs {
-                            let results = job
-                                .recipients
-                                .iter()
-                                .map(|&i| {
-                                    let r = reply.clone();
-                                    (
-                                        i,
-                                        if permanent {
-                                            RecipientResult::Failed(r)
-                                        } else {
-                                            RecipientResult::Deferred(r)
-                                        },
-                                    )
-                                })
-                                .collect();
+                            let results = job.every_recipient(|| match permanent {
+                                true => RecipientResult::Failed(reply.clone()),
+                                false => RecipientResult::Deferred(reply.clone()),
+                            });
                             self.finish_job(&job, results, None, None).await;
                         }
                         break;
@@ -590,13 +582,7 @@ impl Deliverer {
         addr: SocketAddr,
     ) -> (Vec<(u32, RecipientResult)>, bool, Original) {
         let record_bytes = self.queue.borrow().get(&job.id).map(|m| m.record_bytes);
-        let defer_all = |why: &str| -> Vec<(u32, RecipientResult)> {
-            let reply = ServerReply::new(451, why);
-            job.recipients
-                .iter()
-                .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
-                .collect()
-        };
+        let defer_all = |why: &str| job.every_recipient(|| RecipientResult::Deferred(ServerReply::new(451, why)));
         let Some(record_bytes) = record_bytes else {
             return (Vec::new(), true, None);
         };
@@ -626,13 +612,7 @@ impl Deliverer {
         content: &[u8],
         out: &mut Vec<u8>,
     ) -> (Vec<(u32, RecipientResult)>, bool) {
-        let defer_all = |why: &str| -> Vec<(u32, RecipientResult)> {
-            let reply = ServerReply::new(451, why);
-            job.recipients
-                .iter()
-                .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
-                .collect()
-        };
+        let defer_all = |why: &str| job.every_recipient(|| RecipientResult::Deferred(ServerReply::new(451, why)));
         let outbound = OutboundEnvelope {
             sender: &envelope.sender,
             recipients: job
@@ -660,26 +640,14 @@ impl Deliverer {
                         outbound.content_bytes
                     ),
                 );
-                return (
-                    job.recipients
-                        .iter()
-                        .map(|&i| (i, RecipientResult::Failed(reply.clone())))
-                        .collect(),
-                    true,
-                );
+                return (job.every_recipient(|| RecipientResult::Failed(reply.clone())), true);
             }
             Err(Unsendable::NeedsSmtpUtf8) => {
                 let reply = ServerReply::new(
                     553,
                     &format!("{addr} does not offer SMTPUTF8, which this message's addresses need"),
                 );
-                return (
-                    job.recipients
-                        .iter()
-                        .map(|&i| (i, RecipientResult::Failed(reply.clone())))
-                        .collect(),
-                    true,
-                );
+                return (job.every_recipient(|| RecipientResult::Failed(reply.clone())), true);
             }
         };
         let reply_timeout = self.config.delivery.reply_timeout.0;
