@@ -177,6 +177,41 @@ fn a_full_spool_answers_452_and_keeps_serving() {
 }
 
 #[test]
+fn a_spool_write_error_answers_451_and_keeps_serving() {
+    let mut setup = Setup::new();
+    setup.set("spool", "segment_size", "\"1MiB\"");
+    setup.set("limits", "message_size_max", "\"256KiB\"");
+    setup.set("limits", "recipients_max", "10");
+    let g = Gannet::start(&setup);
+    // Pull the directory out from under the shard: the open segment still takes writes, but the
+    // next segment cannot be created (ENOENT), a real I/O error in the appender.
+    std::fs::remove_dir_all(gannet::spool::shard_dir(&g.spool_dir, 0)).unwrap();
+    let body = format!("{}\r\n", "w".repeat(998)).repeat(200); // ~200 KiB
+    let mut c = Raw::connect(g.mx());
+    c.hello();
+    let mut refusal = None;
+    for _ in 0..20 {
+        c.cmd("MAIL FROM:<a@l.test>");
+        c.cmd("RCPT TO:<b@remote.test>");
+        c.cmd("DATA");
+        c.send(body.as_bytes());
+        let reply = c.cmd(".");
+        if !reply.starts_with("250 ") {
+            refusal = Some(reply);
+            break;
+        }
+    }
+    assert_eq!(
+        refusal.as_deref(),
+        Some("451 4.3.0 Local error writing the message, try again later\r\n"),
+        "{}",
+        g.log_text()
+    );
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok\r\n", "the shard keeps serving");
+    assert!(g.log_text().contains("cannot create segment"), "{}", g.log_text());
+}
+
+#[test]
 fn a_nearly_full_file_system_answers_452() {
     let mut setup = Setup::new();
     setup.set("spool", "min_free", "\"1000000GiB\"");
