@@ -263,6 +263,8 @@ fn a_deferral_is_retried_and_delivered_once() {
     );
     let got = sink.wait_for(1, WAIT);
     assert_eq!(got.len(), 1);
+    // The first attempt sent the copy kept from the commit; the retry read it back from disk.
+    assert_eq!(without_received(&got[0].content), b"Subject: retry\r\n\r\nbody\r\n");
     assert!(g.wait_for_log("delivered: ", WAIT));
     assert!(stop_and_list(g).is_empty());
     assert_eq!(sink.captured().len(), 1, "delivered exactly once");

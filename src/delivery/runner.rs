@@ -36,7 +36,7 @@ use crate::smtp::data::dot_stuff;
 use crate::smtp::envelope::BodyType;
 use crate::smtp::envelope::{Envelope, Origin, Ret};
 use crate::smtp::session::MessageSink;
-use crate::spool::appender::Appender;
+use crate::spool::appender::{Appender, WrittenRecord};
 use crate::spool::record::{crc_start, decode_message, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES};
 use crate::spool::{segment_file_name, shard_dir, MessageId};
 
@@ -51,15 +51,29 @@ type Original = Option<Rc<Loaded>>;
 /// A message read back from its segment: the read buffer itself, not a copy.
 pub struct Loaded {
     envelope: StoredEnvelope,
-    bytes: ReadResult,
+    bytes: Body,
     content_offset: usize,
+}
+
+/// Where a loaded record's bytes are: read back from the segment, or kept from the commit.
+enum Body {
+    Read(ReadResult),
+    Memory(Vec<u8>),
 }
 
 impl Loaded {
     fn content(&self) -> &[u8] {
-        &self.bytes[self.content_offset..]
+        match &self.bytes {
+            Body::Read(r) => &r[self.content_offset..],
+            Body::Memory(v) => &v[self.content_offset..],
+        }
     }
 }
+
+/// Records at most this long are kept in memory after their commit, for their first delivery.
+pub const CACHED_RECORD_BYTES_MAX: usize = 64 * 1024;
+/// Memory per shard for such records.
+const CACHE_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 /// Recipients of one message that go to one destination.
 #[derive(Debug)]
@@ -145,6 +159,9 @@ pub struct Deliverer {
     shard_count: usize,
     /// Delivering connections (workers) over all destinations.
     workers_total: Cell<usize>,
+    /// Records kept from their commit for their first delivery, and their bytes.
+    cache: RefCell<HashMap<MessageId, WrittenRecord>>,
+    cache_bytes: Cell<usize>,
 }
 
 fn unix_now_s() -> u64 {
@@ -206,6 +223,8 @@ impl Deliverer {
         Rc::new(Deliverer {
             shard_count,
             workers_total: Cell::new(0),
+            cache: RefCell::new(HashMap::new()),
+            cache_bytes: Cell::new(0),
             shard,
             resolver,
             config,
@@ -241,8 +260,22 @@ impl Deliverer {
 
     /// Takes a newly spooled message and starts delivering it.
     pub fn accept(self: &Rc<Self>, message: QueuedMessage) {
+        self.accept_written(message, None);
+    }
+
+    /// Whether a just-committed record of `len` bytes may be kept for its first delivery.
+    pub fn wants_record(&self, len: usize) -> bool {
+        len <= CACHED_RECORD_BYTES_MAX && self.cache_bytes.get() + len <= CACHE_BYTES_MAX
+    }
+
+    /// Takes a newly spooled message with the buffers it was written from (see `wants_record`).
+    pub fn accept_written(self: &Rc<Self>, message: QueuedMessage, record: Option<WrittenRecord>) {
         let id = message.id;
         self.queue.borrow_mut().insert(message);
+        if let Some(record) = record {
+            self.cache_bytes.set(self.cache_bytes.get() + record.len);
+            self.cache.borrow_mut().insert(id, record);
+        }
         self.schedule(id);
     }
 
@@ -293,7 +326,15 @@ impl Deliverer {
         x
     }
 
+    /// Drops a message's kept record, if any (delivered, deferred or gone).
+    fn uncache(&self, id: &MessageId) -> Option<WrittenRecord> {
+        let record = self.cache.borrow_mut().remove(id)?;
+        self.cache_bytes.set(self.cache_bytes.get() - record.len);
+        Some(record)
+    }
+
     fn retry_later(&self, message: &mut QueuedMessage) {
+        self.uncache(&message.id);
         message.attempts += 1;
         let at = Instant::now() + self.backoff(message.attempts);
         self.retries.borrow_mut().insert((at, message.id));
@@ -569,7 +610,7 @@ impl Deliverer {
         Ok(Loaded {
             envelope: message.envelope,
             content_offset: HEADER_BYTES + message.content_offset,
-            bytes,
+            bytes: Body::Read(bytes),
         })
     }
 
@@ -586,7 +627,22 @@ impl Deliverer {
         let Some(record_bytes) = record_bytes else {
             return (Vec::new(), true, None);
         };
-        let loaded = match self.read_message(job.id, record_bytes).await {
+        let kept = self.uncache(&job.id).and_then(|record| {
+            // Our own bytes, just written: the envelope is the one in the queue.
+            let bytes = record.to_vec();
+            let envelope_len = u32::from_le_bytes(bytes.get(HEADER_BYTES..HEADER_BYTES + 4)?.try_into().ok()?) as usize;
+            let envelope = self.queue.borrow().get(&job.id)?.envelope.clone();
+            Some(Loaded {
+                envelope,
+                content_offset: HEADER_BYTES + 4 + envelope_len,
+                bytes: Body::Memory(bytes),
+            })
+        });
+        let loaded = match kept {
+            Some(loaded) => Ok(loaded),
+            None => self.read_message(job.id, record_bytes).await,
+        };
+        let loaded = match loaded {
             Ok(m) => m,
             Err(why) => {
                 warn!(shard = self.shard, id = %job.id, "{why}");
@@ -797,6 +853,7 @@ impl Deliverer {
                 });
                 drop(state);
                 queue.finish(job.id);
+                self.uncache(&job.id);
             } else if message.jobs_outstanding == 0 {
                 self.retry_later(message);
             }

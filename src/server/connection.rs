@@ -91,9 +91,10 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
                     let message = sink.take();
                     let content_bytes = message.content_bytes;
                     let record_bytes = message.record_len();
-                    let result = shard.appender.commit(message).await;
+                    let keep = shard.deliverer.wants_record(record_bytes as usize);
+                    let result = shard.appender.commit_keeping(message, keep).await;
                     match result {
-                        Ok(id) => {
+                        Ok((id, written)) => {
                             let env = session.envelope();
                             info!(
                                 shard = shard.index,
@@ -104,16 +105,19 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
                                 size = content_bytes,
                                 "queued"
                             );
-                            shard.record_queued(QueuedMessage {
-                                id,
-                                record_bytes,
-                                envelope: StoredEnvelope::from_envelope(env, session.origin(unix_now_s())),
-                                done: vec![false; env.recipient_count()],
-                                content_bytes,
-                                attempts: 0,
-                                jobs_outstanding: 0,
-                                delay_notified: false,
-                            });
+                            shard.record_queued(
+                                QueuedMessage {
+                                    id,
+                                    record_bytes,
+                                    envelope: StoredEnvelope::from_envelope(env, session.origin(unix_now_s())),
+                                    done: vec![false; env.recipient_count()],
+                                    content_bytes,
+                                    attempts: 0,
+                                    jobs_outstanding: 0,
+                                    delay_notified: false,
+                                },
+                                written,
+                            );
                             let id = id.to_string();
                             session.committed(Ok(&id), &mut out);
                         }

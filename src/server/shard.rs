@@ -24,7 +24,7 @@ use crate::dns::cache::DnsCache;
 use crate::dns::resolver::Resolver;
 use crate::queue::{QueueIndex, QueuedMessage};
 use crate::smtp::session::SessionConfig;
-use crate::spool::appender::{Appender, AppenderConfig};
+use crate::spool::appender::{Appender, AppenderConfig, WrittenRecord};
 use crate::spool::recovery::{list_segments, quarantine, read_segment, scan_segment, Damage};
 use crate::spool::shard_dir;
 
@@ -136,8 +136,8 @@ impl Shard {
     }
 
     /// Hands a newly spooled message to delivery.
-    pub fn record_queued(&self, message: QueuedMessage) {
-        self.deliverer.accept(message);
+    pub fn record_queued(&self, message: QueuedMessage, written: Option<WrittenRecord>) {
+        self.deliverer.accept_written(message, written);
     }
 }
 

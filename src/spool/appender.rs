@@ -26,7 +26,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use glommio::io::{Directory, DmaFile, OpenOptions};
+use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions};
 use tracing::{error, info, warn};
 
 use super::buffer::{Budget, FinishedMessage, MessageBuffer};
@@ -53,6 +53,25 @@ pub struct AppenderConfig {
     pub min_free_bytes: u64,
     pub durability: Durability,
     pub inflight_bytes_max: usize,
+}
+
+/// A committed record's bytes as they were written: `len` bytes (header and payload) across the
+/// buffers, which may hold padding after them.
+pub struct WrittenRecord {
+    pub chunks: Vec<Rc<DmaBuffer>>,
+    pub len: usize,
+}
+
+impl WrittenRecord {
+    /// The record's bytes in one piece.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for chunk in &self.chunks {
+            let take = (self.len - out.len()).min(chunk.len());
+            out.extend_from_slice(&chunk.as_bytes()[..take]);
+        }
+        out
+    }
 }
 
 /// One segment file open for appending (write-only: see FIELD-NOTES on the IOPOLL pitfall).
@@ -182,7 +201,18 @@ impl Appender {
     /// Writes the message and returns its id once it is durable (or written, with durability
     /// `none`).
     pub async fn commit(self: &Rc<Self>, message: FinishedMessage) -> Result<MessageId, CommitError> {
+        self.commit_keeping(message, false).await.map(|(id, _)| id)
+    }
+
+    /// Like [`Appender::commit`]; with `keep`, also returns the buffers that were written, so
+    /// that delivery can send the message without reading it back.
+    pub async fn commit_keeping(
+        self: &Rc<Self>,
+        message: FinishedMessage,
+        keep: bool,
+    ) -> Result<(MessageId, Option<WrittenRecord>), CommitError> {
         let record_bytes = message.record_bytes();
+        let record_len = message.record_len() as usize;
         assert!(
             record_bytes <= self.config.segment_bytes,
             "record larger than a segment"
@@ -190,11 +220,16 @@ impl Appender {
         let (segment, offset, ticket) = self.reserve(record_bytes).await?;
         let id = MessageId::new(segment.seq, self.config.shard, offset);
         let (chunks, charge) = message.seal(segment.seq);
+        let mut kept = Vec::with_capacity(if keep { chunks.len() } else { 0 });
         let mut pos = offset;
         let mut written = true;
         for chunk in chunks {
             let len = chunk.len();
-            match segment.file.write_at(chunk, pos).await {
+            let chunk = Rc::new(chunk);
+            if keep {
+                kept.push(chunk.clone());
+            }
+            match segment.file.write_rc_at(chunk, pos).await {
                 Ok(n) if n == len => pos += len as u64,
                 Ok(n) => {
                     error!(
@@ -224,14 +259,18 @@ impl Appender {
         if !written {
             return Err(CommitError::Io);
         }
+        let kept = keep.then_some(WrittenRecord {
+            chunks: kept,
+            len: record_len,
+        });
         if self.config.durability == Durability::None {
-            return Ok(id);
+            return Ok((id, kept));
         }
         WaitDurable { appender: self, ticket }.await;
         if segment.poisoned_from.get() <= ticket {
             return Err(CommitError::Io);
         }
-        Ok(id)
+        Ok((id, kept))
     }
 
     /// Appends delivery state (finished recipients or messages). Not waited on for durability: a
