@@ -74,13 +74,19 @@ async fn commit_many(appender: &Rc<Appender>, total: u64, writers: u64, size: us
     t0.elapsed()
 }
 
-fn bench_group_commit(c: &mut Criterion) {
+/// fdatasync-bound benchmarks: few samples, messages/s.
+fn commit_group(c: &mut Criterion) -> criterion::BenchmarkGroup<'_, criterion::measurement::WallTime> {
     let mut group = c.benchmark_group("spool_commit");
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(8))
         .warm_up_time(Duration::from_secs(2));
     group.throughput(Throughput::Elements(1));
+    group
+}
+
+fn bench_group_commit(c: &mut Criterion) {
+    let mut group = commit_group(c);
     for (label, size) in [("4KiB", 4 * 1024 - 512), ("100KiB", 100 * 1024)] {
         for writers in [1u64, 50] {
             let dir = bench_dir();
@@ -106,12 +112,7 @@ fn bench_group_commit(c: &mut Criterion) {
 /// The disk's own rate: one 4 KiB O_DIRECT write and one fdatasync per message, in a pre-written
 /// file (the same layout the spool uses), no group commit.
 fn bench_raw_fdatasync(c: &mut Criterion) {
-    let mut group = c.benchmark_group("spool_commit");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(8))
-        .warm_up_time(Duration::from_secs(2));
-    group.throughput(Throughput::Elements(1));
+    let mut group = commit_group(c);
     let dir = bench_dir();
     let ex = executor();
     let path = dir.path().join("raw");

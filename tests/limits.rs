@@ -135,6 +135,24 @@ impl WriteNonFatal for std::net::TcpStream {
     }
 }
 
+/// Sends messages with `body` until one is refused (at most 20); returns how many were accepted
+/// and the refusal.
+fn send_until_refused(g: &Gannet, c: &mut Raw, body: &str) -> (usize, Option<String>) {
+    for accepted in 0..20 {
+        c.cmd("MAIL FROM:<a@l.test>");
+        c.cmd("RCPT TO:<b@remote.test>");
+        c.cmd("DATA");
+        c.send(body.as_bytes());
+        let Some(reply) = c.cmd_opt(".") else {
+            panic!("connection lost; log:\n{}", g.log_text());
+        };
+        if !reply.starts_with("250 ") {
+            return (accepted, Some(reply));
+        }
+    }
+    (20, None)
+}
+
 #[test]
 fn a_full_spool_answers_452_and_keeps_serving() {
     let mut setup = Setup::new();
@@ -146,23 +164,7 @@ fn a_full_spool_answers_452_and_keeps_serving() {
     let body = format!("{}\r\n", "m".repeat(998)).repeat(200); // ~200 KiB
     let mut c = Raw::connect(g.mx());
     c.hello();
-    let mut accepted = 0;
-    let mut refusal = None;
-    for _ in 0..20 {
-        c.cmd("MAIL FROM:<a@l.test>");
-        c.cmd("RCPT TO:<b@remote.test>");
-        c.cmd("DATA");
-        c.send(body.as_bytes());
-        let Some(reply) = c.cmd_opt(".") else {
-            panic!("connection lost; log:\n{}", g.log_text());
-        };
-        if reply.starts_with("250 ") {
-            accepted += 1;
-        } else {
-            refusal = Some(reply);
-            break;
-        }
-    }
+    let (accepted, refusal) = send_until_refused(&g, &mut c, &body);
     assert_eq!(
         refusal.as_deref(),
         Some("452 4.3.1 Insufficient system storage, try again later\r\n"),
@@ -189,18 +191,7 @@ fn a_spool_write_error_answers_451_and_keeps_serving() {
     let body = format!("{}\r\n", "w".repeat(998)).repeat(200); // ~200 KiB
     let mut c = Raw::connect(g.mx());
     c.hello();
-    let mut refusal = None;
-    for _ in 0..20 {
-        c.cmd("MAIL FROM:<a@l.test>");
-        c.cmd("RCPT TO:<b@remote.test>");
-        c.cmd("DATA");
-        c.send(body.as_bytes());
-        let reply = c.cmd(".");
-        if !reply.starts_with("250 ") {
-            refusal = Some(reply);
-            break;
-        }
-    }
+    let (_, refusal) = send_until_refused(&g, &mut c, &body);
     assert_eq!(
         refusal.as_deref(),
         Some("451 4.3.0 Local error writing the message, try again later\r\n"),
