@@ -151,6 +151,9 @@ pub struct Delivery {
     /// After this long in the queue a message that still cannot be delivered fails for good.
     #[serde(default = "default_queue_lifetime")]
     pub queue_lifetime: Span,
+    /// Use STARTTLS when a server offers it (opportunistic TLS, RFC 7435).
+    #[serde(default = "default_starttls")]
+    pub starttls: bool,
     /// The port of MX hosts (25; other values are for tests and unusual setups).
     #[serde(default = "default_mx_port")]
     pub mx_port: u16,
@@ -172,6 +175,9 @@ pub struct Route {
     /// Deliver to the domain's MX hosts (RFC 5321 5.1) on `delivery.mx_port`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mx: bool,
+    /// Never send this route's mail in plaintext: no STARTTLS, or a failed handshake, defers it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_required: bool,
 }
 
 /// Where a route sends mail.
@@ -440,6 +446,9 @@ fn default_data_timeout() -> Span {
 fn default_delay_warning_after() -> Span {
     Span(Duration::from_secs(4 * 3600))
 }
+fn default_starttls() -> bool {
+    true
+}
 fn default_mx_port() -> u16 {
     25
 }
@@ -537,6 +546,7 @@ impl Default for Delivery {
             retry_max: default_retry_max(),
             queue_lifetime: default_queue_lifetime(),
             mx_port: default_mx_port(),
+            starttls: default_starttls(),
             delay_warning_after: default_delay_warning_after(),
         }
     }

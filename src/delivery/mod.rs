@@ -3,3 +3,4 @@
 pub mod client;
 pub mod lanes;
 pub mod runner;
+pub mod tls;

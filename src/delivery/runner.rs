@@ -443,12 +443,35 @@ impl Deliverer {
         }
     }
 
+    /// The STARTTLS policy for a destination: the route's `tls`, else `delivery.starttls`.
+    fn tls_policy(&self, key: &DestinationKey) -> TlsPolicy {
+        let required = match key {
+            DestinationKey::Smarthost(addr) => self
+                .config
+                .routes
+                .iter()
+                .any(|r| r.smarthost == Some(*addr) && r.tls_required),
+            DestinationKey::Mx(domain) => self
+                .config
+                .routes
+                .iter()
+                .any(|r| r.mx && r.tls_required && (r.domain == "*" || r.domain.eq_ignore_ascii_case(domain))),
+        };
+        if required {
+            TlsPolicy::Required
+        } else if self.config.delivery.starttls {
+            TlsPolicy::Opportunistic
+        } else {
+            TlsPolicy::Off
+        }
+    }
+
     /// Opens a connection to a destination: the smarthost, or the first MX address that answers
     /// (RFC 5321 5.1: the next address on a connection failure or a bad greeting). The error says
     /// whether the failure is permanent (null MX, no such domain).
     async fn connect(&self, key: &DestinationKey) -> Result<OutboundConnection, (ServerReply, bool)> {
         match key {
-            DestinationKey::Smarthost(addr) => OutboundConnection::open(*addr, &self.config)
+            DestinationKey::Smarthost(addr) => OutboundConnection::open(*addr, &self.config, self.tls_policy(key))
                 .await
                 .map_err(|why| (ServerReply::new(421, &why), false)),
             DestinationKey::Mx(domain) => {
@@ -460,7 +483,7 @@ impl Deliverer {
                 };
                 let mut last = String::new();
                 for addr in addresses {
-                    match OutboundConnection::open(addr, &self.config).await {
+                    match OutboundConnection::open(addr, &self.config, self.tls_policy(key)).await {
                         Ok(c) => return Ok(c),
                         Err(why) => {
                             info!(shard = self.shard, destination = %key, "{why}; trying the next address");
@@ -998,8 +1021,63 @@ impl Deliverer {
 }
 
 /// One outbound SMTP connection with its read buffer and the server's capabilities.
+/// The connection's byte stream: plain TCP, or TLS after STARTTLS.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+    /// Only while the handshake holds the socket.
+    Closed,
+}
+
+impl Transport {
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Transport::Plain(s) => Some(s),
+            Transport::Tls(t) => Some(t.get_ref().0),
+            Transport::Closed => None,
+        }
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.read(buf).await,
+            Transport::Tls(t) => t.read(buf).await,
+            Transport::Closed => Ok(0),
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Transport::Plain(s) => s.write_all(bytes).await,
+            Transport::Tls(t) => {
+                t.write_all(bytes).await?;
+                t.flush().await
+            }
+            Transport::Closed => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+/// How to treat STARTTLS on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// Use it when offered; plaintext otherwise, or when the handshake fails.
+    Opportunistic,
+    /// Never send plaintext: no STARTTLS or a failed handshake defers the mail.
+    Required,
+    /// Do not use it.
+    Off,
+}
+
+/// Why a connection could not be opened.
+enum OpenError {
+    /// TLS was attempted and failed; a plaintext retry may follow if policy allows.
+    Tls(String),
+    Other(String),
+}
+
 pub struct OutboundConnection {
-    stream: TcpStream,
+    stream: Transport,
     /// The address connected to.
     peer: SocketAddr,
     buf: Vec<u8>,
@@ -1011,19 +1089,37 @@ pub struct OutboundConnection {
     caps: Capabilities,
     needs_reset: bool,
     messages: usize,
+    /// "TLSv1.3 TLS13_AES_256_GCM_SHA384" once encrypted.
+    tls: Option<String>,
 }
 
 impl OutboundConnection {
-    /// Connects, reads the greeting and says EHLO (falling back to HELO).
-    async fn open(addr: SocketAddr, config: &Config) -> Result<OutboundConnection, String> {
+    /// Connects, reads the greeting, says EHLO (falling back to HELO), and does STARTTLS as
+    /// `policy` says. An opportunistic handshake that fails is retried once in plaintext.
+    async fn open(addr: SocketAddr, config: &Config, policy: TlsPolicy) -> Result<OutboundConnection, String> {
+        match OutboundConnection::open_once(addr, config, policy).await {
+            Ok(c) => Ok(c),
+            Err(OpenError::Tls(why)) if policy == TlsPolicy::Opportunistic => {
+                warn!(destination = %addr, "{why}; delivering without TLS (opportunistic)");
+                OutboundConnection::open_once(addr, config, TlsPolicy::Off)
+                    .await
+                    .map_err(|e| match e {
+                        OpenError::Tls(w) | OpenError::Other(w) => w,
+                    })
+            }
+            Err(OpenError::Tls(why) | OpenError::Other(why)) => Err(why),
+        }
+    }
+
+    async fn open_once(addr: SocketAddr, config: &Config, policy: TlsPolicy) -> Result<OutboundConnection, OpenError> {
         let d = &config.delivery;
         let stream = TcpStream::connect_timeout(addr, d.connect_timeout.0)
             .await
-            .map_err(|e| format!("connect to {addr}: {e}"))?;
+            .map_err(|e| OpenError::Other(format!("connect to {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(d.reply_timeout.0));
         let mut conn = OutboundConnection {
-            stream,
+            stream: Transport::Plain(stream),
             peer: addr,
             buf: vec![0; REPLY_BUFFER_BYTES],
             out: Vec::new(),
@@ -1033,23 +1129,73 @@ impl OutboundConnection {
             caps: Capabilities::default(),
             needs_reset: false,
             messages: 0,
+            tls: None,
         };
-        let greeting = conn.read_reply(d.reply_timeout.0).await?;
+        let greeting = conn.read_reply(d.reply_timeout.0).await.map_err(OpenError::Other)?;
         if greeting.code != 220 {
-            return Err(format!("{addr} greeted with {}", greeting.text()));
+            return Err(OpenError::Other(format!("{addr} greeted with {}", greeting.text())));
         }
-        let ehlo = format!("EHLO {}\r\n", config.helo_name());
-        let reply = conn.command(ehlo.as_bytes(), d.reply_timeout.0).await?;
-        if reply.is_positive() {
-            conn.caps = Capabilities::from_ehlo_lines(reply.lines.iter().map(String::as_str));
-        } else {
-            let helo = format!("HELO {}\r\n", config.helo_name());
-            let reply = conn.command(helo.as_bytes(), d.reply_timeout.0).await?;
-            if !reply.is_positive() {
-                return Err(format!("{addr} refused EHLO and HELO: {}", reply.text()));
+        conn.hello(config).await.map_err(OpenError::Other)?;
+        match (policy, conn.caps.starttls) {
+            (TlsPolicy::Off, _) | (TlsPolicy::Opportunistic, false) => return Ok(conn),
+            (TlsPolicy::Required, false) => {
+                return Err(OpenError::Other(format!(
+                    "{addr} does not offer STARTTLS, which this route requires"
+                )));
             }
+            (_, true) => {}
         }
+        let reply = conn
+            .command(b"STARTTLS\r\n", d.reply_timeout.0)
+            .await
+            .map_err(OpenError::Other)?;
+        if reply.code != 220 {
+            return Err(OpenError::Tls(format!("{addr} refused STARTTLS: {}", reply.text())));
+        }
+        // Mirror of the CVE-2011-0411 rule: nothing may follow the 220 in plaintext.
+        if conn.start != conn.end {
+            return Err(OpenError::Tls(format!("{addr} sent data after its 220 to STARTTLS")));
+        }
+        let Transport::Plain(tcp) = std::mem::replace(&mut conn.stream, Transport::Closed) else {
+            unreachable!("STARTTLS on a plain connection");
+        };
+        let connector = futures_rustls::TlsConnector::from(super::tls::opportunistic_client_config());
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let handshake = async { connector.connect(name, tcp).await.map_err(glommio::GlommioError::from) };
+        let tls = glommio::timer::timeout(d.reply_timeout.0, handshake)
+            .await
+            .map_err(|e| OpenError::Tls(format!("TLS handshake with {addr} failed: {e}")))?;
+        let session = tls.get_ref().1;
+        conn.tls = Some(format!(
+            "{:?} {:?}",
+            session
+                .protocol_version()
+                .map_or(rustls::ProtocolVersion::Unknown(0), |v| v),
+            session.negotiated_cipher_suite().map(|c| c.suite())
+        ));
+        conn.stream = Transport::Tls(Box::new(tls));
+        // RFC 3207: forget what the server said before TLS and ask again.
+        conn.hello(config).await.map_err(OpenError::Tls)?;
+        info!(destination = %addr, tls = %conn.tls.as_deref().unwrap_or(""), "STARTTLS");
         Ok(conn)
+    }
+
+    /// EHLO, or HELO if EHLO is refused; records the server's capabilities.
+    async fn hello(&mut self, config: &Config) -> Result<(), String> {
+        let timeout = config.delivery.reply_timeout.0;
+        let ehlo = format!("EHLO {}\r\n", config.helo_name());
+        let reply = self.command(ehlo.as_bytes(), timeout).await?;
+        if reply.is_positive() {
+            self.caps = Capabilities::from_ehlo_lines(reply.lines.iter().map(String::as_str));
+            return Ok(());
+        }
+        let helo = format!("HELO {}\r\n", config.helo_name());
+        let reply = self.command(helo.as_bytes(), timeout).await?;
+        if !reply.is_positive() {
+            return Err(format!("{} refused EHLO and HELO: {}", self.peer, reply.text()));
+        }
+        self.caps = Capabilities::default();
+        Ok(())
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
@@ -1065,7 +1211,9 @@ impl OutboundConnection {
     }
 
     async fn read_reply(&mut self, timeout: Duration) -> Result<ServerReply, String> {
-        let _ = self.stream.set_read_timeout(Some(timeout));
+        if let Some(tcp) = self.stream.tcp() {
+            let _ = tcp.set_read_timeout(Some(timeout));
+        }
         loop {
             let (reply, used) = self
                 .parser
