@@ -178,6 +178,15 @@ pub struct Route {
     /// Never send this route's mail in plaintext: no STARTTLS, or a failed handshake, defers it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls_required: bool,
+    /// AUTH PLAIN to the smarthost as this user (only ever over TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
+    /// A file holding the smarthost password (its first line), read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_password_file: Option<PathBuf>,
+    /// The password, read from `auth_password_file`.
+    #[serde(skip)]
+    pub auth_password: Option<String>,
 }
 
 /// Where a route sends mail.
@@ -676,6 +685,21 @@ impl Config {
             message: e.message().to_string(),
         })?;
         config.validate(text, source_name)?;
+        let mut config = config;
+        for (i, route) in config.routes.iter_mut().enumerate() {
+            if let Some(path) = &route.auth_password_file {
+                let password = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    source_name: source_name.to_string(),
+                    line: line_of(text, "route", i, "auth_password_file"),
+                    key: Some("route.auth_password_file".into()),
+                    message: format!(
+                        "cannot read {}: {e}; write the path of a file holding the password",
+                        path.display()
+                    ),
+                })?;
+                route.auth_password = Some(password.lines().next().unwrap_or("").to_string());
+            }
+        }
         Ok(config)
     }
 
@@ -914,6 +938,22 @@ impl Config {
                     ),
                 ));
             }
+            if route.auth_user.is_some() != route.auth_password_file.is_some() {
+                return Err(fail(
+                    "route",
+                    i,
+                    "auth_user",
+                    "give both auth_user and auth_password_file, or neither".into(),
+                ));
+            }
+            if route.auth_user.is_some() && route.smarthost.is_none() {
+                return Err(fail(
+                    "route",
+                    i,
+                    "auth_user",
+                    "AUTH is for smarthost routes only".into(),
+                ));
+            }
             if route.smarthost.is_some() == route.mx {
                 return Err(fail(
                     "route",
@@ -1139,6 +1179,39 @@ mod tests {
         );
         let e = Config::parse("[[destination]]\nmatch = \"x\"\nmessages_per_second = 0\n", "g.toml").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn smarthost_credentials_are_checked_and_loaded() {
+        let route = "[[route]]\ndomain = \"*\"\nsmarthost = \"127.0.0.1:2526\"\n";
+        let e = Config::parse(&format!("{route}auth_user = \"u\"\n"), "g.toml").unwrap_err();
+        assert!(e.message.contains("both auth_user and auth_password_file"), "{e}");
+        let e = Config::parse(
+            "[[route]]\ndomain = \"*\"\nmx = true\nauth_user = \"u\"\nauth_password_file = \"/x\"\n",
+            "g.toml",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("smarthost routes only"), "{e}");
+        let e = Config::parse(
+            &format!("{route}auth_user = \"u\"\nauth_password_file = \"/nonexistent/pw\"\n"),
+            "g.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.message.contains("cannot read /nonexistent/pw"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "hunter2\nignored\n").unwrap();
+        let c = Config::parse(
+            &format!(
+                "{route}auth_user = \"u\"\nauth_password_file = {:?}\n",
+                pw.display().to_string()
+            ),
+            "g.toml",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].auth_password.as_deref(), Some("hunter2"));
+        assert!(!c.to_toml().contains("hunter2"), "the password is never printed");
     }
 
     #[test]

@@ -14,10 +14,11 @@ use common::{free_port, Gannet, Raw, Setup};
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A minimal SMTP receiver. Modes: "ok" (STARTTLS offered and working), "broken" (STARTTLS
-/// offered, but the 220 is followed by junk and the connection dropped). Prints "ready", then one
+/// offered, but the 220 is followed by junk and the connection dropped), "auth" (as "ok", and
+/// AUTH PLAIN for relayuser/s3cret once encrypted). Prints "ready", then one
 /// JSON line per message: the TLS version it came over (null in plaintext).
 const TLS_SINK: &str = r#"
-import json, socket, ssl, sys, threading
+import base64, json, socket, ssl, sys, threading
 port, cert, key, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -28,7 +29,7 @@ srv.bind(("127.0.0.1", port))
 srv.listen(16)
 print("ready", flush=True)
 def serve(conn):
-    state = {"sock": conn, "file": conn.makefile("rb"), "tls": None}
+    state = {"sock": conn, "file": conn.makefile("rb"), "tls": None, "auth": None}
     def send(b): state["sock"].sendall(b)
     send(b"220 tls-sink ESMTP\r\n")
     while True:
@@ -38,6 +39,8 @@ def serve(conn):
         cmd = line.strip().upper()
         if cmd.startswith(b"EHLO"):
             ext = b"250-STARTTLS\r\n" if state["tls"] is None else b""
+            if mode == "auth" and state["tls"] is not None:
+                ext += b"250-AUTH LOGIN PLAIN\r\n"
             send(b"250-tls-sink\r\n" + ext + b"250 8BITMIME\r\n")
         elif cmd == b"STARTTLS":
             if mode == "broken":
@@ -47,6 +50,13 @@ def serve(conn):
             send(b"220 go ahead\r\n")
             tls = ctx.wrap_socket(conn, server_side=True)
             state.update(sock=tls, file=tls.makefile("rb"), tls=tls.version())
+        elif cmd.startswith(b"AUTH PLAIN ") and state["tls"] is not None:
+            _, user, password = base64.b64decode(line.split()[2]).split(b"\0")
+            if (user, password) == (b"relayuser", b"s3cret"):
+                state["auth"] = user.decode()
+                send(b"235 2.7.0 ok\r\n")
+            else:
+                send(b"535 5.7.8 bad credentials\r\n")
         elif cmd == b"DATA":
             send(b"354 go\r\n")
             size = 0
@@ -55,7 +65,7 @@ def serve(conn):
                 if l == b".\r\n" or not l:
                     break
                 size += len(l)
-            print(json.dumps({"tls": state["tls"], "bytes": size}), flush=True)
+            print(json.dumps({"tls": state["tls"], "auth": state["auth"], "bytes": size}), flush=True)
             send(b"250 2.0.0 captured\r\n")
         elif cmd == b"QUIT":
             send(b"221 bye\r\n")
@@ -189,4 +199,41 @@ fn a_route_that_requires_tls_never_sends_plaintext() {
     assert!(g.wait_for_log("deferred: ", WAIT));
     assert!(sink.captured().is_empty());
     assert_eq!(g.queued_ids().len(), 1);
+}
+
+#[test]
+fn smarthost_credentials_go_only_over_tls() {
+    let mut sink = TlsSink::start("auth");
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("smarthost.password");
+    std::fs::write(&password_file, "s3cret\n").unwrap();
+    let mut setup = Setup::new();
+    setup.raw(&format!(
+        "[[route]]\ndomain = \"*\"\nsmarthost = \"127.0.0.1:{}\"\nauth_user = \"relayuser\"\nauth_password_file = {:?}\n",
+        sink.port,
+        password_file.display().to_string()
+    ));
+    let g = Gannet::start(&setup);
+    send(&g);
+    let report = sink.next_message();
+    assert!(
+        report.contains("\"tls\": \"TLSv1.3\"") && report.contains("\"auth\": \"relayuser\""),
+        "{report}"
+    );
+    // The same credentials towards a server without STARTTLS are never sent: the mail waits.
+    let plain = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup.raw(&format!(
+        "[[route]]\ndomain = \"*\"\nsmarthost = \"{}\"\nauth_user = \"relayuser\"\nauth_password_file = {:?}\n",
+        plain.addr,
+        password_file.display().to_string()
+    ));
+    let g2 = Gannet::start(&setup);
+    send(&g2);
+    assert!(
+        g2.wait_for_log("does not offer STARTTLS, which this route requires", WAIT),
+        "{}",
+        g2.log_text()
+    );
+    assert!(plain.captured().is_empty());
 }

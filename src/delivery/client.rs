@@ -118,6 +118,8 @@ pub struct Capabilities {
     pub chunking: bool,
     pub starttls: bool,
     pub dsn: bool,
+    /// AUTH PLAIN offered (RFC 4954).
+    pub auth_plain: bool,
 }
 
 impl Capabilities {
@@ -138,6 +140,7 @@ impl Capabilities {
                 "CHUNKING" => caps.chunking = true,
                 "STARTTLS" => caps.starttls = true,
                 "DSN" => caps.dsn = true,
+                "AUTH" => caps.auth_plain = words.any(|m| m.eq_ignore_ascii_case("PLAIN")),
                 _ => {}
             }
         }
@@ -489,6 +492,8 @@ mod tests {
         );
         assert!(caps.pipelining && caps.eightbitmime && caps.smtputf8 && caps.chunking && caps.starttls && caps.dsn);
         assert_eq!(caps.size_bytes_max, Some(10_240_000));
+        assert!(!caps.auth_plain);
+        assert!(Capabilities::from_ehlo_lines(["mx", "AUTH LOGIN PLAIN"].into_iter()).auth_plain);
     }
 
     fn envelope(recipients: &[&'static str]) -> OutboundEnvelope<'static> {

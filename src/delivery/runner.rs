@@ -443,14 +443,24 @@ impl Deliverer {
         }
     }
 
-    /// The STARTTLS policy for a destination: the route's `tls`, else `delivery.starttls`.
+    /// AUTH credentials for a smarthost, if its route has them.
+    fn credentials(&self, addr: SocketAddr) -> Option<(&str, &str)> {
+        self.config
+            .routes
+            .iter()
+            .find(|r| r.smarthost == Some(addr) && r.auth_user.is_some())
+            .and_then(|r| Some((r.auth_user.as_deref()?, r.auth_password.as_deref()?)))
+    }
+
+    /// The STARTTLS policy for a destination: required by its route (`tls_required`, or
+    /// credentials, which never travel in plaintext), else `delivery.starttls`.
     fn tls_policy(&self, key: &DestinationKey) -> TlsPolicy {
         let required = match key {
             DestinationKey::Smarthost(addr) => self
                 .config
                 .routes
                 .iter()
-                .any(|r| r.smarthost == Some(*addr) && r.tls_required),
+                .any(|r| r.smarthost == Some(*addr) && (r.tls_required || r.auth_user.is_some())),
             DestinationKey::Mx(domain) => self
                 .config
                 .routes
@@ -471,9 +481,11 @@ impl Deliverer {
     /// whether the failure is permanent (null MX, no such domain).
     async fn connect(&self, key: &DestinationKey) -> Result<OutboundConnection, (ServerReply, bool)> {
         match key {
-            DestinationKey::Smarthost(addr) => OutboundConnection::open(*addr, &self.config, self.tls_policy(key))
-                .await
-                .map_err(|why| (ServerReply::new(421, &why), false)),
+            DestinationKey::Smarthost(addr) => {
+                OutboundConnection::open(*addr, &self.config, self.tls_policy(key), self.credentials(*addr))
+                    .await
+                    .map_err(|why| (ServerReply::new(421, &why), false))
+            }
             DestinationKey::Mx(domain) => {
                 let port = self.config.delivery.mx_port;
                 let addresses = match mx::resolve(&self.resolver, domain, port, self.next_random()).await {
@@ -483,7 +495,7 @@ impl Deliverer {
                 };
                 let mut last = String::new();
                 for addr in addresses {
-                    match OutboundConnection::open(addr, &self.config, self.tls_policy(key)).await {
+                    match OutboundConnection::open(addr, &self.config, self.tls_policy(key), None).await {
                         Ok(c) => return Ok(c),
                         Err(why) => {
                             info!(shard = self.shard, destination = %key, "{why}; trying the next address");
@@ -1096,12 +1108,17 @@ pub struct OutboundConnection {
 impl OutboundConnection {
     /// Connects, reads the greeting, says EHLO (falling back to HELO), and does STARTTLS as
     /// `policy` says. An opportunistic handshake that fails is retried once in plaintext.
-    async fn open(addr: SocketAddr, config: &Config, policy: TlsPolicy) -> Result<OutboundConnection, String> {
-        match OutboundConnection::open_once(addr, config, policy).await {
+    async fn open(
+        addr: SocketAddr,
+        config: &Config,
+        policy: TlsPolicy,
+        auth: Option<(&str, &str)>,
+    ) -> Result<OutboundConnection, String> {
+        match OutboundConnection::open_once(addr, config, policy, auth).await {
             Ok(c) => Ok(c),
             Err(OpenError::Tls(why)) if policy == TlsPolicy::Opportunistic => {
                 warn!(destination = %addr, "{why}; delivering without TLS (opportunistic)");
-                OutboundConnection::open_once(addr, config, TlsPolicy::Off)
+                OutboundConnection::open_once(addr, config, TlsPolicy::Off, None)
                     .await
                     .map_err(|e| match e {
                         OpenError::Tls(w) | OpenError::Other(w) => w,
@@ -1111,7 +1128,12 @@ impl OutboundConnection {
         }
     }
 
-    async fn open_once(addr: SocketAddr, config: &Config, policy: TlsPolicy) -> Result<OutboundConnection, OpenError> {
+    async fn open_once(
+        addr: SocketAddr,
+        config: &Config,
+        policy: TlsPolicy,
+        auth: Option<(&str, &str)>,
+    ) -> Result<OutboundConnection, OpenError> {
         let d = &config.delivery;
         let stream = TcpStream::connect_timeout(addr, d.connect_timeout.0)
             .await
@@ -1177,7 +1199,31 @@ impl OutboundConnection {
         // RFC 3207: forget what the server said before TLS and ask again.
         conn.hello(config).await.map_err(OpenError::Tls)?;
         info!(destination = %addr, tls = %conn.tls.as_deref().unwrap_or(""), "STARTTLS");
+        if let Some((user, password)) = auth {
+            conn.authenticate(user, password, d.reply_timeout.0)
+                .await
+                .map_err(OpenError::Other)?;
+        }
         Ok(conn)
+    }
+
+    /// AUTH PLAIN (RFC 4954, RFC 4616), only ever on an encrypted connection.
+    async fn authenticate(&mut self, user: &str, password: &str, timeout: Duration) -> Result<(), String> {
+        use base64::Engine;
+        if self.tls.is_none() {
+            return Err(format!("refusing to send credentials to {} without TLS", self.peer));
+        }
+        if !self.caps.auth_plain {
+            return Err(format!("{} does not offer AUTH PLAIN", self.peer));
+        }
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        let reply = self
+            .command(format!("AUTH PLAIN {token}\r\n").as_bytes(), timeout)
+            .await?;
+        if reply.code != 235 {
+            return Err(format!("{} refused our credentials: {}", self.peer, reply.text()));
+        }
+        Ok(())
     }
 
     /// EHLO, or HELO if EHLO is refused; records the server's capabilities.
