@@ -21,25 +21,24 @@ pub struct FailedRecipient {
 
 /// Whether a failure notice for this recipient should be sent at all.
 pub fn wants_failure_notice(envelope: &StoredEnvelope, index: u32) -> bool {
-    if envelope.sender.is_empty() {
-        return false;
-    }
-    match envelope.recipients.get(index as usize) {
-        None => false,
-        Some(r) if r.notify == 0 => true,
-        Some(r) => r.notify & notify::FAILURE != 0 && r.notify & notify::NEVER == 0,
-    }
+    wants_notice(envelope, index, notify::FAILURE)
 }
 
 /// Whether a delay notice for this recipient should be sent (NOTIFY=DELAY, or no NOTIFY at all).
 pub fn wants_delay_notice(envelope: &StoredEnvelope, index: u32) -> bool {
+    wants_notice(envelope, index, notify::DELAY)
+}
+
+/// Never to the null sender; without NOTIFY, yes; with NOTIFY, only if it names `flag` (and not
+/// NEVER).
+fn wants_notice(envelope: &StoredEnvelope, index: u32, flag: u8) -> bool {
     if envelope.sender.is_empty() {
         return false;
     }
     match envelope.recipients.get(index as usize) {
         None => false,
         Some(r) if r.notify == 0 => true,
-        Some(r) => r.notify & notify::DELAY != 0 && r.notify & notify::NEVER == 0,
+        Some(r) => r.notify & flag != 0 && r.notify & notify::NEVER == 0,
     }
 }
 

@@ -14,16 +14,7 @@ use common::{python, tool, without_received, Gannet, Raw, Setup};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn send(g: &Gannet, from: &str, to: &[&str], content: &str) -> String {
-    let mut c = Raw::connect(g.mx());
-    c.hello();
-    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
-    for rcpt in to {
-        assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).starts_with("250"));
-    }
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.send(content.as_bytes());
-    let reply = c.cmd(".");
-    common::queued_id(&reply).unwrap_or_else(|| panic!("{reply}"))
+    common::send_message(g.mx(), from, to, content)
 }
 
 /// Stops the server cleanly and returns what the spool still holds.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::dns::DnsServer;
 use common::sink::CaptureSink;
-use common::{Gannet, Raw, Setup};
+use common::{Gannet, Setup};
 use hickory_proto::rr::RecordType;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -33,12 +33,7 @@ fn setup(dns: &DnsServer, sink: &CaptureSink) -> Setup {
 }
 
 fn send(g: &Gannet, from: &str, to: &str) {
-    let mut c = Raw::connect(g.mx());
-    c.hello();
-    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
-    assert!(c.cmd(&format!("RCPT TO:<{to}>")).starts_with("250"));
-    c.cmd("DATA");
-    assert!(c.cmd(&format!("Subject: to {to}\r\n\r\nx\r\n.")).starts_with("250"));
+    common::send_message(g.mx(), from, &[to], &format!("Subject: to {to}\r\n\r\nx\r\n"));
 }
 
 #[test]

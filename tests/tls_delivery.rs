@@ -9,7 +9,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use common::sink::CaptureSink;
-use common::{free_port, Gannet, Raw, Setup};
+use common::{free_port, Gannet, Setup};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -148,12 +148,12 @@ fn make_certificate(cert: &Path, key: &Path) {
 }
 
 fn send(g: &Gannet) {
-    let mut c = Raw::connect(g.mx());
-    c.hello();
-    c.cmd("MAIL FROM:<a@x.test>");
-    c.cmd("RCPT TO:<b@remote.test>");
-    c.cmd("DATA");
-    assert!(c.cmd("Subject: secret\r\n\r\nover TLS\r\n.").starts_with("250"));
+    common::send_message(
+        g.mx(),
+        "a@x.test",
+        &["b@remote.test"],
+        "Subject: secret\r\n\r\nover TLS\r\n",
+    );
 }
 
 #[test]

@@ -454,6 +454,21 @@ impl Raw {
     }
 }
 
+/// Sends one message on a new connection (EHLO, MAIL, RCPT for each of `to`, DATA), checking
+/// every reply; returns the id of the `250 ... queued as` reply.
+pub fn send_message(server: SocketAddr, from: &str, to: &[&str], content: &str) -> String {
+    let mut c = Raw::connect(server);
+    c.hello();
+    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
+    for rcpt in to {
+        assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).starts_with("250"));
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(content.as_bytes());
+    let reply = c.cmd(".");
+    queued_id(&reply).unwrap_or_else(|| panic!("not queued: {reply}"))
+}
+
 /// Runs a Python 3 script with arguments; panics with its output if it fails.
 pub fn python(script: &str, args: &[&str]) -> String {
     String::from_utf8(python_bytes(script, args)).unwrap()
