@@ -9,7 +9,7 @@ use gannet::policy::RelayPolicy;
 use gannet::smtp::data::{dot_stuff, BareLineEndings, DataDecoder};
 use gannet::smtp::envelope::{Envelope, Origin};
 use gannet::smtp::parser::{parse_command, Params};
-use gannet::smtp::session::{MessageSink, Next, Session, SessionConfig, SinkFull};
+use gannet::smtp::session::{ListenerRules, MessageSink, Next, OpenGate, Session, SessionConfig, SinkFull};
 
 /// 1000 pipelined transactions' worth of commands, as a bulk client sends them.
 fn pipelined_commands() -> Vec<u8> {
@@ -118,7 +118,16 @@ fn bench_session(c: &mut Criterion) {
             local_domains: vec![],
             trusted_networks: vec!["127.0.0.0/8".parse().unwrap()],
         },
+        recipients_per_session_max: usize::MAX,
+        tarpit_after_errors: u32::MAX,
+        tarpit_delay: std::time::Duration::ZERO,
+        sender_must_match: false,
     });
+    let rules = ListenerRules {
+        starttls: false,
+        auth: false,
+        auth_required: false,
+    };
     // 100 transactions of 20 KiB messages, pipelined, as one stream.
     let mut content = Vec::new();
     while content.len() < 20 * 1024 {
@@ -138,7 +147,7 @@ fn bench_session(c: &mut Criterion) {
     group.bench_function("pipelined_20KiB_transactions", |b| {
         let mut out = Vec::with_capacity(64 * 1024);
         b.iter(|| {
-            let mut session = Session::new(config.clone(), "127.0.0.1".parse().unwrap());
+            let mut session = Session::new(config.clone(), rules, Rc::new(OpenGate), "127.0.0.1".parse().unwrap());
             let mut sink = CountingSink(0);
             let mut pos = 0;
             let mut commits = 0;
@@ -151,7 +160,7 @@ fn bench_session(c: &mut Criterion) {
                         commits += 1;
                         session.committed(Ok("ID"), &mut out);
                     }
-                    Next::NeedInput | Next::Close => break,
+                    Next::NeedInput | Next::Close | Next::StartTls | Next::Authenticate => break,
                 }
             }
             assert_eq!(commits, 100);

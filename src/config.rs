@@ -38,6 +38,10 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub tls: Tls,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
     pub delivery: Delivery,
     /// Where mail for each domain goes; the first exact match wins, then "*".
     #[serde(default, rename = "route")]
@@ -256,9 +260,9 @@ impl<'de> Deserialize<'de> for Shards {
 pub enum ListenerKind {
     /// Port 25: mail from other MTAs.
     Mx,
-    /// Port 587: mail from users' clients (AUTH arrives with TLS in a later release).
+    /// Port 587: mail from users' clients; STARTTLS, then AUTH before MAIL (RFC 6409).
     Submission,
-    /// Port 465: implicit TLS (needs TLS, which this release does not have yet).
+    /// Port 465: submission over implicit TLS (RFC 8314); AUTH before MAIL.
     Smtps,
 }
 
@@ -267,6 +271,90 @@ pub enum ListenerKind {
 pub struct Listener {
     pub address: SocketAddr,
     pub kind: ListenerKind,
+    /// Offer STARTTLS (mx and submission). Default: true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starttls: Option<bool>,
+    /// Offer AUTH (over TLS only). Default: true on submission and smtps, false on mx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<bool>,
+}
+
+impl Listener {
+    /// Whether this listener offers STARTTLS (never on smtps, where TLS starts at connect).
+    pub fn offers_starttls(&self) -> bool {
+        self.kind != ListenerKind::Smtps && self.starttls.unwrap_or(true)
+    }
+
+    /// Whether this listener offers AUTH once TLS is on.
+    pub fn offers_auth(&self) -> bool {
+        self.auth.unwrap_or(self.kind != ListenerKind::Mx)
+    }
+
+    /// Whether MAIL needs AUTH first: mail submission (587 and 465) is for users only.
+    pub fn requires_auth(&self) -> bool {
+        self.kind != ListenerKind::Mx
+    }
+}
+
+/// Inbound TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// Certificates, chosen by SNI; the first is the default. None: a self-signed one is made
+    /// at first start and kept in the spool directory.
+    #[serde(rename = "certificate", skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<TlsCertificate>,
+    /// How long a TLS handshake (STARTTLS or implicit) may take.
+    pub handshake_timeout: Span,
+}
+
+impl Default for Tls {
+    fn default() -> Tls {
+        Tls {
+            certificates: Vec::new(),
+            handshake_timeout: Span(Duration::from_secs(10)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertificate {
+    /// PEM certificate chain, leaf first.
+    pub chain: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// SMTP AUTH (server side).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// `user:argon2-hash[:addresses]` lines (`gannet passwd USER` makes one). None: nobody can
+    /// authenticate, so AUTH is not offered and submission accepts no mail.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// An authenticated user's MAIL FROM must be its own address (its user name, or one listed
+    /// for it in the password file): 553 5.7.1 otherwise.
+    pub sender_must_match: bool,
+    /// Failed attempts from one IP address (per shard) before it is blocked with 421.
+    pub failures_max: u32,
+    /// Delay before the first 535 reply; it doubles with each further failure.
+    pub failure_delay: Span,
+    /// How long a blocked address stays blocked (and how long failures are remembered).
+    pub block_duration: Span,
+}
+
+impl Default for Auth {
+    fn default() -> Auth {
+        Auth {
+            password_file: None,
+            sender_must_match: true,
+            failures_max: 5,
+            failure_delay: Span(Duration::from_secs(1)),
+            block_duration: Span(Duration::from_secs(600)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -356,6 +444,25 @@ pub struct Limits {
     /// How long one message's content (DATA, or all BDAT chunks) may take in total.
     #[serde(default = "default_data_timeout")]
     pub data_timeout: Span,
+    /// New connections per minute from one IP address (per shard); 0: no limit. Trusted
+    /// networks are exempt from the three rates.
+    #[serde(default = "default_connections_per_ip_per_minute")]
+    pub connections_per_ip_per_minute: u32,
+    /// Messages (MAIL commands) per minute from one IP address (per shard); 0: no limit.
+    #[serde(default = "default_messages_per_minute")]
+    pub messages_per_ip_per_minute: u32,
+    /// Messages per minute from one authenticated user (per shard); 0: no limit.
+    #[serde(default = "default_messages_per_minute")]
+    pub messages_per_user_per_minute: u32,
+    /// Recipients accepted over one connection, all transactions together.
+    #[serde(default = "default_recipients_per_session_max")]
+    pub recipients_per_session_max: usize,
+    /// After this many error replies in a session, each further error reply is delayed.
+    #[serde(default = "default_tarpit_after_errors")]
+    pub tarpit_after_errors: u32,
+    /// The delay added to each error reply past `tarpit_after_errors`; "0s": no tarpit.
+    #[serde(default = "default_tarpit_delay")]
+    pub tarpit_delay: Span,
 }
 
 fn default_hostname() -> String {
@@ -383,10 +490,20 @@ fn default_listeners() -> Vec<Listener> {
         Listener {
             address: "127.0.0.1:2525".parse().unwrap(),
             kind: ListenerKind::Mx,
+            starttls: None,
+            auth: None,
         },
         Listener {
             address: "127.0.0.1:2587".parse().unwrap(),
             kind: ListenerKind::Submission,
+            starttls: None,
+            auth: None,
+        },
+        Listener {
+            address: "127.0.0.1:2465".parse().unwrap(),
+            kind: ListenerKind::Smtps,
+            starttls: None,
+            auth: None,
         },
     ]
 }
@@ -450,6 +567,21 @@ fn default_command_timeout() -> Span {
 }
 fn default_data_timeout() -> Span {
     Span(Duration::from_secs(600))
+}
+fn default_connections_per_ip_per_minute() -> u32 {
+    60
+}
+fn default_messages_per_minute() -> u32 {
+    120
+}
+fn default_recipients_per_session_max() -> usize {
+    10_000
+}
+fn default_tarpit_after_errors() -> u32 {
+    3
+}
+fn default_tarpit_delay() -> Span {
+    Span(Duration::from_secs(1))
 }
 
 fn default_delay_warning_after() -> Span {
@@ -614,6 +746,12 @@ impl Default for Limits {
             sessions_per_ip_max: default_sessions_per_ip_max(),
             command_timeout: default_command_timeout(),
             data_timeout: default_data_timeout(),
+            connections_per_ip_per_minute: default_connections_per_ip_per_minute(),
+            messages_per_ip_per_minute: default_messages_per_minute(),
+            messages_per_user_per_minute: default_messages_per_minute(),
+            recipients_per_session_max: default_recipients_per_session_max(),
+            tarpit_after_errors: default_tarpit_after_errors(),
+            tarpit_delay: default_tarpit_delay(),
         }
     }
 }
@@ -789,8 +927,13 @@ impl Config {
                     ),
                 ));
             }
-            if listener.kind == ListenerKind::Smtps {
-                return Err(fail("listener", i, "kind", "\"smtps\" (implicit TLS) needs TLS certificates, which this release cannot load yet; use \"mx\" or \"submission\"".into()));
+            if listener.kind == ListenerKind::Smtps && listener.starttls.is_some() {
+                return Err(fail(
+                    "listener",
+                    i,
+                    "starttls",
+                    "an smtps listener speaks TLS from the first byte; remove starttls".into(),
+                ));
             }
         }
         let l = &self.limits;
@@ -839,6 +982,71 @@ impl Config {
                 "data_timeout"
             };
             return Err(fail("limits", 0, key, "must be more than zero, such as \"5m\"".into()));
+        }
+        if l.recipients_per_session_max < l.recipients_max {
+            return Err(fail(
+                "limits",
+                0,
+                "recipients_per_session_max",
+                format!(
+                    "{} is below limits.recipients_max ({}); one transaction could never use its allowance",
+                    l.recipients_per_session_max, l.recipients_max
+                ),
+            ));
+        }
+        if l.tarpit_delay.0 > Duration::from_secs(30) {
+            return Err(fail(
+                "limits",
+                0,
+                "tarpit_delay",
+                "must be at most \"30s\" (the delay grows with each error, up to 30s)".into(),
+            ));
+        }
+        let t = &self.tls;
+        if t.handshake_timeout.0.is_zero() {
+            return Err(fail(
+                "tls",
+                0,
+                "handshake_timeout",
+                "must be more than zero, such as \"10s\"".into(),
+            ));
+        }
+        for (i, c) in t.certificates.iter().enumerate() {
+            for (key, path) in [("chain", &c.chain), ("key", &c.key)] {
+                if !path.is_file() {
+                    return Err(fail(
+                        "tls.certificate",
+                        i,
+                        key,
+                        format!("{} is not a readable file; give the path of a PEM file", path.display()),
+                    ));
+                }
+            }
+        }
+        let a = &self.auth;
+        if a.failures_max == 0 {
+            return Err(fail("auth", 0, "failures_max", "must be at least 1".into()));
+        }
+        if a.block_duration.0.is_zero() {
+            return Err(fail(
+                "auth",
+                0,
+                "block_duration",
+                "must be more than zero, such as \"10m\"".into(),
+            ));
+        }
+        if a.failure_delay.0 > Duration::from_secs(60) {
+            return Err(fail(
+                "auth",
+                0,
+                "failure_delay",
+                "must be at most \"60s\" (it doubles with each failure)".into(),
+            ));
+        }
+        if let Some(path) = &a.password_file {
+            if let Err(e) = crate::auth::passwords::PasswordFile::load(path) {
+                return Err(fail("auth", 0, "password_file", e));
+            }
         }
         let s = &self.spool;
         if s.segment_size.0 < SEGMENT_FILL_CHUNK_BYTES
@@ -1108,6 +1316,10 @@ impl Config {
                     .collect(),
                 trusted_networks: self.relay.trusted_networks.iter().map(|n| n.0).collect(),
             },
+            recipients_per_session_max: self.limits.recipients_per_session_max,
+            tarpit_after_errors: self.limits.tarpit_after_errors,
+            tarpit_delay: self.limits.tarpit_delay.0,
+            sender_must_match: self.auth.sender_must_match,
         }
     }
 }
@@ -1119,9 +1331,13 @@ mod tests {
     #[test]
     fn embedded_default_is_valid_and_matches_the_documented_defaults() {
         let c = Config::embedded_default();
-        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners.len(), 3);
         assert_eq!(c.listeners[0].address, "127.0.0.1:2525".parse().unwrap());
         assert_eq!(c.listeners[1].kind, ListenerKind::Submission);
+        assert_eq!(c.listeners[2].kind, ListenerKind::Smtps);
+        assert!(c.listeners[0].offers_starttls() && !c.listeners[0].offers_auth());
+        assert!(c.listeners[1].offers_starttls() && c.listeners[1].offers_auth() && c.listeners[1].requires_auth());
+        assert!(!c.listeners[2].offers_starttls() && c.listeners[2].requires_auth());
         assert_eq!(c.spool.directory, PathBuf::from("./gannet-spool"));
         assert_eq!(c.spool.durability, Durability::Fsync);
         assert_eq!(c.server.shards, Shards::Auto);
@@ -1244,11 +1460,31 @@ mod tests {
         let e = Config::parse("[[listener]]\naddress = \"127.0.0.1:25\"\nkind = \"mx\"\n[[listener]]\naddress = \"127.0.0.1:25\"\nkind = \"submission\"\n", "g.toml").unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
         let e = Config::parse(
-            "[[listener]]\naddress = \"127.0.0.1:465\"\nkind = \"smtps\"\n",
+            "[[listener]]\naddress = \"127.0.0.1:465\"\nkind = \"smtps\"\nstarttls = true\n",
             "g.toml",
         )
         .unwrap_err();
-        assert!(e.message.contains("TLS"), "{e}");
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.contains("speaks TLS from the first byte"), "{e}");
+        let e = Config::parse(
+            "[[tls.certificate]]\nchain = \"/nonexistent.pem\"\nkey = \"/k.pem\"\n",
+            "g.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(
+            e.to_string()
+                .contains("tls.certificate.chain: /nonexistent.pem is not a readable file"),
+            "{e}"
+        );
+        let e = Config::parse("[auth]\npassword_file = \"/nonexistent-users\"\n", "g.toml").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("g.toml:2: auth.password_file: /nonexistent-users: cannot read"),
+            "{e}"
+        );
+        let e = Config::parse("[limits]\nrecipients_per_session_max = 10\n", "g.toml").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
         let e = Config::parse("[spool]\nsegment_size = \"3500KiB\"\n", "g.toml").unwrap_err();
         assert!(e.message.contains("whole number of MiB"), "{e}");
         let e = Config::parse(

@@ -3,18 +3,22 @@
 //! Layout, top-down:
 //! - [`config`]: the TOML configuration, its embedded default and its validation.
 //! - [`smtp`]: the sans-IO protocol core (command parser, DATA decoder, server session).
-//! - [`policy`]: the relay decision and network lists (pure functions).
+//! - [`policy`]: the relay decision and network lists (pure functions); [`rate`]: per-client
+//!   rate limits; [`auth`]: the password file and the failure throttle of SMTP AUTH.
 //! - [`spool`]: the per-shard segment log (record codec, recovery, appender with group commit).
 //! - [`queue`]: the in-memory index of what each shard has spooled.
 //! - [`server`]: the glommio shell (executors, listeners, connections, shutdown).
 
+pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod dns;
 pub mod dsn;
 pub mod policy;
 pub mod queue;
+pub mod rate;
 pub mod server;
 pub mod smtp;
 pub mod spool;
+pub mod transport;
 pub mod units;

@@ -43,6 +43,17 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Hash a password (argon2id) and print a password-file line for USER. The password is read
+    /// from the terminal without echo, or as the first line of standard input.
+    Passwd {
+        /// The user name clients give to AUTH (an address such as alice@example.com lets the
+        /// user send as that address).
+        user: String,
+        /// More envelope senders the user may use, comma-separated (`@example.com` for a whole
+        /// domain).
+        #[arg(long, value_name = "LIST")]
+        addresses: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,6 +176,7 @@ fn run(cli: Cli) -> Result<(), String> {
             print!("{}", gannet::config::DEFAULT_TOML);
             Ok(())
         }
+        Some(Command::Passwd { user, addresses }) => passwd(&user, addresses.as_deref()),
         Some(Command::Queue {
             command: QueueCommand::List,
         }) => {
@@ -183,6 +195,44 @@ fn run(cli: Cli) -> Result<(), String> {
             gannet::server::serve(config, &name)
         }
     }
+}
+
+fn passwd(user: &str, addresses: Option<&str>) -> Result<(), String> {
+    if user.is_empty() || user.contains(':') || user.len() > gannet::smtp::sasl::USER_BYTES_MAX {
+        return Err(format!(
+            "`{user}` cannot be a user name: it must be 1 to {} bytes without `:`",
+            gannet::smtp::sasl::USER_BYTES_MAX
+        ));
+    }
+    let password = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        let first = rpassword::prompt_password(format!("Password for {user}: ")).map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read the password: {e}"))?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    if password.is_empty() || password.len() > gannet::smtp::sasl::PASSWORD_BYTES_MAX {
+        return Err(format!(
+            "the password must be 1 to {} bytes",
+            gannet::smtp::sasl::PASSWORD_BYTES_MAX
+        ));
+    }
+    let hash = gannet::auth::passwords::hash_password(password.as_bytes())?;
+    let line = match addresses {
+        Some(list) => format!("{user}:{hash}:{list}"),
+        None => format!("{user}:{hash}"),
+    };
+    // Check the line the way the server will read it.
+    gannet::auth::passwords::PasswordFile::parse(&line, "the new line")?;
+    println!("{line}");
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -70,6 +70,8 @@ pub enum RelayDecision {
     LocalDomain,
     /// The client is in a trusted network: it may send anywhere.
     TrustedNetwork,
+    /// The client authenticated (SMTP AUTH): it may send anywhere.
+    Authenticated,
     /// The domain-less `<Postmaster>` (RFC 5321 4.5.1): always accepted.
     Postmaster,
     Denied,
@@ -90,9 +92,10 @@ pub struct RelayPolicy {
 }
 
 impl RelayPolicy {
-    /// Decides whether a client at `client_ip` may send to a recipient in `domain` (as written in
-    /// the address: a name, an address literal, or empty for `<Postmaster>`).
-    pub fn decide(&self, client_ip: IpAddr, domain: &[u8]) -> RelayDecision {
+    /// Decides whether a client at `client_ip`, `authenticated` or not, may send to a recipient
+    /// in `domain` (as written in the address: a name, an address literal, or empty for
+    /// `<Postmaster>`).
+    pub fn decide(&self, client_ip: IpAddr, authenticated: bool, domain: &[u8]) -> RelayDecision {
         if domain.is_empty() {
             return RelayDecision::Postmaster;
         }
@@ -102,6 +105,9 @@ impl RelayPolicy {
             .any(|d| d.as_bytes().eq_ignore_ascii_case(domain))
         {
             return RelayDecision::LocalDomain;
+        }
+        if authenticated {
+            return RelayDecision::Authenticated;
         }
         if self.trusted_networks.iter().any(|n| n.contains(client_ip)) {
             return RelayDecision::TrustedNetwork;
@@ -131,30 +137,39 @@ mod tests {
         assert!("nonsense".parse::<Network>().is_err());
     }
 
-    /// Every combination of (domain is local, client is trusted, postmaster).
+    /// Every combination of (recipient domain: local / other / postmaster) x (client: trusted
+    /// network or not) x (authenticated or not).
     #[test]
     fn relay_decision_table() {
+        use RelayDecision::*;
         let policy = RelayPolicy {
             local_domains: vec!["local.example".into()],
             trusted_networks: vec![net("127.0.0.1/32")],
         };
         let trusted: IpAddr = "127.0.0.1".parse().unwrap();
         let stranger: IpAddr = "127.0.0.2".parse().unwrap();
-        let table: &[(IpAddr, &[u8], RelayDecision)] = &[
-            (trusted, b"local.example", RelayDecision::LocalDomain),
-            (trusted, b"LOCAL.Example", RelayDecision::LocalDomain),
-            (trusted, b"elsewhere.example", RelayDecision::TrustedNetwork),
-            (stranger, b"local.example", RelayDecision::LocalDomain),
-            (stranger, b"elsewhere.example", RelayDecision::Denied),
-            (stranger, b"[127.0.0.1]", RelayDecision::Denied),
-            (stranger, b"", RelayDecision::Postmaster),
-            (trusted, b"", RelayDecision::Postmaster),
+        let table: &[(IpAddr, bool, &[u8], RelayDecision)] = &[
+            (trusted, false, b"local.example", LocalDomain),
+            (trusted, false, b"LOCAL.Example", LocalDomain),
+            (trusted, false, b"elsewhere.example", TrustedNetwork),
+            (trusted, false, b"", Postmaster),
+            (trusted, true, b"local.example", LocalDomain),
+            (trusted, true, b"elsewhere.example", Authenticated),
+            (trusted, true, b"", Postmaster),
+            (stranger, false, b"local.example", LocalDomain),
+            (stranger, false, b"elsewhere.example", Denied),
+            (stranger, false, b"[127.0.0.1]", Denied),
+            (stranger, false, b"", Postmaster),
+            (stranger, true, b"local.example", LocalDomain),
+            (stranger, true, b"elsewhere.example", Authenticated),
+            (stranger, true, b"[127.0.0.1]", Authenticated),
+            (stranger, true, b"", Postmaster),
         ];
-        for (ip, domain, want) in table {
+        for (ip, authenticated, domain, want) in table {
             assert_eq!(
-                policy.decide(*ip, domain),
+                policy.decide(*ip, *authenticated, domain),
                 *want,
-                "{ip} {:?}",
+                "{ip} authenticated={authenticated} {:?}",
                 String::from_utf8_lossy(domain)
             );
         }

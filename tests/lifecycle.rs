@@ -309,15 +309,22 @@ fn the_embedded_default_configuration_serves() {
         }
     };
     assert!(
-        ready.contains("127.0.0.1:2525 (mx)") && ready.contains("127.0.0.1:2587 (submission)"),
+        ready.contains("127.0.0.1:2525 (mx)")
+            && ready.contains("127.0.0.1:2587 (submission)")
+            && ready.contains("127.0.0.1:2465 (smtps)"),
         "{ready}"
     );
     let mut c = Raw::connect("127.0.0.1:2525".parse().unwrap());
     c.hello();
     send_one(&mut c, "default config");
+    // Submission is for users: STARTTLS is offered (self-signed certificate), MAIL needs AUTH.
     let mut s = Raw::connect("127.0.0.1:2587".parse().unwrap());
-    s.hello();
-    send_one(&mut s, "submission port");
+    assert!(s.reply().unwrap().starts_with("220"));
+    assert!(s.cmd("EHLO client.test").contains("250-STARTTLS"));
+    assert_eq!(
+        s.cmd("MAIL FROM:<a@client.test>"),
+        "530 5.7.0 Authentication required\r\n"
+    );
     // SAFETY (test): signal our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());

@@ -256,3 +256,125 @@ fn the_shard_memory_budget_refuses_with_452_instead_of_growing() {
     b.send(chunk.as_bytes());
     assert!(b.cmd(".").starts_with("250 2.0.0 Ok: queued"));
 }
+
+/// A setup where 127.0.0.1 is a stranger: not trusted, so the per-IP rates apply to it and it
+/// may only send to the local domain.
+fn stranger_setup() -> Setup {
+    let mut setup = Setup::new();
+    setup.set("relay", "trusted_networks", "[\"10.0.0.0/8\"]");
+    setup.set("relay", "local_domains", "[\"local.test\"]");
+    setup
+}
+
+#[test]
+fn connections_per_ip_per_minute_are_limited_with_421() {
+    let mut setup = stranger_setup();
+    setup.set("limits", "connections_per_ip_per_minute", "3");
+    let g = Gannet::start(&setup);
+    for _ in 0..3 {
+        let mut c = Raw::connect(g.mx());
+        assert!(c.reply().unwrap().starts_with("220"));
+    }
+    let mut c = Raw::connect(g.mx());
+    assert_eq!(
+        c.reply().unwrap(),
+        "421 4.7.0 Too many connections from your address per minute, try again later\r\n"
+    );
+    assert!(c.closed());
+    // Trusted networks are exempt.
+    let mut setup = Setup::new();
+    setup.set("limits", "connections_per_ip_per_minute", "1");
+    let g = Gannet::start(&setup);
+    for _ in 0..3 {
+        let mut c = Raw::connect(g.mx());
+        assert!(c.reply().unwrap().starts_with("220"));
+    }
+}
+
+#[test]
+fn messages_per_ip_and_per_user_per_minute_are_limited_with_450() {
+    let mut setup = stranger_setup();
+    setup.set("limits", "messages_per_ip_per_minute", "2");
+    let g = Gannet::start(&setup);
+    let mut c = Raw::connect(g.mx());
+    c.hello();
+    for _ in 0..2 {
+        assert!(c.cmd("MAIL FROM:<a@remote.test>").starts_with("250"));
+        assert!(c.cmd("RSET").starts_with("250"));
+    }
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@remote.test>"),
+        "450 4.7.1 Message rate limit exceeded, try again later\r\n"
+    );
+    assert!(g.wait_for_log("message rate limit reached for the address", Duration::from_secs(10)));
+
+    // Per user: applies to authenticated users even from a trusted network.
+    let mut setup = Setup::new();
+    setup.users(&[("alice@example.test", "pw")]);
+    setup.set("limits", "messages_per_user_per_minute", "1");
+    let g = Gannet::start(&setup);
+    let script = r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.starttls(context=ctx)
+s.login("alice@example.test", "pw")
+for i in range(2):
+    print(s.mail("alice@example.test"))
+    s.rset()
+"#;
+    let out = common::python(script, &[&g.submission().port().to_string()]);
+    assert!(out.contains("(250, b'2.1.0 Sender ok')"), "{out}");
+    assert!(
+        out.contains("(450, b'4.7.1 Message rate limit exceeded, try again later')"),
+        "{out}"
+    );
+}
+
+#[test]
+fn recipients_per_connection_are_capped_with_452() {
+    let mut setup = Setup::new();
+    setup.set("limits", "recipients_max", "2");
+    setup.set("limits", "recipients_per_session_max", "3");
+    let g = Gannet::start(&setup);
+    let mut c = Raw::connect(g.mx());
+    c.hello();
+    c.cmd("MAIL FROM:<a@l.test>");
+    assert!(c.cmd("RCPT TO:<r1@remote.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<r2@remote.test>").starts_with("250"));
+    assert!(c.cmd("RSET").starts_with("250"));
+    c.cmd("MAIL FROM:<a@l.test>");
+    assert!(c.cmd("RCPT TO:<r3@remote.test>").starts_with("250"));
+    assert_eq!(
+        c.cmd("RCPT TO:<r4@remote.test>"),
+        "452 4.5.3 Too many recipients for this connection, send the rest in a new one\r\n"
+    );
+    // A new connection starts a new count.
+    let mut d = Raw::connect(g.mx());
+    d.hello();
+    d.cmd("MAIL FROM:<a@l.test>");
+    assert!(d.cmd("RCPT TO:<r4@remote.test>").starts_with("250"));
+}
+
+#[test]
+fn a_client_that_keeps_erring_is_tarpitted() {
+    let mut setup = Setup::new();
+    setup.set("limits", "tarpit_after_errors", "1");
+    setup.set("limits", "tarpit_delay", "\"300ms\"");
+    let g = Gannet::start(&setup);
+    let mut c = Raw::connect(g.mx());
+    c.hello();
+    assert!(c.cmd("BOGUS").starts_with("500 5.5.2"));
+    let t1 = Instant::now();
+    assert!(c.cmd("BOGUS").starts_with("500 5.5.2"));
+    let t2 = Instant::now();
+    assert!(c.cmd("BOGUS").starts_with("500 5.5.2"));
+    // Lower bounds only: a slow machine can only make these longer.
+    assert!(
+        t2.elapsed() >= Duration::from_millis(600),
+        "third error: {:?}",
+        t2.elapsed()
+    );
+    assert!(t2 - t1 >= Duration::from_millis(300), "second error: {:?}", t2 - t1);
+    assert!(c.cmd("NOOP").starts_with("250"));
+}

@@ -150,7 +150,10 @@ fn normalize_policy_stores_bare_line_endings_as_crlf() {
 
 #[test]
 fn error_replies_carry_the_right_codes() {
-    let g = Gannet::start(&Setup::new());
+    // Many errors in one session: without the tarpit (tested in limits.rs) the test stays quick.
+    let mut setup = Setup::new();
+    setup.set("limits", "tarpit_delay", "\"0s\"");
+    let g = Gannet::start(&setup);
     let mut c = Raw::connect(g.mx());
     c.reply().unwrap();
     assert_eq!(c.cmd("MAIL FROM:<a@p.test>"), "503 5.5.1 Send HELO or EHLO first\r\n");

@@ -18,7 +18,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::io::{DmaFile, OpenOptions, ReadResult};
 use glommio::net::TcpStream;
 use tracing::{info, warn};
@@ -1034,41 +1033,7 @@ impl Deliverer {
 
 /// One outbound SMTP connection with its read buffer and the server's capabilities.
 /// The connection's byte stream: plain TCP, or TLS after STARTTLS.
-enum Transport {
-    Plain(TcpStream),
-    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
-    /// Only while the handshake holds the socket.
-    Closed,
-}
-
-impl Transport {
-    fn tcp(&self) -> Option<&TcpStream> {
-        match self {
-            Transport::Plain(s) => Some(s),
-            Transport::Tls(t) => Some(t.get_ref().0),
-            Transport::Closed => None,
-        }
-    }
-
-    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Transport::Plain(s) => s.read(buf).await,
-            Transport::Tls(t) => t.read(buf).await,
-            Transport::Closed => Ok(0),
-        }
-    }
-
-    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match self {
-            Transport::Plain(s) => s.write_all(bytes).await,
-            Transport::Tls(t) => {
-                t.write_all(bytes).await?;
-                t.flush().await
-            }
-            Transport::Closed => Err(std::io::ErrorKind::NotConnected.into()),
-        }
-    }
-}
+type Transport = crate::transport::Transport<futures_rustls::client::TlsStream<TcpStream>>;
 
 /// How to treat STARTTLS on a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,23 +1,27 @@
 //! One SMTP connection: moves bytes between the socket and the sans-IO [`Session`], hands
 //! finished messages to the spool, and applies timeouts and shutdown.
 //!
-//! The connection owns its read buffer (never a buffered reader), so bytes that arrive after a
-//! command that changes the stream (STARTTLS, in a later release) can be discarded exactly.
+//! The connection owns its read buffer (never a buffered reader), so bytes that arrive after
+//! STARTTLS and before the handshake are discarded exactly (CVE-2011-0411): they are never
+//! executed as commands of the encrypted session.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::shard::{Refusal, Shard, Stage, StageChange};
-use crate::config::ListenerKind;
+use super::tls::summarize;
+use crate::config::{Listener, ListenerKind};
 use crate::queue::QueuedMessage;
-use crate::smtp::received::unix_now_s;
+use crate::smtp::received::{unix_now_s, TlsSummary};
 use crate::smtp::reply;
-use crate::smtp::session::{Next, Session};
+use crate::smtp::session::{ListenerRules, MessageGate, Next, Session};
 use crate::spool::record::StoredEnvelope;
+use crate::transport::Transport;
+
+type Stream = Transport<futures_rustls::server::TlsStream<TcpStream>>;
 
 /// Smallest read buffer; it is at least one command line long.
 const READ_BUFFER_BYTES_MIN: usize = 16 * 1024;
@@ -30,7 +34,7 @@ enum Wake {
     Stage,
 }
 
-async fn write_all(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
+async fn write_all(stream: &mut Stream, out: &mut Vec<u8>) -> bool {
     if out.is_empty() {
         return true;
     }
@@ -39,17 +43,51 @@ async fn write_all(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
     ok
 }
 
-pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) {
-    let Ok(peer) = stream.peer_addr() else {
+/// Writes the pending replies, first holding them back as long as the session asks (tarpit).
+async fn flush(stream: &mut Stream, session: &mut Session, out: &mut Vec<u8>) -> bool {
+    let delay = session.take_reply_delay();
+    if !delay.is_zero() && !out.is_empty() {
+        glommio::timer::sleep(delay).await;
+    }
+    write_all(stream, out).await
+}
+
+/// Runs the server side of a TLS handshake on the plain stream, within `timeout`.
+async fn handshake(stream: &mut Stream, shard: &Shard, timeout: Duration) -> Result<TlsSummary, String> {
+    let tcp = stream.take_plain().ok_or("the connection is already encrypted")?;
+    let _ = tcp.set_read_timeout(Some(timeout));
+    let accept = shard.tls_acceptor.accept(tcp);
+    let result = futures_lite::future::or(async { Some(accept.await) }, async {
+        glommio::timer::sleep(timeout).await;
+        None
+    })
+    .await;
+    match result {
+        Some(Ok(tls)) => {
+            let summary = summarize(tls.get_ref().1);
+            *stream = Transport::Tls(Box::new(tls));
+            Ok(summary)
+        }
+        Some(Err(e)) if e.kind() != std::io::ErrorKind::TimedOut => Err(e.to_string()),
+        // The socket's read timeout or the overall deadline, whichever came first.
+        Some(Err(_)) | None => Err(format!("timed out after {timeout:?}")),
+    }
+}
+
+pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
+    let Ok(peer) = tcp.peer_addr() else {
         return;
     };
     let ip = peer.ip().to_canonical();
     let limits = &shard.config.limits;
     let command_timeout = limits.command_timeout.0;
     let data_timeout = limits.data_timeout.0;
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(command_timeout));
+    let handshake_timeout = shard.config.tls.handshake_timeout.0;
+    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_write_timeout(Some(command_timeout));
+    let mut stream = Stream::Plain(tcp);
     let mut out = Vec::with_capacity(1024);
+    let kind = listener.kind;
 
     let guard = match shard.admit(ip) {
         Ok(guard) => guard,
@@ -57,8 +95,14 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
             let reply = match refusal {
                 Refusal::ShardFull => reply::TOO_MANY_SESSIONS,
                 Refusal::IpFull => reply::TOO_MANY_SESSIONS_FROM_IP,
+                Refusal::ConnectionRate => reply::CONNECTION_RATE,
+                Refusal::AuthBlocked => reply::AUTH_BLOCKED,
             };
             info!(shard = shard.index, client = %ip, "connection refused: {}", reply.text);
+            // On smtps the refusal can only be read through TLS.
+            if kind == ListenerKind::Smtps && handshake(&mut stream, &shard, handshake_timeout).await.is_err() {
+                return;
+            }
             reply.write(&mut out);
             write_all(&mut stream, &mut out).await;
             return;
@@ -66,7 +110,25 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
     };
     debug!(shard = shard.index, client = %peer, ?kind, "connected");
 
-    let mut session = Session::new(shard.session_config.clone(), ip);
+    let rules = ListenerRules {
+        starttls: listener.offers_starttls(),
+        auth: listener.offers_auth() && shard.reloadable.passwords().is_some(),
+        auth_required: listener.requires_auth(),
+    };
+    let gate: Rc<dyn MessageGate> = shard.clone();
+    let mut session = Session::new(shard.session_config.clone(), rules, gate, ip);
+    if kind == ListenerKind::Smtps {
+        match handshake(&mut stream, &shard, handshake_timeout).await {
+            Ok(summary) => {
+                info!(shard = shard.index, client = %peer, version = %summary.version, cipher = %summary.cipher, "TLS established (implicit)");
+                session = session.with_implicit_tls(summary);
+            }
+            Err(reason) => {
+                info!(shard = shard.index, client = %peer, "TLS handshake failed: {reason}");
+                return;
+            }
+        }
+    }
     let mut sink = shard.appender.message_buffer();
     let mut buf = vec![0u8; READ_BUFFER_BYTES_MIN.max(2 * limits.line_length_max)];
     let (mut start, mut end) = (0usize, 0usize);
@@ -84,8 +146,39 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
             match step.next {
                 Next::NeedInput => break,
                 Next::Close => {
-                    write_all(&mut stream, &mut out).await;
+                    flush(&mut stream, &mut session, &mut out).await;
                     return;
+                }
+                Next::StartTls => {
+                    if !write_all(&mut stream, &mut out).await {
+                        return;
+                    }
+                    let discarded = end - start;
+                    if discarded > 0 {
+                        info!(
+                            shard = shard.index,
+                            client = %peer,
+                            "discarded {discarded} byte(s) sent after STARTTLS before the handshake (command injection, CVE-2011-0411)"
+                        );
+                    }
+                    (start, end) = (0, 0);
+                    match handshake(&mut stream, &shard, handshake_timeout).await {
+                        Ok(summary) => {
+                            info!(shard = shard.index, client = %peer, version = %summary.version, cipher = %summary.cipher, "TLS established");
+                            session.tls_started(summary);
+                        }
+                        Err(reason) => {
+                            info!(shard = shard.index, client = %peer, "TLS handshake failed: {reason}");
+                            return;
+                        }
+                    }
+                }
+                Next::Authenticate => {
+                    let Some(credentials) = session.take_credentials() else {
+                        unreachable!("the session hands over credentials with Next::Authenticate");
+                    };
+                    let outcome = shard.check_credentials(ip, credentials).await;
+                    session.authenticated(outcome, &mut sink, &mut out);
                 }
                 Next::Commit => {
                     let message = sink.take();
@@ -103,6 +196,8 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
                                 from = %String::from_utf8_lossy(env.sender()),
                                 recipients = env.recipient_count(),
                                 size = content_bytes,
+                                tls = %session.tls().map_or("none", |t| t.version.as_str()),
+                                user = %session.user().map_or("-", |u| u.user.as_str()),
                                 "queued"
                             );
                             shard.record_queued(
@@ -142,7 +237,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
             write_all(&mut stream, &mut out).await;
             return;
         }
-        if !write_all(&mut stream, &mut out).await {
+        if !flush(&mut stream, &mut session, &mut out).await {
             sink_abandon(&mut session, &mut sink);
             return;
         }
@@ -165,7 +260,9 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>, kind: ListenerKind) 
             write_all(&mut stream, &mut out).await;
             return;
         }
-        let _ = stream.set_read_timeout(Some(timeout.max(TIMEOUT_MIN)));
+        if let Some(tcp) = stream.tcp() {
+            let _ = tcp.set_read_timeout(Some(timeout.max(TIMEOUT_MIN)));
+        }
         debug_assert!(end < buf.len(), "the session consumes any full buffer");
         let wake = futures_lite::future::or(async { Wake::Read(stream.read(&mut buf[end..]).await) }, async {
             StageChange {

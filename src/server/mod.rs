@@ -8,8 +8,10 @@
 
 pub mod connection;
 pub mod lock;
+pub mod reloadable;
 pub mod shard;
 pub mod signals;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::os::fd::{IntoRawFd, RawFd};
@@ -106,7 +108,6 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     config
         .validate_for_shards(shards, cpus.len(), source_name)
         .map_err(|e| e.to_string())?;
-    signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
     let memlock = raise_memlock_limit();
     let io_memory = config.server.io_memory.0 as usize;
@@ -131,6 +132,16 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         )
     })?;
     let lock = lock::SpoolLock::acquire(&config.spool.directory)?;
+    let reloadable = Arc::new(reloadable::Reloadable::load(&config, &config.spool.directory)?);
+    signals::install(reloadable.clone()).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    for listener in &config.listeners {
+        if listener.requires_auth() && reloadable.passwords().is_none() {
+            warn!(
+                "{} ({:?}) requires AUTH before MAIL but auth.password_file is not set: it will refuse all mail with 530 5.7.0",
+                listener.address, listener.kind
+            );
+        }
+    }
 
     if config.spool.durability == Durability::None {
         warn!("spool.durability = \"none\": mail is acknowledged before it is on stable storage and a crash loses it; use this for benchmarks only");
@@ -170,6 +181,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     for (index, fds) in shard_fds.into_iter().enumerate() {
         let config = config.clone();
         let dns_cache = dns_cache.clone();
+        let reloadable = reloadable.clone();
         let ready_tx = ready_tx.clone();
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpus[index]))
             .name(&format!("shard-{index}"))
@@ -180,7 +192,18 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         let handle = builder
             .spawn(move || async move {
                 let shard = index as u16;
-                let result = shard::run(shard, shards, config, fds, dns_cache, ready_tx.clone()).await;
+                let result = shard::run(
+                    shard::ShardSetup {
+                        index: shard,
+                        shard_count: shards,
+                        config,
+                        listener_fds: fds,
+                        dns_cache,
+                        reloadable,
+                    },
+                    ready_tx.clone(),
+                )
+                .await;
                 if let Err(e) = &result {
                     let _ = ready_tx.send(Err(format!("shard {shard}: {e}")));
                 }

@@ -17,13 +17,17 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpListener;
 use tracing::{error, info, warn};
 
+use super::reloadable::Reloadable;
 use super::{connection, signals};
+use crate::auth::throttle::{AfterFailure, AuthThrottle, ThrottleLimits};
 use crate::config::{system_dns_servers, Config};
 use crate::delivery::runner::Deliverer;
 use crate::dns::cache::DnsCache;
 use crate::dns::resolver::Resolver;
 use crate::queue::{QueueIndex, QueuedMessage};
-use crate::smtp::session::SessionConfig;
+use crate::rate::RateLimiter;
+use crate::smtp::sasl::Credentials;
+use crate::smtp::session::{AuthOutcome, MessageGate, SessionConfig};
 use crate::spool::appender::{Appender, AppenderConfig, WrittenRecord};
 use crate::spool::recovery::{list_segments, quarantine, read_segment, scan_segment, Damage};
 use crate::spool::shard_dir;
@@ -48,12 +52,23 @@ pub struct SessionSlot {
     waker: RefCell<Option<Waker>>,
 }
 
+/// The shard's defences against abusive clients: rates and the AUTH failure throttle.
+struct Guards {
+    connections_per_ip: RateLimiter<IpAddr>,
+    messages_per_ip: RateLimiter<IpAddr>,
+    messages_per_user: RateLimiter<String>,
+    auth_failures: AuthThrottle,
+}
+
 pub struct Shard {
     pub index: u16,
     pub config: Arc<Config>,
     pub session_config: Rc<SessionConfig>,
     pub appender: Rc<Appender>,
     pub deliverer: Rc<Deliverer>,
+    pub reloadable: Arc<Reloadable>,
+    pub tls_acceptor: futures_rustls::TlsAcceptor,
+    guards: RefCell<Guards>,
     stage: Cell<Stage>,
     sessions: RefCell<HashMap<u64, Rc<SessionSlot>>>,
     sessions_per_ip: RefCell<HashMap<IpAddr, usize>>,
@@ -66,6 +81,10 @@ pub struct Shard {
 pub enum Refusal {
     ShardFull,
     IpFull,
+    /// Too many new connections per minute from this address.
+    ConnectionRate,
+    /// Blocked after too many AUTH failures.
+    AuthBlocked,
 }
 
 /// A session's registration; dropping it frees the session's place.
@@ -108,11 +127,30 @@ impl Shard {
         }
     }
 
+    /// Whether `ip` is in a trusted network, and so exempt from the rate limits.
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.session_config
+            .relay
+            .trusted_networks
+            .iter()
+            .any(|n| n.contains(ip))
+    }
+
     /// Admits a session if the shard's limits allow it.
     pub fn admit(self: &Rc<Self>, ip: IpAddr) -> Result<SessionGuard, Refusal> {
         let limits = &self.config.limits;
         if self.sessions.borrow().len() >= limits.sessions_per_shard_max {
             return Err(Refusal::ShardFull);
+        }
+        let now = Instant::now();
+        {
+            let mut guards = self.guards.borrow_mut();
+            if guards.auth_failures.is_blocked(ip, now) {
+                return Err(Refusal::AuthBlocked);
+            }
+            if !self.is_trusted(ip) && !guards.connections_per_ip.admit(&ip, now) {
+                return Err(Refusal::ConnectionRate);
+            }
         }
         let mut per_ip = self.sessions_per_ip.borrow_mut();
         let count = per_ip.entry(ip).or_insert(0);
@@ -135,9 +173,70 @@ impl Shard {
         })
     }
 
+    /// Checks credentials off the event loop (argon2 takes tens of milliseconds of CPU), with
+    /// the per-address failure delay and block.
+    pub async fn check_credentials(&self, ip: IpAddr, credentials: Credentials) -> AuthOutcome {
+        if self.guards.borrow().auth_failures.is_blocked(ip, Instant::now()) {
+            return AuthOutcome::Blocked;
+        }
+        let Some(passwords) = self.reloadable.passwords() else {
+            return AuthOutcome::Unavailable;
+        };
+        let user = credentials.user.clone();
+        let verified = glommio::executor()
+            .spawn_blocking(move || passwords.verify(&credentials))
+            .await;
+        match verified {
+            Some(identity) => {
+                self.guards.borrow_mut().auth_failures.succeeded(ip);
+                info!(shard = self.index, client = %ip, user = %identity.user, "authenticated");
+                AuthOutcome::Success(identity)
+            }
+            None => {
+                let after = self.guards.borrow_mut().auth_failures.failed(ip, Instant::now());
+                match after {
+                    AfterFailure::Delay(delay) => {
+                        info!(shard = self.index, client = %ip, %user, "authentication failed; answering in {delay:?}");
+                        glommio::timer::sleep(delay).await;
+                        AuthOutcome::Invalid
+                    }
+                    AfterFailure::Block => {
+                        warn!(
+                            shard = self.index,
+                            client = %ip,
+                            %user,
+                            "authentication failed {} times: address blocked for {}",
+                            self.config.auth.failures_max,
+                            self.config.auth.block_duration
+                        );
+                        AuthOutcome::Blocked
+                    }
+                }
+            }
+        }
+    }
+
     /// Hands a newly spooled message to delivery.
     pub fn record_queued(&self, message: QueuedMessage, written: Option<WrittenRecord>) {
         self.deliverer.accept_written(message, written);
+    }
+}
+
+impl MessageGate for Shard {
+    fn admit_message(&self, client_ip: IpAddr, user: Option<&str>) -> bool {
+        let now = Instant::now();
+        let mut guards = self.guards.borrow_mut();
+        if let Some(user) = user {
+            if !guards.messages_per_user.is_unlimited() && !guards.messages_per_user.admit(&user.to_string(), now) {
+                info!(shard = self.index, client = %client_ip, user, "message rate limit reached for the user");
+                return false;
+            }
+        }
+        if !self.is_trusted(client_ip) && !guards.messages_per_ip.admit(&client_ip, now) {
+            info!(shard = self.index, client = %client_ip, "message rate limit reached for the address");
+            return false;
+        }
+        true
     }
 }
 
@@ -247,15 +346,27 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
     ))
 }
 
-/// Runs a shard until shutdown. `listener_fds` are bound, listening sockets, one per listener.
-pub async fn run(
-    index: u16,
-    shard_count: usize,
-    config: Arc<Config>,
-    listener_fds: Vec<RawFd>,
-    dns_cache: Arc<DnsCache>,
-    ready: mpsc::Sender<Result<u16, String>>,
-) -> Result<(), String> {
+/// What a shard starts with.
+pub struct ShardSetup {
+    pub index: u16,
+    pub shard_count: usize,
+    pub config: Arc<Config>,
+    /// Bound, listening sockets, one per listener, for this shard alone.
+    pub listener_fds: Vec<RawFd>,
+    pub dns_cache: Arc<DnsCache>,
+    pub reloadable: Arc<Reloadable>,
+}
+
+/// Runs a shard until shutdown.
+pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) -> Result<(), String> {
+    let ShardSetup {
+        index,
+        shard_count,
+        config,
+        listener_fds,
+        dns_cache,
+        reloadable,
+    } = setup;
     let started = Instant::now();
     let (queue, own_segments, next_seq) = recover(&config, index, shard_count)?;
     let appender_config = AppenderConfig {
@@ -290,6 +401,18 @@ pub async fn run(
         config: config.clone(),
         appender,
         deliverer,
+        tls_acceptor: futures_rustls::TlsAcceptor::from(reloadable.tls_config.clone()),
+        reloadable,
+        guards: RefCell::new(Guards {
+            connections_per_ip: RateLimiter::new(config.limits.connections_per_ip_per_minute),
+            messages_per_ip: RateLimiter::new(config.limits.messages_per_ip_per_minute),
+            messages_per_user: RateLimiter::new(config.limits.messages_per_user_per_minute),
+            auth_failures: AuthThrottle::new(ThrottleLimits {
+                failures_max: config.auth.failures_max,
+                failure_delay: config.auth.failure_delay.0,
+                block_duration: config.auth.block_duration.0,
+            }),
+        }),
         stage: Cell::new(Stage::Running),
         sessions: RefCell::new(HashMap::new()),
         sessions_per_ip: RefCell::new(HashMap::new()),
@@ -303,12 +426,13 @@ pub async fn run(
         // `server::serve`, which gave up ownership with into_raw_fd; nothing else closes it.
         let listener = unsafe { TcpListener::from_raw_fd(fd) };
         let shard = shard.clone();
-        let kind = listener_config.kind;
+        let listener_config = listener_config.clone();
         accept_tasks.push(glommio::spawn_local(async move {
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
-                        glommio::spawn_local(connection::serve(stream, shard.clone(), kind)).detach();
+                        glommio::spawn_local(connection::serve(stream, shard.clone(), listener_config.clone()))
+                            .detach();
                     }
                     Err(e) => {
                         warn!(shard = shard.index, "accept failed: {e}");

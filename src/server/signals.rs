@@ -1,12 +1,17 @@
 //! SIGTERM and SIGINT: the first asks for a graceful shutdown, the second exits at once.
+//! SIGHUP reloads the TLS certificates and the password file.
 //!
 //! Exiting at once is safe for the spool: only durable messages were acknowledged, and recovery
 //! handles anything half-written.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+
+use super::reloadable::Reloadable;
 
 static SHUTDOWN_REQUESTED: AtomicBool = AtomicBool::new(false);
 
@@ -21,11 +26,16 @@ pub fn request_shutdown() {
     SHUTDOWN_REQUESTED.store(true, Ordering::Release);
 }
 
-/// Starts the thread that turns signals into the shutdown flag.
-pub fn install() -> std::io::Result<()> {
-    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+/// Starts the thread that turns signals into the shutdown flag and reloads.
+pub fn install(reloadable: Arc<Reloadable>) -> std::io::Result<()> {
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         for signal in signals.forever() {
+            if signal == SIGHUP {
+                tracing::info!("SIGHUP: reloading TLS certificates and the password file");
+                reloadable.reload();
+                continue;
+            }
             if shutdown_requested() {
                 eprintln!("gannet: second signal ({signal}), exiting now; the spool is safe");
                 std::process::exit(EXIT_STATUS_FORCED);

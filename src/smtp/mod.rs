@@ -7,4 +7,5 @@ pub mod envelope;
 pub mod parser;
 pub mod received;
 pub mod reply;
+pub mod sasl;
 pub mod session;

@@ -26,7 +26,14 @@ pub enum Command<'a> {
     Quit,
     Vrfy(&'a [u8]),
     Help,
-    /// Recognised but not offered by this build (STARTTLS, AUTH, EXPN, ETRN, TURN).
+    /// RFC 3207. Takes no arguments.
+    StartTls,
+    /// RFC 4954: `AUTH mechanism [initial-response]`. The mechanism is as sent (any case).
+    Auth {
+        mechanism: &'a [u8],
+        initial_response: Option<&'a [u8]>,
+    },
+    /// Recognised but not offered by this build (EXPN, ETRN, TURN).
     NotImplemented,
 }
 
@@ -40,6 +47,7 @@ pub enum ParseError {
     MailSyntax,
     RcptSyntax,
     BdatSyntax,
+    AuthSyntax,
     Sender(AddressError),
     Recipient(AddressError),
 }
@@ -72,9 +80,30 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, ParseError> {
             who => Ok(Command::Vrfy(who)),
         },
         b"HELP" => Ok(Command::Help),
-        b"STARTTLS" | b"AUTH" | b"EXPN" | b"ETRN" | b"TURN" => Ok(Command::NotImplemented),
+        b"STARTTLS" => no_arguments(args, Command::StartTls),
+        b"AUTH" => parse_auth(args),
+        b"EXPN" | b"ETRN" | b"TURN" => Ok(Command::NotImplemented),
         _ => Err(ParseError::Unrecognized),
     }
+}
+
+/// `AUTH mechanism [initial-response]`: a SASL mechanism name (RFC 4422: up to 20 characters of
+/// upper-case letters, digits, `-` and `_`; matched case-insensitively) and an optional response.
+fn parse_auth(args: &[u8]) -> Result<Command<'_>, ParseError> {
+    let mut words = args.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    let mechanism = words.next().ok_or(ParseError::AuthSyntax)?;
+    let initial_response = words.next();
+    let valid_name = (1..=20).contains(&mechanism.len())
+        && mechanism
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid_name || words.next().is_some() {
+        return Err(ParseError::AuthSyntax);
+    }
+    Ok(Command::Auth {
+        mechanism,
+        initial_response,
+    })
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
@@ -218,7 +247,25 @@ mod tests {
         assert_eq!(parse_command(b"QUIT"), Ok(Command::Quit));
         assert_eq!(parse_command(b"VRFY bob"), Ok(Command::Vrfy(b"bob")));
         assert_eq!(parse_command(b"HELP"), Ok(Command::Help));
-        assert_eq!(parse_command(b"STARTTLS"), Ok(Command::NotImplemented));
+        assert_eq!(parse_command(b"STARTTLS"), Ok(Command::StartTls));
+        assert_eq!(parse_command(b"starttls now"), Err(ParseError::NoArgumentsAllowed));
+        assert_eq!(
+            parse_command(b"AUTH plain AGEAYg=="),
+            Ok(Command::Auth {
+                mechanism: b"plain",
+                initial_response: Some(b"AGEAYg=="),
+            })
+        );
+        assert_eq!(
+            parse_command(b"AUTH LOGIN"),
+            Ok(Command::Auth {
+                mechanism: b"LOGIN",
+                initial_response: None,
+            })
+        );
+        assert_eq!(parse_command(b"AUTH"), Err(ParseError::AuthSyntax));
+        assert_eq!(parse_command(b"AUTH PLAIN a b"), Err(ParseError::AuthSyntax));
+        assert_eq!(parse_command(b"AUTH PL/AIN"), Err(ParseError::AuthSyntax));
         assert_eq!(parse_command(b"EXPN list"), Ok(Command::NotImplemented));
         assert_eq!(
             parse_command(b"BDAT 1000 LAST"),

@@ -112,6 +112,39 @@ pub const SHUTTING_DOWN: Reply = Reply::new(421, "4.3.2", "Service shutting down
 pub const TOO_MANY_SESSIONS: Reply = Reply::new(421, "4.7.0", "Too many connections, try again later");
 pub const TOO_MANY_SESSIONS_FROM_IP: Reply =
     Reply::new(421, "4.7.0", "Too many connections from your address, try again later");
+pub const CONNECTION_RATE: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Too many connections from your address per minute, try again later",
+);
+pub const TOO_MANY_RECIPIENTS_IN_SESSION: Reply = Reply::new(
+    452,
+    "4.5.3",
+    "Too many recipients for this connection, send the rest in a new one",
+);
+pub const MESSAGE_RATE: Reply = Reply::new(450, "4.7.1", "Message rate limit exceeded, try again later");
+
+// STARTTLS (RFC 3207) and AUTH (RFC 4954).
+pub const READY_FOR_TLS: Reply = Reply::new(220, "2.0.0", "Ready to start TLS");
+pub const TLS_ALREADY_ACTIVE: Reply = Reply::new(503, "5.5.1", "TLS is already active");
+pub const NOT_IN_TRANSACTION: Reply = Reply::new(503, "5.5.1", "Not allowed during a mail transaction");
+pub const AUTH_OK: Reply = Reply::new(235, "2.7.0", "Authentication successful");
+pub const AUTH_INVALID: Reply = Reply::new(535, "5.7.8", "Authentication credentials invalid");
+pub const AUTH_BLOCKED: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Too many authentication failures from your address, try again later",
+);
+pub const AUTH_UNAVAILABLE: Reply = Reply::new(454, "4.7.0", "Temporary authentication failure");
+pub const AUTH_REQUIRED: Reply = Reply::new(530, "5.7.0", "Authentication required");
+pub const ALREADY_AUTHENTICATED: Reply = Reply::new(503, "5.5.1", "Already authenticated");
+pub const ENCRYPTION_REQUIRED: Reply = Reply::new(
+    538,
+    "5.7.11",
+    "Encryption required for requested authentication mechanism; use STARTTLS first",
+);
+pub const UNKNOWN_MECHANISM: Reply = Reply::new(504, "5.5.4", "Unrecognized authentication type; use PLAIN or LOGIN");
+pub const SENDER_NOT_OWNED: Reply = Reply::new(553, "5.7.1", "Sender address not owned by the authenticated user");
 
 #[cfg(test)]
 mod tests {

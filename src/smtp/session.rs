@@ -1,5 +1,5 @@
 //! The inbound SMTP session as a sans-IO state machine (RFC 5321, with PIPELINING, SIZE, 8BITMIME,
-//! SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING and DSN).
+//! SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING, DSN, STARTTLS and AUTH).
 //!
 //! The shell feeds received bytes to [`Session::receive`], which consumes as many as it can,
 //! appends replies to an output buffer and says what the shell must do next ([`Next`]). Replies to
@@ -13,22 +13,34 @@
 //!   streams in, so it never has to fit in any buffer.
 //! - `250` for a message is only written by [`Session::committed`], i.e. after the spool said the
 //!   bytes are durable.
+//! - After `220` to STARTTLS the session consumes nothing more until [`Session::tls_started`]; the
+//!   shell throws away whatever the client pipelined behind STARTTLS (CVE-2011-0411), and the
+//!   session starts over as if just greeted.
+//! - AUTH is offered and accepted only once TLS is on; the session decodes the SASL exchange and
+//!   the shell checks the password ([`Next::Authenticate`]).
 
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::time::Duration;
 
 use super::address::{AddressError, Path};
 use super::data::{BareLineEndingScanner, BareLineEndings, DataDecoder};
 use super::envelope::{notify, BodyType, Envelope, Origin, Ret};
 use super::parser::{parse_command, Command, Params, ParseError};
-use super::received::{unix_now_s, write_received, Trace};
+use super::received::{unix_now_s, write_received, TlsSummary, Trace};
 use super::reply::{self, write_line, Reply};
+use super::sasl::{self, Credentials, Mechanism, SaslError};
+use crate::auth::passwords::Identity;
 use crate::policy::RelayPolicy;
 
 /// Longest ENVID (RFC 3461 4.4: 100 characters).
 const ENVID_BYTES_MAX: usize = 100;
 /// Longest ORCPT value (RFC 3461 4.2: 500 characters).
 const ORCPT_BYTES_MAX: usize = 500;
+/// Longest value of MAIL's AUTH parameter (RFC 4954 section 5).
+const MAIL_AUTH_BYTES_MAX: usize = 500;
+/// The longest tarpit delay before one flush of replies.
+const TARPIT_DELAY_MAX: Duration = Duration::from_secs(30);
 
 /// The session's fixed settings, shared by every session of a shard.
 #[derive(Debug, Clone)]
@@ -42,6 +54,51 @@ pub struct SessionConfig {
     pub errors_max: u32,
     pub bare_line_endings: BareLineEndings,
     pub relay: RelayPolicy,
+    /// Recipients accepted over one connection, all transactions together.
+    pub recipients_per_session_max: usize,
+    /// Error replies past this count are delayed by `tarpit_delay` times the excess.
+    pub tarpit_after_errors: u32,
+    pub tarpit_delay: Duration,
+    /// An authenticated user's MAIL FROM must be one of its own addresses.
+    pub sender_must_match: bool,
+}
+
+/// What the listener a session arrived on offers and demands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerRules {
+    /// STARTTLS is offered (until TLS is on).
+    pub starttls: bool,
+    /// AUTH is offered once TLS is on (a listener that allows it, and a password file).
+    pub auth: bool,
+    /// MAIL needs AUTH first (submission).
+    pub auth_required: bool,
+}
+
+/// Per-client message rates, kept by the shell (the shard). `admit_message` takes one message
+/// from the client's allowance, or says it is spent.
+pub trait MessageGate {
+    fn admit_message(&self, client_ip: IpAddr, user: Option<&str>) -> bool;
+}
+
+/// A gate that admits everything (tests, benchmarks, fuzzing).
+pub struct OpenGate;
+
+impl MessageGate for OpenGate {
+    fn admit_message(&self, _client_ip: IpAddr, _user: Option<&str>) -> bool {
+        true
+    }
+}
+
+/// The shell's verdict on credentials handed over with [`Next::Authenticate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Success(Identity),
+    /// Wrong user name or password: 535 5.7.8.
+    Invalid,
+    /// Too many failures from this address: 421 4.7.0 and close.
+    Blocked,
+    /// The user list cannot be consulted: 454 4.7.0.
+    Unavailable,
 }
 
 /// Where message content goes while it streams in. The spool implements this with its aligned
@@ -78,6 +135,11 @@ pub enum Next {
     Commit,
     /// Flush replies and close the connection.
     Close,
+    /// Flush replies (the 220), throw away any input already received, run the TLS handshake,
+    /// then call [`Session::tls_started`].
+    StartTls,
+    /// Check [`Session::take_credentials`], then call [`Session::authenticated`].
+    Authenticate,
 }
 
 /// What one call to [`Session::receive`] did.
@@ -113,7 +175,24 @@ enum Phase {
     },
     /// Waiting for the spool.
     Committing,
+    /// 220 sent to STARTTLS; waiting for the handshake.
+    StartingTls,
+    /// Reading the client's next SASL response.
+    Auth(AuthStep),
+    /// Credentials decoded; waiting for the shell's check.
+    Authenticating,
     Closed,
+}
+
+/// Which SASL response the client owes.
+#[derive(Debug)]
+enum AuthStep {
+    /// PLAIN without an initial response: `authzid NUL authcid NUL passwd`.
+    PlainResponse,
+    LoginUser,
+    LoginPassword {
+        user: String,
+    },
 }
 
 /// Per-message facts gathered while the content streams in.
@@ -129,8 +208,17 @@ struct Content {
 
 pub struct Session {
     config: Rc<SessionConfig>,
+    rules: ListenerRules,
+    gate: Rc<dyn MessageGate>,
     client_ip: IpAddr,
     phase: Phase,
+    tls: Option<TlsSummary>,
+    user: Option<Identity>,
+    credentials: Option<Credentials>,
+    /// Recipients accepted in this session, all transactions together.
+    recipients_accepted: usize,
+    /// How long the shell should wait before sending the replies now pending (tarpit).
+    reply_delay: Duration,
     helo: Vec<u8>,
     esmtp: bool,
     envelope: Envelope,
@@ -143,11 +231,23 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(config: Rc<SessionConfig>, client_ip: IpAddr) -> Session {
+    pub fn new(
+        config: Rc<SessionConfig>,
+        rules: ListenerRules,
+        gate: Rc<dyn MessageGate>,
+        client_ip: IpAddr,
+    ) -> Session {
         Session {
             config,
+            rules,
+            gate,
             client_ip,
             phase: Phase::Greeted,
+            tls: None,
+            user: None,
+            credentials: None,
+            recipients_accepted: 0,
+            reply_delay: Duration::ZERO,
             helo: Vec::new(),
             esmtp: false,
             envelope: Envelope::default(),
@@ -162,6 +262,59 @@ impl Session {
     pub fn greeting(&self, out: &mut Vec<u8>) {
         let text = format!("{} ESMTP Gannet", self.config.hostname);
         write_line(out, 220, ' ', "", text.as_bytes());
+    }
+
+    /// TLS is on from the first byte (implicit TLS, RFC 8314): STARTTLS is not offered.
+    pub fn with_implicit_tls(mut self, summary: TlsSummary) -> Session {
+        self.tls = Some(summary);
+        self
+    }
+
+    /// The handshake after STARTTLS succeeded: the session starts over (RFC 3207 4.2: the
+    /// client must say EHLO again, and nothing learnt before TLS is kept).
+    pub fn tls_started(&mut self, summary: TlsSummary) {
+        debug_assert!(matches!(self.phase, Phase::StartingTls));
+        self.tls = Some(summary);
+        self.helo.clear();
+        self.esmtp = false;
+        self.end_transaction();
+        self.phase = Phase::Greeted;
+    }
+
+    /// The TLS the session runs over, if any.
+    pub fn tls(&self) -> Option<&TlsSummary> {
+        self.tls.as_ref()
+    }
+
+    /// The user this session authenticated as.
+    pub fn user(&self) -> Option<&Identity> {
+        self.user.as_ref()
+    }
+
+    /// The credentials to check after [`Next::Authenticate`].
+    pub fn take_credentials(&mut self) -> Option<Credentials> {
+        self.credentials.take()
+    }
+
+    /// The shell's verdict on the credentials.
+    pub fn authenticated(&mut self, outcome: AuthOutcome, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        debug_assert!(matches!(self.phase, Phase::Authenticating));
+        self.phase = Phase::Idle;
+        match outcome {
+            AuthOutcome::Success(identity) => {
+                self.user = Some(identity);
+                reply::AUTH_OK.write(out);
+            }
+            AuthOutcome::Invalid => self.error(reply::AUTH_INVALID, sink, out),
+            AuthOutcome::Blocked => self.close_with(reply::AUTH_BLOCKED, sink, out),
+            AuthOutcome::Unavailable => self.error(reply::AUTH_UNAVAILABLE, sink, out),
+        }
+    }
+
+    /// How long to hold back the replies now pending (tarpitting a client that keeps erring);
+    /// resets to zero.
+    pub fn take_reply_delay(&mut self) -> Duration {
+        std::mem::take(&mut self.reply_delay)
     }
 
     /// The envelope of the transaction in progress (for the shell's log and queue index).
@@ -257,6 +410,18 @@ impl Session {
                         next: Next::Commit,
                     }
                 }
+                Phase::StartingTls => {
+                    return Step {
+                        consumed: pos,
+                        next: Next::StartTls,
+                    }
+                }
+                Phase::Authenticating => {
+                    return Step {
+                        consumed: pos,
+                        next: Next::Authenticate,
+                    }
+                }
                 Phase::Data(_) => {
                     let (used, end) = self.receive_data(&input[pos..], sink);
                     pos += used;
@@ -285,7 +450,7 @@ impl Session {
                         };
                     }
                 }
-                Phase::Greeted | Phase::Idle | Phase::Mail | Phase::BdatBetween => {
+                Phase::Greeted | Phase::Idle | Phase::Mail | Phase::BdatBetween | Phase::Auth(_) => {
                     let rest = &input[pos..];
                     if self.discarding_line {
                         match memchr::memchr(b'\n', rest) {
@@ -331,7 +496,11 @@ impl Session {
                         self.error(reply::BAD_CHARACTERS, sink, out);
                         continue;
                     }
-                    self.command(line, sink, out);
+                    if matches!(self.phase, Phase::Auth(_)) {
+                        self.auth_response(line, sink, out);
+                    } else {
+                        self.command(line, sink, out);
+                    }
                 }
             }
         }
@@ -351,6 +520,10 @@ impl Session {
 
     fn count_error(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
         self.errors += 1;
+        if let Some(excess) = self.errors.checked_sub(self.config.tarpit_after_errors) {
+            let delay = (self.config.tarpit_delay * excess).min(TARPIT_DELAY_MAX);
+            self.reply_delay = self.reply_delay.max(delay);
+        }
         if self.errors >= self.config.errors_max {
             self.close_with(reply::TOO_MANY_ERRORS, sink, out);
         }
@@ -397,6 +570,11 @@ impl Session {
             }
             Command::Vrfy(_) => reply::VRFY_CANNOT.write(out),
             Command::Help => reply::HELP.write(out),
+            Command::StartTls => self.starttls(sink, out),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response, sink, out),
             Command::NotImplemented => self.error(reply::NOT_IMPLEMENTED, sink, out),
         }
     }
@@ -426,6 +604,9 @@ impl Session {
                     sink,
                     out,
                 );
+            }
+            ParseError::AuthSyntax => {
+                self.error_text(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]", sink, out)
             }
             ParseError::Sender(a) => self.address_error(501, "5.1.7", a, sink, out),
             ParseError::Recipient(a) => self.address_error(501, "5.1.3", a, sink, out),
@@ -461,6 +642,12 @@ impl Session {
         for extension in ["PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"] {
             write_line(out, 250, '-', "", extension.as_bytes());
         }
+        if self.rules.starttls && self.tls.is_none() {
+            write_line(out, 250, '-', "", b"STARTTLS");
+        }
+        if self.rules.auth && self.tls.is_some() && self.user.is_none() {
+            write_line(out, 250, '-', "", b"AUTH PLAIN LOGIN");
+        }
         let size = format!("SIZE {}", config.message_size_max);
         write_line(out, 250, '-', "", size.as_bytes());
         write_line(out, 250, ' ', "", b"DSN");
@@ -472,13 +659,16 @@ impl Session {
             Phase::Idle => {}
             _ => return self.error(reply::NESTED_MAIL, sink, out),
         }
+        if self.rules.auth_required && self.user.is_none() {
+            return self.error(reply::AUTH_REQUIRED, sink, out);
+        }
         self.envelope.clear();
         let mut seen = 0u8;
         for param in Params::new(params) {
             let Ok((key, value)) = param else {
                 return self.error(reply::BAD_PARAMETER_VALUE, sink, out);
             };
-            let (bit, known) = match_keyword(key, &[b"SIZE", b"BODY", b"SMTPUTF8", b"RET", b"ENVID"]);
+            let (bit, known) = match_keyword(key, &[b"SIZE", b"BODY", b"SMTPUTF8", b"RET", b"ENVID", b"AUTH"]);
             if !known {
                 return self.error(reply::UNKNOWN_PARAMETER, sink, out);
             }
@@ -521,6 +711,12 @@ impl Session {
                     self.envelope.set_envid(v);
                     true
                 }
+                // RFC 4954 section 5: the identity that submitted the message, when the client
+                // relays for someone. Checked as xtext and otherwise not trusted: the Received
+                // header records the session's own authentication.
+                (32, Some(v)) => {
+                    v.len() <= MAIL_AUTH_BYTES_MAX && v.iter().all(|&b| (0x21..0x7f).contains(&b) && b != b'=')
+                }
                 _ => false,
             };
             if !ok {
@@ -533,6 +729,22 @@ impl Session {
                 return self.error(reply::UTF8_NOT_ALLOWED, sink, out);
             }
             self.envelope.set_sender(|buf| m.write_to(buf));
+        }
+        if let Some(user) = &self.user {
+            let sender = self.envelope.sender();
+            if self.config.sender_must_match && !sender.is_empty() && !user.may_send_as(sender) {
+                self.envelope.clear();
+                return self.error(reply::SENDER_NOT_OWNED, sink, out);
+            }
+        }
+        if !self
+            .gate
+            .admit_message(self.client_ip, self.user.as_ref().map(|u| u.user.as_str()))
+        {
+            // Not counted as an error: the client did nothing wrong but send too fast.
+            self.envelope.clear();
+            reply::MESSAGE_RATE.write(out);
+            return;
         }
         self.phase = Phase::Mail;
         reply::SENDER_OK.write(out);
@@ -549,6 +761,10 @@ impl Session {
             // Not counted as a client error: RFC 5321 4.5.3.1.10 says the client should retry
             // the rest in another transaction.
             reply::TOO_MANY_RECIPIENTS.write(out);
+            return;
+        }
+        if self.recipients_accepted >= self.config.recipients_per_session_max {
+            reply::TOO_MANY_RECIPIENTS_IN_SESSION.write(out);
             return;
         }
         let mut notify_flags = 0u8;
@@ -587,10 +803,16 @@ impl Session {
         if to.utf8 && !self.envelope.smtputf8 {
             return self.error(reply::UTF8_NOT_ALLOWED, sink, out);
         }
-        if !self.config.relay.decide(self.client_ip, to.domain).accepted() {
+        if !self
+            .config
+            .relay
+            .decide(self.client_ip, self.user.is_some(), to.domain)
+            .accepted()
+        {
             return self.error(reply::RELAY_DENIED, sink, out);
         }
         self.envelope.add_recipient(|buf| to.write_to(buf), notify_flags, orcpt);
+        self.recipients_accepted += 1;
         reply::RECIPIENT_OK.write(out);
     }
 
@@ -618,17 +840,19 @@ impl Session {
         let single_recipient = (self.envelope.recipient_count() == 1)
             .then(|| self.envelope.recipients().next().map(|(a, _, _)| a))
             .flatten();
-        let protocol = match (self.esmtp, self.envelope.smtputf8) {
-            (_, true) => "UTF8SMTP",
-            (true, false) => "ESMTP",
-            (false, false) => "SMTP",
-        };
+        let protocol = protocol_name(
+            self.esmtp,
+            self.envelope.smtputf8,
+            self.tls.is_some(),
+            self.user.is_some(),
+        );
         write_received(
             &Trace {
                 helo: &self.helo,
                 client_ip: self.client_ip,
                 hostname: &self.config.hostname,
                 protocol,
+                tls: self.tls.as_ref(),
                 single_recipient,
                 unix_time_s: received_unix_s,
             },
@@ -639,6 +863,96 @@ impl Session {
             sink.abandon();
         }
         Ok(())
+    }
+
+    fn starttls(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        if self.tls.is_some() {
+            return self.error(reply::TLS_ALREADY_ACTIVE, sink, out);
+        }
+        if !self.rules.starttls {
+            return self.error(reply::NOT_IMPLEMENTED, sink, out);
+        }
+        match self.phase {
+            Phase::Greeted => return self.error(reply::NEED_HELO, sink, out),
+            Phase::Idle => {}
+            _ => return self.error(reply::NOT_IN_TRANSACTION, sink, out),
+        }
+        reply::READY_FOR_TLS.write(out);
+        self.phase = Phase::StartingTls;
+    }
+
+    fn auth(&mut self, mechanism: &[u8], initial: Option<&[u8]>, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        match self.phase {
+            Phase::Greeted => return self.error(reply::NEED_HELO, sink, out),
+            Phase::Idle => {}
+            _ => return self.error(reply::NOT_IN_TRANSACTION, sink, out),
+        }
+        if !self.rules.auth {
+            return self.error(reply::NOT_IMPLEMENTED, sink, out);
+        }
+        if self.user.is_some() {
+            return self.error(reply::ALREADY_AUTHENTICATED, sink, out);
+        }
+        if self.tls.is_none() {
+            return self.error(reply::ENCRYPTION_REQUIRED, sink, out);
+        }
+        let Some(mechanism) = Mechanism::from_name(mechanism) else {
+            return self.error(reply::UNKNOWN_MECHANISM, sink, out);
+        };
+        match (mechanism, initial) {
+            (Mechanism::Plain, Some(response)) => self.sasl_result(sasl::plain(response), sink, out),
+            (Mechanism::Plain, None) => {
+                write_line(out, 334, ' ', "", b"");
+                self.phase = Phase::Auth(AuthStep::PlainResponse);
+            }
+            (Mechanism::Login, Some(user)) => match sasl::login_user(user) {
+                Ok(user) => self.ask_login_password(user, out),
+                Err(e) => self.sasl_error(e, sink, out),
+            },
+            (Mechanism::Login, None) => {
+                write_line(out, 334, ' ', "", sasl::LOGIN_USER_CHALLENGE.as_bytes());
+                self.phase = Phase::Auth(AuthStep::LoginUser);
+            }
+        }
+    }
+
+    fn ask_login_password(&mut self, user: String, out: &mut Vec<u8>) {
+        write_line(out, 334, ' ', "", sasl::LOGIN_PASSWORD_CHALLENGE.as_bytes());
+        self.phase = Phase::Auth(AuthStep::LoginPassword { user });
+    }
+
+    /// One line of a SASL exchange.
+    fn auth_response(&mut self, line: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        let Phase::Auth(step) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            unreachable!("auth_response outside AUTH");
+        };
+        match step {
+            AuthStep::PlainResponse => self.sasl_result(sasl::plain(line), sink, out),
+            AuthStep::LoginUser => match sasl::login_user(line) {
+                Ok(user) => self.ask_login_password(user, out),
+                Err(e) => self.sasl_error(e, sink, out),
+            },
+            AuthStep::LoginPassword { user } => {
+                let result = sasl::login_password(line).map(|password| Credentials { user, password });
+                self.sasl_result(result, sink, out);
+            }
+        }
+    }
+
+    fn sasl_result(&mut self, result: Result<Credentials, SaslError>, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        match result {
+            Ok(credentials) => {
+                self.credentials = Some(credentials);
+                self.phase = Phase::Authenticating;
+            }
+            Err(e) => self.sasl_error(e, sink, out),
+        }
+    }
+
+    fn sasl_error(&mut self, e: SaslError, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        self.phase = Phase::Idle;
+        let enhanced = if e == SaslError::Cancelled { "5.0.0" } else { "5.5.2" };
+        self.error_text(501, enhanced, e.sentence(), sink, out);
     }
 
     fn data(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
@@ -786,6 +1100,21 @@ impl Content {
     }
 }
 
+/// The `with` word of the Received header (RFC 3848, RFC 6531).
+fn protocol_name(esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> &'static str {
+    match (esmtp || smtputf8, smtputf8, tls, authenticated) {
+        (false, _, _, _) => "SMTP",
+        (true, false, false, false) => "ESMTP",
+        (true, false, true, false) => "ESMTPS",
+        (true, false, false, true) => "ESMTPA",
+        (true, false, true, true) => "ESMTPSA",
+        (true, true, false, false) => "UTF8SMTP",
+        (true, true, true, false) => "UTF8SMTPS",
+        (true, true, false, true) => "UTF8SMTPA",
+        (true, true, true, true) => "UTF8SMTPSA",
+    }
+}
+
 /// Matches `key` case-insensitively against `words`; returns (1 << index, found).
 fn match_keyword(key: &[u8], words: &[&[u8]]) -> (u8, bool) {
     match words.iter().position(|w| w.eq_ignore_ascii_case(key)) {
@@ -864,6 +1193,39 @@ mod tests {
                 local_domains: vec!["local.test".into()],
                 trusted_networks: vec!["127.0.0.1/32".parse::<Network>().unwrap()],
             },
+            recipients_per_session_max: 5,
+            tarpit_after_errors: 2,
+            tarpit_delay: Duration::from_millis(100),
+            sender_must_match: true,
+        }
+    }
+
+    const PLAIN_RULES: ListenerRules = ListenerRules {
+        starttls: false,
+        auth: false,
+        auth_required: false,
+    };
+    const SUBMISSION_RULES: ListenerRules = ListenerRules {
+        starttls: true,
+        auth: true,
+        auth_required: true,
+    };
+
+    /// A gate that admits a fixed number of messages.
+    struct CountingGate(std::cell::Cell<u32>);
+
+    impl MessageGate for CountingGate {
+        fn admit_message(&self, _client_ip: IpAddr, _user: Option<&str>) -> bool {
+            let left = self.0.get();
+            self.0.set(left.saturating_sub(1));
+            left > 0
+        }
+    }
+
+    fn tls_summary() -> TlsSummary {
+        TlsSummary {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_128_GCM_SHA256".into(),
         }
     }
 
@@ -872,14 +1234,26 @@ mod tests {
         sink: VecSink,
         /// The spool's answer for the next commit.
         commit_result: Result<&'static str, CommitError>,
+        /// The shell's verdict on the next credentials, and the credentials it saw.
+        auth_outcome: AuthOutcome,
+        credentials_seen: Vec<Credentials>,
+        /// Input thrown away at STARTTLS (the shell's CVE-2011-0411 defence).
+        discarded_at_starttls: Vec<u8>,
     }
 
     impl Harness {
         fn new(config: SessionConfig, ip: &str) -> Harness {
+            Harness::with_rules(config, PLAIN_RULES, ip)
+        }
+
+        fn with_rules(config: SessionConfig, rules: ListenerRules, ip: &str) -> Harness {
             Harness {
-                session: Session::new(Rc::new(config), ip.parse().unwrap()),
+                session: Session::new(Rc::new(config), rules, Rc::new(OpenGate), ip.parse().unwrap()),
                 sink: VecSink::default(),
                 commit_result: Ok("ID1"),
+                auth_outcome: AuthOutcome::Invalid,
+                credentials_seen: Vec::new(),
+                discarded_at_starttls: Vec::new(),
             }
         }
 
@@ -903,6 +1277,15 @@ mod tests {
                             self.sink.committed.push(std::mem::take(&mut self.sink.message));
                             self.sink.open = false;
                             self.session.committed(self.commit_result, &mut out);
+                        }
+                        Next::StartTls => {
+                            self.discarded_at_starttls.append(&mut pending);
+                            self.session.tls_started(tls_summary());
+                        }
+                        Next::Authenticate => {
+                            self.credentials_seen.push(self.session.take_credentials().unwrap());
+                            self.session
+                                .authenticated(self.auth_outcome.clone(), &mut self.sink, &mut out);
                         }
                     }
                 }
@@ -1240,5 +1623,212 @@ mod tests {
         h.session.shutting_down(&mut h.sink, &mut out);
         assert_eq!(out, b"421 4.3.2 Service shutting down, try again later\r\n");
         assert!(!h.sink.open, "the half-received message is dropped");
+    }
+
+    fn b64(text: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(text)
+    }
+
+    #[test]
+    fn starttls_throws_away_pipelined_commands_and_starts_over() {
+        let mut h = Harness::with_rules(config(), SUBMISSION_RULES, "192.0.2.1");
+        let ehlo = h.feed("EHLO c\r\n");
+        assert!(ehlo.contains("250-STARTTLS\r\n"), "{ehlo}");
+        assert!(!ehlo.contains("AUTH"), "AUTH only over TLS: {ehlo}");
+        let replies = h.feed("STARTTLS\r\nRSET\r\nMAIL FROM:<x@y.test>\r\n");
+        assert_eq!(
+            replies, "220 2.0.0 Ready to start TLS\r\n",
+            "nothing after STARTTLS runs"
+        );
+        assert_eq!(h.discarded_at_starttls, b"RSET\r\nMAIL FROM:<x@y.test>\r\n");
+        // The session starts over: no HELO, and the EHLO reply now offers AUTH, not STARTTLS.
+        assert_eq!(
+            h.feed("MAIL FROM:<x@y.test>\r\n"),
+            "503 5.5.1 Send HELO or EHLO first\r\n"
+        );
+        let ehlo = h.feed("EHLO c\r\n");
+        assert!(
+            ehlo.contains("250-AUTH PLAIN LOGIN\r\n") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        assert_eq!(h.feed("STARTTLS\r\n"), "503 5.5.1 TLS is already active\r\n");
+    }
+
+    #[test]
+    fn starttls_refusals() {
+        let mut h = Harness::with_rules(config(), SUBMISSION_RULES, "192.0.2.1");
+        assert_eq!(h.feed("STARTTLS\r\n"), "503 5.5.1 Send HELO or EHLO first\r\n");
+        h.feed("EHLO c\r\n");
+        assert_eq!(
+            h.feed("STARTTLS now\r\n"),
+            "501 5.5.4 This command takes no arguments\r\n"
+        );
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\n");
+        assert_eq!(h.feed("STARTTLS\r\n"), "502 5.5.1 Command not implemented\r\n");
+    }
+
+    #[test]
+    fn submission_needs_tls_then_auth_before_mail() {
+        let mut h = Harness::with_rules(
+            SessionConfig {
+                errors_max: 50,
+                ..config()
+            },
+            SUBMISSION_RULES,
+            "192.0.2.1",
+        );
+        h.feed("EHLO c\r\n");
+        assert_eq!(
+            h.feed("MAIL FROM:<alice@example.test>\r\n"),
+            "530 5.7.0 Authentication required\r\n"
+        );
+        let plain = b64("\0alice@example.test\0pw");
+        assert_eq!(
+            h.feed(&format!("AUTH PLAIN {plain}\r\n")),
+            "538 5.7.11 Encryption required for requested authentication mechanism; use STARTTLS first\r\n"
+        );
+        h.feed("STARTTLS\r\n");
+        h.feed("EHLO c\r\n");
+        assert_eq!(
+            h.feed("AUTH CRAM-MD5\r\n"),
+            "504 5.5.4 Unrecognized authentication type; use PLAIN or LOGIN\r\n"
+        );
+        h.auth_outcome = AuthOutcome::Invalid;
+        assert_eq!(
+            h.feed(&format!("AUTH PLAIN {plain}\r\n")),
+            "535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        h.auth_outcome = AuthOutcome::Success(Identity::new("alice@example.test", &[]));
+        assert_eq!(
+            h.feed(&format!("AUTH PLAIN {plain}\r\n")),
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(h.credentials_seen.len(), 2);
+        assert_eq!(h.credentials_seen[1].user, "alice@example.test");
+        assert_eq!(h.credentials_seen[1].password, b"pw");
+        assert_eq!(
+            h.feed(&format!("AUTH PLAIN {plain}\r\n")),
+            "503 5.5.1 Already authenticated\r\n"
+        );
+        assert!(!h.feed("EHLO c\r\n").contains("AUTH"), "not offered once authenticated");
+        assert_eq!(
+            h.feed("MAIL FROM:<mallory@example.test>\r\n"),
+            "553 5.7.1 Sender address not owned by the authenticated user\r\n"
+        );
+        // An authenticated client from a stranger's address may relay anywhere.
+        let replies =
+            h.feed("MAIL FROM:<Alice@Example.test> AUTH=<>\r\nRCPT TO:<bob@elsewhere.test>\r\nDATA\r\nHi\r\n.\r\n");
+        assert_eq!(
+            codes(&replies),
+            ["250 2.1.0", "250 2.1.5", "354 End d", "250 2.0.0"],
+            "{replies}"
+        );
+        let message = String::from_utf8(h.sink.committed[0].clone()).unwrap();
+        assert!(
+            message.contains("with ESMTPSA\r\n\t(using TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn auth_login_steps_cancel_and_block() {
+        let mut h = Harness::with_rules(config(), SUBMISSION_RULES, "192.0.2.1");
+        h.feed("EHLO c\r\nSTARTTLS\r\n");
+        h.feed("EHLO c\r\n");
+        assert_eq!(h.feed("AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(h.feed(&format!("{}\r\n", b64("bob"))), "334 UGFzc3dvcmQ6\r\n");
+        h.auth_outcome = AuthOutcome::Unavailable;
+        assert_eq!(
+            h.feed(&format!("{}\r\n", b64("secret"))),
+            "454 4.7.0 Temporary authentication failure\r\n"
+        );
+        assert_eq!(h.credentials_seen[0].user, "bob");
+        assert_eq!(h.credentials_seen[0].password, b"secret");
+        assert_eq!(
+            h.feed("AUTH LOGIN\r\n*\r\n"),
+            "334 VXNlcm5hbWU6\r\n501 5.0.0 Authentication cancelled\r\n"
+        );
+        assert_eq!(
+            h.feed("AUTH PLAIN\r\n!!\r\n"),
+            "334 \r\n501 5.5.2 Cannot decode the response: it is not base64\r\n"
+        );
+        assert_eq!(
+            h.feed(&format!("AUTH LOGIN {}\r\n", b64("carol"))),
+            "334 UGFzc3dvcmQ6\r\n"
+        );
+        h.auth_outcome = AuthOutcome::Blocked;
+        let (replies, closed) = h.feed_split(format!("{}\r\nNOOP\r\n", b64("x")).as_bytes(), 1000);
+        assert_eq!(
+            replies,
+            "421 4.7.0 Too many authentication failures from your address, try again later\r\n"
+        );
+        assert!(closed);
+    }
+
+    #[test]
+    fn mx_without_auth_never_relays_for_strangers_and_never_offers_auth() {
+        let rules = ListenerRules {
+            starttls: true,
+            auth: false,
+            auth_required: false,
+        };
+        let mut h = Harness::with_rules(config(), rules, "192.0.2.1");
+        h.feed("EHLO c\r\nSTARTTLS\r\n");
+        assert!(h.session.tls.is_some());
+        let ehlo = h.feed("EHLO c\r\n");
+        assert!(!ehlo.contains("AUTH"), "{ehlo}");
+        assert_eq!(
+            h.feed("AUTH PLAIN AGEAYg==\r\n"),
+            "502 5.5.1 Command not implemented\r\n"
+        );
+        let replies = h.feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@elsewhere.test>\r\nRCPT TO:<b@local.test>\r\n");
+        assert_eq!(codes(&replies), ["250 2.1.0", "554 5.7.1", "250 2.1.5"], "{replies}");
+    }
+
+    #[test]
+    fn recipients_per_session_message_gate_and_tarpit() {
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.feed("EHLO c\r\n");
+        // recipients_max is 3 per transaction, recipients_per_session_max 5 per connection.
+        let first = h
+            .feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<1@y.test>\r\nRCPT TO:<2@y.test>\r\nRCPT TO:<3@y.test>\r\nRSET\r\n");
+        assert_eq!(
+            codes(&first),
+            ["250 2.1.0", "250 2.1.5", "250 2.1.5", "250 2.1.5", "250 2.0.0"]
+        );
+        let second =
+            h.feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<4@y.test>\r\nRCPT TO:<5@y.test>\r\nRCPT TO:<6@y.test>\r\n");
+        assert_eq!(
+            codes(&second),
+            ["250 2.1.0", "250 2.1.5", "250 2.1.5", "452 4.5.3"],
+            "{second}"
+        );
+        assert!(second.contains("Too many recipients for this connection"));
+        assert_eq!(h.session.take_reply_delay(), Duration::ZERO, "no errors yet");
+
+        // Errors past tarpit_after_errors (2) hold the replies back, more for each.
+        h.feed("BOGUS\r\nBOGUS\r\n");
+        assert_eq!(h.session.take_reply_delay(), Duration::ZERO);
+        h.feed("BOGUS\r\n");
+        assert_eq!(h.session.take_reply_delay(), Duration::from_millis(100));
+        h.feed("BOGUS\r\n");
+        assert_eq!(h.session.take_reply_delay(), Duration::from_millis(200));
+
+        let mut h = Harness::new(config(), "127.0.0.1");
+        h.session = Session::new(
+            Rc::new(config()),
+            PLAIN_RULES,
+            Rc::new(CountingGate(std::cell::Cell::new(1))),
+            "127.0.0.1".parse().unwrap(),
+        );
+        h.feed("EHLO c\r\n");
+        let replies = h.feed("MAIL FROM:<a@x.test>\r\nRSET\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n");
+        assert_eq!(
+            codes(&replies),
+            ["250 2.1.0", "250 2.0.0", "450 4.7.1", "503 5.5.1"],
+            "{replies}"
+        );
     }
 }

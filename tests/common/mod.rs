@@ -51,6 +51,9 @@ pub struct Setup {
     raw: String,
     pub mx_port: u16,
     pub submission_port: u16,
+    pub smtps_port: u16,
+    /// Files the configuration names (password file, certificates), kept while the setup lives.
+    pub files: Arc<tempfile::TempDir>,
 }
 
 impl Default for Setup {
@@ -67,6 +70,8 @@ impl Setup {
             raw: String::new(),
             mx_port: free_port(),
             submission_port: free_port(),
+            smtps_port: free_port(),
+            files: Arc::new(tempfile::tempdir().unwrap()),
         };
         s.set("server", "hostname", "\"mx.test\"");
         s.set("server", "shards", "1");
@@ -116,6 +121,18 @@ impl Setup {
         self
     }
 
+    /// Writes a password file with these (user, password) pairs, each line made by
+    /// `gannet passwd`, and points `auth.password_file` at it.
+    pub fn users(&mut self, users: &[(&str, &str)]) -> &mut Setup {
+        let mut text = String::from("# made by the test with gannet passwd\n");
+        for (user, password) in users {
+            text.push_str(&password_line(user, password, None));
+        }
+        let path = self.files.path().join("users");
+        std::fs::write(&path, text).unwrap();
+        self.set("auth", "password_file", &format!("{:?}", path.display().to_string()))
+    }
+
     pub fn shards(&mut self, n: usize) -> &mut Setup {
         self.set("server", "shards", &n.to_string())
     }
@@ -146,11 +163,41 @@ impl Setup {
         }
         text.push_str(&self.raw);
         text.push_str(&format!(
-            "[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"mx\"\n\n[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"submission\"\n",
-            self.mx_port, self.submission_port
+            "[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"mx\"\n\n[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"submission\"\n\n[[listener]]\naddress = \"127.0.0.1:{}\"\nkind = \"smtps\"\n",
+            self.mx_port, self.submission_port, self.smtps_port
         ));
         text
     }
+}
+
+/// One password-file line from `gannet passwd USER [--addresses LIST]`, password on stdin.
+pub fn password_line(user: &str, password: &str, addresses: Option<&str>) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("passwd").arg(user);
+    if let Some(list) = addresses {
+        cmd.arg("--addresses").arg(list);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "gannet passwd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.starts_with(&format!("{user}:$argon2id$")), "{line}");
+    line
 }
 
 type LogLines = Arc<(Mutex<Vec<String>>, Condvar)>;
@@ -231,6 +278,10 @@ impl Gannet {
 
     pub fn submission(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.setup.submission_port))
+    }
+
+    pub fn smtps(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.setup.smtps_port))
     }
 
     pub fn pid(&self) -> i32 {
