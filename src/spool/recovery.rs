@@ -131,7 +131,8 @@ pub fn scan_segment(bytes: &[u8], shard: u16, seq: u64) -> SegmentScan {
                     }
                 }
                 offset = next;
-                scan.end_offset = offset;
+                // A segment cut short (a truncated copy) can end inside a record's padding.
+                scan.end_offset = offset.min(bytes.len() as u64);
             }
             Probe::Bad { reason, next } => {
                 let successor_good = next.is_some_and(|n| matches!(probe(bytes, seq, n), Probe::Good { .. }));
@@ -143,7 +144,7 @@ pub fn scan_segment(bytes: &[u8], shard: u16, seq: u64) -> SegmentScan {
                             reason,
                         });
                         offset = n;
-                        scan.end_offset = offset;
+                        scan.end_offset = offset.min(bytes.len() as u64);
                     }
                     _ => {
                         scan.damage.push(Damage::TornTail { offset });
@@ -259,6 +260,20 @@ mod tests {
         assert_eq!(scan.messages[1].id, MessageId::new(7, 3, 4096));
         assert_eq!(scan.messages[2].id, MessageId::new(7, 3, 4096 * 3));
         assert_eq!(scan.end_offset, 4096 * 4);
+    }
+
+    /// Found by the spool_record fuzz target: a segment file shorter than its last record's
+    /// padded slot (a truncated copy) put `end_offset` past the end of the bytes.
+    #[test]
+    fn a_truncated_segment_keeps_its_records_and_offsets_inside_it() {
+        let one = record(7, b"one");
+        let mut seg = one.clone();
+        seg.truncate(one.iter().rposition(|&b| b != 0).unwrap() + 1);
+        assert!(seg.len() < 4096);
+        let scan = scan_segment(&seg, 0, 7);
+        assert_eq!(scan.messages.len(), 1);
+        assert!(scan.damage.is_empty());
+        assert_eq!(scan.end_offset, seg.len() as u64);
     }
 
     #[test]
