@@ -517,3 +517,41 @@ fn spool_disk_use_returns_to_near_zero_after_a_batch() {
     }
     assert!(stop_and_list(g).is_empty());
 }
+
+#[test]
+fn an_8bitmime_message_to_a_server_without_8bitmime_is_returned_to_its_sender() {
+    // Postfix's smtp-sink with -8 does not announce 8BITMIME.
+    let port = common::free_port();
+    let mut sink_cmd = Command::new(tool("smtp-sink"));
+    if unsafe { libc::geteuid() } == 0 {
+        sink_cmd.args(["-u", "nobody"]);
+    }
+    let mut seven_bit = sink_cmd
+        .args(["-8", &format!("127.0.0.1:{port}"), "10"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sender_side = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup
+        .route("remote.test", format!("127.0.0.1:{port}").parse().unwrap())
+        .route("sender.test", sender_side.addr);
+    let g = Gannet::start(&setup);
+    let mut c = Raw::connect(g.mx());
+    c.hello();
+    assert!(c.cmd("MAIL FROM:<me@sender.test> BODY=8BITMIME").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<you@remote.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    assert!(c
+        .cmd("Subject: caf\u{e9}\r\n\r\nd\u{e9}j\u{e0} vu\r\n.")
+        .starts_with("250"));
+    let bounce = &sender_side.wait_for(1, WAIT)[0];
+    assert!(bounce.from.is_empty());
+    let text = String::from_utf8_lossy(&bounce.content).to_string();
+    assert!(text.contains("Status: 5.6.3"), "{text}");
+    assert!(text.contains("does not offer 8BITMIME"), "{text}");
+    assert!(stop_and_list(g).is_empty());
+    let _ = seven_bit.kill();
+    let _ = seven_bit.wait();
+}

@@ -172,8 +172,14 @@ pub struct OutboundEnvelope<'a> {
 /// Why a message cannot go to this server at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unsendable {
-    TooBig { limit: u64 },
+    TooBig {
+        limit: u64,
+    },
     NeedsSmtpUtf8,
+    /// Declared `BODY=8BITMIME`, and the server does not offer 8BITMIME. RFC 6152 allows only
+    /// a MIME downgrade (re-encoding the body), which would break signatures over it (DKIM):
+    /// Gannet returns the message instead.
+    Needs8BitMime,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +241,9 @@ impl Transaction {
         if envelope.smtputf8 && !caps.smtputf8 {
             return Err(Unsendable::NeedsSmtpUtf8);
         }
+        if envelope.eightbit && !caps.eightbitmime {
+            return Err(Unsendable::Needs8BitMime);
+        }
         debug_assert!(!envelope.recipients.is_empty());
         let mut mail = Vec::with_capacity(64);
         mail.extend_from_slice(b"MAIL FROM:<");
@@ -243,9 +252,7 @@ impl Transaction {
         if caps.size_bytes_max.is_some() {
             mail.extend_from_slice(format!(" SIZE={}", envelope.content_bytes).as_bytes());
         }
-        // RFC 6152: 8-bit content to a server without 8BITMIME is sent as is; nearly every server
-        // accepts it, and downgrading MIME is not this layer's job.
-        if envelope.eightbit && caps.eightbitmime {
+        if envelope.eightbit {
             mail.extend_from_slice(b" BODY=8BITMIME");
         }
         if envelope.smtputf8 {
@@ -505,7 +512,7 @@ mod tests {
                 .map(|(i, r)| (i as u32, r.as_bytes()))
                 .collect(),
             content_bytes: 100,
-            eightbit: true,
+            eightbit: false,
             smtputf8: false,
         }
     }
@@ -519,7 +526,10 @@ mod tests {
             eightbitmime: true,
             ..Default::default()
         };
-        let env = envelope(&["a@y", "b@y", "c@y"]);
+        let env = OutboundEnvelope {
+            eightbit: true,
+            ..envelope(&["a@y", "b@y", "c@y"])
+        };
         let mut out = Vec::new();
         let mut tx = Transaction::begin(&env, &caps, &mut out).unwrap();
         assert_eq!(
@@ -720,6 +730,23 @@ mod tests {
         assert_eq!(
             Transaction::begin(&env, &caps, &mut Vec::new()).unwrap_err(),
             Unsendable::NeedsSmtpUtf8
+        );
+        env.smtputf8 = false;
+        env.eightbit = true;
+        assert_eq!(
+            Transaction::begin(&env, &caps, &mut Vec::new()).unwrap_err(),
+            Unsendable::Needs8BitMime
+        );
+        let caps = Capabilities {
+            eightbitmime: true,
+            ..caps
+        };
+        let mut out = Vec::new();
+        Transaction::begin(&env, &caps, &mut out).unwrap();
+        assert!(
+            out.starts_with(b"MAIL FROM:<s@x.test> SIZE=10 BODY=8BITMIME\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
         );
     }
 }

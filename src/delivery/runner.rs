@@ -739,6 +739,13 @@ impl Deliverer {
                 );
                 return (job.every_recipient(|| RecipientResult::Failed(reply.clone())), true);
             }
+            Err(Unsendable::Needs8BitMime) => {
+                let reply = ServerReply::new(
+                    554,
+                    &format!("5.6.3 {addr} does not offer 8BITMIME, which this message (BODY=8BITMIME) needs; Gannet does not re-encode messages"),
+                );
+                return (job.every_recipient(|| RecipientResult::Failed(reply.clone())), true);
+            }
         };
         let reply_timeout = self.config.delivery.reply_timeout.0;
         let final_timeout = self.config.delivery.final_reply_timeout.0;
