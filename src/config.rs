@@ -376,6 +376,10 @@ pub struct Spool {
     /// Memory per shard for messages being received or written; past it, 452.
     #[serde(default = "default_memory_max")]
     pub memory_max: ByteSize,
+    /// When a shard has this many segments and the oldest still holds unfinished (deferred)
+    /// messages, those are copied into the newest segment so the oldest can be deleted. 0: never.
+    #[serde(default = "default_copy_forward_segments")]
+    pub copy_forward_segments: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -534,6 +538,9 @@ fn default_min_free() -> ByteSize {
 }
 fn default_memory_max() -> ByteSize {
     ByteSize(256 << 20)
+}
+fn default_copy_forward_segments() -> usize {
+    4
 }
 fn default_trusted_networks() -> Vec<NetworkText> {
     vec![
@@ -714,6 +721,7 @@ impl Default for Spool {
             size_max: default_spool_size_max(),
             min_free: default_min_free(),
             memory_max: default_memory_max(),
+            copy_forward_segments: default_copy_forward_segments(),
         }
     }
 }
@@ -1061,6 +1069,14 @@ impl Config {
                     "{} must be a whole number of MiB between \"1MiB\" and \"4GiB\", such as \"64MiB\"",
                     s.segment_size
                 ),
+            ));
+        }
+        if s.copy_forward_segments == 1 || s.copy_forward_segments == 2 {
+            return Err(fail(
+                "spool",
+                0,
+                "copy_forward_segments",
+                "must be 0 (never) or at least 3: the oldest segment, one in between, and the one being written".into(),
             ));
         }
         let record_max = self.record_bytes_max();

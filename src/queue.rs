@@ -84,9 +84,18 @@ pub struct QueueIndex {
 impl QueueIndex {
     /// Builds the index from everything recovery found, in any order: messages, then the
     /// recipients and messages that later records say are finished.
+    ///
+    /// A copied message (a `Copy` record) replaces its original: the original is dropped if it
+    /// is still there (the copy was made but the original's tombstone was not written, or its
+    /// segment not yet deleted), and the copy starts with the recipients that were done when it
+    /// was made plus any the original finished.
     pub fn rebuild(messages: Vec<RecoveredMessage>, outcomes: &[StateEntry], tombstones: &[MessageId]) -> QueueIndex {
         let mut index = QueueIndex::default();
-        for m in messages {
+        let mut copies = Vec::new();
+        for mut m in messages {
+            if let Some(copy) = m.copy_of.take() {
+                copies.push((m.id, copy));
+            }
             index.insert(QueuedMessage::from_recovered(m));
         }
         for id in tombstones {
@@ -95,6 +104,23 @@ impl QueueIndex {
         for outcome in outcomes {
             if index.recipient_done(outcome.id, outcome.recipient) {
                 index.finish(outcome.id);
+            }
+        }
+        // Oldest copies first, so that a copy of a copy finds its (already merged) original.
+        copies.sort_by_key(|(id, _)| *id);
+        for (id, copy) in copies {
+            let original_done = index.finish(copy.moved_from).map(|m| m.done);
+            let Some(message) = index.get_mut(&id) else {
+                continue;
+            };
+            for (i, done) in message.done.iter_mut().enumerate() {
+                *done |= copy.done.get(i).copied().unwrap_or(false)
+                    || original_done
+                        .as_ref()
+                        .is_some_and(|d| d.get(i).copied().unwrap_or(false));
+            }
+            if message.pending_recipients() == 0 {
+                index.finish(id);
             }
         }
         index
@@ -159,6 +185,18 @@ impl QueueIndex {
         all
     }
 
+    /// The unfinished messages whose records are in segment `seq` of `shard`.
+    pub fn messages_in_segment(&self, shard: u16, seq: u64) -> Vec<MessageId> {
+        if !self.segment_is_live(shard, seq) {
+            return Vec::new();
+        }
+        self.messages
+            .keys()
+            .filter(|id| id.shard == shard && id.segment_seq == seq)
+            .copied()
+            .collect()
+    }
+
     pub fn ids(&self) -> impl Iterator<Item = MessageId> + '_ {
         self.messages.keys().copied()
     }
@@ -197,7 +235,51 @@ mod tests {
             },
             content_bytes: 10,
             record_bytes: 100,
+            copy_of: None,
         }
+    }
+
+    fn copy(seq: u64, block: u32, of: &RecoveredMessage, done: Vec<bool>) -> RecoveredMessage {
+        let mut m = message(seq, block, of.envelope.recipients.len());
+        m.copy_of = Some(crate::spool::record::CopyOf {
+            moved_from: of.id,
+            done,
+        });
+        m
+    }
+
+    #[test]
+    fn a_copy_replaces_its_original_and_keeps_what_either_finished() {
+        // The crash came after the copy was durable and before the original's tombstone: both
+        // records are there. The original finished recipient 1 before the copy was made (its
+        // outcome record survived); the copy's bitmap says 0 was done.
+        let original = message(1, 0, 3);
+        let copied = copy(4, 2, &original, vec![true, false, false]);
+        let (ido, idc) = (original.id, copied.id);
+        let outcomes = [StateEntry { id: ido, recipient: 1 }];
+        let index = QueueIndex::rebuild(vec![original.clone(), copied.clone()], &outcomes, &[]);
+        assert_eq!(index.len(), 1);
+        assert!(index.get(&ido).is_none(), "the original is dropped");
+        assert_eq!(index.get(&idc).unwrap().done, vec![true, true, false]);
+        assert!(!index.segment_is_live(0, 1), "so its segment can go");
+
+        // The original's segment is already gone: the copy stands alone.
+        let index = QueueIndex::rebuild(vec![copied.clone()], &[], &[]);
+        assert_eq!(index.get(&idc).unwrap().done, vec![true, false, false]);
+
+        // A copy whose bitmap and outcomes finish every recipient is finished itself.
+        let outcomes = [
+            StateEntry { id: idc, recipient: 1 },
+            StateEntry { id: idc, recipient: 2 },
+        ];
+        let index = QueueIndex::rebuild(vec![original.clone(), copied.clone()], &outcomes, &[]);
+        assert!(index.is_empty());
+
+        // A copy of a copy: only the newest survives.
+        let second = copy(9, 0, &copied, vec![true, false, false]);
+        let ids = second.id;
+        let index = QueueIndex::rebuild(vec![second, original, copied], &[], &[]);
+        assert_eq!(index.ids().collect::<Vec<_>>(), vec![ids]);
     }
 
     #[test]

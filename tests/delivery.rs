@@ -555,3 +555,66 @@ fn an_8bitmime_message_to_a_server_without_8bitmime_is_returned_to_its_sender() 
     let _ = seven_bit.kill();
     let _ = seven_bit.wait();
 }
+
+fn segment_files(g: &Gannet) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(g.spool_dir.join("shard-0"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".seg"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_long_deferred_message_is_copied_forward_and_its_old_segment_deleted() {
+    let (stuck, ok) = (CaptureSink::start(), CaptureSink::start());
+    stuck.behaviour.defer_data.store(usize::MAX, Ordering::Release);
+    let mut setup = Setup::new();
+    setup.route("stuck.test", stuck.addr).route("ok.test", ok.addr);
+    setup.set("spool", "segment_size", "\"1MiB\"");
+    setup.set("spool", "copy_forward_segments", "3");
+    setup.set("limits", "message_size_max", "\"256KiB\"");
+    setup.set("limits", "recipients_max", "100");
+    setup.set("delivery", "retry_first", "\"1s\"");
+    setup.set("delivery", "retry_max", "\"2s\"");
+    let g = Gannet::start(&setup);
+    let stuck_content = "Subject: stuck\r\n\r\nwaits for a long time\r\n";
+    let original = send(&g, "a@sender.test", &["who@stuck.test"], stuck_content);
+    assert!(g.wait_for_log("deferred: ", WAIT), "{}", g.log_text());
+    let first_segment = segment_files(&g)[0].clone();
+    // Fill several segments with mail that is delivered at once.
+    let body = format!("Subject: filler\r\n\r\n{}\r\n", "x".repeat(150 * 1024));
+    for _ in 0..24 {
+        send(&g, "a@sender.test", &["who@ok.test"], &body);
+    }
+    ok.wait_for(24, WAIT);
+    assert!(
+        g.wait_for_log("copied forward out of segment", WAIT),
+        "{}",
+        g.log_text()
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while segment_files(&g).contains(&first_segment) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old segment was never deleted: {:?}",
+            segment_files(&g)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let queued = g.queued_ids();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_ne!(queued[0], original, "the message has a new id");
+
+    // A crash now: the copy (and only the copy) comes back.
+    let g = g.restart();
+    assert_eq!(g.queued_ids(), queued);
+    // The receiver recovers: the message is delivered once, byte for byte.
+    stuck.behaviour.defer_data.store(0, Ordering::Release);
+    let got = stuck.wait_for(1, WAIT);
+    assert_eq!(without_received(&got[0].content), stuck_content.as_bytes());
+    assert!(stop_and_list(g).is_empty());
+    assert_eq!(stuck.captured().len(), 1);
+}

@@ -36,9 +36,14 @@ use crate::smtp::envelope::BodyType;
 use crate::smtp::envelope::{Envelope, Origin, Ret};
 use crate::smtp::session::MessageSink;
 use crate::spool::appender::{Appender, WrittenRecord};
-use crate::spool::record::{crc_start, decode_message, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES};
+use crate::spool::record::{
+    crc_start, decode_message, split_message_payload, CopyOf, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES,
+};
 use crate::spool::{segment_file_name, shard_dir, MessageId};
 
+/// Copy forward only when the oldest segment's unfinished messages take at most this fraction
+/// (1/N) of a segment.
+const COPY_FORWARD_LIVE_FRACTION_MAX: u64 = 4;
 /// How often due retries and idle connections are looked at.
 const TICK: Duration = Duration::from_millis(500);
 /// Read buffer for replies.
@@ -161,6 +166,8 @@ pub struct Deliverer {
     /// Records kept from their commit for their first delivery, and their bytes.
     cache: RefCell<HashMap<MessageId, WrittenRecord>>,
     cache_bytes: Cell<usize>,
+    /// A copy-forward pass is running (see `copy_forward`).
+    copying: Cell<bool>,
 }
 
 fn unix_now_s() -> u64 {
@@ -225,6 +232,7 @@ impl Deliverer {
             cache: RefCell::new(HashMap::new()),
             cache_bytes: Cell::new(0),
             shard,
+            copying: Cell::new(false),
             resolver,
             config,
             appender,
@@ -294,6 +302,16 @@ impl Deliverer {
         };
         for id in due {
             self.schedule(id);
+        }
+        if self.copy_forward_wanted() {
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                if me.copy_forward().await > 0 {
+                    // The tombstones go out, then the old segment is collected.
+                    me.flush_state_soon();
+                }
+            })
+            .detach();
         }
         let idle_timeout = self.config.delivery.idle_timeout.0;
         for destination in self.destinations.borrow_mut().values_mut() {
@@ -609,8 +627,133 @@ impl Deliverer {
         }
     }
 
+    /// Whether the oldest segment pins the spool: the shard has `spool.copy_forward_segments`
+    /// segments or more and the oldest still holds unfinished messages. Cheap; checked every tick.
+    fn copy_forward_wanted(&self) -> bool {
+        let threshold = self.config.spool.copy_forward_segments;
+        if threshold == 0 || self.copying.get() || self.appender.segment_count() < threshold {
+            return false;
+        }
+        self.appender
+            .oldest_sealed()
+            .is_some_and(|seq| self.queue.borrow().segment_is_live(self.shard, seq))
+    }
+
+    /// Copies the unfinished messages of the oldest segment into the newest one, so that the
+    /// oldest can be deleted: without this, one long-deferred message would keep its segment and
+    /// every newer one on disk until it is finished. Only messages waiting for a retry are
+    /// copied (nothing else touches them meanwhile), and only when they are a small part of the
+    /// segment (a segment full of deferred mail would just be rewritten again and again).
+    /// Returns the number of messages copied.
+    async fn copy_forward(self: &Rc<Self>) -> usize {
+        let Some(oldest) = self.appender.oldest_sealed() else {
+            return 0;
+        };
+        let ids = self.queue.borrow().messages_in_segment(self.shard, oldest);
+        let live_bytes: u64 = {
+            let queue = self.queue.borrow();
+            ids.iter()
+                .filter_map(|id| queue.get(id))
+                .map(|m| crate::spool::align_up(u64::from(m.record_bytes)))
+                .sum()
+        };
+        if live_bytes > self.config.spool.segment_size.0 / COPY_FORWARD_LIVE_FRACTION_MAX {
+            return 0;
+        }
+        self.copying.set(true);
+        let mut copied = 0;
+        for old_id in ids {
+            let waiting = {
+                let mut retries = self.retries.borrow_mut();
+                let entry = retries.iter().find(|(_, id)| *id == old_id).copied();
+                if let Some(entry) = entry {
+                    retries.remove(&entry);
+                }
+                entry
+            };
+            let Some((due, _)) = waiting else {
+                continue;
+            };
+            match self.copy_one(old_id).await {
+                Ok(new_id) => {
+                    info!(shard = self.shard, id = %old_id, copy = %new_id, "copied forward out of segment {oldest}");
+                    self.retries.borrow_mut().insert((due, new_id));
+                    copied += 1;
+                }
+                Err(e) => {
+                    warn!(shard = self.shard, id = %old_id, "cannot copy forward now: {e}");
+                    self.retries.borrow_mut().insert((due, old_id));
+                    break;
+                }
+            }
+        }
+        self.copying.set(false);
+        copied
+    }
+
+    /// Writes a `Copy` record of `old_id` (durably), then puts the copy in its place in the
+    /// index and queues the original's tombstone.
+    async fn copy_one(self: &Rc<Self>, old_id: MessageId) -> Result<MessageId, String> {
+        let (record_bytes, done) = {
+            let queue = self.queue.borrow();
+            let m = queue.get(&old_id).ok_or("finished meanwhile")?;
+            (m.record_bytes, m.done.clone())
+        };
+        let (bytes, message_start) = self.read_record(old_id, record_bytes).await?;
+        let copy = CopyOf {
+            moved_from: old_id,
+            done,
+        };
+        let mut buffer = self.appender.message_buffer();
+        buffer
+            .begin_copy(&copy)
+            .and_then(|()| buffer.append(&bytes[message_start..]))
+            .map_err(|_| "no spool memory free".to_string())?;
+        let message = buffer.take();
+        let new_record_bytes = message.record_len();
+        let new_id = self
+            .appender
+            .commit(message)
+            .await
+            .map_err(|e| format!("spool: {e:?}"))?;
+        // Durable: from here on recovery prefers the copy, whatever else survives a crash.
+        let mut queue = self.queue.borrow_mut();
+        let Some(mut message) = queue.finish(old_id) else {
+            // Cannot happen (nothing finishes a message waiting for a retry); if it did, the
+            // copy must not bring it back.
+            drop(queue);
+            self.state.borrow_mut().tombstones.push(StateEntry {
+                id: new_id,
+                recipient: 0,
+            });
+            return Err("finished while being copied".into());
+        };
+        message.id = new_id;
+        message.record_bytes = new_record_bytes;
+        queue.insert(message);
+        drop(queue);
+        self.uncache(&old_id);
+        self.state.borrow_mut().tombstones.push(StateEntry {
+            id: old_id,
+            recipient: 0,
+        });
+        Ok(new_id)
+    }
+
     /// Reads a message back from its segment and checks it.
     async fn read_message(&self, id: MessageId, record_bytes: u32) -> Result<Loaded, String> {
+        let (bytes, message_start) = self.read_record(id, record_bytes).await?;
+        let message = decode_message(&bytes[message_start..]).map_err(|e| format!("message {id}: {e:?}"))?;
+        Ok(Loaded {
+            envelope: message.envelope,
+            content_offset: message_start + message.content_offset,
+            bytes: Body::Read(bytes),
+        })
+    }
+
+    /// Reads a record that holds a message (new or copied) and checks its CRC. Returns the
+    /// bytes and where the `Message` payload starts in them.
+    async fn read_record(&self, id: MessageId, record_bytes: u32) -> Result<(ReadResult, usize), String> {
         let key = (id.shard, id.segment_seq);
         let cached = self.readers.borrow().get(&key).cloned();
         let file = match cached {
@@ -637,15 +780,13 @@ impl Deliverer {
         let header = Header::decode(bytes[..HEADER_BYTES].try_into().unwrap());
         let payload = &bytes[HEADER_BYTES..];
         let crc = crc32c::crc32c_append(crc_start(id.segment_seq, header.len, header.kind), payload);
-        if header.kind != Kind::Message as u8 || header.len as usize != payload.len() || crc != header.crc {
+        if !Kind::holds_message(header.kind) || header.len as usize != payload.len() || crc != header.crc {
             return Err(format!("message {id}: record fails its checks"));
         }
-        let message = decode_message(payload).map_err(|e| format!("message {id}: {e:?}"))?;
-        Ok(Loaded {
-            envelope: message.envelope,
-            content_offset: HEADER_BYTES + message.content_offset,
-            bytes: Body::Read(bytes),
-        })
+        let (_, message_payload) =
+            split_message_payload(header.kind, payload).map_err(|e| format!("message {id}: {e:?}"))?;
+        let message_start = HEADER_BYTES + payload.len() - message_payload.len();
+        Ok((bytes, message_start))
     }
 
     /// Runs one transaction. Returns the results, whether the connection can be reused, and the

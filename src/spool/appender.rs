@@ -348,6 +348,11 @@ impl Appender {
         deleted
     }
 
+    /// The oldest segment still on disk that is no longer written to.
+    pub fn oldest_sealed(&self) -> Option<u64> {
+        self.state.borrow().sealed.front().map(|(seq, _)| *seq)
+    }
+
     /// Segment files this shard has on disk now.
     pub fn segment_count(&self) -> usize {
         self.state.borrow().segment_count

@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use glommio::io::DmaBuffer;
 
-use super::record::{crc_start, encode_envelope, Header, Kind, HEADER_BYTES};
+use super::record::{crc_start, encode_envelope, CopyOf, Header, Kind, HEADER_BYTES};
 use super::{align_up, RECORD_ALIGN_BYTES};
 use crate::smtp::envelope::{Envelope, Origin};
 use crate::smtp::session::{MessageSink, SinkFull};
@@ -82,6 +82,8 @@ pub struct MessageBuffer {
     prefix_bytes: usize,
     envelope_scratch: Vec<u8>,
     open: bool,
+    /// `Message`, or `Copy` after [`MessageBuffer::begin_copy`].
+    kind: Kind,
 }
 
 impl MessageBuffer {
@@ -95,7 +97,24 @@ impl MessageBuffer {
             prefix_bytes: 0,
             envelope_scratch: Vec::new(),
             open: false,
+            kind: Kind::Message,
         }
+    }
+
+    /// Starts a `Copy` record: `copy` goes in front; the caller appends the original `Message`
+    /// payload (envelope length, envelope, content) as it is.
+    pub fn begin_copy(&mut self, copy: &CopyOf) -> Result<(), SinkFull> {
+        self.abandon();
+        self.open = true;
+        self.kind = Kind::Copy;
+        let mut prefix = Vec::with_capacity(32);
+        copy.encode(&mut prefix);
+        let result = self.write(&[0u8; HEADER_BYTES]).and_then(|()| self.write(&prefix));
+        self.prefix_bytes = self.total_bytes;
+        if result.is_err() {
+            self.abandon();
+        }
+        result
     }
 
     fn grow(&mut self) -> Result<(), SinkFull> {
@@ -138,6 +157,7 @@ impl MessageBuffer {
             bytes: std::mem::take(&mut self.charged_bytes),
         };
         FinishedMessage {
+            kind: std::mem::replace(&mut self.kind, Kind::Message),
             content_bytes: (self.total_bytes - self.prefix_bytes) as u64,
             chunks: std::mem::take(&mut self.chunks),
             tail_bytes: std::mem::take(&mut self.tail_bytes),
@@ -157,6 +177,7 @@ impl MessageSink for MessageBuffer {
     fn begin(&mut self, envelope: &Envelope, origin: Origin<'_>) -> Result<(), SinkFull> {
         self.abandon();
         self.open = true;
+        self.kind = Kind::Message;
         self.envelope_scratch.clear();
         encode_envelope(envelope, origin, &mut self.envelope_scratch);
         let scratch = std::mem::take(&mut self.envelope_scratch);
@@ -187,7 +208,9 @@ impl MessageSink for MessageBuffer {
 
 /// A complete message, ready to be sealed and written.
 pub struct FinishedMessage {
+    kind: Kind,
     /// What the record stores as the message: our Received header and the client's content.
+    /// (For a copy: the copied payload, envelope included.)
     pub content_bytes: u64,
     chunks: Vec<DmaBuffer>,
     tail_bytes: usize,
@@ -211,7 +234,7 @@ impl FinishedMessage {
     /// the last buffer. Returns the buffers to write back to back from the record's offset.
     pub fn seal(mut self, segment_seq: u64) -> (Vec<DmaBuffer>, Charge) {
         let len = u32::try_from(self.total_bytes - HEADER_BYTES).expect("record over 4 GiB");
-        let kind = Kind::Message as u8;
+        let kind = self.kind as u8;
         let mut crc = crc_start(segment_seq, len, kind);
         let last = self.chunks.len() - 1;
         for (i, chunk) in self.chunks.iter().enumerate() {

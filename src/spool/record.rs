@@ -10,6 +10,11 @@
 //!
 //! A `Message` payload is `envelope_len:u32le envelope content`, where content is the message
 //! exactly as it will be relayed (our Received header, then the client's bytes, unstuffed).
+//!
+//! A `Copy` record is a message copied forward out of an old segment (so that the old segment
+//! can be deleted): `from_seq:u64le from_shard:u16le from_block:u32le recipients:u32le
+//! done_bitmap[ceil(recipients / 8)]` followed by the copied `Message` payload. Recovery drops
+//! the original if it still finds it, and starts the copy with the recipients already done.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -17,14 +22,16 @@ use crate::smtp::envelope::{BodyType, Envelope, Origin, Ret};
 
 pub const HEADER_BYTES: usize = 9;
 
-/// Record kinds. `Message` holds a new message; `Outcome` and `Tombstone` are batches of delivery
-/// state (recipients finished, messages finished), appended as deliveries complete.
+/// Record kinds. `Message` holds a new message and `Copy` a message copied forward;
+/// `Outcome` and `Tombstone` are batches of delivery state (recipients finished, messages
+/// finished), appended as deliveries complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
     Message = 1,
     Outcome = 2,
     Tombstone = 3,
+    Copy = 4,
 }
 
 impl Kind {
@@ -33,9 +40,64 @@ impl Kind {
             1 => Some(Kind::Message),
             2 => Some(Kind::Outcome),
             3 => Some(Kind::Tombstone),
+            4 => Some(Kind::Copy),
             _ => None,
         }
     }
+
+    /// Whether records of this kind hold a message (new or copied).
+    pub fn holds_message(b: u8) -> bool {
+        b == Kind::Message as u8 || b == Kind::Copy as u8
+    }
+}
+
+/// Most recipients a copy's done bitmap may describe (the configuration's own ceiling).
+const COPY_RECIPIENTS_MAX: usize = 100_000;
+
+/// What a `Copy` record adds in front of the message it copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyOf {
+    /// The record this one replaces.
+    pub moved_from: super::MessageId,
+    /// Recipients already finished when the copy was made.
+    pub done: Vec<bool>,
+}
+
+impl CopyOf {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        assert!(self.done.len() <= COPY_RECIPIENTS_MAX);
+        out.extend_from_slice(&self.moved_from.segment_seq.to_le_bytes());
+        out.extend_from_slice(&self.moved_from.shard.to_le_bytes());
+        out.extend_from_slice(&self.moved_from.offset_blocks.to_le_bytes());
+        out.extend_from_slice(&(self.done.len() as u32).to_le_bytes());
+        for byte in self.done.chunks(8) {
+            out.push(byte.iter().enumerate().fold(0u8, |b, (i, &d)| b | (u8::from(d) << i)));
+        }
+    }
+}
+
+/// Splits a record that holds a message into the copy prefix (for `Copy` records) and the
+/// `Message` payload. Never panics, whatever the bytes.
+pub fn split_message_payload(kind: u8, payload: &[u8]) -> Result<(Option<CopyOf>, &[u8]), DecodeError> {
+    if kind == Kind::Message as u8 {
+        return Ok((None, payload));
+    }
+    if kind != Kind::Copy as u8 {
+        return Err(DecodeError::BadField("record kind"));
+    }
+    let mut r = Reader { bytes: payload, pos: 0 };
+    let moved_from = super::MessageId {
+        segment_seq: r.u64()?,
+        shard: u16::from_le_bytes(r.take(2)?.try_into().unwrap()),
+        offset_blocks: r.u32()?,
+    };
+    let count = r.u32()? as usize;
+    if count > COPY_RECIPIENTS_MAX {
+        return Err(DecodeError::BadField("copy recipient count"));
+    }
+    let bitmap = r.take(count.div_ceil(8))?;
+    let done = (0..count).map(|i| bitmap[i / 8] & (1 << (i % 8)) != 0).collect();
+    Ok((Some(CopyOf { moved_from, done }), &payload[r.pos..]))
 }
 
 /// The fixed header in front of every record.
@@ -330,6 +392,25 @@ pub fn build_message_record(segment_seq: u64, envelope: &Envelope, origin: Origi
     out
 }
 
+/// Builds a complete `Copy` record in memory: `copy` in front of an existing `Message` payload.
+pub fn build_copy_record(segment_seq: u64, copy: &CopyOf, message_payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_BYTES];
+    copy.encode(&mut out);
+    out.extend_from_slice(message_payload);
+    let len = (out.len() - HEADER_BYTES) as u32;
+    let crc = crc32c::crc32c_append(crc_start(segment_seq, len, Kind::Copy as u8), &out[HEADER_BYTES..]);
+    out[..HEADER_BYTES].copy_from_slice(
+        &Header {
+            len,
+            kind: Kind::Copy as u8,
+            crc,
+        }
+        .encode(),
+    );
+    out.resize(super::align_up(out.len() as u64) as usize, 0);
+    out
+}
+
 /// Bytes of one entry in a state batch: shard u16, segment seq u64, offset blocks u32, recipient u32.
 const STATE_ENTRY_BYTES: usize = 2 + 8 + 4 + 4;
 
@@ -419,6 +500,39 @@ mod tests {
         env.size_declared_bytes = Some(1234);
         env.set_envid(b"QQ314159");
         env
+    }
+
+    #[test]
+    fn a_copy_record_carries_its_origin_and_done_flags_in_front_of_the_message() {
+        let env = sample_envelope();
+        let origin = Origin {
+            client_ip: "192.0.2.1".parse().unwrap(),
+            helo: b"h",
+            received_unix_s: 7,
+        };
+        let original = build_message_record(41, &env, origin, b"body\r\n");
+        let header = Header::decode(original[..HEADER_BYTES].try_into().unwrap());
+        let message_payload = &original[HEADER_BYTES..HEADER_BYTES + header.len as usize];
+        let copy = CopyOf {
+            moved_from: crate::spool::MessageId::new(41, 3, 8192),
+            done: vec![true, false, false, true, false, false, false, false, true],
+        };
+        let record = build_copy_record(99, &copy, message_payload);
+        let h = Header::decode(record[..HEADER_BYTES].try_into().unwrap());
+        assert_eq!(h.kind, Kind::Copy as u8);
+        assert!(Kind::holds_message(h.kind) && Kind::holds_message(Kind::Message as u8));
+        let payload = &record[HEADER_BYTES..HEADER_BYTES + h.len as usize];
+        assert_eq!(crc32c::crc32c_append(crc_start(99, h.len, h.kind), payload), h.crc);
+        let (decoded, rest) = split_message_payload(h.kind, payload).unwrap();
+        assert_eq!(decoded, Some(copy));
+        assert_eq!(rest, message_payload);
+        assert_eq!(decode_message(rest).unwrap().envelope.sender, b"from@x.example");
+        assert_eq!(
+            split_message_payload(Kind::Message as u8, message_payload).unwrap(),
+            (None, message_payload)
+        );
+        assert!(split_message_payload(Kind::Copy as u8, &payload[..10]).is_err());
+        assert!(split_message_payload(Kind::Outcome as u8, payload).is_err());
     }
 
     #[test]

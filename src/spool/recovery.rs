@@ -14,7 +14,8 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use super::record::{
-    crc_start, decode_message, decode_state_batch, DecodeError, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES,
+    crc_start, decode_message, decode_state_batch, split_message_payload, CopyOf, DecodeError, Header, Kind,
+    StateEntry, StoredEnvelope, HEADER_BYTES,
 };
 use super::{align_up, parse_segment_file_name, MessageId};
 
@@ -26,6 +27,8 @@ pub struct RecoveredMessage {
     pub content_bytes: u64,
     /// The whole record's length on disk, header included (not padding).
     pub record_bytes: u32,
+    /// Set when the record is a copy of an older one (see `record::CopyOf`).
+    pub copy_of: Option<CopyOf>,
 }
 
 /// Why the scan of a segment stopped or skipped something.
@@ -105,7 +108,7 @@ pub fn scan_segment(bytes: &[u8], shard: u16, seq: u64) -> SegmentScan {
             Probe::Zero => break,
             Probe::Good { header, next } => {
                 let payload = &bytes[offset as usize + HEADER_BYTES..][..header.len as usize];
-                if header.kind != Kind::Message as u8 {
+                if !Kind::holds_message(header.kind) {
                     match decode_state_batch(payload) {
                         Ok(entries) if header.kind == Kind::Outcome as u8 => scan.outcomes.extend(entries),
                         Ok(entries) => scan.tombstones.extend(entries.iter().map(|e| e.id)),
@@ -116,12 +119,15 @@ pub fn scan_segment(bytes: &[u8], shard: u16, seq: u64) -> SegmentScan {
                         }),
                     }
                 } else {
-                    match decode_message(payload) {
-                        Ok(msg) => scan.messages.push(RecoveredMessage {
+                    let decoded = split_message_payload(header.kind, payload)
+                        .and_then(|(copy_of, message)| decode_message(message).map(|msg| (copy_of, msg)));
+                    match decoded {
+                        Ok((copy_of, msg)) => scan.messages.push(RecoveredMessage {
                             id: MessageId::new(seq, shard, offset),
                             envelope: msg.envelope,
                             content_bytes: msg.content_bytes as u64,
                             record_bytes: HEADER_BYTES as u32 + header.len,
+                            copy_of,
                         }),
                         Err(e) => scan.damage.push(Damage::Corrupt {
                             offset,
@@ -205,11 +211,13 @@ pub fn read_message(spool_dir: &Path, id: MessageId) -> io::Result<(StoredEnvelo
     let Probe::Good { header, .. } = probe(&buf, id.segment_seq, id.offset_bytes()) else {
         return Err(not_found());
     };
-    if header.kind != Kind::Message as u8 {
+    if !Kind::holds_message(header.kind) {
         return Err(not_found());
     }
     let payload = &buf[id.offset_bytes() as usize + HEADER_BYTES..][..header.len as usize];
-    let message = decode_message(payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
+    let invalid = |e: DecodeError| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}"));
+    let (_, payload) = split_message_payload(header.kind, payload).map_err(invalid)?;
+    let message = decode_message(payload).map_err(invalid)?;
     Ok((message.envelope, payload[message.content_offset..].to_vec()))
 }
 
