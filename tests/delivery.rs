@@ -17,6 +17,23 @@ fn send(g: &Gannet, from: &str, to: &[&str], content: &str) -> String {
     common::send_message(g.mx(), from, to, content)
 }
 
+/// Starts Postfix's smtp-sink on 127.0.0.1:`port` with `flags` (its stdout piped: `-c` counts
+/// there).
+fn smtp_sink(port: u16, flags: &[&str]) -> std::process::Child {
+    let mut cmd = Command::new(tool("smtp-sink"));
+    // SAFETY (test): geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.args(["-u", "nobody"]);
+    }
+    cmd.args(flags)
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("100")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Stops the server cleanly and returns what the spool still holds.
 fn stop_and_list(mut g: Gannet) -> Vec<String> {
     assert_eq!(g.stop().code(), Some(0), "{}", g.log_text());
@@ -382,16 +399,7 @@ fn routes_send_each_domain_to_its_smarthost() {
 #[test]
 fn postfix_smtp_sink_receives_every_message() {
     let port = common::free_port();
-    let mut sink_cmd = Command::new(tool("smtp-sink"));
-    if unsafe { libc::geteuid() } == 0 {
-        sink_cmd.args(["-u", "nobody"]);
-    }
-    let mut sink = sink_cmd
-        .args(["-c", &format!("127.0.0.1:{port}"), "100"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut sink = smtp_sink(port, &["-c"]);
     let mut setup = Setup::new();
     setup.shards(2).route("*", format!("127.0.0.1:{port}").parse().unwrap());
     let g = Gannet::start(&setup);
@@ -522,16 +530,7 @@ fn spool_disk_use_returns_to_near_zero_after_a_batch() {
 fn an_8bitmime_message_to_a_server_without_8bitmime_is_returned_to_its_sender() {
     // Postfix's smtp-sink with -8 does not announce 8BITMIME.
     let port = common::free_port();
-    let mut sink_cmd = Command::new(tool("smtp-sink"));
-    if unsafe { libc::geteuid() } == 0 {
-        sink_cmd.args(["-u", "nobody"]);
-    }
-    let mut seven_bit = sink_cmd
-        .args(["-8", &format!("127.0.0.1:{port}"), "10"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut seven_bit = smtp_sink(port, &["-8"]);
     let sender_side = CaptureSink::start();
     let mut setup = Setup::new();
     setup

@@ -378,12 +378,18 @@ pub fn build_message_record(segment_seq: u64, envelope: &Envelope, origin: Origi
     out.extend_from_slice(&(env.len() as u32).to_le_bytes());
     out.extend_from_slice(&env);
     out.extend_from_slice(content);
-    let len = (out.len() - HEADER_BYTES) as u32;
-    let crc = crc32c::crc32c_append(crc_start(segment_seq, len, Kind::Message as u8), &out[HEADER_BYTES..]);
+    seal_record(segment_seq, Kind::Message, out)
+}
+
+/// Fills in the header of a record built in memory (`out` starts with `HEADER_BYTES` of room,
+/// then the payload) and pads it to the record alignment.
+fn seal_record(segment_seq: u64, kind: Kind, mut out: Vec<u8>) -> Vec<u8> {
+    let len = u32::try_from(out.len() - HEADER_BYTES).expect("record over 4 GiB");
+    let crc = crc32c::crc32c_append(crc_start(segment_seq, len, kind as u8), &out[HEADER_BYTES..]);
     out[..HEADER_BYTES].copy_from_slice(
         &Header {
             len,
-            kind: Kind::Message as u8,
+            kind: kind as u8,
             crc,
         }
         .encode(),
@@ -397,18 +403,7 @@ pub fn build_copy_record(segment_seq: u64, copy: &CopyOf, message_payload: &[u8]
     let mut out = vec![0u8; HEADER_BYTES];
     copy.encode(&mut out);
     out.extend_from_slice(message_payload);
-    let len = (out.len() - HEADER_BYTES) as u32;
-    let crc = crc32c::crc32c_append(crc_start(segment_seq, len, Kind::Copy as u8), &out[HEADER_BYTES..]);
-    out[..HEADER_BYTES].copy_from_slice(
-        &Header {
-            len,
-            kind: Kind::Copy as u8,
-            crc,
-        }
-        .encode(),
-    );
-    out.resize(super::align_up(out.len() as u64) as usize, 0);
-    out
+    seal_record(segment_seq, Kind::Copy, out)
 }
 
 /// Bytes of one entry in a state batch: shard u16, segment seq u64, offset blocks u32, recipient u32.
@@ -468,18 +463,7 @@ pub fn build_state_record(segment_seq: u64, kind: Kind, entries: &[StateEntry]) 
     debug_assert!(kind != Kind::Message);
     let mut out = vec![0u8; HEADER_BYTES];
     encode_state_batch(entries, &mut out);
-    let len = (out.len() - HEADER_BYTES) as u32;
-    let crc = crc32c::crc32c_append(crc_start(segment_seq, len, kind as u8), &out[HEADER_BYTES..]);
-    out[..HEADER_BYTES].copy_from_slice(
-        &Header {
-            len,
-            kind: kind as u8,
-            crc,
-        }
-        .encode(),
-    );
-    out.resize(super::align_up(out.len() as u64) as usize, 0);
-    out
+    seal_record(segment_seq, kind, out)
 }
 
 #[cfg(test)]
