@@ -101,7 +101,7 @@ fn queue_list(config: &Config) -> Result<(), String> {
     }
     shard_dirs.sort();
     let mut buf = Vec::new();
-    let (mut messages, mut outcomes, mut tombstones) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut messages, mut outcomes, mut tombstones, mut deferrals) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (shard, dir) in shard_dirs {
         let segments = list_segments(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         for (seq, path) in segments {
@@ -115,9 +115,10 @@ fn queue_list(config: &Config) -> Result<(), String> {
             messages.extend(scan.messages);
             outcomes.extend(scan.outcomes);
             tombstones.extend(scan.tombstones);
+            deferrals.extend(scan.deferrals);
         }
     }
-    let index = QueueIndex::rebuild(messages, &outcomes, &tombstones);
+    let index = QueueIndex::rebuild(messages, &outcomes, &tombstones, &deferrals);
     for message in index.sorted() {
         println!("{}", message.listing_line());
     }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::spool::record::{StateEntry, StoredEnvelope};
+use crate::spool::record::{Deferral, StateEntry, StoredEnvelope};
 use crate::spool::recovery::RecoveredMessage;
 use crate::spool::MessageId;
 
@@ -21,11 +21,13 @@ pub struct QueuedMessage {
     /// Finished flags, one per recipient of `envelope`.
     pub done: Vec<bool>,
     pub content_bytes: u64,
-    /// Delivery attempts so far (not persisted: a restart retries at once).
+    /// Delivery attempts so far (kept across restarts by `Deferral` records).
     pub attempts: u32,
+    /// When the next attempt is due (seconds since the epoch), once deferred.
+    pub next_attempt_unix_s: Option<u64>,
     /// Delivery jobs (one per destination) queued or running for this message.
     pub jobs_outstanding: u32,
-    /// A delay notice went out (not persisted: after a restart one may go out again).
+    /// A delay notice went out (kept across restarts by `Deferral` records).
     pub delay_notified: bool,
 }
 
@@ -38,6 +40,7 @@ impl QueuedMessage {
             envelope: m.envelope,
             content_bytes: m.content_bytes,
             attempts: 0,
+            next_attempt_unix_s: None,
             jobs_outstanding: 0,
             delay_notified: false,
         }
@@ -54,20 +57,27 @@ impl QueuedMessage {
         } else {
             format!("<{}>", String::from_utf8_lossy(&self.envelope.sender))
         };
-        let received = time::OffsetDateTime::from_unix_timestamp(self.envelope.received_unix_s as i64)
-            .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-            .unwrap_or_else(|| self.envelope.received_unix_s.to_string());
-        format!(
+        let mut line = format!(
             "{}  {:>10}  {}  {}/{} recipient(s) pending  received {}",
             self.id,
             self.content_bytes,
             sender,
             self.pending_recipients(),
             self.done.len(),
-            received
-        )
+            rfc3339(self.envelope.received_unix_s)
+        );
+        if let Some(next) = self.next_attempt_unix_s {
+            line.push_str(&format!("  attempts {}  next {}", self.attempts, rfc3339(next)));
+        }
+        line
     }
+}
+
+fn rfc3339(unix_s: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_s as i64)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix_s.to_string())
 }
 
 /// The segment a message lives in: (shard directory, sequence).
@@ -89,7 +99,15 @@ impl QueueIndex {
     /// is still there (the copy was made but the original's tombstone was not written, or its
     /// segment not yet deleted), and the copy starts with the recipients that were done when it
     /// was made plus any the original finished.
-    pub fn rebuild(messages: Vec<RecoveredMessage>, outcomes: &[StateEntry], tombstones: &[MessageId]) -> QueueIndex {
+    ///
+    /// `deferrals` are applied in order (the last one of a message wins): a restart keeps each
+    /// message's attempts, next attempt time and delay notice.
+    pub fn rebuild(
+        messages: Vec<RecoveredMessage>,
+        outcomes: &[StateEntry],
+        tombstones: &[MessageId],
+        deferrals: &[Deferral],
+    ) -> QueueIndex {
         let mut index = QueueIndex::default();
         let mut copies = Vec::new();
         for mut m in messages {
@@ -121,6 +139,13 @@ impl QueueIndex {
             }
             if message.pending_recipients() == 0 {
                 index.finish(id);
+            }
+        }
+        for d in deferrals {
+            if let Some(message) = index.get_mut(&d.id) {
+                message.attempts = d.attempts;
+                message.next_attempt_unix_s = Some(d.next_attempt_unix_s);
+                message.delay_notified = d.delay_notified;
             }
         }
         index
@@ -249,6 +274,29 @@ mod tests {
     }
 
     #[test]
+    fn the_last_deferral_of_a_message_sets_its_schedule() {
+        let m = message(3, 0, 1);
+        let id = m.id;
+        let deferral = |attempts, next| Deferral {
+            id,
+            attempts,
+            next_attempt_unix_s: next,
+            delay_notified: attempts > 1,
+        };
+        let index = QueueIndex::rebuild(vec![m], &[], &[], &[deferral(1, 100), deferral(2, 300)]);
+        let q = index.get(&id).unwrap();
+        assert_eq!(
+            (q.attempts, q.next_attempt_unix_s, q.delay_notified),
+            (2, Some(300), true)
+        );
+        assert!(
+            q.listing_line().contains("attempts 2  next 1970-01-01T00:05:00Z"),
+            "{}",
+            q.listing_line()
+        );
+    }
+
+    #[test]
     fn a_copy_replaces_its_original_and_keeps_what_either_finished() {
         // The crash came after the copy was durable and before the original's tombstone: both
         // records are there. The original finished recipient 1 before the copy was made (its
@@ -257,14 +305,14 @@ mod tests {
         let copied = copy(4, 2, &original, vec![true, false, false]);
         let (ido, idc) = (original.id, copied.id);
         let outcomes = [StateEntry { id: ido, recipient: 1 }];
-        let index = QueueIndex::rebuild(vec![original.clone(), copied.clone()], &outcomes, &[]);
+        let index = QueueIndex::rebuild(vec![original.clone(), copied.clone()], &outcomes, &[], &[]);
         assert_eq!(index.len(), 1);
         assert!(index.get(&ido).is_none(), "the original is dropped");
         assert_eq!(index.get(&idc).unwrap().done, vec![true, true, false]);
         assert!(!index.segment_is_live(0, 1), "so its segment can go");
 
         // The original's segment is already gone: the copy stands alone.
-        let index = QueueIndex::rebuild(vec![copied.clone()], &[], &[]);
+        let index = QueueIndex::rebuild(vec![copied.clone()], &[], &[], &[]);
         assert_eq!(index.get(&idc).unwrap().done, vec![true, false, false]);
 
         // A copy whose bitmap and outcomes finish every recipient is finished itself.
@@ -272,13 +320,13 @@ mod tests {
             StateEntry { id: idc, recipient: 1 },
             StateEntry { id: idc, recipient: 2 },
         ];
-        let index = QueueIndex::rebuild(vec![original.clone(), copied.clone()], &outcomes, &[]);
+        let index = QueueIndex::rebuild(vec![original.clone(), copied.clone()], &outcomes, &[], &[]);
         assert!(index.is_empty());
 
         // A copy of a copy: only the newest survives.
         let second = copy(9, 0, &copied, vec![true, false, false]);
         let ids = second.id;
-        let index = QueueIndex::rebuild(vec![second, original, copied], &[], &[]);
+        let index = QueueIndex::rebuild(vec![second, original, copied], &[], &[], &[]);
         assert_eq!(index.ids().collect::<Vec<_>>(), vec![ids]);
     }
 
@@ -294,7 +342,7 @@ mod tests {
             StateEntry { id: idc, recipient: 1 },
             StateEntry { id: idc, recipient: 2 },
         ];
-        let index = QueueIndex::rebuild(vec![a, b, c], &outcomes, &[idb]);
+        let index = QueueIndex::rebuild(vec![a, b, c], &outcomes, &[idb], &[]);
         assert_eq!(index.len(), 1, "b tombstoned, c has every recipient done");
         assert_eq!(index.get(&ida).unwrap().done, vec![true, false]);
         assert!(index.segment_is_live(0, 1));
@@ -303,7 +351,7 @@ mod tests {
 
     #[test]
     fn finishing_the_last_message_frees_its_segment() {
-        let mut index = QueueIndex::rebuild(vec![message(5, 0, 1), message(5, 1, 1)], &[], &[]);
+        let mut index = QueueIndex::rebuild(vec![message(5, 0, 1), message(5, 1, 1)], &[], &[], &[]);
         let first = MessageId {
             segment_seq: 5,
             shard: 0,

@@ -438,7 +438,9 @@ fn mail_queued_while_the_receiver_is_down_is_delivered_after_a_crash_and_restart
     setup
         .shards(2)
         .route("*", format!("127.0.0.1:{sink_port}").parse().unwrap());
-    setup.set("delivery", "retry_first", "\"1h\"");
+    // The retry schedule survives the restart: keep it short so the test need not wait.
+    setup.set("delivery", "retry_first", "\"2s\"");
+    setup.set("delivery", "retry_max", "\"2s\"");
     let mut g = Gannet::start(&setup);
     let mut subjects = Vec::new();
     for i in 0..20 {
@@ -616,4 +618,26 @@ fn a_long_deferred_message_is_copied_forward_and_its_old_segment_deleted() {
     assert_eq!(without_received(&got[0].content), stuck_content.as_bytes());
     assert!(stop_and_list(g).is_empty());
     assert_eq!(stuck.captured().len(), 1);
+}
+
+#[test]
+fn a_restart_keeps_the_retry_schedule_of_deferred_mail() {
+    let deferring = CaptureSink::start();
+    deferring.behaviour.defer_data.store(usize::MAX, Ordering::Release);
+    let mut setup = Setup::new();
+    setup.route("remote.test", deferring.addr);
+    setup.set("delivery", "retry_first", "\"1h\"");
+    let mut g = Gannet::start(&setup);
+    send(&g, "a@sender.test", &["b@remote.test"], "Subject: later\r\n\r\nx\r\n");
+    assert!(g.wait_for_log("deferred: ", WAIT), "{}", g.log_text());
+    assert_eq!(g.stop().code(), Some(0), "{}", g.log_text());
+    let listing = String::from_utf8(g.command(&["queue", "list"]).stdout).unwrap();
+    assert!(listing.contains("  attempts 1  next "), "{listing}");
+
+    let g = Gannet::start_in(&setup, g.dir.clone());
+    assert!(
+        g.wait_for_log("1 recovered message(s) wait for their next attempt", WAIT),
+        "retried at once instead: {}",
+        g.log_text()
+    );
 }

@@ -37,7 +37,8 @@ use crate::smtp::envelope::{Envelope, Origin, Ret};
 use crate::smtp::session::MessageSink;
 use crate::spool::appender::{Appender, WrittenRecord};
 use crate::spool::record::{
-    crc_start, decode_message, split_message_payload, CopyOf, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES,
+    crc_start, decode_message, split_message_payload, CopyOf, Deferral, Header, Kind, StateEntry, StoredEnvelope,
+    HEADER_BYTES,
 };
 use crate::spool::{segment_file_name, shard_dir, MessageId};
 
@@ -146,6 +147,7 @@ impl Destination {
 struct PendingState {
     outcomes: Vec<StateEntry>,
     tombstones: Vec<StateEntry>,
+    deferrals: Vec<Deferral>,
     flushing: bool,
 }
 
@@ -247,9 +249,32 @@ impl Deliverer {
 
     /// Starts the timer task and schedules everything recovered from the spool.
     pub fn start(self: &Rc<Self>) {
-        let ids: Vec<MessageId> = self.queue.borrow().ids().collect();
-        for id in ids {
-            self.schedule(id);
+        // Deferred messages keep their retry time across a restart; the rest go now.
+        let now_unix_s = unix_now_s();
+        let now = Instant::now();
+        let waiting: Vec<(MessageId, Option<u64>)> = {
+            let queue = self.queue.borrow();
+            queue
+                .ids()
+                .map(|id| (id, queue.get(&id).and_then(|m| m.next_attempt_unix_s)))
+                .collect()
+        };
+        let mut deferred = 0usize;
+        for (id, next_attempt_unix_s) in waiting {
+            match next_attempt_unix_s {
+                Some(at) if at > now_unix_s => {
+                    let delay = Duration::from_secs(at - now_unix_s);
+                    self.retries.borrow_mut().insert((now + delay, id));
+                    deferred += 1;
+                }
+                _ => self.schedule(id),
+            }
+        }
+        if deferred > 0 {
+            info!(
+                shard = self.shard,
+                "{deferred} recovered message(s) wait for their next attempt"
+            );
         }
         let me = self.clone();
         glommio::spawn_local(async move {
@@ -353,8 +378,16 @@ impl Deliverer {
     fn retry_later(&self, message: &mut QueuedMessage) {
         self.uncache(&message.id);
         message.attempts += 1;
-        let at = Instant::now() + self.backoff(message.attempts);
-        self.retries.borrow_mut().insert((at, message.id));
+        let delay = self.backoff(message.attempts);
+        self.retries.borrow_mut().insert((Instant::now() + delay, message.id));
+        let next_attempt_unix_s = unix_now_s() + delay.as_secs();
+        message.next_attempt_unix_s = Some(next_attempt_unix_s);
+        self.state.borrow_mut().deferrals.push(Deferral {
+            id: message.id,
+            attempts: message.attempts,
+            next_attempt_unix_s,
+            delay_notified: message.delay_notified,
+        });
     }
 
     /// Groups a message's pending recipients by destination and queues the jobs.
@@ -730,13 +763,21 @@ impl Deliverer {
         };
         message.id = new_id;
         message.record_bytes = new_record_bytes;
+        let deferral = message.next_attempt_unix_s.map(|next_attempt_unix_s| Deferral {
+            id: new_id,
+            attempts: message.attempts,
+            next_attempt_unix_s,
+            delay_notified: message.delay_notified,
+        });
         queue.insert(message);
         drop(queue);
         self.uncache(&old_id);
-        self.state.borrow_mut().tombstones.push(StateEntry {
+        let mut state = self.state.borrow_mut();
+        state.tombstones.push(StateEntry {
             id: old_id,
             recipient: 0,
         });
+        state.deferrals.extend(deferral);
         Ok(new_id)
     }
 
@@ -1037,6 +1078,7 @@ impl Deliverer {
                 queue.finish(job.id);
                 self.uncache(&job.id);
             } else if message.jobs_outstanding == 0 {
+                drop(state);
                 self.retry_later(message);
             }
         }
@@ -1096,6 +1138,7 @@ impl Deliverer {
                     done: vec![false],
                     content_bytes,
                     attempts: 0,
+                    next_attempt_unix_s: None,
                     jobs_outstanding: 0,
                     delay_notified: false,
                 });
@@ -1114,20 +1157,37 @@ impl Deliverer {
         while self.state.borrow().flushing {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
-        let (outcomes, tombstones) = {
+        self.write_pending_state().await;
+    }
+
+    /// Appends the batched outcomes, tombstones and retry schedules. Returns false when there
+    /// was nothing to write. Losing state in a crash only repeats deliveries (or brings a retry
+    /// early), so failures are logged and the batch dropped.
+    async fn write_pending_state(&self) -> bool {
+        let (outcomes, tombstones, deferrals) = {
             let mut state = self.state.borrow_mut();
             (
                 std::mem::take(&mut state.outcomes),
                 std::mem::take(&mut state.tombstones),
+                std::mem::take(&mut state.deferrals),
             )
         };
+        if outcomes.is_empty() && tombstones.is_empty() && deferrals.is_empty() {
+            return false;
+        }
         for (kind, entries) in [(Kind::Outcome, &outcomes), (Kind::Tombstone, &tombstones)] {
             if !entries.is_empty() {
                 if let Err(e) = self.appender.append_state(kind, entries).await {
-                    warn!(shard = self.shard, "cannot record delivery state at shutdown: {e:?}");
+                    warn!(shard = self.shard, "cannot record delivery state: {e:?}");
                 }
             }
         }
+        if !deferrals.is_empty() {
+            if let Err(e) = self.appender.append_deferrals(&deferrals).await {
+                warn!(shard = self.shard, "cannot record retry schedules: {e:?}");
+            }
+        }
+        true
     }
 
     /// Writes the batched state records (and then collects garbage) from a task of its own.
@@ -1143,26 +1203,7 @@ impl Deliverer {
         glommio::spawn_local(async move {
             // Gather: let other jobs finishing now add to this batch.
             futures_lite::future::yield_now().await;
-            loop {
-                let (outcomes, tombstones) = {
-                    let mut state = me.state.borrow_mut();
-                    (
-                        std::mem::take(&mut state.outcomes),
-                        std::mem::take(&mut state.tombstones),
-                    )
-                };
-                if outcomes.is_empty() && tombstones.is_empty() {
-                    break;
-                }
-                for (kind, entries) in [(Kind::Outcome, &outcomes), (Kind::Tombstone, &tombstones)] {
-                    if !entries.is_empty() {
-                        if let Err(e) = me.appender.append_state(kind, entries).await {
-                            // Losing state only repeats deliveries after a restart.
-                            warn!(shard = me.shard, "cannot record delivery state: {e:?}");
-                        }
-                    }
-                }
-            }
+            while me.write_pending_state().await {}
             me.state.borrow_mut().flushing = false;
             let deleted = me
                 .appender

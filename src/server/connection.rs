@@ -208,6 +208,7 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
                                     done: vec![false; env.recipient_count()],
                                     content_bytes,
                                     attempts: 0,
+                                    next_attempt_unix_s: None,
                                     jobs_outstanding: 0,
                                     delay_notified: false,
                                 },

@@ -288,6 +288,7 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
     let mut messages = Vec::new();
     let mut outcomes = Vec::new();
     let mut tombstones = Vec::new();
+    let mut deferrals = Vec::new();
     let mut own_segments = Vec::new();
     let mut next_seq = 0;
     let mut buf = Vec::new();
@@ -329,6 +330,7 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
             messages.extend(scan.messages);
             outcomes.extend(scan.outcomes);
             tombstones.extend(scan.tombstones);
+            deferrals.extend(scan.deferrals);
             if adopted == u32::from(shard) {
                 own_segments.push(*seq);
                 next_seq = next_seq.max(seq + 1);
@@ -340,7 +342,7 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
         }
     }
     Ok((
-        QueueIndex::rebuild(messages, &outcomes, &tombstones),
+        QueueIndex::rebuild(messages, &outcomes, &tombstones, &deferrals),
         own_segments,
         next_seq,
     ))

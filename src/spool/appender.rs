@@ -30,7 +30,7 @@ use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions};
 use tracing::{error, info, warn};
 
 use super::buffer::{Budget, FinishedMessage, MessageBuffer};
-use super::record::{self, build_state_record, Kind, StateEntry};
+use super::record::{self, build_deferral_record, build_state_record, Deferral, Kind, StateEntry};
 use super::{align_up, segment_file_name, Durability, MessageId};
 use crate::smtp::session::CommitError;
 
@@ -278,28 +278,48 @@ impl Appender {
     pub async fn append_state(self: &Rc<Self>, kind: Kind, entries: &[StateEntry]) -> Result<(), CommitError> {
         for batch in entries.chunks(STATE_BATCH_ENTRIES_MAX) {
             let len = align_up(record::state_record_bytes(batch.len()) as u64);
-            let (segment, offset, ticket) = self.reserve(len).await?;
-            let bytes = build_state_record(segment.seq, kind, batch);
-            debug_assert_eq!(bytes.len() as u64, len);
-            let mut buffer = glommio::allocate_dma_buffer(bytes.len());
-            buffer.as_bytes_mut().copy_from_slice(&bytes);
-            let written = match segment.file.write_at(buffer, offset).await {
-                Ok(n) => n == bytes.len(),
-                Err(e) => {
-                    error!(
-                        shard = self.config.shard,
-                        segment = segment.seq,
-                        "state record write failed: {e}"
-                    );
-                    false
-                }
-            };
-            self.complete(ticket, &segment, written);
-            if !written {
-                return Err(CommitError::Io);
-            }
+            self.append_unwaited(len, |seq| build_state_record(seq, kind, batch))
+                .await?;
         }
         Ok(())
+    }
+
+    /// Appends retry schedules. Not waited on for durability either: a lost one only makes a
+    /// message's next attempt come early after a restart.
+    pub async fn append_deferrals(self: &Rc<Self>, entries: &[Deferral]) -> Result<(), CommitError> {
+        for batch in entries.chunks(STATE_BATCH_ENTRIES_MAX) {
+            let len = align_up(record::deferral_record_bytes(batch.len()) as u64);
+            self.append_unwaited(len, |seq| build_deferral_record(seq, batch))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one record of `len` bytes (padded), built for its segment by `build`, without
+    /// waiting for the fdatasync that will cover it.
+    async fn append_unwaited(self: &Rc<Self>, len: u64, build: impl FnOnce(u64) -> Vec<u8>) -> Result<(), CommitError> {
+        let (segment, offset, ticket) = self.reserve(len).await?;
+        let bytes = build(segment.seq);
+        debug_assert_eq!(bytes.len() as u64, len);
+        let mut buffer = glommio::allocate_dma_buffer(bytes.len());
+        buffer.as_bytes_mut().copy_from_slice(&bytes);
+        let written = match segment.file.write_at(buffer, offset).await {
+            Ok(n) => n == bytes.len(),
+            Err(e) => {
+                error!(
+                    shard = self.config.shard,
+                    segment = segment.seq,
+                    "state record write failed: {e}"
+                );
+                false
+            }
+        };
+        self.complete(ticket, &segment, written);
+        if written {
+            Ok(())
+        } else {
+            Err(CommitError::Io)
+        }
     }
 
     /// Deletes own segments, oldest first, while nothing in them is needed: `is_live(shard, seq)`

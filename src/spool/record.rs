@@ -24,7 +24,7 @@ pub const HEADER_BYTES: usize = 9;
 
 /// Record kinds. `Message` holds a new message and `Copy` a message copied forward;
 /// `Outcome` and `Tombstone` are batches of delivery state (recipients finished, messages
-/// finished), appended as deliveries complete.
+/// finished), appended as deliveries complete; `Deferral` is a batch of retry schedules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
@@ -32,6 +32,7 @@ pub enum Kind {
     Outcome = 2,
     Tombstone = 3,
     Copy = 4,
+    Deferral = 5,
 }
 
 impl Kind {
@@ -41,6 +42,7 @@ impl Kind {
             2 => Some(Kind::Outcome),
             3 => Some(Kind::Tombstone),
             4 => Some(Kind::Copy),
+            5 => Some(Kind::Deferral),
             _ => None,
         }
     }
@@ -433,6 +435,70 @@ pub fn encode_state_batch(entries: &[StateEntry], out: &mut Vec<u8>) {
     }
 }
 
+/// A deferred message's retry schedule, recorded each time it is deferred so that a restart
+/// keeps it (the latest record of a message wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deferral {
+    pub id: super::MessageId,
+    pub attempts: u32,
+    /// When the next attempt is due, in seconds since the epoch.
+    pub next_attempt_unix_s: u64,
+    pub delay_notified: bool,
+}
+
+/// Bytes of one deferral entry: shard u16, segment seq u64, offset blocks u32, attempts u32,
+/// next attempt u64, flags u8.
+const DEFERRAL_ENTRY_BYTES: usize = 2 + 8 + 4 + 4 + 8 + 1;
+
+/// Bytes of a `Deferral` record of `entries` entries, header included (padding not).
+pub fn deferral_record_bytes(entries: usize) -> usize {
+    HEADER_BYTES + 4 + entries * DEFERRAL_ENTRY_BYTES
+}
+
+pub fn encode_deferrals(entries: &[Deferral], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(&e.id.shard.to_le_bytes());
+        out.extend_from_slice(&e.id.segment_seq.to_le_bytes());
+        out.extend_from_slice(&e.id.offset_blocks.to_le_bytes());
+        out.extend_from_slice(&e.attempts.to_le_bytes());
+        out.extend_from_slice(&e.next_attempt_unix_s.to_le_bytes());
+        out.push(u8::from(e.delay_notified));
+    }
+}
+
+/// Decodes a `Deferral` payload. Never panics, whatever the bytes.
+pub fn decode_deferrals(payload: &[u8]) -> Result<Vec<Deferral>, DecodeError> {
+    let mut r = Reader { bytes: payload, pos: 0 };
+    let count = r.u32()? as usize;
+    if count.checked_mul(DEFERRAL_ENTRY_BYTES) != Some(payload.len() - 4) {
+        return Err(DecodeError::BadField("deferral batch length"));
+    }
+    let mut entries = Vec::with_capacity(count);
+    for _ in 0..count {
+        let shard = u16::from_le_bytes(r.take(2)?.try_into().unwrap());
+        let segment_seq = r.u64()?;
+        let offset_blocks = r.u32()?;
+        entries.push(Deferral {
+            id: super::MessageId {
+                segment_seq,
+                shard,
+                offset_blocks,
+            },
+            attempts: r.u32()?,
+            next_attempt_unix_s: r.u64()?,
+            delay_notified: r.u8()? != 0,
+        });
+    }
+    Ok(entries)
+}
+
+pub fn build_deferral_record(segment_seq: u64, entries: &[Deferral]) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_BYTES];
+    encode_deferrals(entries, &mut out);
+    seal_record(segment_seq, Kind::Deferral, out)
+}
+
 /// Decodes a state batch payload. Never panics, whatever the bytes.
 pub fn decode_state_batch(payload: &[u8]) -> Result<Vec<StateEntry>, DecodeError> {
     let mut r = Reader { bytes: payload, pos: 0 };
@@ -484,6 +550,32 @@ mod tests {
         env.size_declared_bytes = Some(1234);
         env.set_envid(b"QQ314159");
         env
+    }
+
+    #[test]
+    fn deferral_batches_round_trip() {
+        let entries = [
+            Deferral {
+                id: crate::spool::MessageId::new(7, 1, 4096),
+                attempts: 3,
+                next_attempt_unix_s: 1_800_000_000,
+                delay_notified: true,
+            },
+            Deferral {
+                id: crate::spool::MessageId::new(8, 0, 0),
+                attempts: 1,
+                next_attempt_unix_s: 5,
+                delay_notified: false,
+            },
+        ];
+        let record = build_deferral_record(9, &entries);
+        let h = Header::decode(record[..HEADER_BYTES].try_into().unwrap());
+        assert_eq!(h.kind, Kind::Deferral as u8);
+        assert_eq!(HEADER_BYTES + h.len as usize, deferral_record_bytes(2));
+        let payload = &record[HEADER_BYTES..HEADER_BYTES + h.len as usize];
+        assert_eq!(decode_deferrals(payload).unwrap(), entries);
+        assert!(decode_deferrals(&payload[..payload.len() - 1]).is_err());
+        assert!(decode_deferrals(&[]).is_err());
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use super::record::{
-    crc_start, decode_message, decode_state_batch, split_message_payload, CopyOf, DecodeError, Header, Kind,
-    StateEntry, StoredEnvelope, HEADER_BYTES,
+    crc_start, decode_deferrals, decode_message, decode_state_batch, split_message_payload, CopyOf, DecodeError,
+    Deferral, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES,
 };
 use super::{align_up, parse_segment_file_name, MessageId};
 
@@ -53,6 +53,8 @@ pub struct SegmentScan {
     pub outcomes: Vec<StateEntry>,
     /// Messages finished (from `Tombstone` records).
     pub tombstones: Vec<MessageId>,
+    /// Retry schedules (from `Deferral` records), in the order written.
+    pub deferrals: Vec<Deferral>,
     pub damage: Vec<Damage>,
     /// Offset just past the last good record.
     pub end_offset: u64,
@@ -108,7 +110,16 @@ pub fn scan_segment(bytes: &[u8], shard: u16, seq: u64) -> SegmentScan {
             Probe::Zero => break,
             Probe::Good { header, next } => {
                 let payload = &bytes[offset as usize + HEADER_BYTES..][..header.len as usize];
-                if !Kind::holds_message(header.kind) {
+                if header.kind == Kind::Deferral as u8 {
+                    match decode_deferrals(payload) {
+                        Ok(entries) => scan.deferrals.extend(entries),
+                        Err(e) => scan.damage.push(Damage::Corrupt {
+                            offset,
+                            len: next - offset,
+                            reason: decode_reason(e),
+                        }),
+                    }
+                } else if !Kind::holds_message(header.kind) {
                     match decode_state_batch(payload) {
                         Ok(entries) if header.kind == Kind::Outcome as u8 => scan.outcomes.extend(entries),
                         Ok(entries) => scan.tombstones.extend(entries.iter().map(|e| e.id)),
