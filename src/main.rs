@@ -68,6 +68,8 @@ enum QueueCommand {
         #[arg(long)]
         envelope: bool,
     },
+    /// Ask the running server (SIGUSR1) to retry all deferred mail now, whatever its schedule.
+    Flush,
 }
 
 fn load(path: Option<&Path>) -> Result<(Config, String), String> {
@@ -185,6 +187,12 @@ fn run(cli: Cli) -> Result<(), String> {
             queue_list(&config)
         }
         Some(Command::Queue {
+            command: QueueCommand::Flush,
+        }) => {
+            let (config, _) = load(cli.config.as_deref())?;
+            queue_flush(&config)
+        }
+        Some(Command::Queue {
             command: QueueCommand::Show { id, envelope },
         }) => {
             let (config, _) = load(cli.config.as_deref())?;
@@ -196,6 +204,25 @@ fn run(cli: Cli) -> Result<(), String> {
             gannet::server::serve(config, &name)
         }
     }
+}
+
+fn queue_flush(config: &Config) -> Result<(), String> {
+    let spool = &config.spool.directory;
+    let Some(pid) = gannet::server::lock::running_pid(spool)? else {
+        return Err(format!(
+            "no gannet process runs on spool {}; nothing to flush",
+            spool.display()
+        ));
+    };
+    // SAFETY: kill(2) with a pid read from the spool lock its holder wrote; no memory involved.
+    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+        return Err(format!(
+            "cannot signal gannet (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    eprintln!("asked gannet (pid {pid}) to retry its deferred mail now");
+    Ok(())
 }
 
 fn passwd(user: &str, addresses: Option<&str>) -> Result<(), String> {

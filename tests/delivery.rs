@@ -641,3 +641,28 @@ fn a_restart_keeps_the_retry_schedule_of_deferred_mail() {
         g.log_text()
     );
 }
+
+#[test]
+fn queue_flush_retries_deferred_mail_at_once() {
+    let deferring = CaptureSink::start();
+    deferring.behaviour.defer_data.store(1, Ordering::Release);
+    let mut setup = Setup::new();
+    setup.route("remote.test", deferring.addr);
+    setup.set("delivery", "retry_first", "\"1h\"");
+    let g = Gannet::start(&setup);
+    send(&g, "a@sender.test", &["b@remote.test"], "Subject: flush\r\n\r\nx\r\n");
+    assert!(g.wait_for_log("deferred: ", WAIT), "{}", g.log_text());
+    // The receiver accepts from now on; without the flush the retry would be an hour away.
+    let out = g.command(&["queue", "flush"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(deferring.wait_for(1, WAIT).len(), 1);
+    assert!(g.wait_for_log("queue flush: 1 deferred message(s) retried now", WAIT));
+    assert!(stop_and_list(g).is_empty());
+
+    // With no server running, flush says so.
+    let mut g = Gannet::start(&Setup::new());
+    assert_eq!(g.stop().code(), Some(0));
+    let out = g.command(&["queue", "flush"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no gannet process runs on spool"));
+}

@@ -311,6 +311,18 @@ impl Deliverer {
         self.schedule(id);
     }
 
+    /// Retries every deferred message now (`gannet queue flush`). Returns how many.
+    pub fn retry_all_now(self: &Rc<Self>) -> usize {
+        let waiting: Vec<MessageId> = std::mem::take(&mut *self.retries.borrow_mut())
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        for &id in &waiting {
+            self.schedule(id);
+        }
+        waiting.len()
+    }
+
     fn tick(self: &Rc<Self>) {
         let now = Instant::now();
         let due: Vec<MessageId> = {

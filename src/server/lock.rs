@@ -42,3 +42,26 @@ impl SpoolLock {
         Ok(SpoolLock { _file: file })
     }
 }
+
+/// The pid of the gannet process holding the lock on `spool_dir`, or None when none runs there.
+pub fn running_pid(spool_dir: &Path) -> Result<Option<i32>, String> {
+    let path = spool_dir.join("gannet.lock");
+    let mut file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot open lock file {}: {e}", path.display())),
+    };
+    // SAFETY: flock on a file descriptor we own. A shared lock we can take means nobody holds
+    // the exclusive one; it is released when `file` closes.
+    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    if free {
+        return Ok(None);
+    }
+    let mut pid = String::new();
+    file.read_to_string(&mut pid)
+        .map_err(|e| format!("cannot read lock file {}: {e}", path.display()))?;
+    pid.trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| format!("lock file {} holds `{}`, not a pid", path.display(), pid.trim()))
+}

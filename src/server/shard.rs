@@ -32,7 +32,7 @@ use crate::spool::appender::{Appender, AppenderConfig, WrittenRecord};
 use crate::spool::recovery::{list_segments, quarantine, read_segment, scan_segment, Damage};
 use crate::spool::shard_dir;
 
-/// How often a shard looks at the process-wide shutdown flag.
+/// How often a shard looks at the process-wide shutdown flag (and the queue flush counter).
 const SHUTDOWN_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// After the shutdown deadline, how long cut-off sessions get to send their 421 and go.
 const FORCED_CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -447,8 +447,15 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
     }
     let _ = ready.send(Ok(index));
 
+    let mut flushes_seen = signals::flush_generation();
     while !signals::shutdown_requested() {
         glommio::timer::sleep(SHUTDOWN_POLL_INTERVAL).await;
+        let flushes = signals::flush_generation();
+        if flushes != flushes_seen {
+            flushes_seen = flushes;
+            let retried = shard.deliverer.retry_all_now();
+            info!(shard = index, "queue flush: {retried} deferred message(s) retried now");
+        }
     }
     // Stop accepting: cancelling the accept loops drops (closes) this shard's listening sockets.
     drop(accept_tasks);

@@ -1,19 +1,27 @@
 //! SIGTERM and SIGINT: the first asks for a graceful shutdown, the second exits at once.
-//! SIGHUP reloads the TLS certificates and the password file.
+//! SIGHUP reloads the TLS certificates and the password file. SIGUSR1 (`gannet queue flush`)
+//! makes every shard retry its deferred mail now.
 //!
 //! Exiting at once is safe for the spool: only durable messages were acknowledged, and recovery
 //! handles anything half-written.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use std::sync::Arc;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use super::reloadable::Reloadable;
 
 static SHUTDOWN_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// Counts SIGUSR1s: a shard that sees it change retries its deferred mail.
+static FLUSH_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// How many queue flushes were asked for so far.
+pub fn flush_generation() -> u64 {
+    FLUSH_GENERATION.load(Ordering::Acquire)
+}
 
 /// Exit status after a second signal.
 const EXIT_STATUS_FORCED: i32 = 130;
@@ -28,12 +36,17 @@ pub fn request_shutdown() {
 
 /// Starts the thread that turns signals into the shutdown flag and reloads.
 pub fn install(reloadable: Arc<Reloadable>) -> std::io::Result<()> {
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         for signal in signals.forever() {
             if signal == SIGHUP {
                 tracing::info!("SIGHUP: reloading TLS certificates and the password file");
                 reloadable.reload();
+                continue;
+            }
+            if signal == SIGUSR1 {
+                tracing::info!("SIGUSR1: retrying all deferred mail now");
+                FLUSH_GENERATION.fetch_add(1, Ordering::AcqRel);
                 continue;
             }
             if shutdown_requested() {
