@@ -289,6 +289,27 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
 
+    /// A batch's entry count, checked against the bytes that follow it.
+    fn batch_count(&mut self, entry_bytes: usize, what: &'static str) -> Result<usize, DecodeError> {
+        let count = self.u32()? as usize;
+        if count.checked_mul(entry_bytes) != Some(self.bytes.len() - self.pos) {
+            return Err(DecodeError::BadField(what));
+        }
+        Ok(count)
+    }
+
+    /// A message id as batches store it: shard u16, segment seq u64, offset blocks u32.
+    fn entry_id(&mut self) -> Result<super::MessageId, DecodeError> {
+        let shard = u16::from_le_bytes(self.take(2)?.try_into().unwrap());
+        let segment_seq = self.u64()?;
+        let offset_blocks = self.u32()?;
+        Ok(super::MessageId {
+            segment_seq,
+            shard,
+            offset_blocks,
+        })
+    }
+
     fn bytes(&mut self) -> Result<Vec<u8>, DecodeError> {
         let len = u16::from_le_bytes(self.take(2)?.try_into().unwrap());
         Ok(self.take(usize::from(len))?.to_vec())
@@ -470,21 +491,11 @@ pub fn encode_deferrals(entries: &[Deferral], out: &mut Vec<u8>) {
 /// Decodes a `Deferral` payload. Never panics, whatever the bytes.
 pub fn decode_deferrals(payload: &[u8]) -> Result<Vec<Deferral>, DecodeError> {
     let mut r = Reader { bytes: payload, pos: 0 };
-    let count = r.u32()? as usize;
-    if count.checked_mul(DEFERRAL_ENTRY_BYTES) != Some(payload.len() - 4) {
-        return Err(DecodeError::BadField("deferral batch length"));
-    }
+    let count = r.batch_count(DEFERRAL_ENTRY_BYTES, "deferral batch length")?;
     let mut entries = Vec::with_capacity(count);
     for _ in 0..count {
-        let shard = u16::from_le_bytes(r.take(2)?.try_into().unwrap());
-        let segment_seq = r.u64()?;
-        let offset_blocks = r.u32()?;
         entries.push(Deferral {
-            id: super::MessageId {
-                segment_seq,
-                shard,
-                offset_blocks,
-            },
+            id: r.entry_id()?,
             attempts: r.u32()?,
             next_attempt_unix_s: r.u64()?,
             delay_notified: r.u8()? != 0,
@@ -502,24 +513,12 @@ pub fn build_deferral_record(segment_seq: u64, entries: &[Deferral]) -> Vec<u8> 
 /// Decodes a state batch payload. Never panics, whatever the bytes.
 pub fn decode_state_batch(payload: &[u8]) -> Result<Vec<StateEntry>, DecodeError> {
     let mut r = Reader { bytes: payload, pos: 0 };
-    let count = r.u32()? as usize;
-    if count.checked_mul(STATE_ENTRY_BYTES) != Some(payload.len() - 4) {
-        return Err(DecodeError::BadField("state batch length"));
-    }
+    let count = r.batch_count(STATE_ENTRY_BYTES, "state batch length")?;
     let mut entries = Vec::with_capacity(count);
     for _ in 0..count {
-        let shard = u16::from_le_bytes(r.take(2)?.try_into().unwrap());
-        let segment_seq = r.u64()?;
-        let offset_blocks = r.u32()?;
+        let id = r.entry_id()?;
         let recipient = r.u32()?;
-        entries.push(StateEntry {
-            id: super::MessageId {
-                segment_seq,
-                shard,
-                offset_blocks,
-            },
-            recipient,
-        });
+        entries.push(StateEntry { id, recipient });
     }
     Ok(entries)
 }
