@@ -666,3 +666,79 @@ fn queue_flush_retries_deferred_mail_at_once() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no gannet process runs on spool"));
 }
+
+/// A receiver that offers PIPELINING (no CHUNKING), greets only once told to on stdin, and after
+/// each message's final dot waits a moment before its 250 to see whether the next MAIL is
+/// already on its way: prints `message N ahead=True|False`, then `done`.
+const AHEAD_RECEIVER: &str = r#"
+import select, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(8)
+print("ready", flush=True)
+sys.stdin.readline()
+conn, _ = srv.accept()
+buf = b""
+def more(timeout):
+    global buf
+    r, _, _ = select.select([conn], [], [], timeout)
+    if r:
+        chunk = conn.recv(65536)
+        if not chunk: raise SystemExit
+        buf += chunk
+        return True
+    return False
+def line():
+    global buf
+    while b"\r\n" not in buf: more(30)
+    l, buf = buf.split(b"\r\n", 1)
+    return l
+conn.sendall(b"220 ahead-receiver ESMTP\r\n")
+n = 0
+while True:
+    l = line().upper()
+    if l.startswith(b"EHLO"): conn.sendall(b"250-ahead\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    elif l.startswith(b"MAIL") or l.startswith(b"RCPT") or l == b"RSET": conn.sendall(b"250 ok\r\n")
+    elif l == b"DATA":
+        conn.sendall(b"354 go\r\n")
+        while b"\r\n.\r\n" not in buf: more(30)
+        buf = buf.split(b"\r\n.\r\n", 1)[1]
+        while b"MAIL FROM" not in buf.upper() and more(2): pass
+        n += 1
+        print("message", n, "ahead=%s" % (b"MAIL FROM" in buf.upper()), flush=True)
+        conn.sendall(b"250 accepted\r\n")
+    elif l == b"QUIT":
+        conn.sendall(b"221 bye\r\n"); break
+    else: conn.sendall(b"500 what\r\n")
+print("done", flush=True)
+"#;
+
+#[test]
+fn the_next_envelope_goes_out_right_behind_the_previous_message() {
+    use std::io::{BufRead, BufReader, Write};
+    let port = common::free_port();
+    let mut receiver = Command::new("python3")
+        .arg("-c")
+        .arg(AHEAD_RECEIVER)
+        .arg(port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(receiver.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut setup = Setup::new();
+    setup.route("*", addr);
+    // One connection, so both messages queue behind it.
+    setup.raw(&format!("[[destination]]\nmatch = \"{addr}\"\nconnections_max = 1\n"));
+    let g = Gannet::start(&setup);
+    send(&g, "a@x.test", &["one@remote.test"], "Subject: one\r\n\r\n1\r\n");
+    send(&g, "a@x.test", &["two@remote.test"], "Subject: two\r\n\r\n2\r\n");
+    receiver.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "message 1 ahead=True");
+    assert_eq!(lines.next().unwrap().unwrap(), "message 2 ahead=False");
+    assert!(g.wait_for_log_count("delivered: ", 2, WAIT), "{}", g.log_text());
+    assert!(stop_and_list(g).is_empty());
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}
