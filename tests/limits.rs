@@ -199,7 +199,11 @@ fn a_spool_write_error_answers_451_and_keeps_serving() {
         g.log_text()
     );
     assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok\r\n", "the shard keeps serving");
-    assert!(g.log_text().contains("cannot create segment"), "{}", g.log_text());
+    assert!(
+        g.wait_for_log("cannot create segment", Duration::from_secs(30)),
+        "{}",
+        g.log_text()
+    );
 }
 
 #[test]
@@ -214,7 +218,11 @@ fn a_nearly_full_file_system_answers_452() {
         c.cmd("x\r\n."),
         "452 4.3.1 Insufficient system storage, try again later\r\n"
     );
-    assert!(g.log_text().contains("file system nearly full"));
+    assert!(
+        g.wait_for_log("file system nearly full", Duration::from_secs(30)),
+        "{}",
+        g.log_text()
+    );
 }
 
 #[test]

@@ -51,7 +51,7 @@ fn mx_hosts_are_tried_in_preference_order_with_fallback() {
     let got = sink.wait_for(1, WAIT);
     assert_eq!(got[0].recipients, vec!["user@mx.test".to_string()]);
     assert!(
-        g.log_text().contains("trying the next address"),
+        g.wait_for_log("trying the next address", WAIT),
         "the preferred (dead) host came first:\n{}",
         g.log_text()
     );

@@ -62,9 +62,10 @@ fn openssl_starttls_on_mx_with_tls_1_3_and_1_2_is_recorded_in_received() {
         assert!(stored.contains(&expected), "{expected:?} not in {stored}");
         assert!(stored.contains("\r\n\r\nencrypted\r\n"), "{stored}");
     }
-    assert!(g.log_text().contains("TLS established"), "{}", g.log_text());
+    // Log lines come through a pipe: wait for them rather than race the spool.
+    assert!(g.wait_for_log("TLS established", WAIT), "{}", g.log_text());
     assert!(
-        g.log_text().contains("tls=TLSv1.2"),
+        g.wait_for_log("tls=TLSv1.2", WAIT),
         "the queued line records TLS: {}",
         g.log_text()
     );
