@@ -91,6 +91,21 @@ struct Job {
 }
 
 impl Job {
+    /// The job's transaction envelope: its recipients of `envelope`, and the content's size.
+    fn outbound<'a>(&self, envelope: &'a StoredEnvelope, content_bytes: u64) -> OutboundEnvelope<'a> {
+        OutboundEnvelope {
+            sender: &envelope.sender,
+            recipients: self
+                .recipients
+                .iter()
+                .map(|&i| (i, &envelope.recipients[i as usize].address[..]))
+                .collect(),
+            content_bytes,
+            eightbit: envelope.body == BodyType::EightBitMime,
+            smtputf8: envelope.smtputf8,
+        }
+    }
+
     /// The same result for every recipient of the job (the connection or the route failed).
     fn every_recipient(&self, result: impl Fn() -> RecipientResult) -> Vec<(u32, RecipientResult)> {
         self.recipients.iter().map(|&i| (i, result())).collect()
@@ -202,6 +217,24 @@ impl std::fmt::Display for DestinationKey {
             DestinationKey::Smarthost(addr) => write!(f, "{addr}"),
             DestinationKey::Mx(domain) => write!(f, "MX of {domain}"),
         }
+    }
+}
+
+/// The permanent failure for a message that server `addr` cannot take at all.
+fn unsendable_reply(unsendable: Unsendable, addr: SocketAddr, content_bytes: u64) -> ServerReply {
+    match unsendable {
+        Unsendable::TooBig { limit } => ServerReply::new(
+            552,
+            &format!("message of {content_bytes} bytes exceeds {addr}'s SIZE limit of {limit}"),
+        ),
+        Unsendable::NeedsSmtpUtf8 => ServerReply::new(
+            553,
+            &format!("{addr} does not offer SMTPUTF8, which this message's addresses need"),
+        ),
+        Unsendable::Needs8BitMime => ServerReply::new(
+            554,
+            &format!("5.6.3 {addr} does not offer 8BITMIME, which this message (BODY=8BITMIME) needs; Gannet does not re-encode messages"),
+        ),
     }
 }
 
@@ -917,25 +950,8 @@ impl Deliverer {
     ) -> (Vec<(u32, RecipientResult)>, bool) {
         let addr = conn.peer;
         let defer_all = |why: &str| job.every_recipient(|| RecipientResult::Deferred(ServerReply::new(451, why)));
-        let outbound = OutboundEnvelope {
-            sender: &envelope.sender,
-            recipients: job
-                .recipients
-                .iter()
-                .map(|&i| (i, &envelope.recipients[i as usize].address[..]))
-                .collect(),
-            content_bytes: content.len() as u64,
-            eightbit: envelope.body == BodyType::EightBitMime,
-            smtputf8: envelope.smtputf8,
-        };
-        let resumed = match conn.ahead.take() {
-            Some((ahead, tx)) if ahead.id == job.id => Some(tx),
-            Some(other) => {
-                conn.ahead = Some(other);
-                None
-            }
-            None => None,
-        };
+        let outbound = job.outbound(envelope, content.len() as u64);
+        let resumed = conn.ahead.take_if(|(ahead, _)| ahead.id == job.id).map(|(_, tx)| tx);
         if resumed.is_none() && conn.needs_reset {
             if let Err(why) = conn.command(b"RSET\r\n", self.config.delivery.reply_timeout.0).await {
                 return (defer_all(&why), false);
@@ -948,28 +964,8 @@ impl Deliverer {
         };
         let mut tx = match begun {
             Ok(tx) => tx,
-            Err(Unsendable::TooBig { limit }) => {
-                let reply = ServerReply::new(
-                    552,
-                    &format!(
-                        "message of {} bytes exceeds {addr}'s SIZE limit of {limit}",
-                        outbound.content_bytes
-                    ),
-                );
-                return (job.every_recipient(|| RecipientResult::Failed(reply.clone())), true);
-            }
-            Err(Unsendable::NeedsSmtpUtf8) => {
-                let reply = ServerReply::new(
-                    553,
-                    &format!("{addr} does not offer SMTPUTF8, which this message's addresses need"),
-                );
-                return (job.every_recipient(|| RecipientResult::Failed(reply.clone())), true);
-            }
-            Err(Unsendable::Needs8BitMime) => {
-                let reply = ServerReply::new(
-                    554,
-                    &format!("5.6.3 {addr} does not offer 8BITMIME, which this message (BODY=8BITMIME) needs; Gannet does not re-encode messages"),
-                );
+            Err(unsendable) => {
+                let reply = unsendable_reply(unsendable, addr, outbound.content_bytes);
                 return (job.every_recipient(|| RecipientResult::Failed(reply.clone())), true);
             }
         };
@@ -1048,18 +1044,7 @@ impl Deliverer {
         let begun = {
             let queue = self.queue.borrow();
             queue.get(&job.id).and_then(|message| {
-                let envelope = &message.envelope;
-                let outbound = OutboundEnvelope {
-                    sender: &envelope.sender,
-                    recipients: job
-                        .recipients
-                        .iter()
-                        .map(|&i| (i, &envelope.recipients[i as usize].address[..]))
-                        .collect(),
-                    content_bytes: message.content_bytes,
-                    eightbit: envelope.body == BodyType::EightBitMime,
-                    smtputf8: envelope.smtputf8,
-                };
+                let outbound = job.outbound(&message.envelope, message.content_bytes);
                 Transaction::begin(&outbound, &conn.caps, out).ok()
             })
         };
