@@ -52,10 +52,10 @@ async fn flush(stream: &mut Stream, session: &mut Session, out: &mut Vec<u8>) ->
     write_all(stream, out).await
 }
 
-/// Runs the server side of a TLS handshake on the plain stream, within `timeout`.
+/// Runs the server side of a TLS handshake on the plain stream; the whole handshake must end
+/// within `timeout`.
 async fn handshake(stream: &mut Stream, shard: &Shard, timeout: Duration) -> Result<TlsSummary, String> {
     let tcp = stream.take_plain().ok_or("the connection is already encrypted")?;
-    let _ = tcp.set_read_timeout(Some(timeout));
     let accept = shard.tls_acceptor.accept(tcp);
     let result = futures_lite::future::or(async { Some(accept.await) }, async {
         glommio::timer::sleep(timeout).await;
@@ -68,9 +68,8 @@ async fn handshake(stream: &mut Stream, shard: &Shard, timeout: Duration) -> Res
             *stream = Transport::Tls(Box::new(tls));
             Ok(summary)
         }
-        Some(Err(e)) if e.kind() != std::io::ErrorKind::TimedOut => Err(e.to_string()),
-        // The socket's read timeout or the overall deadline, whichever came first.
-        Some(Err(_)) | None => Err(format!("timed out after {timeout:?}")),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err(format!("timed out after {timeout:?}")),
     }
 }
 
@@ -112,7 +111,7 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
 
     let rules = ListenerRules {
         starttls: listener.offers_starttls(),
-        auth: listener.offers_auth() && shard.reloadable.passwords().is_some(),
+        auth: listener.offers_auth() && shard.reloadable.auth_configured(),
         auth_required: listener.requires_auth(),
     };
     let gate: Rc<dyn MessageGate> = shard.clone();

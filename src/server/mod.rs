@@ -135,7 +135,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     let reloadable = Arc::new(reloadable::Reloadable::load(&config, &config.spool.directory)?);
     signals::install(reloadable.clone()).map_err(|e| format!("cannot install signal handlers: {e}"))?;
     for listener in &config.listeners {
-        if listener.requires_auth() && reloadable.passwords().is_none() {
+        if listener.requires_auth() && !reloadable.auth_configured() {
             warn!(
                 "{} ({:?}) requires AUTH before MAIL but auth.password_file is not set: it will refuse all mail with 530 5.7.0",
                 listener.address, listener.kind

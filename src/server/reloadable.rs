@@ -75,6 +75,11 @@ impl Reloadable {
         })
     }
 
+    /// Whether a password file is configured (it loaded at start, so it always has contents).
+    pub fn auth_configured(&self) -> bool {
+        self.password_path.is_some()
+    }
+
     /// The users, if a password file is configured.
     pub fn passwords(&self) -> Option<Arc<PasswordFile>> {
         self.passwords.load_full()
