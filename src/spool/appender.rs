@@ -560,12 +560,19 @@ impl Appender {
     /// The group-commit loop (durability `fsync` only).
     async fn run_committer(self: Rc<Self>) {
         loop {
-            CommitWork { appender: &self }.await;
+            CommitterWait {
+                appender: &self,
+                until: CommitterWait::has_work,
+            }
+            .await;
             // Gather before leading: let writes completing right now join this batch.
             futures_lite::future::yield_now().await;
             // Then let the writes in flight join it too, for at most SETTLE_WAIT_MAX.
             futures_lite::future::or(
-                WritesSettled { appender: &self },
+                CommitterWait {
+                    appender: &self,
+                    until: CommitterWait::writes_settled,
+                },
                 glommio::timer::sleep(SETTLE_WAIT_MAX),
             )
             .await;
@@ -599,39 +606,33 @@ impl Appender {
     }
 }
 
-/// Ready when the committer has work: completed writes not yet durable.
-struct CommitWork<'a> {
+/// What the committer waits for, on the waker `complete` wakes whenever a write completes
+/// beyond what is durable.
+struct CommitterWait<'a> {
     appender: &'a Appender,
+    until: fn(&State) -> bool,
 }
 
-impl Future for CommitWork<'_> {
-    type Output = ();
+impl CommitterWait<'_> {
+    /// The committer has work: completed writes not yet durable.
+    fn has_work(st: &State) -> bool {
+        st.window_base > st.durable_below
+    }
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut st = self.appender.state.borrow_mut();
-        if st.window_base > st.durable_below {
-            Poll::Ready(())
-        } else {
-            st.committer_waker = Some(cx.waker().clone());
-            Poll::Pending
-        }
+    /// No write is in flight: every reserved record has completed (or failed).
+    fn writes_settled(st: &State) -> bool {
+        st.window.is_empty()
     }
 }
 
-/// Ready when no write is in flight: every reserved record has completed (or failed).
-struct WritesSettled<'a> {
-    appender: &'a Appender,
-}
-
-impl Future for WritesSettled<'_> {
+impl Future for CommitterWait<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut st = self.appender.state.borrow_mut();
-        if st.window.is_empty() {
+        if (self.until)(&st) {
             Poll::Ready(())
         } else {
-            // `complete` wakes the committer whenever a write completes beyond what is durable.
             st.committer_waker = Some(cx.waker().clone());
             Poll::Pending
         }
