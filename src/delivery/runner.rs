@@ -1151,14 +1151,8 @@ impl Deliverer {
                 message.done[index as usize] = true;
             }
             message.jobs_outstanding -= 1;
-            // A finished message needs only its tombstone, not an outcome per recipient.
-            if message.pending_recipients() != 0 {
-                state.outcomes.extend(done.iter().map(|&index| StateEntry {
-                    id: job.id,
-                    recipient: index,
-                }));
-            }
             if message.pending_recipients() == 0 {
+                // A finished message needs only its tombstone, not an outcome per recipient.
                 state.tombstones.push(StateEntry {
                     id: job.id,
                     recipient: u32::MAX,
@@ -1166,9 +1160,15 @@ impl Deliverer {
                 drop(state);
                 queue.finish(job.id);
                 self.uncache(&job.id);
-            } else if message.jobs_outstanding == 0 {
-                drop(state);
-                self.retry_later(message);
+            } else {
+                state.outcomes.extend(done.iter().map(|&index| StateEntry {
+                    id: job.id,
+                    recipient: index,
+                }));
+                if message.jobs_outstanding == 0 {
+                    drop(state);
+                    self.retry_later(message);
+                }
             }
         }
         self.flush_state_soon();

@@ -550,7 +550,9 @@ impl Appender {
             st.window.pop_front();
             st.window_base += 1;
         }
-        if st.window_base > st.durable_below {
+        // This also serves the wait for writes in flight: that wait starts once there is work,
+        // and nothing becomes durable until it ends, so there is still work on every completion.
+        if CommitterWait::has_work(&st) {
             if let Some(waker) = st.committer_waker.take() {
                 waker.wake();
             }

@@ -445,13 +445,19 @@ pub fn state_record_bytes(entries: usize) -> usize {
     HEADER_BYTES + 4 + entries * STATE_ENTRY_BYTES
 }
 
+/// Appends a message id as batches store it (the inverse of `Reader::entry_id`): shard u16,
+/// segment seq u64, offset blocks u32.
+fn encode_entry_id(id: &super::MessageId, out: &mut Vec<u8>) {
+    out.extend_from_slice(&id.shard.to_le_bytes());
+    out.extend_from_slice(&id.segment_seq.to_le_bytes());
+    out.extend_from_slice(&id.offset_blocks.to_le_bytes());
+}
+
 /// Appends a state batch payload (`count:u32le` then the entries).
 pub fn encode_state_batch(entries: &[StateEntry], out: &mut Vec<u8>) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     for e in entries {
-        out.extend_from_slice(&e.id.shard.to_le_bytes());
-        out.extend_from_slice(&e.id.segment_seq.to_le_bytes());
-        out.extend_from_slice(&e.id.offset_blocks.to_le_bytes());
+        encode_entry_id(&e.id, out);
         out.extend_from_slice(&e.recipient.to_le_bytes());
     }
 }
@@ -479,9 +485,7 @@ pub fn deferral_record_bytes(entries: usize) -> usize {
 pub fn encode_deferrals(entries: &[Deferral], out: &mut Vec<u8>) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     for e in entries {
-        out.extend_from_slice(&e.id.shard.to_le_bytes());
-        out.extend_from_slice(&e.id.segment_seq.to_le_bytes());
-        out.extend_from_slice(&e.id.offset_blocks.to_le_bytes());
+        encode_entry_id(&e.id, out);
         out.extend_from_slice(&e.attempts.to_le_bytes());
         out.extend_from_slice(&e.next_attempt_unix_s.to_le_bytes());
         out.push(u8::from(e.delay_notified));
