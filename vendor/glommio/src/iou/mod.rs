@@ -92,6 +92,7 @@ bitflags::bitflags! {
         const CQSIZE    = 1 << 3;
         const CLAMP     = 1 << 4;
         const ATTACH_WQ = 1 << 5;
+        const COOP_TASKRUN = 1 << 8;
     }
 }
 

@@ -306,6 +306,10 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // (gannet fork) Pairs with the fence the sleeping executor issues after
+        // setting `should_notify` and before its last look at its queues: either
+        // it sees what the caller queued before this call, or this sees the flag.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -637,6 +637,7 @@ pub(crate) trait UringCommon {
     fn submission_queue(&mut self) -> ReactorQueue;
     fn submit_sqes(&mut self) -> io::Result<usize>;
     fn waiting_kernel_submission(&self) -> usize;
+    #[allow(dead_code)] // (gannet fork) unused upstream too; silences the warning
     fn in_kernel(&self) -> usize;
     fn waiting_kernel_collection(&self) -> usize;
     fn needs_kernel_enter(&self) -> bool;
@@ -904,7 +905,7 @@ impl SleepableRing {
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
         Ok(SleepableRing {
-            ring: iou::IoUring::new(size as _)?,
+            ring: iou::IoUring::new_with_flags(size as _, iou::SetupFlags::COOP_TASKRUN, iou::SetupFeatures::empty())?,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
@@ -1222,6 +1223,8 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// When the timer in `latency_preemption_timeout_src` (if any) expires.
+    latency_preemption_deadline: Cell<Instant>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1353,6 +1356,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_preemption_deadline: Cell::new(Instant::now()),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1820,16 +1824,32 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        //
+        // (gannet fork) Except when it has not fired yet and fires no later than
+        // the timer we would arm in its place: re-arming costs a TIMEOUT, an
+        // ASYNC_CANCEL and their completions on every turn of the loop.
+        let now = Instant::now();
+        let mut latency_armed = self
+            .latency_preemption_timeout_src
+            .take()
+            .filter(|src| src.result().is_none());
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        //
+        // (gannet fork) Only when the previous one has fired: it counts completions
+        // from when it was armed, so keeping it only makes it fire sooner.
+        let throughput_armed = self
+            .throughput_preemption_timeout_src
+            .take()
+            .filter(|src| src.result().is_none());
+        self.throughput_preemption_timeout_src
+            .set(Some(throughput_armed.unwrap_or_else(|| {
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                )
+            })));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1850,10 +1870,20 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+            match (user_timer, latency_armed.take()) {
+                (Some(dur), Some(armed))
+                    if self.latency_preemption_deadline.get() <= now + dur =>
+                {
+                    self.latency_preemption_timeout_src.set(Some(armed));
+                }
+                (Some(dur), armed) => {
+                    drop(armed);
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    self.latency_preemption_deadline.set(now + dur);
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
+                (None, armed) => drop(armed),
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1863,7 +1893,13 @@ impl Reactor {
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
             // details. This translates to `sys_membarrier()` /
             // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            //
+            // (gannet fork) A SeqCst fence here, paired with the one in
+            // `SleepNotifier::notify`, orders the same two pairs of accesses
+            // without the membarrier system call, which interrupts every other
+            // core running a thread of this process (an IPI per sleep: costly
+            // in a virtual machine, and a shard sleeps several times per message).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
@@ -1880,9 +1916,26 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+            let armed = latency_armed.take().or_else(|| {
+                self.latency_preemption_timeout_src
+                    .take()
+                    .filter(|src| src.result().is_none())
+            });
+            let now = Instant::now();
+            match armed {
+                Some(armed) if self.latency_preemption_deadline.get() <= now + preempt => {
+                    self.latency_preemption_timeout_src.set(Some(armed));
+                }
+                armed => {
+                    drop(armed);
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                    self.latency_preemption_deadline.set(now + preempt);
+                    flush_rings!(lat_ring, main_ring)?;
+                }
+            }
+        } else {
+            drop(latency_armed);
         }
 
         // A Note about `need_preempt`:
