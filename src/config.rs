@@ -21,6 +21,9 @@ use crate::units::{ByteSize, Span};
 
 /// The configuration Gannet serves with when no `--config` is given.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
+/// The range of `server.sched_slice` Linux accepts (it clamps anything else).
+const SCHED_SLICE_MIN: Duration = Duration::from_micros(100);
+const SCHED_SLICE_MAX: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,6 +222,10 @@ pub struct Server {
     /// switches under load, for CPU burnt while idle. "0s" (the default) sleeps at once.
     #[serde(default = "default_spin_before_park")]
     pub spin_before_park: Span,
+    /// The scheduler time slice each shard thread asks for (Linux 6.12+, EEVDF's custom slice);
+    /// "0s" keeps the kernel's default. See docs/config.md for why it is short by default.
+    #[serde(default = "default_sched_slice")]
+    pub sched_slice: Span,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -518,6 +525,9 @@ fn default_shutdown_timeout() -> Span {
 fn default_spin_before_park() -> Span {
     Span(Duration::ZERO)
 }
+fn default_sched_slice() -> Span {
+    Span(Duration::from_micros(300))
+}
 fn default_io_memory() -> ByteSize {
     ByteSize(1 << 20)
 }
@@ -708,6 +718,7 @@ impl Default for Server {
             shutdown_timeout: default_shutdown_timeout(),
             io_memory: default_io_memory(),
             spin_before_park: default_spin_before_park(),
+            sched_slice: default_sched_slice(),
         }
     }
 }
@@ -910,6 +921,16 @@ impl Config {
                 0,
                 "shutdown_timeout",
                 "must be more than zero, such as \"30s\"".into(),
+            ));
+        }
+        let slice = self.server.sched_slice.0;
+        if !slice.is_zero() && !(SCHED_SLICE_MIN..=SCHED_SLICE_MAX).contains(&slice) {
+            return Err(fail(
+                "server",
+                0,
+                "sched_slice",
+                "must be \"0s\" (the kernel's default) or between \"100us\" and \"100ms\", the range Linux accepts"
+                    .into(),
             ));
         }
         if self.server.io_memory.0 < 64 * 1024 {

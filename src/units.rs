@@ -86,7 +86,8 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// A span of time, written as a string with a unit: ms, s, m, h or d (`"250ms"`, `"30s"`, `"5d"`).
+/// A span of time, written as a string with a unit: us, ms, s, m, h or d (`"300us"`, `"250ms"`,
+/// `"30s"`, `"5d"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Span(pub Duration);
 
@@ -100,23 +101,28 @@ impl Span {
         let t = text.trim();
         let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let number: u64 = t[..digits_end].parse().map_err(|_| hint())?;
-        let millis = match t[digits_end..].trim() {
-            "ms" => Some(number),
-            "s" => number.checked_mul(1000),
-            "m" => number.checked_mul(60_000),
-            "h" => number.checked_mul(3_600_000),
-            "d" => number.checked_mul(86_400_000),
+        let micros = match t[digits_end..].trim() {
+            "us" => Some(number),
+            "ms" => number.checked_mul(1000),
+            "s" => number.checked_mul(1_000_000),
+            "m" => number.checked_mul(60_000_000),
+            "h" => number.checked_mul(3_600_000_000),
+            "d" => number.checked_mul(86_400_000_000),
             _ => return Err(hint()),
         };
-        millis
-            .map(|ms| Span(Duration::from_millis(ms)))
+        micros
+            .map(|us| Span(Duration::from_micros(us)))
             .ok_or_else(|| format!("`{text}` is too long"))
     }
 }
 
 impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
+        let us = self.0.as_micros();
+        if us % 1000 != 0 {
+            return write!(f, "{us}us");
+        }
+        let ms = us / 1000;
         if ms % 86_400_000 == 0 && ms > 0 {
             write!(f, "{}d", ms / 86_400_000)
         } else if ms % 3_600_000 == 0 && ms > 0 {
@@ -186,5 +192,9 @@ mod tests {
         assert_eq!(Span::parse("5d"), Ok(Span(Duration::from_secs(5 * 86400))));
         assert_eq!(Span(Duration::from_secs(2 * 86400)).to_string(), "2d");
         assert_eq!(Span(Duration::from_millis(1500)).to_string(), "1500ms");
+        assert_eq!(Span::parse("300us"), Ok(Span(Duration::from_micros(300))));
+        assert_eq!(Span(Duration::from_micros(300)).to_string(), "300us");
+        assert_eq!(Span(Duration::from_micros(2000)).to_string(), "2ms");
+        assert!(Span::parse("300µs").is_err());
     }
 }

@@ -330,3 +330,62 @@ fn the_embedded_default_configuration_serves() {
     assert!(child.wait().unwrap().success());
     assert!(dir.path().join("gannet-spool").join("shard-0").exists());
 }
+
+/// How many of the server's `shard-N-…` threads run with a scheduler slice of `slice_ns`
+/// (`se.slice` in /proc). Each shard has its executor thread and glommio's helper thread, both so
+/// named; only the executor asks for the slice (threads it starts later, such as io_uring's
+/// workers, inherit it).
+fn threads_with_slice(pid: i32, slice_ns: u64) -> usize {
+    let mut count = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !comm.starts_with("shard-") {
+            continue;
+        }
+        let sched = std::fs::read_to_string(task.join("sched")).unwrap();
+        let slice: u64 = sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no se.slice in {}:\n{sched}", task.display()));
+        if slice == slice_ns {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[test]
+fn shards_run_with_the_configured_scheduler_slice() {
+    let g = Gannet::start(Setup::new().shards(2));
+    assert_eq!(
+        threads_with_slice(g.pid(), 300_000),
+        2,
+        "the default, 300us, on both shards"
+    );
+    drop(g);
+
+    let g = Gannet::start(Setup::new().shards(2).set("server", "sched_slice", "\"2ms\""));
+    assert_eq!(threads_with_slice(g.pid(), 2_000_000), 2);
+    assert_eq!(threads_with_slice(g.pid(), 300_000), 0);
+    drop(g);
+
+    let g = Gannet::start(Setup::new().shards(1).set("server", "sched_slice", "\"0s\""));
+    assert_eq!(
+        threads_with_slice(g.pid(), 300_000),
+        0,
+        "\"0s\" leaves the kernel's default"
+    );
+    drop(g);
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("slice.toml");
+    std::fs::write(&bad, "[server]\nshards = 1\nsched_slice = \"50us\"\n").unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains(&format!("{}:3:", bad.display())), "{err}");
+    assert!(err.contains("server.sched_slice") && err.contains("100us"), "{err}");
+}

@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod lock;
 pub mod reloadable;
+pub mod sched;
 pub mod shard;
 pub mod signals;
 pub mod tls;
@@ -192,6 +193,12 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         let handle = builder
             .spawn(move || async move {
                 let shard = index as u16;
+                let slice = config.server.sched_slice.0;
+                if !slice.is_zero() {
+                    if let Err(e) = sched::set_current_thread_slice(slice) {
+                        warn!(shard, "cannot set the scheduler slice (server.sched_slice): {e}; running with the kernel's default");
+                    }
+                }
                 let result = shard::run(
                     shard::ShardSetup {
                         index: shard,
