@@ -32,6 +32,7 @@ struct SchedAttr {
 }
 
 const SCHED_ATTR_SIZE_VER1: u32 = 56;
+const _: () = assert!(std::mem::size_of::<SchedAttr>() == SCHED_ATTR_SIZE_VER1 as usize);
 
 /// Asks the scheduler to give the calling thread `slice` (SCHED_OTHER, nice 0).
 pub fn set_current_thread_slice(slice: Duration) -> io::Result<()> {
@@ -41,9 +42,8 @@ pub fn set_current_thread_slice(slice: Duration) -> io::Result<()> {
         sched_runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
         ..SchedAttr::default()
     };
-    debug_assert_eq!(std::mem::size_of::<SchedAttr>(), SCHED_ATTR_SIZE_VER1 as usize);
     // SAFETY: `attr` is a valid, fully initialised `struct sched_attr` whose `size` field
-    // matches its layout (checked above); the kernel only reads it. pid 0 is the calling thread
+    // matches its layout (asserted at compile time); the kernel only reads it. pid 0 is the calling thread
     // and flags must be 0. Covered by the test below and by tests/lifecycle.rs, which reads the
     // slice of a running server's shards back from /proc.
     let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
