@@ -1870,20 +1870,13 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            match (user_timer, latency_armed.take()) {
-                (Some(dur), Some(armed))
-                    if self.latency_preemption_deadline.get() <= now + dur =>
-                {
-                    self.latency_preemption_timeout_src.set(Some(armed));
+            match user_timer {
+                Some(dur) => {
+                    if self.keep_or_arm_latency_timer(&mut lat_ring, latency_armed.take(), now, dur) {
+                        assert!(flush_rings!(lat_ring)? > 0);
+                    }
                 }
-                (Some(dur), armed) => {
-                    drop(armed);
-                    self.latency_preemption_timeout_src
-                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                    self.latency_preemption_deadline.set(now + dur);
-                    assert!(flush_rings!(lat_ring)? > 0);
-                }
-                (None, armed) => drop(armed),
+                None => drop(latency_armed.take()),
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1891,8 +1884,7 @@ impl Reactor {
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
+            // details.
             //
             // (gannet fork) A SeqCst fence here, paired with the one in
             // `SleepNotifier::notify`, orders the same two pairs of accesses
@@ -1921,18 +1913,8 @@ impl Reactor {
                     .take()
                     .filter(|src| src.result().is_none())
             });
-            let now = Instant::now();
-            match armed {
-                Some(armed) if self.latency_preemption_deadline.get() <= now + preempt => {
-                    self.latency_preemption_timeout_src.set(Some(armed));
-                }
-                armed => {
-                    drop(armed);
-                    self.latency_preemption_timeout_src
-                        .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-                    self.latency_preemption_deadline.set(now + preempt);
-                    flush_rings!(lat_ring, main_ring)?;
-                }
+            if self.keep_or_arm_latency_timer(&mut lat_ring, armed, Instant::now(), preempt) {
+                flush_rings!(lat_ring, main_ring)?;
             }
         } else {
             drop(latency_armed);
@@ -1946,6 +1928,32 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// (gannet fork) Makes the latency ring's timer fire within `dur` of `now`:
+    /// keeps `armed` (a timer that has not fired yet) when it expires no later
+    /// than that, otherwise drops it and prepares a new one. True when a new one
+    /// was prepared, which the caller must flush.
+    fn keep_or_arm_latency_timer(
+        &self,
+        lat_ring: &mut SleepableRing,
+        armed: Option<Source>,
+        now: Instant,
+        dur: Duration,
+    ) -> bool {
+        match armed {
+            Some(armed) if self.latency_preemption_deadline.get() <= now + dur => {
+                self.latency_preemption_timeout_src.set(Some(armed));
+                false
+            }
+            armed => {
+                drop(armed);
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                self.latency_preemption_deadline.set(now + dur);
+                true
+            }
+        }
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
