@@ -7,6 +7,7 @@ use std::rc::Rc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gannet::policy::RelayPolicy;
 use gannet::smtp::data::{dot_stuff, BareLineEndings, DataDecoder};
+use gannet::smtp::deadline::{Now, Timeouts};
 use gannet::smtp::envelope::{Envelope, Origin};
 use gannet::smtp::parser::{parse_command, Params};
 use gannet::smtp::session::{ListenerRules, MessageSink, Next, OpenGate, Session, SessionConfig, SinkFull};
@@ -122,6 +123,8 @@ fn bench_session(c: &mut Criterion) {
         tarpit_after_errors: u32::MAX,
         tarpit_delay: std::time::Duration::ZERO,
         sender_must_match: false,
+        timeouts: Timeouts::RELAXED,
+        junk_commands_max: u32::MAX,
     });
     let rules = ListenerRules {
         starttls: false,
@@ -147,18 +150,25 @@ fn bench_session(c: &mut Criterion) {
     group.bench_function("pipelined_20KiB_transactions", |b| {
         let mut out = Vec::with_capacity(64 * 1024);
         b.iter(|| {
-            let mut session = Session::new(config.clone(), rules, Rc::new(OpenGate), "127.0.0.1".parse().unwrap());
+            let now = Now::read();
+            let mut session = Session::new(
+                config.clone(),
+                rules,
+                Rc::new(OpenGate),
+                "127.0.0.1".parse().unwrap(),
+                now,
+            );
             let mut sink = CountingSink(0);
             let mut pos = 0;
             let mut commits = 0;
             out.clear();
             loop {
-                let step = session.receive(&stream[pos..], &mut sink, &mut out);
+                let step = session.receive(&stream[pos..], now, &mut sink, &mut out);
                 pos += step.consumed;
                 match step.next {
                     Next::Commit => {
                         commits += 1;
-                        session.committed(Ok("ID"), &mut out);
+                        session.committed(Ok("ID"), now.instant, &mut out);
                     }
                     Next::NeedInput | Next::Close | Next::StartTls | Next::Authenticate => break,
                 }

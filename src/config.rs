@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{Network, RelayPolicy};
 use crate::smtp::data::BareLineEndings;
+use crate::smtp::deadline::Timeouts;
 use crate::smtp::session::SessionConfig;
 use crate::spool::appender::SEGMENT_FILL_CHUNK_BYTES;
 use crate::spool::record::message_record_bytes_max;
@@ -449,12 +450,28 @@ pub struct Limits {
     /// Enforced per shard (shards share nothing): the process allows up to shards times this.
     #[serde(default = "default_sessions_per_ip_max")]
     pub sessions_per_ip_max: usize,
-    /// How long the client may be silent while a command is expected.
+    /// A whole command line (or AUTH response) must arrive within this, counted from when the
+    /// server starts waiting for it: a deadline per command, not per read.
     #[serde(default = "default_command_timeout")]
     pub command_timeout: Span,
     /// How long one message's content (DATA, or all BDAT chunks) may take in total.
     #[serde(default = "default_data_timeout")]
     pub data_timeout: Span,
+    /// Content must arrive at least this fast (bytes per second), over each
+    /// `data_rate_window`; 0: no minimum.
+    #[serde(default = "default_data_rate_min")]
+    pub data_rate_min_bytes_per_second: u64,
+    #[serde(default = "default_data_rate_window")]
+    pub data_rate_window: Span,
+    /// A shard with at least this fraction of `sessions_per_shard_max` open is under stress:
+    /// command waits and rate windows shrink to `stress_command_timeout` (Postfix's stress mode).
+    #[serde(default = "default_stress_sessions_fraction")]
+    pub stress_sessions_fraction: f64,
+    #[serde(default = "default_stress_command_timeout")]
+    pub stress_command_timeout: Span,
+    /// NOOP, RSET, VRFY and HELP past this many since the last accepted message count as errors.
+    #[serde(default = "default_junk_commands_max")]
+    pub junk_commands_max: u32,
     /// New connections per minute from one IP address (per shard); 0: no limit. Trusted
     /// networks are exempt from the three rates.
     #[serde(default = "default_connections_per_ip_per_minute")]
@@ -581,6 +598,21 @@ fn default_sessions_per_ip_max() -> usize {
 }
 fn default_command_timeout() -> Span {
     Span(Duration::from_secs(300))
+}
+fn default_data_rate_min() -> u64 {
+    500
+}
+fn default_data_rate_window() -> Span {
+    Span(Duration::from_secs(30))
+}
+fn default_stress_sessions_fraction() -> f64 {
+    0.8
+}
+fn default_stress_command_timeout() -> Span {
+    Span(Duration::from_secs(10))
+}
+fn default_junk_commands_max() -> u32 {
+    100
 }
 fn default_data_timeout() -> Span {
     Span(Duration::from_secs(600))
@@ -765,6 +797,11 @@ impl Default for Limits {
             sessions_per_ip_max: default_sessions_per_ip_max(),
             command_timeout: default_command_timeout(),
             data_timeout: default_data_timeout(),
+            data_rate_min_bytes_per_second: default_data_rate_min(),
+            data_rate_window: default_data_rate_window(),
+            stress_sessions_fraction: default_stress_sessions_fraction(),
+            stress_command_timeout: default_stress_command_timeout(),
+            junk_commands_max: default_junk_commands_max(),
             connections_per_ip_per_minute: default_connections_per_ip_per_minute(),
             messages_per_ip_per_minute: default_messages_per_minute(),
             messages_per_user_per_minute: default_messages_per_minute(),
@@ -1011,6 +1048,30 @@ impl Config {
                 "data_timeout"
             };
             return Err(fail("limits", 0, key, "must be more than zero, such as \"5m\"".into()));
+        }
+        for (key, span) in [
+            ("data_rate_window", l.data_rate_window),
+            ("stress_command_timeout", l.stress_command_timeout),
+        ] {
+            if span.0 < Duration::from_secs(1) || span.0 > Duration::from_secs(3600) {
+                return Err(fail("limits", 0, key, "must be between \"1s\" and \"1h\"".into()));
+            }
+        }
+        if l.data_rate_min_bytes_per_second > 1 << 30 {
+            return Err(fail(
+                "limits",
+                0,
+                "data_rate_min_bytes_per_second",
+                "must be at most 1073741824 (1 GiB per second); 0 turns the minimum off".into(),
+            ));
+        }
+        if !(l.stress_sessions_fraction > 0.0 && l.stress_sessions_fraction <= 1.0) {
+            return Err(fail(
+                "limits",
+                0,
+                "stress_sessions_fraction",
+                "must be a fraction above 0 and at most 1.0, such as 0.8 (1.0: only when the shard is full)".into(),
+            ));
         }
         if l.recipients_per_session_max < l.recipients_max {
             return Err(fail(
@@ -1357,6 +1418,14 @@ impl Config {
             tarpit_after_errors: self.limits.tarpit_after_errors,
             tarpit_delay: self.limits.tarpit_delay.0,
             sender_must_match: self.auth.sender_must_match,
+            timeouts: Timeouts {
+                command: self.limits.command_timeout.0,
+                stress_command: self.limits.stress_command_timeout.0,
+                data: self.limits.data_timeout.0,
+                data_rate_min_bytes_per_s: self.limits.data_rate_min_bytes_per_second,
+                data_rate_window: self.limits.data_rate_window.0,
+            },
+            junk_commands_max: self.limits.junk_commands_max,
         }
     }
 }
@@ -1486,6 +1555,31 @@ mod tests {
         assert!(e.message.contains("prefix length"), "{e}");
         let e = Config::parse("[spool]\ndurability = \"sometimes\"\n", "g.toml").unwrap_err();
         assert!(e.message.contains("fsync"), "{e}");
+    }
+
+    #[test]
+    fn slow_client_limits_are_checked_with_their_line() {
+        let e = Config::parse("[limits]\ndata_rate_window = \"500ms\"\n", "g.toml").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(2), Some("limits.data_rate_window")),
+            "{e}"
+        );
+        let e = Config::parse("[limits]\n\nstress_sessions_fraction = 1.5\n", "g.toml").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.message.contains("at most 1.0"), "{e}");
+        let e = Config::parse("[limits]\nstress_sessions_fraction = 0\n", "g.toml").unwrap_err();
+        assert!(e.message.contains("above 0"), "{e}");
+        let e = Config::parse("[limits]\nstress_command_timeout = \"2h\"\n", "g.toml").unwrap_err();
+        assert!(e.message.contains("\"1h\""), "{e}");
+        let e = Config::parse("[limits]\ndata_rate_min_bytes_per_second = 2000000000\n", "g.toml").unwrap_err();
+        assert!(e.message.contains("0 turns the minimum off"), "{e}");
+        let c = Config::parse("[limits]\ndata_rate_min_bytes_per_second = 0\n", "g.toml").unwrap();
+        assert_eq!(c.session_config().timeouts.data_rate_min_bytes_per_s, 0);
+        let d = Config::embedded_default().session_config();
+        assert_eq!(d.timeouts.command, Duration::from_secs(300));
+        assert_eq!(d.timeouts.stress_command, Duration::from_secs(10));
+        assert_eq!(d.junk_commands_max, 100);
     }
 
     #[test]

@@ -3,16 +3,19 @@
 //! - it never panics and never consumes more than it was given;
 //! - what it keeps unconsumed while waiting is shorter than the longest allowed line;
 //! - every reply line is `ddd` then space or dash, and ends in CRLF (no injected line breaks);
-//! - nothing is accepted after the session closed.
+//! - nothing is accepted after the session closed;
+//! - with a clock that advances by a few hundred milliseconds per piece, the deadlines the
+//!   session names are never in the past once checked, and a passed one closes it with 421.
 #![no_main]
 
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gannet::auth::passwords::Identity;
 use gannet::policy::RelayPolicy;
 use gannet::smtp::data::BareLineEndings;
+use gannet::smtp::deadline::{Now, Timeouts};
 use gannet::smtp::envelope::{Envelope, Origin};
 use gannet::smtp::received::TlsSummary;
 use gannet::smtp::session::{
@@ -84,6 +87,21 @@ fuzz_target!(|data: &[u8]| {
         tarpit_after_errors: 3,
         tarpit_delay: Duration::from_millis(10),
         sender_must_match: flags & 16 != 0,
+        timeouts: Timeouts {
+            command: Duration::from_secs(3),
+            stress_command: Duration::from_secs(1),
+            data: Duration::from_secs(20),
+            data_rate_min_bytes_per_s: 4,
+            data_rate_window: Duration::from_secs(2),
+        },
+        junk_commands_max: 10,
+    };
+    let stressed = flags & 64 != 0;
+    let step_ms = u64::from(control.get(1).copied().unwrap_or(0)) * 4;
+    let t0 = Instant::now();
+    let mut now = Now {
+        instant: t0,
+        unix_s: 1_700_000_000,
     };
     let rules = ListenerRules {
         starttls: flags & 1 != 0,
@@ -91,15 +109,16 @@ fuzz_target!(|data: &[u8]| {
         auth_required: flags & 4 != 0,
     };
     let ip: IpAddr = if flags & 32 == 0 { "127.0.0.1" } else { "192.0.2.9" }.parse().unwrap();
-    let mut session = Session::new(Rc::new(config), rules, Rc::new(OpenGate), ip);
+    let mut session = Session::new(Rc::new(config), rules, Rc::new(OpenGate), ip, now);
     let mut sink = BoundedSink::default();
     let mut out = Vec::new();
-    session.greeting(&mut out);
+    session.greeting(now.instant, &mut out);
     let mut pending: Vec<u8> = Vec::new();
     for piece in input.chunks(split) {
+        now.instant += Duration::from_millis(step_ms);
         pending.extend_from_slice(piece);
         loop {
-            let step = session.receive(&pending, &mut sink, &mut out);
+            let step = session.receive(&pending, now, &mut sink, &mut out);
             assert!(step.consumed <= pending.len());
             pending.drain(..step.consumed);
             match step.next {
@@ -111,14 +130,17 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Next::Commit => {
                     sink.open = false;
-                    session.committed(Ok("ID"), &mut out);
+                    session.committed(Ok("ID"), now.instant, &mut out);
                 }
                 Next::StartTls => {
                     pending.clear();
-                    session.tls_started(TlsSummary {
-                        version: "TLSv1.3".into(),
-                        cipher: "TLS13_AES_128_GCM_SHA256".into(),
-                    });
+                    session.tls_started(
+                        TlsSummary {
+                            version: "TLSv1.3".into(),
+                            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+                        },
+                        now.instant,
+                    );
                 }
                 Next::Authenticate => {
                     let credentials = session.take_credentials().expect("credentials come with Authenticate");
@@ -128,7 +150,7 @@ fuzz_target!(|data: &[u8]| {
                         2 => AuthOutcome::Blocked,
                         _ => AuthOutcome::Unavailable,
                     };
-                    session.authenticated(outcome, &mut sink, &mut out);
+                    session.authenticated(outcome, now.instant, &mut sink, &mut out);
                 }
             }
         }
@@ -138,6 +160,18 @@ fuzz_target!(|data: &[u8]| {
             pending.len()
         );
         let _ = session.take_reply_delay();
+        if session
+            .check_deadline(now.instant, stressed, &mut sink, &mut out)
+            .is_some()
+        {
+            assert!(session.is_closed(), "a passed deadline closes the session");
+            assert!(out.ends_with(b"421 4.4.2 Timeout exceeded, closing connection\r\n"));
+            check_replies(&out);
+            return;
+        }
+        if let Some(deadline) = session.deadline(stressed) {
+            assert!(deadline > now.instant, "a checked deadline lies ahead");
+        }
     }
     check_replies(&out);
 });

@@ -1503,10 +1503,10 @@ impl OutboundConnection {
         self.read_reply(timeout).await
     }
 
+    /// Reads one whole reply, which must arrive within `timeout` however the server spreads
+    /// its bytes (a deadline, not a per-read timeout that each byte would re-arm).
     async fn read_reply(&mut self, timeout: Duration) -> Result<ServerReply, String> {
-        if let Some(tcp) = self.stream.tcp() {
-            let _ = tcp.set_read_timeout(Some(timeout));
-        }
+        let deadline = Instant::now() + timeout;
         loop {
             let (reply, used) = self
                 .parser
@@ -1521,11 +1521,20 @@ impl OutboundConnection {
                 self.end -= self.start;
                 self.start = 0;
             }
-            let n = self
-                .stream
-                .read(&mut self.buf[self.end..])
-                .await
-                .map_err(|e| format!("read failed: {e}"))?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no complete reply within {timeout:?}"));
+            }
+            let (stream, free) = (&mut self.stream, &mut self.buf[self.end..]);
+            let read = async { Some(stream.read(free).await) };
+            let timer = async {
+                glommio::timer::sleep(left).await;
+                None
+            };
+            let n = match futures_lite::future::or(read, timer).await {
+                Some(result) => result.map_err(|e| format!("read failed: {e}"))?,
+                None => return Err(format!("no complete reply within {timeout:?}")),
+            };
             if n == 0 {
                 return Err("connection closed by the server".into());
             }

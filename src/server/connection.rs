@@ -1,6 +1,10 @@
 //! One SMTP connection: moves bytes between the socket and the sans-IO [`Session`], hands
 //! finished messages to the spool, and applies timeouts and shutdown.
 //!
+//! Timeouts are the session's deadlines (`smtp::deadline`): absolute instants that the session
+//! names and that arriving bytes cannot move, raced against the read with a timer. (A socket
+//! read timeout would re-arm with every byte, and through TLS with every byte of a record.)
+//!
 //! The connection owns its read buffer (never a buffered reader), so bytes that arrive after
 //! STARTTLS and before the handshake are discarded exactly (CVE-2011-0411): they are never
 //! executed as commands of the encrypted session.
@@ -11,11 +15,12 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::shard::{Refusal, Shard, Stage, StageChange};
+use super::shard::{Refusal, Shard, ShardSignal, Stage};
 use super::tls::summarize;
 use crate::config::{Listener, ListenerKind};
 use crate::queue::QueuedMessage;
-use crate::smtp::received::{unix_now_s, TlsSummary};
+use crate::smtp::deadline::Now;
+use crate::smtp::received::TlsSummary;
 use crate::smtp::reply;
 use crate::smtp::session::{ListenerRules, MessageGate, Next, Session};
 use crate::spool::record::StoredEnvelope;
@@ -25,13 +30,16 @@ type Stream = Transport<futures_rustls::server::TlsStream<TcpStream>>;
 
 /// Smallest read buffer; it is at least one command line long.
 const READ_BUFFER_BYTES_MIN: usize = 16 * 1024;
-/// Shortest timeout handed to the socket (zero would mean "none").
-const TIMEOUT_MIN: Duration = Duration::from_millis(1);
+/// Shortest wait for a deadline (one that has just passed is checked on the next turn).
+const WAIT_MIN: Duration = Duration::from_millis(1);
 
 /// What ended a wait for input.
 enum Wake {
     Read(std::io::Result<usize>),
-    Stage,
+    /// The shard's stage or stress changed; true if it entered stress.
+    Signal(bool),
+    /// The session's deadline came.
+    Deadline,
 }
 
 async fn write_all(stream: &mut Stream, out: &mut Vec<u8>) -> bool {
@@ -80,7 +88,6 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
     let ip = peer.ip().to_canonical();
     let limits = &shard.config.limits;
     let command_timeout = limits.command_timeout.0;
-    let data_timeout = limits.data_timeout.0;
     let handshake_timeout = shard.config.tls.handshake_timeout.0;
     let _ = tcp.set_nodelay(true);
     let _ = tcp.set_write_timeout(Some(command_timeout));
@@ -115,7 +122,7 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
         auth_required: listener.requires_auth(),
     };
     let gate: Rc<dyn MessageGate> = shard.clone();
-    let mut session = Session::new(shard.session_config.clone(), rules, gate, ip);
+    let mut session = Session::new(shard.session_config.clone(), rules, gate, ip, Now::read());
     if kind == ListenerKind::Smtps {
         match handshake(&mut stream, &shard, handshake_timeout).await {
             Ok(summary) => {
@@ -131,16 +138,19 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
     let mut sink = shard.appender.message_buffer();
     let mut buf = vec![0u8; READ_BUFFER_BYTES_MIN.max(2 * limits.line_length_max)];
     let (mut start, mut end) = (0usize, 0usize);
-    let mut content_started: Option<Instant> = None;
+    // The shard entered stress since the last wait: apply the stress deadline this once.
+    let mut swept = false;
+    let mut stress_entries_seen = shard.stress_entries();
 
-    session.greeting(&mut out);
+    session.greeting(Instant::now(), &mut out);
     if !write_all(&mut stream, &mut out).await {
         return;
     }
     loop {
         // Answer everything buffered (pipelining), committing messages on the way.
+        let now = Now::read();
         loop {
-            let step = session.receive(&buf[start..end], &mut sink, &mut out);
+            let step = session.receive(&buf[start..end], now, &mut sink, &mut out);
             start += step.consumed;
             match step.next {
                 Next::NeedInput => break,
@@ -164,7 +174,7 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
                     match handshake(&mut stream, &shard, handshake_timeout).await {
                         Ok(summary) => {
                             info!(shard = shard.index, client = %peer, version = %summary.version, cipher = %summary.cipher, "TLS established");
-                            session.tls_started(summary);
+                            session.tls_started(summary, Instant::now());
                         }
                         Err(reason) => {
                             info!(shard = shard.index, client = %peer, "TLS handshake failed: {reason}");
@@ -177,7 +187,7 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
                         unreachable!("the session hands over credentials with Next::Authenticate");
                     };
                     let outcome = shard.check_credentials(ip, credentials).await;
-                    session.authenticated(outcome, &mut sink, &mut out);
+                    session.authenticated(outcome, Instant::now(), &mut sink, &mut out);
                 }
                 Next::Commit => {
                     let message = sink.take();
@@ -203,7 +213,7 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
                                 QueuedMessage {
                                     id,
                                     record_bytes,
-                                    envelope: StoredEnvelope::from_envelope(env, session.origin(unix_now_s())),
+                                    envelope: StoredEnvelope::from_envelope(env, session.origin()),
                                     done: vec![false; env.recipient_count()],
                                     content_bytes,
                                     attempts: 0,
@@ -214,11 +224,11 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
                                 written,
                             );
                             let id = id.to_string();
-                            session.committed(Ok(&id), &mut out);
+                            session.committed(Ok(&id), Instant::now(), &mut out);
                         }
                         Err(e) => {
                             warn!(shard = shard.index, client = %ip, "message refused by the spool: {e:?}");
-                            session.committed(Err(e), &mut out);
+                            session.committed(Err(e), Instant::now(), &mut out);
                         }
                     }
                 }
@@ -242,52 +252,47 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
             return;
         }
 
-        // The total content deadline runs from the first content byte to the end of the transaction.
-        if !session.in_transaction() {
-            content_started = None;
-        } else if session.receiving_content() && content_started.is_none() {
-            content_started = Some(Instant::now());
-        }
-        let timeout = match content_started {
-            Some(t0) => match data_timeout.checked_sub(t0.elapsed()) {
-                Some(left) => left.min(command_timeout),
-                None => Duration::ZERO,
-            },
-            None => command_timeout,
-        };
-        if timeout.is_zero() {
-            session.timed_out(&mut sink, &mut out);
+        let stressed = shard.stressed() || std::mem::take(&mut swept);
+        let now = Instant::now();
+        if let Some(expiry) = session.check_deadline(now, stressed, &mut sink, &mut out) {
+            let why = expiry.sentence(&shard.session_config.timeouts, stressed);
+            info!(shard = shard.index, client = %peer, "timeout: {why}");
             write_all(&mut stream, &mut out).await;
             return;
         }
-        if let Some(tcp) = stream.tcp() {
-            let _ = tcp.set_read_timeout(Some(timeout.max(TIMEOUT_MIN)));
-        }
+        let deadline = session.deadline(stressed).unwrap_or(now + command_timeout);
+        let wait = deadline.saturating_duration_since(now).max(WAIT_MIN);
         debug_assert!(end < buf.len(), "the session consumes any full buffer");
-        let wake = futures_lite::future::or(async { Wake::Read(stream.read(&mut buf[end..]).await) }, async {
-            StageChange {
+        let read = async { Wake::Read(stream.read(&mut buf[end..]).await) };
+        let signal = async {
+            let entered = ShardSignal {
                 shard: &shard,
                 slot: &guard.slot,
-                seen: stage,
+                seen_stage: stage,
+                seen_stressed: shard.stressed(),
+                seen_stress_entries: stress_entries_seen,
             }
             .await;
-            Wake::Stage
-        })
-        .await;
+            Wake::Signal(entered)
+        };
+        let timer = async {
+            glommio::timer::sleep(wait).await;
+            Wake::Deadline
+        };
+        let wake = futures_lite::future::or(read, futures_lite::future::or(signal, timer)).await;
         match wake {
-            Wake::Stage => continue,
+            Wake::Signal(entered) => {
+                swept |= entered;
+                stress_entries_seen = shard.stress_entries();
+                continue;
+            }
+            Wake::Deadline => continue,
             Wake::Read(Ok(0)) => {
                 debug!(shard = shard.index, client = %peer, "client closed the connection");
                 sink_abandon(&mut session, &mut sink);
                 return;
             }
             Wake::Read(Ok(n)) => end += n,
-            Wake::Read(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
-                info!(shard = shard.index, client = %peer, "timeout");
-                session.timed_out(&mut sink, &mut out);
-                write_all(&mut stream, &mut out).await;
-                return;
-            }
             Wake::Read(Err(e)) => {
                 debug!(shard = shard.index, client = %peer, "read failed: {e}");
                 sink_abandon(&mut session, &mut sink);

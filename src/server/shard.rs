@@ -74,6 +74,38 @@ pub struct Shard {
     sessions_per_ip: RefCell<HashMap<IpAddr, usize>>,
     next_session_id: Cell<u64>,
     all_gone_waker: RefCell<Option<Waker>>,
+    /// Under stress: at least `stress.enter_at` sessions (see [`StressLevels`]).
+    stressed: Cell<bool>,
+    /// Times the shard entered stress: a session that sees it change applies the stress
+    /// deadline once even if the stress is already over (the sweep when stress begins).
+    stress_entries: Cell<u64>,
+    stress: StressLevels,
+}
+
+/// When a shard enters and leaves stress mode (Postfix's name): it enters at `enter_at` open
+/// sessions and leaves below `leave_below` (a tenth lower, so that one session coming and going
+/// at the edge does not flip it back and forth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StressLevels {
+    pub enter_at: usize,
+    pub leave_below: usize,
+}
+
+impl StressLevels {
+    pub fn new(sessions_max: usize, fraction: f64) -> StressLevels {
+        let enter_at = ((sessions_max as f64 * fraction).ceil() as usize).clamp(1, sessions_max.max(1));
+        let leave_below = (enter_at - enter_at / 10).min(enter_at.saturating_sub(1)).max(1);
+        StressLevels { enter_at, leave_below }
+    }
+
+    /// Whether a shard with `sessions` open is under stress, given whether it was.
+    pub fn stressed(&self, sessions: usize, was: bool) -> bool {
+        if was {
+            sessions >= self.leave_below
+        } else {
+            sessions >= self.enter_at
+        }
+    }
 }
 
 /// Why a connection was turned away.
@@ -98,6 +130,7 @@ pub struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.shard.sessions.borrow_mut().remove(&self.id);
+        self.shard.update_stress();
         let mut per_ip = self.shard.sessions_per_ip.borrow_mut();
         if let Some(count) = per_ip.get_mut(&self.ip) {
             *count -= 1;
@@ -120,11 +153,56 @@ impl Shard {
 
     fn advance(&self, stage: Stage) {
         self.stage.set(stage);
+        self.wake_sessions();
+    }
+
+    /// Wakes every session waiting for input, so that it looks at the stage and its deadlines.
+    fn wake_sessions(&self) {
         for slot in self.sessions.borrow().values() {
             if let Some(waker) = slot.waker.borrow_mut().take() {
                 waker.wake();
             }
         }
+    }
+
+    /// Whether the shard is under stress (nearly full of sessions): shorter deadlines.
+    pub fn stressed(&self) -> bool {
+        self.stressed.get()
+    }
+
+    /// How many times the shard has entered stress (see [`ShardSignal`]).
+    pub fn stress_entries(&self) -> u64 {
+        self.stress_entries.get()
+    }
+
+    /// Enters or leaves stress mode as the session count says; says so once per change and
+    /// wakes the sessions so that their deadlines follow.
+    fn update_stress(&self) {
+        let sessions = self.sessions.borrow().len();
+        let was = self.stressed.get();
+        let now = self.stress.stressed(sessions, was);
+        if now == was {
+            return;
+        }
+        self.stressed.set(now);
+        let limits = &self.config.limits;
+        if now {
+            self.stress_entries.set(self.stress_entries.get() + 1);
+            warn!(
+                shard = self.index,
+                "under stress: {sessions} of {} sessions open; command waits and content rate windows shortened to {} until fewer than {} are open",
+                limits.sessions_per_shard_max,
+                limits.stress_command_timeout,
+                self.stress.leave_below
+            );
+        } else {
+            info!(
+                shard = self.index,
+                "no longer under stress: {sessions} of {} sessions open; normal deadlines again",
+                limits.sessions_per_shard_max
+            );
+        }
+        self.wake_sessions();
     }
 
     /// Whether `ip` is in a trusted network, and so exempt from the rate limits.
@@ -165,6 +243,7 @@ impl Shard {
             waker: RefCell::new(None),
         });
         self.sessions.borrow_mut().insert(id, slot.clone());
+        self.update_stress();
         Ok(SessionGuard {
             shard: self.clone(),
             id,
@@ -240,20 +319,26 @@ impl MessageGate for Shard {
     }
 }
 
-/// Ready when the shard's stage differs from `seen`.
-pub struct StageChange<'a> {
+/// Ready when the shard's stage or stress differs from what the session saw. Its output says
+/// whether the shard entered stress meanwhile: every session woken by that applies the stress
+/// deadline at least once, so that the idle ones are swept out when stress begins, even if
+/// their going ends the stress before every woken session has run.
+pub struct ShardSignal<'a> {
     pub shard: &'a Shard,
     pub slot: &'a SessionSlot,
-    pub seen: Stage,
+    pub seen_stage: Stage,
+    pub seen_stressed: bool,
+    pub seen_stress_entries: u64,
 }
 
-impl Future for StageChange<'_> {
-    type Output = Stage;
+impl Future for ShardSignal<'_> {
+    type Output = bool;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Stage> {
-        let stage = self.shard.stage.get();
-        if stage != self.seen {
-            return Poll::Ready(stage);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let shard = self.shard;
+        let entered = shard.stress_entries.get() != self.seen_stress_entries;
+        if entered || shard.stage.get() != self.seen_stage || shard.stressed.get() != self.seen_stressed {
+            return Poll::Ready(entered);
         }
         *self.slot.waker.borrow_mut() = Some(cx.waker().clone());
         Poll::Pending
@@ -420,6 +505,12 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
         sessions_per_ip: RefCell::new(HashMap::new()),
         next_session_id: Cell::new(0),
         all_gone_waker: RefCell::new(None),
+        stressed: Cell::new(false),
+        stress_entries: Cell::new(0),
+        stress: StressLevels::new(
+            config.limits.sessions_per_shard_max,
+            config.limits.stress_sessions_fraction,
+        ),
     });
 
     let mut accept_tasks = Vec::with_capacity(listener_fds.len());
@@ -486,4 +577,48 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
     let queued = shard.deliverer.queued();
     info!(shard = index, "stopped with {queued} message(s) spooled");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StressLevels;
+
+    #[test]
+    fn stress_starts_at_the_fraction_and_ends_a_tenth_lower() {
+        let levels = StressLevels::new(1000, 0.8);
+        assert_eq!(
+            levels,
+            StressLevels {
+                enter_at: 800,
+                leave_below: 720
+            }
+        );
+        assert!(!levels.stressed(799, false));
+        assert!(levels.stressed(800, false));
+        assert!(levels.stressed(720, true), "still under stress until below 720");
+        assert!(!levels.stressed(719, true));
+    }
+
+    #[test]
+    fn small_shards_still_have_a_gap_and_never_zero() {
+        let levels = StressLevels::new(10, 0.5);
+        assert_eq!(
+            levels,
+            StressLevels {
+                enter_at: 5,
+                leave_below: 4
+            }
+        );
+        let one = StressLevels::new(1, 1.0);
+        assert_eq!(
+            one,
+            StressLevels {
+                enter_at: 1,
+                leave_below: 1
+            }
+        );
+        assert!(!one.stressed(0, true));
+        let full = StressLevels::new(1000, 1.0);
+        assert_eq!(full.enter_at, 1000);
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod address;
 pub mod data;
+pub mod deadline;
 pub mod envelope;
 pub mod parser;
 pub mod received;

@@ -21,13 +21,14 @@
 
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::address::{AddressError, Path};
 use super::data::{BareLineEndingScanner, BareLineEndings, DataDecoder};
+use super::deadline::{Deadlines, Expiry, Now, Timeouts};
 use super::envelope::{notify, BodyType, Envelope, Origin, Ret};
 use super::parser::{parse_command, Command, Params, ParseError};
-use super::received::{unix_now_s, write_received, TlsSummary, Trace};
+use super::received::{write_received, TlsSummary, Trace};
 use super::reply::{self, write_line, Reply};
 use super::sasl::{self, Credentials, Mechanism, SaslError};
 use crate::auth::passwords::Identity;
@@ -61,6 +62,11 @@ pub struct SessionConfig {
     pub tarpit_delay: Duration,
     /// An authenticated user's MAIL FROM must be one of its own addresses.
     pub sender_must_match: bool,
+    /// Deadlines for command lines and content.
+    pub timeouts: Timeouts,
+    /// NOOP, RSET, VRFY and HELP past this many since the last accepted message count as errors
+    /// (Postfix's `smtpd_junk_command_limit`): a client cannot hold a session with them.
+    pub junk_commands_max: u32,
 }
 
 /// What the listener a session arrived on offers and demands.
@@ -204,6 +210,8 @@ struct Content {
     /// A bare CR or LF was seen (DATA decoder or BDAT scanner).
     bare_line_ending: bool,
     bare_scanner: BareLineEndingScanner,
+    /// When the content began (the Received header's time).
+    received_unix_s: u64,
 }
 
 pub struct Session {
@@ -228,6 +236,11 @@ pub struct Session {
     errors: u32,
     /// The rest of an overlong command line is being thrown away.
     discarding_line: bool,
+    /// The time of the latest call from the shell.
+    now: Now,
+    deadlines: Deadlines,
+    /// NOOP, RSET, VRFY and HELP since the last accepted message.
+    junk_commands: u32,
 }
 
 impl Session {
@@ -236,6 +249,7 @@ impl Session {
         rules: ListenerRules,
         gate: Rc<dyn MessageGate>,
         client_ip: IpAddr,
+        now: Now,
     ) -> Session {
         Session {
             config,
@@ -255,11 +269,15 @@ impl Session {
             content: Content::default(),
             errors: 0,
             discarding_line: false,
+            now,
+            deadlines: Deadlines::new(now.instant),
+            junk_commands: 0,
         }
     }
 
-    /// The 220 greeting.
-    pub fn greeting(&self, out: &mut Vec<u8>) {
+    /// The 220 greeting; the wait for the first command starts now.
+    pub fn greeting(&mut self, now: Instant, out: &mut Vec<u8>) {
+        self.deadlines.line_done(now);
         let text = format!("{} ESMTP Gannet", self.config.hostname);
         write_line(out, 220, ' ', "", text.as_bytes());
     }
@@ -272,8 +290,9 @@ impl Session {
 
     /// The handshake after STARTTLS succeeded: the session starts over (RFC 3207 4.2: the
     /// client must say EHLO again, and nothing learnt before TLS is kept).
-    pub fn tls_started(&mut self, summary: TlsSummary) {
+    pub fn tls_started(&mut self, summary: TlsSummary, now: Instant) {
         debug_assert!(matches!(self.phase, Phase::StartingTls));
+        self.deadlines.line_done(now);
         self.tls = Some(summary);
         self.helo.clear();
         self.esmtp = false;
@@ -297,8 +316,15 @@ impl Session {
     }
 
     /// The shell's verdict on the credentials.
-    pub fn authenticated(&mut self, outcome: AuthOutcome, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+    pub fn authenticated(
+        &mut self,
+        outcome: AuthOutcome,
+        now: Instant,
+        sink: &mut impl MessageSink,
+        out: &mut Vec<u8>,
+    ) {
         debug_assert!(matches!(self.phase, Phase::Authenticating));
+        self.deadlines.line_done(now);
         self.phase = Phase::Idle;
         match outcome {
             AuthOutcome::Success(identity) => {
@@ -322,12 +348,12 @@ impl Session {
         &self.envelope
     }
 
-    /// Where the transaction in progress comes from, stamped `received_unix_s`.
-    pub fn origin(&self, received_unix_s: u64) -> Origin<'_> {
+    /// Where the transaction in progress comes from, stamped with the time its content began.
+    pub fn origin(&self) -> Origin<'_> {
         Origin {
             client_ip: self.client_ip,
             helo: &self.helo,
-            received_unix_s,
+            received_unix_s: self.content.received_unix_s,
         }
     }
 
@@ -351,9 +377,45 @@ impl Session {
         matches!(self.phase, Phase::Closed)
     }
 
-    /// The client was silent too long: 421 4.4.2 and close.
-    pub fn timed_out(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
-        self.close_with(reply::TIMEOUT, sink, out);
+    /// The instant by which the session must be looked at again ([`Session::check_deadline`])
+    /// while it waits for input; `None` while the shell, not the client, owes the next step.
+    /// `stressed`: the shard is nearly full of sessions (shorter waits).
+    pub fn deadline(&self, stressed: bool) -> Option<Instant> {
+        let t = &self.config.timeouts;
+        match self.phase {
+            Phase::Data(_) | Phase::Bdat { .. } | Phase::BdatDiscard { .. } => {
+                Some(self.deadlines.content_deadline(t, stressed))
+            }
+            Phase::Greeted | Phase::Idle | Phase::Mail | Phase::BdatBetween | Phase::Auth(_) => {
+                Some(self.deadlines.command_deadline(t, stressed))
+            }
+            Phase::Committing | Phase::StartingTls | Phase::Authenticating | Phase::Closed => None,
+        }
+    }
+
+    /// Checks the deadlines at `now`. When one has passed, writes `421 4.4.2`, closes the session
+    /// and says which.
+    pub fn check_deadline(
+        &mut self,
+        now: Instant,
+        stressed: bool,
+        sink: &mut impl MessageSink,
+        out: &mut Vec<u8>,
+    ) -> Option<Expiry> {
+        let t = self.config.timeouts;
+        let expiry = match self.phase {
+            Phase::Data(_) | Phase::Bdat { .. } | Phase::BdatDiscard { .. } => {
+                self.deadlines.check_content(now, &t, stressed)
+            }
+            Phase::Greeted | Phase::Idle | Phase::Mail | Phase::BdatBetween | Phase::Auth(_) => {
+                self.deadlines.check_command(now, &t, stressed)
+            }
+            Phase::Committing | Phase::StartingTls | Phase::Authenticating | Phase::Closed => None,
+        };
+        if expiry.is_some() {
+            self.close_with(reply::TIMEOUT, sink, out);
+        }
+        expiry
     }
 
     /// The server is shutting down: 421 4.3.2 and close.
@@ -372,10 +434,12 @@ impl Session {
     }
 
     /// The spool's answer for the message handed over with [`Next::Commit`].
-    pub fn committed(&mut self, result: Result<&str, CommitError>, out: &mut Vec<u8>) {
+    pub fn committed(&mut self, result: Result<&str, CommitError>, now: Instant, out: &mut Vec<u8>) {
         debug_assert!(matches!(self.phase, Phase::Committing));
+        self.deadlines.line_done(now);
         match result {
             Ok(id) => {
+                self.junk_commands = 0;
                 let text = format!("Ok: queued as {id}");
                 write_line(out, 250, ' ', "2.0.0", text.as_bytes());
             }
@@ -389,12 +453,14 @@ impl Session {
         self.envelope.clear();
         self.recipients_attempted = 0;
         self.content = Content::default();
+        self.deadlines.content_ends();
         self.phase = Phase::Idle;
     }
 
     /// Consumes input, writing replies to `out`. Stops when input runs out, a message must be
     /// committed, or the session closes.
-    pub fn receive(&mut self, input: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) -> Step {
+    pub fn receive(&mut self, input: &[u8], now: Now, sink: &mut impl MessageSink, out: &mut Vec<u8>) -> Step {
+        self.now = now;
         let mut pos = 0;
         loop {
             match self.phase {
@@ -424,6 +490,7 @@ impl Session {
                 }
                 Phase::Data(_) => {
                     let (used, end) = self.receive_data(&input[pos..], sink);
+                    self.deadlines.content_bytes(used);
                     pos += used;
                     if !end {
                         return Step {
@@ -436,7 +503,9 @@ impl Session {
                     }
                 }
                 Phase::Bdat { .. } | Phase::BdatDiscard { .. } => {
-                    pos += self.receive_chunk(&input[pos..], sink, out);
+                    let used = self.receive_chunk(&input[pos..], sink, out);
+                    self.deadlines.content_bytes(used);
+                    pos += used;
                     if matches!(self.phase, Phase::Bdat { .. } | Phase::BdatDiscard { .. }) {
                         return Step {
                             consumed: pos,
@@ -457,6 +526,7 @@ impl Session {
                             Some(lf) => {
                                 pos += lf + 1;
                                 self.discarding_line = false;
+                                self.deadlines.line_done(now.instant);
                                 continue;
                             }
                             None => {
@@ -479,6 +549,7 @@ impl Session {
                         };
                     };
                     pos += lf + 1;
+                    self.deadlines.line_done(now.instant);
                     if lf + 1 > self.config.line_length_max {
                         self.error(reply::LINE_TOO_LONG, sink, out);
                         continue;
@@ -559,8 +630,12 @@ impl Session {
                     self.phase = Phase::Greeted;
                 }
                 reply::RESET_OK.write(out);
+                self.junk(sink, out);
             }
-            Command::Noop => reply::NOOP_OK.write(out),
+            Command::Noop => {
+                reply::NOOP_OK.write(out);
+                self.junk(sink, out);
+            }
             Command::Quit => {
                 if self.in_transaction() {
                     sink.abandon();
@@ -568,14 +643,28 @@ impl Session {
                 reply::BYE.write(out);
                 self.phase = Phase::Closed;
             }
-            Command::Vrfy(_) => reply::VRFY_CANNOT.write(out),
-            Command::Help => reply::HELP.write(out),
+            Command::Vrfy(_) => {
+                reply::VRFY_CANNOT.write(out);
+                self.junk(sink, out);
+            }
+            Command::Help => {
+                reply::HELP.write(out);
+                self.junk(sink, out);
+            }
             Command::StartTls => self.starttls(sink, out),
             Command::Auth {
                 mechanism,
                 initial_response,
             } => self.auth(mechanism, initial_response, sink, out),
             Command::NotImplemented => self.error(reply::NOT_IMPLEMENTED, sink, out),
+        }
+    }
+
+    /// Counts a command that moves no mail; past the limit each counts as an error.
+    fn junk(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+        self.junk_commands = self.junk_commands.saturating_add(1);
+        if self.junk_commands > self.config.junk_commands_max {
+            self.count_error(sink, out);
         }
     }
 
@@ -825,8 +914,12 @@ impl Session {
             Phase::Greeted => return Err(reply::NEED_HELO),
             _ => return Err(reply::NEED_MAIL_BEFORE_DATA),
         }
-        self.content = Content::default();
-        let received_unix_s = unix_now_s();
+        self.content = Content {
+            received_unix_s: self.now.unix_s,
+            ..Content::default()
+        };
+        self.deadlines.content_begins(self.now.instant);
+        let received_unix_s = self.now.unix_s;
         let origin = Origin {
             client_ip: self.client_ip,
             helo: &self.helo,
@@ -980,7 +1073,9 @@ impl Session {
         let first_chunk = !matches!(self.phase, Phase::BdatBetween);
         if first_chunk {
             if let Err(reply) = self.start_content(sink) {
-                // The chunk's bytes follow the command whatever we answer; skip them.
+                // The chunk's bytes follow the command whatever we answer; skip them, under
+                // the content deadlines.
+                self.deadlines.content_begins(self.now.instant);
                 self.phase = Phase::BdatDiscard {
                     remaining_bytes: size_bytes,
                     reply,
@@ -1006,6 +1101,7 @@ impl Session {
                 *remaining_bytes -= used as u64;
                 if *remaining_bytes == 0 {
                     let reply = *reply;
+                    self.deadlines.content_ends();
                     self.phase = if self.envelope.recipient_count() > 0 {
                         Phase::Mail
                     } else if self.helo.is_empty() {
@@ -1197,6 +1293,8 @@ mod tests {
             tarpit_after_errors: 2,
             tarpit_delay: Duration::from_millis(100),
             sender_must_match: true,
+            timeouts: Timeouts::RELAXED,
+            junk_commands_max: 100,
         }
     }
 
@@ -1222,6 +1320,11 @@ mod tests {
         }
     }
 
+    /// The tests' clock: real time (the deadline tests pass their own instants).
+    fn now() -> Now {
+        Now::read()
+    }
+
     fn tls_summary() -> TlsSummary {
         TlsSummary {
             version: "TLSv1.3".into(),
@@ -1239,6 +1342,8 @@ mod tests {
         credentials_seen: Vec<Credentials>,
         /// Input thrown away at STARTTLS (the shell's CVE-2011-0411 defence).
         discarded_at_starttls: Vec<u8>,
+        /// The time the harness passes in, when a test sets it (else the real clock).
+        fixed_now: Option<Now>,
     }
 
     impl Harness {
@@ -1248,13 +1353,30 @@ mod tests {
 
         fn with_rules(config: SessionConfig, rules: ListenerRules, ip: &str) -> Harness {
             Harness {
-                session: Session::new(Rc::new(config), rules, Rc::new(OpenGate), ip.parse().unwrap()),
+                session: Session::new(Rc::new(config), rules, Rc::new(OpenGate), ip.parse().unwrap(), now()),
                 sink: VecSink::default(),
                 commit_result: Ok("ID1"),
                 auth_outcome: AuthOutcome::Invalid,
                 credentials_seen: Vec::new(),
                 discarded_at_starttls: Vec::new(),
+                fixed_now: None,
             }
+        }
+
+        /// From now on the harness passes `instant` in as the time.
+        fn at(&mut self, instant: Instant) -> &mut Harness {
+            self.fixed_now = Some(Now {
+                instant,
+                unix_s: 1_700_000_000,
+            });
+            self
+        }
+
+        /// The deadline check the shell makes before it waits: the replies it wrote.
+        fn check(&mut self, instant: Instant, stressed: bool) -> (Option<Expiry>, String) {
+            let mut out = Vec::new();
+            let expiry = self.session.check_deadline(instant, stressed, &mut self.sink, &mut out);
+            (expiry, String::from_utf8(out).unwrap())
         }
 
         /// Feeds `input` in pieces of `split` bytes; returns all replies and whether it closed.
@@ -1262,10 +1384,11 @@ mod tests {
             let mut out = Vec::new();
             let mut pending: Vec<u8> = Vec::new();
             let mut closed = false;
+            let now = self.fixed_now.unwrap_or_else(Now::read);
             for piece in input.chunks(split.max(1)) {
                 pending.extend_from_slice(piece);
                 loop {
-                    let step = self.session.receive(&pending, &mut self.sink, &mut out);
+                    let step = self.session.receive(&pending, now, &mut self.sink, &mut out);
                     pending.drain(..step.consumed);
                     match step.next {
                         Next::NeedInput => break,
@@ -1276,16 +1399,20 @@ mod tests {
                         Next::Commit => {
                             self.sink.committed.push(std::mem::take(&mut self.sink.message));
                             self.sink.open = false;
-                            self.session.committed(self.commit_result, &mut out);
+                            self.session.committed(self.commit_result, now.instant, &mut out);
                         }
                         Next::StartTls => {
                             self.discarded_at_starttls.append(&mut pending);
-                            self.session.tls_started(tls_summary());
+                            self.session.tls_started(tls_summary(), now.instant);
                         }
                         Next::Authenticate => {
                             self.credentials_seen.push(self.session.take_credentials().unwrap());
-                            self.session
-                                .authenticated(self.auth_outcome.clone(), &mut self.sink, &mut out);
+                            self.session.authenticated(
+                                self.auth_outcome.clone(),
+                                now.instant,
+                                &mut self.sink,
+                                &mut out,
+                            );
                         }
                     }
                 }
@@ -1609,13 +1736,151 @@ mod tests {
         assert!(closed);
     }
 
+    /// Timeouts for the deadline tests: 10 s per command line, 2 s under stress, 100 s per
+    /// message, at least 10 bytes per second over 5 s windows.
+    fn timed_config() -> SessionConfig {
+        SessionConfig {
+            timeouts: Timeouts {
+                command: Duration::from_secs(10),
+                stress_command: Duration::from_secs(2),
+                data: Duration::from_secs(100),
+                data_rate_min_bytes_per_s: 10,
+                data_rate_window: Duration::from_secs(5),
+            },
+            ..config()
+        }
+    }
+
+    fn after(t0: Instant, millis: u64) -> Instant {
+        t0 + Duration::from_millis(millis)
+    }
+
+    const TIMEOUT_REPLY: &str = "421 4.4.2 Timeout exceeded, closing connection\r\n";
+
     #[test]
-    fn timeouts_and_shutdown_close_with_421() {
-        let mut h = Harness::new(config(), "127.0.0.1");
-        let mut out = Vec::new();
-        h.session.timed_out(&mut h.sink, &mut out);
-        assert_eq!(out, b"421 4.4.2 Timeout exceeded, closing connection\r\n");
+    fn a_command_trickled_a_byte_at_a_time_is_cut_off_at_its_deadline() {
+        let t0 = Instant::now();
+        let mut h = Harness::new(timed_config(), "127.0.0.1");
+        h.at(t0).session.greeting(t0, &mut Vec::new());
+        // One byte of "NOOP" a second never completes the line; the deadline does not move.
+        for (i, byte) in ["N", "O", "O", "P", " ", "x"].iter().enumerate() {
+            let t = after(t0, 1000 * (i as u64 + 1));
+            assert_eq!(h.at(t).feed(byte), "");
+            assert_eq!(h.check(t, false), (None, String::new()));
+            assert_eq!(h.session.deadline(false), Some(after(t0, 10_000)));
+        }
+        assert_eq!(
+            h.check(after(t0, 10_000), false),
+            (Some(Expiry::Command), TIMEOUT_REPLY.to_string())
+        );
         assert!(h.session.is_closed());
+    }
+
+    #[test]
+    fn every_complete_line_and_every_answer_starts_a_new_wait() {
+        let t0 = Instant::now();
+        let mut h = Harness::new(timed_config(), "127.0.0.1");
+        h.at(t0).session.greeting(t0, &mut Vec::new());
+        assert!(h.at(after(t0, 9000)).feed("EHLO c\r\n").starts_with("250-"));
+        assert_eq!(h.session.deadline(false), Some(after(t0, 19_000)));
+        assert_eq!(h.check(after(t0, 18_999), false).0, None);
+        // Under stress the same wait is 2 s.
+        assert_eq!(h.session.deadline(true), Some(after(t0, 11_000)));
+        assert_eq!(h.check(after(t0, 11_000), true).0, Some(Expiry::Command));
+    }
+
+    #[test]
+    fn content_trickled_below_the_minimum_rate_is_cut_off_and_dropped() {
+        let t0 = Instant::now();
+        let mut h = Harness::new(timed_config(), "127.0.0.1");
+        h.at(t0)
+            .feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+        assert!(h.session.receiving_content());
+        // The first window carries 60 bytes (enough), the second 4.
+        h.at(after(t0, 1000)).feed(&"y".repeat(60));
+        assert_eq!(h.check(after(t0, 5000), false).0, None, "first window met the rate");
+        assert_eq!(h.session.deadline(false), Some(after(t0, 10_000)));
+        h.at(after(t0, 6000)).feed("abcd");
+        assert_eq!(h.check(after(t0, 9999), false).0, None);
+        let (expiry, replies) = h.check(after(t0, 10_000), false);
+        assert_eq!(
+            expiry,
+            Some(Expiry::ContentRate {
+                window_bytes: 4,
+                required_bytes: 50
+            })
+        );
+        assert_eq!(replies, TIMEOUT_REPLY);
+        assert!(!h.sink.open, "the half-received message is dropped");
+    }
+
+    #[test]
+    fn content_at_the_minimum_rate_passes_and_the_total_bound_still_holds() {
+        let t0 = Instant::now();
+        let mut config = timed_config();
+        config.message_size_max = 100_000;
+        let mut h = Harness::new(config, "127.0.0.1");
+        h.at(t0)
+            .feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+        // 12 bytes a second for 20 s: every window carries 60 of the 50 needed.
+        for second in 1..=20u64 {
+            h.at(after(t0, second * 1000)).feed("0123456789\r\n");
+            assert_eq!(h.check(after(t0, second * 1000), false).0, None, "at {second} s");
+        }
+        assert_eq!(h.at(after(t0, 20_500)).feed(".\r\n"), "250 2.0.0 Ok: queued as ID1\r\n");
+        // The total bound: 100 s from the first content byte, however fast the bytes come.
+        h.at(after(t0, 30_000))
+            .feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+        for second in 31..=140u64 {
+            h.at(after(t0, second * 1000)).feed(&"z".repeat(60));
+            if let (Some(expiry), replies) = h.check(after(t0, second * 1000), false) {
+                assert_eq!((expiry, second), (Expiry::ContentTotal, 130));
+                assert_eq!(replies, TIMEOUT_REPLY);
+                return;
+            }
+        }
+        panic!("the total content bound never struck");
+    }
+
+    #[test]
+    fn each_auth_response_line_has_the_command_deadline() {
+        let t0 = Instant::now();
+        let mut h = Harness::with_rules(timed_config(), SUBMISSION_RULES, "127.0.0.1");
+        h.at(t0).feed("EHLO c\r\nSTARTTLS\r\n");
+        h.feed("EHLO c\r\n");
+        assert_eq!(h.at(after(t0, 1000)).feed("AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        h.at(after(t0, 2000)).feed("YWxp");
+        assert_eq!(h.check(after(t0, 10_999), false).0, None);
+        assert_eq!(h.check(after(t0, 11_000), false).0, Some(Expiry::Command));
+    }
+
+    #[test]
+    fn junk_commands_past_the_limit_count_as_errors_until_a_message_is_accepted() {
+        let mut config = config();
+        config.junk_commands_max = 2;
+        config.tarpit_after_errors = 100;
+        let mut h = Harness::new(config, "127.0.0.1");
+        h.feed("EHLO c\r\n");
+        assert_eq!(h.feed("NOOP\r\nNOOP\r\n"), "250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n");
+        // Each one past the limit is answered as usual and counted (errors_max is 5).
+        for _ in 0..4 {
+            assert_eq!(h.feed("NOOP\r\n"), "250 2.0.0 Ok\r\n");
+        }
+        assert!(!h.session.is_closed());
+        // An accepted message resets the count.
+        h.feed("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nhi\r\n.\r\n");
+        assert_eq!(h.feed("NOOP\r\nHELP\r\n").matches("\r\n").count(), 2);
+        assert!(!h.session.is_closed());
+        let (replies, closed) = h.feed_split(b"VRFY a\r\nNOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n", 1000);
+        assert!(closed, "{replies}");
+        assert!(
+            replies.ends_with("421 4.7.0 Too many errors, closing connection\r\n"),
+            "{replies}"
+        );
+    }
+
+    #[test]
+    fn shutdown_closes_with_421() {
         let mut h = Harness::new(config(), "127.0.0.1");
         h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\npartial");
         assert!(h.session.in_transaction() && h.session.receiving_content());
@@ -1822,6 +2087,7 @@ mod tests {
             PLAIN_RULES,
             Rc::new(CountingGate(std::cell::Cell::new(1))),
             "127.0.0.1".parse().unwrap(),
+            now(),
         );
         h.feed("EHLO c\r\n");
         let replies = h.feed("MAIL FROM:<a@x.test>\r\nRSET\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n");
