@@ -100,7 +100,11 @@ fn bench_group_commit(c: &mut Criterion) {
                 durability: Durability::Fsync,
                 inflight_bytes_max: 256 << 20,
             };
-            let appender = ex.run(async move { Appender::open(config, &[], 0).await.unwrap() });
+            let appender = ex.run(async move {
+                Appender::open(config, &[], 0, std::rc::Rc::new(|_| false))
+                    .await
+                    .unwrap()
+            });
             group.bench_function(format!("{label}/{writers}_writers"), |b| {
                 b.iter_custom(|iters| ex.run(commit_many(&appender, iters, writers, size)))
             });

@@ -175,7 +175,7 @@ pub struct Deliverer {
     shard: u16,
     config: Arc<Config>,
     appender: Rc<Appender>,
-    queue: RefCell<QueueIndex>,
+    queue: Rc<RefCell<QueueIndex>>,
     destinations: RefCell<HashMap<DestinationKey, Destination>>,
     resolver: Resolver,
     retries: RefCell<BTreeSet<(Instant, MessageId)>>,
@@ -190,6 +190,8 @@ pub struct Deliverer {
     cache_bytes: Cell<usize>,
     /// A copy-forward pass is running (see `copy_forward`).
     copying: Cell<bool>,
+    /// The last state batch could not be written (logged once per change).
+    state_write_failing: Cell<bool>,
 }
 
 fn unix_now_s() -> u64 {
@@ -263,7 +265,7 @@ impl Deliverer {
         shard_count: usize,
         config: Arc<Config>,
         appender: Rc<Appender>,
-        queue: QueueIndex,
+        queue: Rc<RefCell<QueueIndex>>,
         resolver: Resolver,
     ) -> Rc<Deliverer> {
         Rc::new(Deliverer {
@@ -273,10 +275,11 @@ impl Deliverer {
             cache_bytes: Cell::new(0),
             shard,
             copying: Cell::new(false),
+            state_write_failing: Cell::new(false),
             resolver,
             config,
             appender,
-            queue: RefCell::new(queue),
+            queue,
             destinations: RefCell::new(HashMap::new()),
             retries: RefCell::new(BTreeSet::new()),
             state: RefCell::new(PendingState::default()),
@@ -1264,17 +1267,28 @@ impl Deliverer {
         if outcomes.is_empty() && tombstones.is_empty() && deferrals.is_empty() {
             return false;
         }
+        let mut failure = None;
         for (kind, entries) in [(Kind::Outcome, &outcomes), (Kind::Tombstone, &tombstones)] {
             if !entries.is_empty() {
                 if let Err(e) = self.appender.append_state(kind, entries).await {
-                    warn!(shard = self.shard, "cannot record delivery state: {e:?}");
+                    failure = Some(e);
                 }
             }
         }
         if !deferrals.is_empty() {
             if let Err(e) = self.appender.append_deferrals(&deferrals).await {
-                warn!(shard = self.shard, "cannot record retry schedules: {e:?}");
+                failure = Some(e);
             }
+        }
+        // Once per change, not once per batch: with the spool out of space every batch fails.
+        let was_failing = self.state_write_failing.replace(failure.is_some());
+        match (was_failing, failure) {
+            (false, Some(e)) => warn!(
+                shard = self.shard,
+                "cannot record delivery state ({e:?}); a crash now would repeat the deliveries since"
+            ),
+            (true, None) => info!(shard = self.shard, "delivery state recorded again"),
+            _ => {}
         }
         true
     }
@@ -1294,10 +1308,7 @@ impl Deliverer {
             glommio::timer::sleep(STATE_GATHER).await;
             while me.write_pending_state().await {}
             me.state.borrow_mut().flushing = false;
-            let deleted = me
-                .appender
-                .collect_garbage(|shard, seq| me.queue.borrow().segment_is_live(shard, seq))
-                .await;
+            let deleted = me.appender.collect_garbage().await;
             if deleted > 0 {
                 let queue = me.queue.borrow();
                 me.readers

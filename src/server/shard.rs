@@ -28,7 +28,7 @@ use crate::queue::{QueueIndex, QueuedMessage};
 use crate::rate::RateLimiter;
 use crate::smtp::sasl::Credentials;
 use crate::smtp::session::{AuthOutcome, MessageGate, SessionConfig};
-use crate::spool::appender::{Appender, AppenderConfig, WrittenRecord};
+use crate::spool::appender::{Appender, AppenderConfig, ExistingSegment, Liveness, WrittenRecord};
 use crate::spool::recovery::{list_segments, quarantine, read_segment, scan_segment, Damage};
 use crate::spool::shard_dir;
 
@@ -364,9 +364,9 @@ impl Future for AllGone<'_> {
 
 /// Reads this shard's spool back: its own directory and those of shards that no longer exist
 /// (`shard + k * shard_count`), so that lowering the shard count never strands mail.
-/// Returns the queue index, the sequences of the segments in the shard's own directory (oldest
-/// first), and the next segment sequence number.
-fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueIndex, Vec<u64>, u64), String> {
+/// Returns the queue index, the segments in the shard's own directory (oldest first), and the
+/// next segment sequence number.
+fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueIndex, Vec<ExistingSegment>, u64), String> {
     let spool = &config.spool.directory;
     let own_dir = shard_dir(spool, shard);
     std::fs::create_dir_all(&own_dir).map_err(|e| format!("cannot create {}: {e}", own_dir.display()))?;
@@ -417,7 +417,10 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
             tombstones.extend(scan.tombstones);
             deferrals.extend(scan.deferrals);
             if adopted == u32::from(shard) {
-                own_segments.push(*seq);
+                own_segments.push(ExistingSegment {
+                    seq: *seq,
+                    len_bytes: buf.len() as u64,
+                });
                 next_seq = next_seq.max(seq + 1);
             }
         }
@@ -465,13 +468,20 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
         durability: config.spool.durability,
         inflight_bytes_max: config.spool.memory_max.0 as usize,
     };
-    let appender = Appender::open(appender_config, &own_segments, next_seq)
+    let recovered = queue.len();
+    let queue = Rc::new(RefCell::new(queue));
+    let live: Liveness = {
+        let queue = queue.clone();
+        // A borrow held elsewhere cannot happen (no borrow lives across an await); if it did,
+        // "live" is the safe answer.
+        Rc::new(move |seq| queue.try_borrow().map_or(true, |q| q.segment_is_live(index, seq)))
+    };
+    let appender = Appender::open(appender_config, &own_segments, next_seq, live)
         .await
         .map_err(|e| format!("cannot open spool: {e}"))?;
     info!(
         shard = index,
-        "recovered {} spooled message(s) in {:?}",
-        queue.len(),
+        "recovered {recovered} spooled message(s) in {:?}",
         started.elapsed()
     );
     let dns_servers = if config.dns.servers.is_empty() {

@@ -19,6 +19,13 @@
 //! Failures: a failed write or fdatasync poisons its segment from the first ticket it may have
 //! lost; every later record of that segment is answered 451 (never 250), and new records go to a
 //! fresh segment.
+//!
+//! Space: a shard always makes progress with the segments it owns. When the active segment is
+//! full, the next one is, in this order, the spare prepared in advance; the oldest segment, if
+//! none of its messages is unfinished (recycled: zero-filled where it was written and renamed,
+//! no new space taken; this may be the active segment itself when it is the only one); or a new
+//! file, within `segments_max` and `min_free_bytes`. Refusals for lack of space end as soon as a
+//! segment drains, and are logged once per change of state, not once per message.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -85,6 +92,7 @@ impl WrittenRecord {
 pub struct Segment {
     pub seq: u64,
     file: DmaFile,
+    /// Bytes reserved so far: everything past it is zero.
     write_pos: Cell<u64>,
     /// Tickets from this one on must not be acknowledged (u64::MAX: healthy).
     poisoned_from: Cell<u64>,
@@ -100,6 +108,43 @@ impl Segment {
     }
 }
 
+/// A segment of this shard that is no longer written.
+struct Sealed {
+    seq: u64,
+    /// Our handle, for segments rolled since start; none for recovered ones.
+    handle: Option<Rc<Segment>>,
+    /// How far it may hold non-zero bytes (what recycling must zero).
+    used_bytes: u64,
+    /// Its file is `segment_bytes` long, so it can be recycled (not so after a change of
+    /// `spool.segment_size`: then it is deleted once drained).
+    recyclable: bool,
+}
+
+impl Sealed {
+    /// No write or fdatasync holds it.
+    fn idle(&self) -> bool {
+        self.handle.as_ref().is_none_or(|s| Rc::strong_count(s) == 1)
+    }
+}
+
+/// Whether the spool has room, for logging once per change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Space {
+    #[default]
+    Room,
+    /// `segments_max` reached.
+    SpoolFull,
+    /// The file system is below `min_free_bytes` plus a segment.
+    DiskFull,
+}
+
+/// An existing segment file of this shard, found at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExistingSegment {
+    pub seq: u64,
+    pub len_bytes: u64,
+}
+
 #[derive(Default)]
 struct State {
     active: Option<Rc<Segment>>,
@@ -110,7 +155,8 @@ struct State {
     /// Segment files of this shard on disk.
     segment_count: usize,
     /// Own segments no longer written, oldest first: recovered ones (no handle) and rolled ones.
-    sealed: VecDeque<(u64, Option<Rc<Segment>>)>,
+    sealed: VecDeque<Sealed>,
+    space: Space,
     next_seq: u64,
     next_ticket: u64,
     /// Completion flags of tickets `window_base..next_ticket`.
@@ -128,9 +174,27 @@ impl State {
     fn retire_active_if(&mut self, segment: &Rc<Segment>) {
         if self.active.as_ref().is_some_and(|a| Rc::ptr_eq(a, segment)) {
             let old = self.active.take().expect("checked");
-            self.sealed.push_back((old.seq, Some(old)));
+            self.seal(old);
         }
     }
+
+    fn seal(&mut self, segment: Rc<Segment>) {
+        self.sealed.push_back(Sealed {
+            seq: segment.seq,
+            used_bytes: segment.write_pos.get(),
+            recyclable: segment.healthy(),
+            handle: Some(segment),
+        });
+    }
+}
+
+/// Says whether a segment (by sequence) of this shard still holds an unfinished message.
+pub type Liveness = Rc<dyn Fn(u64) -> bool>;
+
+/// Where the next segment comes from.
+enum Source {
+    Recycle(Sealed),
+    Create,
 }
 
 pub struct Appender {
@@ -138,6 +202,8 @@ pub struct Appender {
     directory: Directory,
     budget: Rc<Budget>,
     state: RefCell<State>,
+    /// Which segments hold unfinished messages (the queue index knows).
+    live: Liveness,
 }
 
 fn now_ms() -> u64 {
@@ -169,30 +235,49 @@ fn free_bytes(path: &Path) -> io::Result<u64> {
 }
 
 impl Appender {
-    /// Opens the appender for a shard whose directory already holds `existing_segments` (all
-    /// read-only from now on) with sequences below `next_seq`. Starts the committer and creates
-    /// the first segment to write to; if that fails, the shard still serves and answers 452.
-    pub async fn open(config: AppenderConfig, existing_segments: &[u64], next_seq: u64) -> io::Result<Rc<Appender>> {
+    /// Opens the appender for a shard whose directory already holds `existing` segments (all
+    /// read-only from now on) with sequences below `next_seq`; `live` says which of them still
+    /// hold unfinished messages. Starts the committer and finds the first segment to write to,
+    /// recycling a drained one before it asks the file system for space, then deletes the
+    /// other drained ones. If no segment can be had, the shard still serves and answers 452
+    /// until one drains.
+    pub async fn open(
+        config: AppenderConfig,
+        existing: &[ExistingSegment],
+        next_seq: u64,
+        live: Liveness,
+    ) -> io::Result<Rc<Appender>> {
         let directory = Directory::open(&config.dir).await.map_err(io::Error::from)?;
         let budget = Budget::new(config.inflight_bytes_max);
+        let sealed = existing
+            .iter()
+            .map(|e| Sealed {
+                seq: e.seq,
+                handle: None,
+                used_bytes: e.len_bytes,
+                recyclable: e.len_bytes == config.segment_bytes,
+            })
+            .collect();
         let appender = Rc::new(Appender {
             directory,
             budget,
             state: RefCell::new(State {
-                segment_count: existing_segments.len(),
-                sealed: existing_segments.iter().map(|&seq| (seq, None)).collect(),
+                segment_count: existing.len(),
+                sealed,
                 next_seq,
                 ..State::default()
             }),
             config,
+            live,
         });
         if appender.config.durability == Durability::Fsync {
             glommio::spawn_local(appender.clone().run_committer()).detach();
         }
         appender.state.borrow_mut().preparing = true;
-        appender.prepare().await;
+        appender.prepare(false).await;
         let spare = appender.state.borrow_mut().spare.take();
         appender.state.borrow_mut().active = spare;
+        appender.collect_garbage().await;
         Ok(appender)
     }
 
@@ -329,23 +414,18 @@ impl Appender {
         }
     }
 
-    /// Deletes own segments, oldest first, while nothing in them is needed: `is_live(shard, seq)`
-    /// says whether a segment still holds an unfinished message. Oldest-first matters: a
-    /// segment's tombstones refer only to messages in it or in older segments, so deleting in
+    /// Deletes own segments, oldest first, while nothing in them is needed (the liveness given
+    /// at open says whether a segment still holds an unfinished message). Oldest-first matters:
+    /// a segment's tombstones refer only to messages in it or in older segments, so deleting in
     /// order never brings a finished message back. Returns the number deleted.
-    pub async fn collect_garbage(&self, is_live: impl Fn(u16, u64) -> bool) -> usize {
+    pub async fn collect_garbage(&self) -> usize {
         let mut deleted = 0;
         loop {
             let seq = {
                 let st = self.state.borrow();
                 match st.sealed.front() {
                     // A handle still shared means a write or an fdatasync is in flight.
-                    Some((seq, segment))
-                        if !is_live(self.config.shard, *seq)
-                            && segment.as_ref().is_none_or(|s| Rc::strong_count(s) == 1) =>
-                    {
-                        *seq
-                    }
+                    Some(sealed) if sealed.idle() && !(self.live)(sealed.seq) => sealed.seq,
                     _ => break,
                 }
             };
@@ -377,7 +457,12 @@ impl Appender {
 
     /// The oldest segment still on disk that is no longer written to.
     pub fn oldest_sealed(&self) -> Option<u64> {
-        self.state.borrow().sealed.front().map(|(seq, _)| *seq)
+        self.state.borrow().sealed.front().map(|s| s.seq)
+    }
+
+    /// The spool refuses mail for lack of space (its size limit or the file system's).
+    pub fn out_of_space(&self) -> bool {
+        self.state.borrow().space != Space::Room
     }
 
     /// Segment files this shard has on disk now.
@@ -408,14 +493,14 @@ impl Appender {
                         if prepare_early {
                             // After the borrow ends: glommio runs a spawned task right away.
                             let appender = self.clone();
-                            glommio::spawn_local(async move { appender.prepare().await }).detach();
+                            glommio::spawn_local(async move { appender.prepare(true).await }).detach();
                         }
                         return Ok((segment, pos, ticket));
                     }
                 }
                 if let Some(spare) = st.spare.take() {
                     if let Some(old) = st.active.replace(spare) {
-                        st.sealed.push_back((old.seq, Some(old)));
+                        st.seal(old);
                     }
                     continue;
                 }
@@ -428,7 +513,7 @@ impl Appender {
                 }
             };
             if must_prepare {
-                self.prepare().await;
+                self.prepare(false).await;
             } else {
                 WaitSegment { appender: self }.await;
             }
@@ -441,12 +526,21 @@ impl Appender {
         }
     }
 
-    /// Creates a spare segment (or records why not) and wakes whoever waits for one.
-    async fn prepare(self: &Rc<Self>) {
-        let result = self.create_segment().await;
+    /// Makes a spare segment (or records why not) and wakes whoever waits for one. `early`: the
+    /// active segment still has room (so it must not be the one recycled).
+    async fn prepare(self: &Rc<Self>, early: bool) {
+        let result = match self.next_source(!early) {
+            Source::Recycle(victim) => self.recycle(victim).await,
+            Source::Create => self.create_segment().await,
+        };
         let mut st = self.state.borrow_mut();
         match result {
-            Ok(segment) => st.spare = Some(Rc::new(segment)),
+            Ok(segment) => {
+                st.spare = Some(Rc::new(segment));
+                drop(st);
+                self.set_space(Space::Room, "");
+                st = self.state.borrow_mut();
+            }
             Err(e) => st.prepare_error = Some(e),
         }
         st.preparing = false;
@@ -455,31 +549,142 @@ impl Appender {
         }
     }
 
+    /// The oldest segment if it can be recycled now: none of its messages unfinished, no write
+    /// or sync holding it. With no sealed segment, the active one is the oldest (`may_take_active`:
+    /// it has no room left for the record that needs a segment).
+    fn next_source(&self, may_take_active: bool) -> Source {
+        let mut st = self.state.borrow_mut();
+        if let Some(front) = st.sealed.front() {
+            if front.recyclable && front.idle() && !(self.live)(front.seq) {
+                return Source::Recycle(st.sealed.pop_front().expect("checked"));
+            }
+            return Source::Create;
+        }
+        let active_drained = st
+            .active
+            .as_ref()
+            .is_some_and(|a| a.healthy() && Rc::strong_count(a) == 1 && !(self.live)(a.seq));
+        if may_take_active && active_drained {
+            let active = st.active.take().expect("checked");
+            let used_bytes = active.write_pos.get();
+            return Source::Recycle(Sealed {
+                seq: active.seq,
+                handle: Some(active),
+                used_bytes,
+                recyclable: true,
+            });
+        }
+        Source::Create
+    }
+
+    /// Logs a change in whether the spool has room (once per change, not per message).
+    fn set_space(&self, space: Space, why: &str) {
+        let shard = self.config.shard;
+        let was = std::mem::replace(&mut self.state.borrow_mut().space, space);
+        match (was, space) {
+            (a, b) if a == b => {}
+            (_, Space::Room) => info!(shard, "spool has room again: accepting mail"),
+            (_, Space::SpoolFull | Space::DiskFull) => warn!(
+                shard,
+                "{why}; refusing mail with 452 until delivered mail frees a segment"
+            ),
+        }
+    }
+
+    /// A new sequence number for a segment.
+    fn next_seq(&self) -> u64 {
+        let mut st = self.state.borrow_mut();
+        let seq = st.next_seq.max(now_ms());
+        st.next_seq = seq + 1;
+        seq
+    }
+
+    /// Reuses a drained segment's file under a new sequence: renamed out of recovery's sight,
+    /// zero-filled where it was written, synced, renamed to its new name. A crash at any point
+    /// leaves either the old segment (whose messages are all finished, so nothing comes back
+    /// that was not already due to come back) or a `.seg.tmp` file that recovery deletes. The
+    /// old bytes are zeroed, not left behind the new records as stale ones: a stale record's
+    /// checksum names its old sequence, but message bodies are the client's bytes at aligned
+    /// offsets, and a forged record inside one must never become readable.
+    async fn recycle(&self, victim: Sealed) -> Result<Segment, CommitError> {
+        let shard = self.config.shard;
+        let seq = self.next_seq();
+        let old_path = self.config.dir.join(segment_file_name(victim.seq));
+        let name = segment_file_name(seq);
+        let tmp_path = self.config.dir.join(format!("{name}.tmp"));
+        let final_path = self.config.dir.join(&name);
+        let result = async {
+            let file = match victim.handle {
+                Some(segment) => match Rc::try_unwrap(segment) {
+                    Ok(segment) => segment.file,
+                    Err(_) => return Err(io::Error::other("segment still in use")),
+                },
+                None => OpenOptions::new()
+                    .write(true)
+                    .dma_open(&old_path)
+                    .await
+                    .map_err(io::Error::from)?,
+            };
+            file.rename(&tmp_path).await.map_err(io::Error::from)?;
+            self.directory.sync().await.map_err(io::Error::from)?;
+            self.zero_fill(&file, victim.used_bytes.min(self.config.segment_bytes))
+                .await?;
+            file.rename(&final_path).await.map_err(io::Error::from)?;
+            self.directory.sync().await.map_err(io::Error::from)?;
+            Ok(file)
+        }
+        .await;
+        match result {
+            Ok(file) => {
+                info!(
+                    shard,
+                    segment = seq,
+                    "recycled drained segment {:016x} as {}",
+                    victim.seq,
+                    final_path.display()
+                );
+                Ok(Segment {
+                    seq,
+                    file,
+                    write_pos: Cell::new(0),
+                    poisoned_from: Cell::new(u64::MAX),
+                })
+            }
+            Err(e) => {
+                error!(shard, "cannot recycle segment {}: {e}", old_path.display());
+                for path in [&old_path, &tmp_path, &final_path] {
+                    let _ = glommio::io::remove(path).await;
+                }
+                self.state.borrow_mut().segment_count -= 1;
+                Err(commit_error(&e))
+            }
+        }
+    }
+
     async fn create_segment(&self) -> Result<Segment, CommitError> {
         let shard = self.config.shard;
-        let seq = {
-            let mut st = self.state.borrow_mut();
-            if st.segment_count >= self.config.segments_max {
-                warn!(
-                    shard,
-                    "spool full: {} segments of {} bytes (spool.size_max); refusing mail with 452",
-                    st.segment_count,
-                    self.config.segment_bytes
-                );
-                return Err(CommitError::NoSpace);
-            }
-            let seq = st.next_seq.max(now_ms());
-            st.next_seq = seq + 1;
-            seq
-        };
+        let count = self.state.borrow().segment_count;
+        if count >= self.config.segments_max {
+            let why = format!(
+                "spool full: {count} segments of {} bytes (spool.size_max)",
+                self.config.segment_bytes
+            );
+            self.set_space(Space::SpoolFull, &why);
+            return Err(CommitError::NoSpace);
+        }
         match free_bytes(&self.config.dir) {
             Ok(free) if free < self.config.min_free_bytes + self.config.segment_bytes => {
-                warn!(shard, "file system nearly full: {free} bytes free, spool.min_free needs {} plus a segment; refusing mail with 452", self.config.min_free_bytes);
+                let why = format!(
+                    "file system nearly full: {free} bytes free, spool.min_free needs {} plus a segment of {}",
+                    self.config.min_free_bytes, self.config.segment_bytes
+                );
+                self.set_space(Space::DiskFull, &why);
                 return Err(CommitError::NoSpace);
             }
             Ok(_) => {}
             Err(e) => warn!(shard, "cannot read free space of {}: {e}", self.config.dir.display()),
         }
+        let seq = self.next_seq();
         let name = segment_file_name(seq);
         let tmp_path = self.config.dir.join(format!("{name}.tmp"));
         let final_path = self.config.dir.join(&name);
@@ -513,11 +718,19 @@ impl Appender {
     /// Zero-fills the whole segment and makes it durable under its final name, so that later
     /// fdatasyncs have no metadata to persist.
     async fn fill_segment(&self, file: &DmaFile, final_path: &Path) -> io::Result<()> {
+        self.zero_fill(file, self.config.segment_bytes).await?;
+        file.rename(final_path).await.map_err(io::Error::from)?;
+        self.directory.sync().await.map_err(io::Error::from)?;
+        Ok(())
+    }
+
+    /// Writes zeros over `[0, len)` (rounded up to whole chunks, within the segment) and syncs.
+    async fn zero_fill(&self, file: &DmaFile, len: u64) -> io::Result<()> {
         let mut zeros = glommio::allocate_dma_buffer(SEGMENT_FILL_CHUNK_BYTES as usize);
         zeros.as_bytes_mut().fill(0);
         let zeros = Rc::new(zeros);
         let mut offset = 0;
-        while offset < self.config.segment_bytes {
+        while offset < len.min(self.config.segment_bytes) {
             let n = file.write_rc_at(zeros.clone(), offset).await.map_err(io::Error::from)?;
             if n as u64 != SEGMENT_FILL_CHUNK_BYTES {
                 return Err(io::Error::new(
@@ -528,8 +741,6 @@ impl Appender {
             offset += SEGMENT_FILL_CHUNK_BYTES;
         }
         file.fdatasync().await.map_err(io::Error::from)?;
-        file.rename(final_path).await.map_err(io::Error::from)?;
-        self.directory.sync().await.map_err(io::Error::from)?;
         Ok(())
     }
 
