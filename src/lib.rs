@@ -13,12 +13,13 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod dns;
-pub mod dsn;
-pub mod policy;
 pub mod queue;
 pub mod rate;
 pub mod server;
-pub mod smtp;
 pub mod spool;
 pub mod transport;
 pub mod units;
+
+// The sans-IO crates, under the names the shell and its tests have always used.
+pub use gannet_smtp as smtp;
+pub use gannet_smtp::{dsn, policy};

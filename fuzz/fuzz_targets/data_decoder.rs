@@ -4,7 +4,7 @@
 //! - on raw input, decoding never panics and ends only at a line-start `.` CRLF.
 #![no_main]
 
-use gannet::smtp::data::{dot_stuff, BareLineEndings, DataDecoder};
+use gannet_smtp::data::{dot_stuff, BareLineEndings, DataDecoder};
 use libfuzzer_sys::fuzz_target;
 
 fn decode_all(input: &[u8], split: usize) -> (Vec<u8>, Option<usize>) {

@@ -2,7 +2,7 @@
 //! can be walked to its end.
 #![no_main]
 
-use gannet::smtp::parser::{parse_command, Command, Params};
+use gannet_smtp::parser::{parse_command, Command, Params};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|line: &[u8]| {

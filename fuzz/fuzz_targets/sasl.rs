@@ -4,7 +4,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use gannet::smtp::sasl::{self, PASSWORD_BYTES_MAX, USER_BYTES_MAX};
+use gannet_smtp::sasl::{self, PASSWORD_BYTES_MAX, USER_BYTES_MAX};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

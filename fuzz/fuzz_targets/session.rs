@@ -12,15 +12,13 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use gannet::auth::passwords::Identity;
-use gannet::policy::RelayPolicy;
-use gannet::smtp::data::BareLineEndings;
-use gannet::smtp::deadline::{Now, Timeouts};
-use gannet::smtp::envelope::{Envelope, Origin};
-use gannet::smtp::received::TlsSummary;
-use gannet::smtp::session::{
-    AuthOutcome, ListenerRules, MessageSink, Next, OpenGate, Session, SessionConfig, SinkFull,
-};
+use gannet_smtp::data::BareLineEndings;
+use gannet_smtp::deadline::{Now, Timeouts};
+use gannet_smtp::envelope::{Envelope, Origin};
+use gannet_smtp::identity::Identity;
+use gannet_smtp::policy::RelayPolicy;
+use gannet_smtp::received::TlsSummary;
+use gannet_smtp::session::{AuthOutcome, ListenerRules, MessageSink, Next, OpenGate, Session, SessionConfig, SinkFull};
 use libfuzzer_sys::fuzz_target;
 
 const LINE_LENGTH_MAX: usize = 512;

@@ -3,8 +3,8 @@
 //! deferral batches) are also fed the bytes directly.
 #![no_main]
 
-use gannet::spool::record::{decode_deferrals, decode_message, decode_state_batch, split_message_payload, Kind};
-use gannet::spool::recovery::scan_segment;
+use gannet_spool::record::{decode_deferrals, decode_message, decode_state_batch, split_message_payload, Kind};
+use gannet_spool::recovery::scan_segment;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

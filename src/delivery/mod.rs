@@ -1,6 +1,6 @@
-//! Delivery: the outbound SMTP client (sans-IO) and the per-shard queue runner.
+//! Delivery: the per-shard queue runner over the sans-IO outbound client (`gannet_smtp::client`).
 
-pub mod client;
+pub use gannet_smtp::client;
 pub mod lanes;
 pub mod runner;
 pub mod tls;

@@ -1,7 +1,8 @@
-//! DNS for MX delivery: messages built and parsed with hickory-proto (`message`), one cache shared
-//! by all shards (`cache`), and a stub resolver per shard over its own sockets (`resolver`).
+//! DNS for MX delivery: the stub resolver per shard over its own sockets (`resolver`) and the MX
+//! lookups it serves (`mx`); messages, the shared cache and MX ordering are the `gannet-dns`
+//! crate, re-exported here.
 
-pub mod cache;
-pub mod message;
 pub mod mx;
 pub mod resolver;
+
+pub use gannet_dns::{cache, message};

@@ -18,7 +18,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::smtp::envelope::{BodyType, Envelope, Origin, Ret};
+use gannet_smtp::envelope::{BodyType, Envelope, Origin, Ret};
+pub use gannet_smtp::envelope::{StoredEnvelope, StoredRecipient};
 
 pub const HEADER_BYTES: usize = 9;
 
@@ -60,7 +61,7 @@ const COPY_RECIPIENTS_MAX: usize = 100_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyOf {
     /// The record this one replaces.
-    pub moved_from: super::MessageId,
+    pub moved_from: crate::MessageId,
     /// Recipients already finished when the copy was made.
     pub done: Vec<bool>,
 }
@@ -88,7 +89,7 @@ pub fn split_message_payload(kind: u8, payload: &[u8]) -> Result<(Option<CopyOf>
         return Err(DecodeError::BadField("record kind"));
     }
     let mut r = Reader { bytes: payload, pos: 0 };
-    let moved_from = super::MessageId {
+    let moved_from = crate::MessageId {
         segment_seq: r.u64()?,
         shard: u16::from_le_bytes(r.take(2)?.try_into().unwrap()),
         offset_blocks: r.u32()?,
@@ -151,7 +152,7 @@ pub fn message_record_bytes_max(line_length_max: usize, recipients_max: usize, m
     let per_recipient = 2 + 512 + 1 + 2 + 500;
     let received_header = 2048;
     let payload = 4 + fixed + recipients_max * per_recipient + received_header;
-    super::align_up(HEADER_BYTES as u64 + payload as u64 + message_size_max)
+    crate::align_up(HEADER_BYTES as u64 + payload as u64 + message_size_max)
 }
 
 const ENVELOPE_VERSION: u8 = 1;
@@ -198,54 +199,6 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     let len = u16::try_from(bytes.len()).expect("envelope field longer than 64 KiB");
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(bytes);
-}
-
-/// A recipient as read back from the spool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredRecipient {
-    pub address: Vec<u8>,
-    pub notify: u8,
-    pub orcpt: Vec<u8>,
-}
-
-/// A `Message` record's envelope as read back from the spool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredEnvelope {
-    pub received_unix_s: u64,
-    pub client_ip: IpAddr,
-    pub smtputf8: bool,
-    pub body: BodyType,
-    pub ret: Ret,
-    pub size_declared_bytes: Option<u64>,
-    pub helo: Vec<u8>,
-    pub sender: Vec<u8>,
-    pub envid: Vec<u8>,
-    pub recipients: Vec<StoredRecipient>,
-}
-
-impl StoredEnvelope {
-    /// The stored form of a live session's envelope.
-    pub fn from_envelope(envelope: &Envelope, origin: Origin<'_>) -> StoredEnvelope {
-        StoredEnvelope {
-            received_unix_s: origin.received_unix_s,
-            client_ip: origin.client_ip,
-            smtputf8: envelope.smtputf8,
-            body: envelope.body,
-            ret: envelope.ret,
-            size_declared_bytes: envelope.size_declared_bytes,
-            helo: origin.helo.to_vec(),
-            sender: envelope.sender().to_vec(),
-            envid: envelope.envid().to_vec(),
-            recipients: envelope
-                .recipients()
-                .map(|(address, notify, orcpt)| StoredRecipient {
-                    address: address.to_vec(),
-                    notify,
-                    orcpt: orcpt.to_vec(),
-                })
-                .collect(),
-        }
-    }
 }
 
 /// Why a payload could not be decoded.
@@ -299,11 +252,11 @@ impl<'a> Reader<'a> {
     }
 
     /// A message id as batches store it: shard u16, segment seq u64, offset blocks u32.
-    fn entry_id(&mut self) -> Result<super::MessageId, DecodeError> {
+    fn entry_id(&mut self) -> Result<crate::MessageId, DecodeError> {
         let shard = u16::from_le_bytes(self.take(2)?.try_into().unwrap());
         let segment_seq = self.u64()?;
         let offset_blocks = self.u32()?;
-        Ok(super::MessageId {
+        Ok(crate::MessageId {
             segment_seq,
             shard,
             offset_blocks,
@@ -417,7 +370,7 @@ fn seal_record(segment_seq: u64, kind: Kind, mut out: Vec<u8>) -> Vec<u8> {
         }
         .encode(),
     );
-    out.resize(super::align_up(out.len() as u64) as usize, 0);
+    out.resize(crate::align_up(out.len() as u64) as usize, 0);
     out
 }
 
@@ -436,7 +389,7 @@ const STATE_ENTRY_BYTES: usize = 2 + 8 + 4 + 4;
 /// failed for good). In a `Tombstone` batch the recipient is ignored: the whole message is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateEntry {
-    pub id: super::MessageId,
+    pub id: crate::MessageId,
     pub recipient: u32,
 }
 
@@ -447,7 +400,7 @@ pub fn state_record_bytes(entries: usize) -> usize {
 
 /// Appends a message id as batches store it (the inverse of `Reader::entry_id`): shard u16,
 /// segment seq u64, offset blocks u32.
-fn encode_entry_id(id: &super::MessageId, out: &mut Vec<u8>) {
+fn encode_entry_id(id: &crate::MessageId, out: &mut Vec<u8>) {
     out.extend_from_slice(&id.shard.to_le_bytes());
     out.extend_from_slice(&id.segment_seq.to_le_bytes());
     out.extend_from_slice(&id.offset_blocks.to_le_bytes());
@@ -466,7 +419,7 @@ pub fn encode_state_batch(entries: &[StateEntry], out: &mut Vec<u8>) {
 /// keeps it (the latest record of a message wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deferral {
-    pub id: super::MessageId,
+    pub id: crate::MessageId,
     pub attempts: u32,
     /// When the next attempt is due, in seconds since the epoch.
     pub next_attempt_unix_s: u64,
@@ -538,7 +491,7 @@ pub fn build_state_record(segment_seq: u64, kind: Kind, entries: &[StateEntry]) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::envelope::notify;
+    use gannet_smtp::envelope::notify;
 
     pub(crate) fn sample_envelope() -> Envelope {
         let mut env = Envelope::default();
@@ -559,13 +512,13 @@ mod tests {
     fn deferral_batches_round_trip() {
         let entries = [
             Deferral {
-                id: crate::spool::MessageId::new(7, 1, 4096),
+                id: crate::MessageId::new(7, 1, 4096),
                 attempts: 3,
                 next_attempt_unix_s: 1_800_000_000,
                 delay_notified: true,
             },
             Deferral {
-                id: crate::spool::MessageId::new(8, 0, 0),
+                id: crate::MessageId::new(8, 0, 0),
                 attempts: 1,
                 next_attempt_unix_s: 5,
                 delay_notified: false,
@@ -593,7 +546,7 @@ mod tests {
         let header = Header::decode(original[..HEADER_BYTES].try_into().unwrap());
         let message_payload = &original[HEADER_BYTES..HEADER_BYTES + header.len as usize];
         let copy = CopyOf {
-            moved_from: crate::spool::MessageId::new(41, 3, 8192),
+            moved_from: crate::MessageId::new(41, 3, 8192),
             done: vec![true, false, false, true, false, false, false, false, true],
         };
         let record = build_copy_record(99, &copy, message_payload);
@@ -656,11 +609,11 @@ mod tests {
     fn state_batches_round_trip() {
         let entries = vec![
             StateEntry {
-                id: crate::spool::MessageId::new(7, 1, 8192),
+                id: crate::MessageId::new(7, 1, 8192),
                 recipient: 3,
             },
             StateEntry {
-                id: crate::spool::MessageId::new(9, 0, 0),
+                id: crate::MessageId::new(9, 0, 0),
                 recipient: u32::MAX,
             },
         ];

@@ -5,12 +5,12 @@ use std::hint::black_box;
 use std::rc::Rc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use gannet::policy::RelayPolicy;
-use gannet::smtp::data::{dot_stuff, BareLineEndings, DataDecoder};
-use gannet::smtp::deadline::{Now, Timeouts};
-use gannet::smtp::envelope::{Envelope, Origin};
-use gannet::smtp::parser::{parse_command, Params};
-use gannet::smtp::session::{ListenerRules, MessageSink, Next, OpenGate, Session, SessionConfig, SinkFull};
+use gannet_smtp::data::{dot_stuff, BareLineEndings, DataDecoder};
+use gannet_smtp::deadline::{Now, Timeouts};
+use gannet_smtp::envelope::{Envelope, Origin};
+use gannet_smtp::parser::{parse_command, Params};
+use gannet_smtp::policy::RelayPolicy;
+use gannet_smtp::session::{ListenerRules, MessageSink, Next, OpenGate, Session, SessionConfig, SinkFull};
 
 /// 1000 pipelined transactions' worth of commands, as a bulk client sends them.
 fn pipelined_commands() -> Vec<u8> {
@@ -60,8 +60,8 @@ fn bench_parser(c: &mut Criterion) {
             while let Some(lf) = memchr::memchr(b'\n', rest) {
                 let line = &rest[..lf - 1];
                 match parse_command(black_box(line)) {
-                    Ok(gannet::smtp::parser::Command::Mail { params: p, .. })
-                    | Ok(gannet::smtp::parser::Command::Rcpt { params: p, .. }) => params += Params::new(p).count(),
+                    Ok(gannet_smtp::parser::Command::Mail { params: p, .. })
+                    | Ok(gannet_smtp::parser::Command::Rcpt { params: p, .. }) => params += Params::new(p).count(),
                     Ok(_) => {}
                     Err(e) => panic!("{e:?}"),
                 }

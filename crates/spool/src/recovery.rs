@@ -13,11 +13,11 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use super::record::{
+use crate::record::{
     crc_start, decode_deferrals, decode_message, decode_state_batch, split_message_payload, CopyOf, DecodeError,
     Deferral, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES,
 };
-use super::{align_up, parse_segment_file_name, MessageId};
+use crate::{align_up, parse_segment_file_name, MessageId};
 
 /// A message found in a segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +210,7 @@ pub fn read_segment(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
 /// Reads one message back from the spool by id: its envelope and its stored content (our
 /// Received header followed by the client's bytes, exactly as they will be relayed).
 pub fn read_message(spool_dir: &Path, id: MessageId) -> io::Result<(StoredEnvelope, Vec<u8>)> {
-    let path = super::shard_dir(spool_dir, id.shard).join(super::segment_file_name(id.segment_seq));
+    let path = crate::shard_dir(spool_dir, id.shard).join(crate::segment_file_name(id.segment_seq));
     let mut buf = Vec::new();
     read_segment(&path, &mut buf)?;
     let not_found = || {
@@ -246,8 +246,8 @@ pub fn quarantine(spool_dir: &Path, shard: u16, seq: u64, bytes: &[u8], offset: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::envelope::{Envelope, Origin};
-    use crate::spool::record::build_message_record;
+    use crate::record::build_message_record;
+    use gannet_smtp::envelope::{Envelope, Origin};
 
     fn record(seq: u64, content: &[u8]) -> Vec<u8> {
         let mut env = Envelope::default();
@@ -330,7 +330,7 @@ mod tests {
 
     #[test]
     fn state_records_are_collected() {
-        use crate::spool::record::build_state_record;
+        use crate::record::build_state_record;
         let done = StateEntry {
             id: MessageId::new(7, 0, 0),
             recipient: 0,

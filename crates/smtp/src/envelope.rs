@@ -123,6 +123,54 @@ impl Envelope {
     }
 }
 
+/// A recipient as stored in the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecipient {
+    pub address: Vec<u8>,
+    pub notify: u8,
+    pub orcpt: Vec<u8>,
+}
+
+/// An envelope as stored in the spool and read back from it (the owned form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEnvelope {
+    pub received_unix_s: u64,
+    pub client_ip: IpAddr,
+    pub smtputf8: bool,
+    pub body: BodyType,
+    pub ret: Ret,
+    pub size_declared_bytes: Option<u64>,
+    pub helo: Vec<u8>,
+    pub sender: Vec<u8>,
+    pub envid: Vec<u8>,
+    pub recipients: Vec<StoredRecipient>,
+}
+
+impl StoredEnvelope {
+    /// The stored form of a live session's envelope.
+    pub fn from_envelope(envelope: &Envelope, origin: Origin<'_>) -> StoredEnvelope {
+        StoredEnvelope {
+            received_unix_s: origin.received_unix_s,
+            client_ip: origin.client_ip,
+            smtputf8: envelope.smtputf8,
+            body: envelope.body,
+            ret: envelope.ret,
+            size_declared_bytes: envelope.size_declared_bytes,
+            helo: origin.helo.to_vec(),
+            sender: envelope.sender().to_vec(),
+            envid: envelope.envid().to_vec(),
+            recipients: envelope
+                .recipients()
+                .map(|(address, notify, orcpt)| StoredRecipient {
+                    address: address.to_vec(),
+                    notify,
+                    orcpt: orcpt.to_vec(),
+                })
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

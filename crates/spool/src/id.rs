@@ -8,7 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::RECORD_ALIGN_BYTES;
+use crate::RECORD_ALIGN_BYTES;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId {

@@ -8,8 +8,8 @@ use std::sync::{Arc, Barrier, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use gannet::dns::cache::{CacheLimits, DnsCache};
-use gannet::dns::message::Answer;
+use gannet_dns::cache::{CacheLimits, DnsCache};
+use gannet_dns::message::Answer;
 use hickory_proto::rr::RecordType;
 
 const NAMES: usize = 10_000;

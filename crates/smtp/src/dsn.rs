@@ -5,8 +5,7 @@
 //! asked for NOTIFY without FAILURE (or NOTIFY=NEVER) gets no failure notice; RET=FULL returns
 //! the whole message, otherwise only its headers.
 
-use crate::smtp::envelope::{notify, Ret};
-use crate::spool::record::StoredEnvelope;
+use crate::envelope::{notify, Ret, StoredEnvelope};
 
 /// One recipient to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,8 +191,8 @@ pub fn build_bounce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::envelope::BodyType;
-    use crate::spool::record::StoredRecipient;
+    use crate::envelope::BodyType;
+    use crate::envelope::StoredRecipient;
 
     fn envelope(sender: &str, notify_flags: u8, ret: Ret) -> StoredEnvelope {
         StoredEnvelope {

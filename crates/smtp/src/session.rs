@@ -23,16 +23,16 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::address::{AddressError, Path};
-use super::data::{BareLineEndingScanner, BareLineEndings, DataDecoder};
-use super::deadline::{Deadlines, Expiry, Now, Timeouts};
-use super::envelope::{notify, BodyType, Envelope, Origin, Ret};
-use super::parser::{parse_command, Command, Params, ParseError};
-use super::received::{write_received, TlsSummary, Trace};
-use super::reply::{self, write_line, Reply};
-use super::sasl::{self, Credentials, Mechanism, SaslError};
-use crate::auth::passwords::Identity;
+use crate::address::{AddressError, Path};
+use crate::data::{BareLineEndingScanner, BareLineEndings, DataDecoder};
+use crate::deadline::{Deadlines, Expiry, Now, Timeouts};
+use crate::envelope::{notify, BodyType, Envelope, Origin, Ret};
+use crate::identity::Identity;
+use crate::parser::{parse_command, Command, Params, ParseError};
 use crate::policy::RelayPolicy;
+use crate::received::{write_received, TlsSummary, Trace};
+use crate::reply::{self, write_line, Reply};
+use crate::sasl::{self, Credentials, Mechanism, SaslError};
 
 /// Longest ENVID (RFC 3461 4.4: 100 characters).
 const ENVID_BYTES_MAX: usize = 100;
@@ -839,7 +839,7 @@ impl Session {
         reply::SENDER_OK.write(out);
     }
 
-    fn rcpt(&mut self, to: super::address::Mailbox<'_>, params: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) {
+    fn rcpt(&mut self, to: crate::address::Mailbox<'_>, params: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) {
         match self.phase {
             Phase::Mail => {}
             Phase::Greeted => return self.error(reply::NEED_HELO, sink, out),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
 
-use super::message::Answer;
+use crate::message::Answer;
 
 #[derive(Debug, Clone)]
 struct Entry {

@@ -1,7 +1,7 @@
 //! The SMTP command parser: one command line (without its CRLF) in, a [`Command`] borrowing that
 //! line out. No allocation, no copies; verbs and keywords are matched case-insensitively.
 
-use super::address::{parse_path, AddressError, Mailbox, Path};
+use crate::address::{parse_path, AddressError, Mailbox, Path};
 
 /// One parsed command. Every slice borrows the input line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
