@@ -19,6 +19,8 @@ use crate::spool::appender::SEGMENT_FILL_CHUNK_BYTES;
 use crate::spool::record::message_record_bytes_max;
 use crate::spool::Durability;
 use crate::units::{ByteSize, Span};
+use gannet_sched::backoff::RetrySchedule;
+use gannet_sched::{Route as SchedRoute, RouteTarget as SchedTarget, SchedConfig, SiteRule};
 
 /// The configuration Gannet serves with when no `--config` is given.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -79,18 +81,7 @@ pub struct DestinationLimits {
 impl DestinationLimits {
     /// Whether this rule covers a destination named `name` (an `IP:port` or a domain).
     pub fn matches(&self, name: &str) -> bool {
-        let p = self.pattern.as_str();
-        if p == "*" || p.eq_ignore_ascii_case(name) {
-            return true;
-        }
-        match p.strip_prefix("*.") {
-            Some(suffix) => {
-                name.len() > suffix.len()
-                    && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                    && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
-            }
-            None => false,
-        }
+        gannet_sched::site::pattern_matches(&self.pattern, name)
     }
 }
 
@@ -145,6 +136,14 @@ pub struct Delivery {
     /// Concurrent delivering connections per shard, over all destinations.
     #[serde(default = "default_connections_per_shard_max")]
     pub connections_per_shard_max: usize,
+    /// Concurrent connections to one receiving IP address, for the whole process, over all
+    /// destinations (each shard gets an equal share, rounded up).
+    #[serde(default = "default_connections_per_ip_max")]
+    pub connections_per_ip_max: usize,
+    /// Receiving sites each shard keeps track of; idle ones beyond it are forgotten (their
+    /// pooled connections closed), least recently active first.
+    #[serde(default = "default_destinations_max")]
+    pub destinations_max: usize,
     #[serde(default = "default_messages_per_connection_max")]
     pub messages_per_connection_max: usize,
     /// How long an idle outbound connection is kept for reuse.
@@ -702,6 +701,12 @@ fn default_final_reply_timeout() -> Span {
 fn default_connections_per_destination_max() -> usize {
     20
 }
+fn default_connections_per_ip_max() -> usize {
+    20
+}
+fn default_destinations_max() -> usize {
+    10_000
+}
 fn default_connections_per_shard_max() -> usize {
     500
 }
@@ -730,6 +735,8 @@ impl Default for Delivery {
             final_reply_timeout: default_final_reply_timeout(),
             connections_per_destination_max: default_connections_per_destination_max(),
             connections_per_shard_max: default_connections_per_shard_max(),
+            connections_per_ip_max: default_connections_per_ip_max(),
+            destinations_max: default_destinations_max(),
             messages_per_connection_max: default_messages_per_connection_max(),
             idle_timeout: default_idle_timeout(),
             retry_first: default_retry_first(),
@@ -1216,16 +1223,24 @@ impl Config {
                 ),
             ));
         }
-        if d.connections_per_destination_max == 0
-            || d.messages_per_connection_max == 0
-            || d.connections_per_shard_max == 0
-        {
-            let key = if d.connections_per_destination_max == 0 {
-                "connections_per_destination_max"
-            } else {
-                "messages_per_connection_max"
-            };
-            return Err(fail("delivery", 0, key, "must be at least 1".into()));
+        for (key, value) in [
+            ("connections_per_destination_max", d.connections_per_destination_max),
+            ("messages_per_connection_max", d.messages_per_connection_max),
+            ("connections_per_shard_max", d.connections_per_shard_max),
+            ("connections_per_ip_max", d.connections_per_ip_max),
+            ("destinations_max", d.destinations_max),
+        ] {
+            if value == 0 {
+                return Err(fail("delivery", 0, key, "must be at least 1".into()));
+            }
+        }
+        if d.destinations_max > 1_000_000 {
+            return Err(fail(
+                "delivery",
+                0,
+                "destinations_max",
+                "must be at most 1000000 (sites with mail queued are kept beyond it anyway)".into(),
+            ));
         }
         if let Some(name) = &d.helo_name {
             if !valid_hostname(name) {
@@ -1386,6 +1401,49 @@ impl Config {
     /// The limits rule for a destination named `name` (an `IP:port` or a domain), if any.
     pub fn destination_limits(&self, name: &str) -> Option<&DestinationLimits> {
         self.destinations.iter().find(|d| d.matches(name))
+    }
+
+    /// The scheduler's settings for shard `shard` of `shard_count`.
+    pub fn sched_config(&self, shard: u16, shard_count: usize, seed: u64) -> SchedConfig {
+        let d = &self.delivery;
+        SchedConfig {
+            shard,
+            shard_count,
+            routes: self
+                .routes
+                .iter()
+                .map(|r| SchedRoute {
+                    domain: r.domain.clone(),
+                    target: match r.smarthost {
+                        Some(addr) => SchedTarget::Smarthost(addr),
+                        None => SchedTarget::Mx,
+                    },
+                })
+                .collect(),
+            site_rules: self
+                .destinations
+                .iter()
+                .map(|r| SiteRule {
+                    pattern: r.pattern.clone(),
+                    connections_max: r.connections_max,
+                    messages_per_connection_max: r.messages_per_connection_max,
+                    messages_per_second: r.messages_per_second,
+                })
+                .collect(),
+            connections_per_site_max: d.connections_per_destination_max,
+            messages_per_connection_max: d.messages_per_connection_max,
+            connections_per_shard_max: d.connections_per_shard_max,
+            sites_max: d.destinations_max,
+            retry: RetrySchedule {
+                first: d.retry_first.0,
+                max: d.retry_max.0,
+            },
+            queue_lifetime: d.queue_lifetime.0,
+            delay_warning_after: d.delay_warning_after.0,
+            // Forget a site no sooner than its pooled connections would have closed.
+            site_idle: d.idle_timeout.0.max(Duration::from_secs(10)),
+            seed,
+        }
     }
 
     /// The name Gannet gives in EHLO when delivering.

@@ -13,7 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod dns;
-pub mod queue;
+
 pub mod rate;
 pub mod server;
 pub mod spool;
@@ -21,5 +21,6 @@ pub mod transport;
 pub mod units;
 
 // The sans-IO crates, under the names the shell and its tests have always used.
+pub use gannet_sched::queue;
 pub use gannet_smtp as smtp;
 pub use gannet_smtp::{dsn, policy};

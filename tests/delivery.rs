@@ -522,7 +522,12 @@ fn spool_disk_use_returns_to_near_zero_after_a_batch() {
         collections += 1;
         assert!(
             g.wait_for_log_count("drained segment(s)", collections, WAIT),
-            "{segments} segments left after the batch was delivered"
+            "{segments} segments left after the batch was delivered: {:?}\n{}",
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect::<Vec<_>>(),
+            g.log_text()
         );
     }
     assert!(stop_and_list(g).is_empty());

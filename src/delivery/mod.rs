@@ -1,6 +1,160 @@
-//! Delivery: the per-shard queue runner over the sans-IO outbound client (`gannet_smtp::client`).
+//! Delivery, the shell around the sans-IO scheduler (`gannet_sched`): every message a shard
+//! spools is delivered by that shard. The scheduler decides what goes where and when; this
+//! module does the I/O it asks for, one concept per file:
+//!
+//! - `routing`: planning a message's recipients, MX lookups to find each domain's receiving
+//!   site, and the STARTTLS policy and credentials of a site;
+//! - `worker`: a worker task per delivering connection: takes jobs, runs transactions
+//!   (pipelined, with the next envelope sent right behind the previous content);
+//! - `outbound`: one SMTP connection's I/O; `pool`: idle connections kept for reuse;
+//!   `ipcap`: connections per receiving IP address;
+//! - `store`: reading messages back from their segments (or from the buffers just written);
+//! - `finish`: a job's results, bounces and delay notices;
+//! - `state`: delivery state records, garbage collection and copy-forward.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gannet_sched::{QueuedMessage, Scheduler};
+use gannet_smtp::deadline::Now;
+use tracing::info;
+
+use crate::config::Config;
+use crate::dns::resolver::Resolver;
+use crate::spool::appender::{Appender, WrittenRecord};
 
 pub use gannet_smtp::client;
-pub mod lanes;
-pub mod runner;
+pub mod finish;
+pub mod ipcap;
+pub mod outbound;
+pub mod pool;
+pub mod routing;
+pub mod state;
+pub mod store;
 pub mod tls;
+pub mod worker;
+
+/// How often due retries, idle connections and idle sites are looked at.
+const TICK: Duration = Duration::from_millis(500);
+
+pub struct Deliverer {
+    shard: u16,
+    config: Arc<Config>,
+    appender: Rc<Appender>,
+    sched: Rc<RefCell<Scheduler>>,
+    resolver: Resolver,
+    pool: RefCell<pool::Pool>,
+    ip_cap: Rc<ipcap::IpCap>,
+    store: store::MessageStore,
+    /// A state flush is gathering or writing (see `state`).
+    flushing: Cell<bool>,
+    /// A copy-forward pass is running (see `state`).
+    copying: Cell<bool>,
+    /// The last state batch could not be written (logged once per change).
+    state_write_failing: Cell<bool>,
+}
+
+impl Deliverer {
+    pub fn new(
+        shard: u16,
+        config: Arc<Config>,
+        appender: Rc<Appender>,
+        sched: Rc<RefCell<Scheduler>>,
+        resolver: Resolver,
+    ) -> Rc<Deliverer> {
+        let shards = sched.borrow().config().shard_count;
+        let ip_cap = ipcap::IpCap::new(config.delivery.connections_per_ip_max.div_ceil(shards).max(1));
+        Rc::new(Deliverer {
+            shard,
+            store: store::MessageStore::new(config.spool.directory.clone()),
+            pool: RefCell::new(pool::Pool::new(config.delivery.connections_per_shard_max)),
+            ip_cap,
+            config,
+            appender,
+            sched,
+            resolver,
+            flushing: Cell::new(false),
+            copying: Cell::new(false),
+            state_write_failing: Cell::new(false),
+        })
+    }
+
+    /// Starts the timer task and plans everything recovered from the spool (deferred messages
+    /// keep their retry time across a restart; the rest go now).
+    pub fn start(self: &Rc<Self>) {
+        let ready = self.sched.borrow_mut().recovered(Now::read());
+        let waiting = self.sched.borrow().retries_len();
+        if waiting > 0 {
+            info!(
+                shard = self.shard,
+                "{waiting} recovered message(s) wait for their next attempt"
+            );
+        }
+        for id in ready {
+            self.schedule(id);
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(TICK).await;
+                me.tick();
+            }
+        })
+        .detach();
+    }
+
+    pub fn queued(&self) -> usize {
+        self.sched.borrow().queue().len()
+    }
+
+    /// Whether a just-committed record of `len` bytes may be kept for its first delivery.
+    pub fn wants_record(&self, len: usize) -> bool {
+        self.store.wants(len)
+    }
+
+    /// Takes a newly spooled message, with the buffers it was written from when
+    /// [`Deliverer::wants_record`] said so, and starts delivering it.
+    pub fn accept(self: &Rc<Self>, message: QueuedMessage, record: Option<WrittenRecord>) {
+        let id = message.id;
+        self.sched.borrow_mut().insert(message);
+        if let Some(record) = record {
+            self.store.keep(id, record);
+        }
+        self.schedule(id);
+    }
+
+    /// Retries every deferred message now (`gannet queue flush`). Returns how many.
+    pub fn retry_all_now(self: &Rc<Self>) -> usize {
+        let waiting = self.sched.borrow_mut().retry_all_now();
+        for &id in &waiting {
+            self.schedule(id);
+        }
+        waiting.len()
+    }
+
+    fn tick(self: &Rc<Self>) {
+        let now = Instant::now();
+        let due = self.sched.borrow_mut().due(now);
+        for id in due {
+            self.schedule(id);
+        }
+        if self.copy_forward_wanted() {
+            let me = self.clone();
+            glommio::spawn_local(async move { me.copy_forward().await }).detach();
+        }
+        // Dropping a connection closes it; a polite QUIT is not worth a task per socket.
+        self.pool.borrow_mut().expire(self.config.delivery.idle_timeout.0, now);
+        let evicted = {
+            let mut sched = self.sched.borrow_mut();
+            let mut evicted = sched.evict_idle(now);
+            evicted.extend(sched.take_evicted());
+            evicted
+        };
+        let mut pool = self.pool.borrow_mut();
+        for key in &evicted {
+            pool.close_site(key);
+        }
+    }
+}

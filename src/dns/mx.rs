@@ -10,12 +10,24 @@ use hickory_proto::rr::RecordType;
 
 use super::resolver::Resolver;
 
-/// The addresses to try for `domain`, in order, with `port`.
+/// The addresses to try for `domain`, in order, with `port`: its MX hosts' (or the domain's
+/// own, implicit MX) A and AAAA addresses.
 pub async fn resolve(resolver: &Resolver, domain: &str, port: u16, random: u64) -> Result<Vec<SocketAddr>, MxError> {
     let hosts = exchanges(domain, &*resolver.lookup(domain, RecordType::MX).await, random)?;
+    addresses(resolver, domain, &hosts, port).await
+}
+
+/// The addresses of mail exchangers `hosts` (of `domain`, named in errors), in order, with
+/// `port`: at most `ADDRESSES_PER_HOST_MAX` per host.
+pub async fn addresses(
+    resolver: &Resolver,
+    domain: &str,
+    hosts: &[String],
+    port: u16,
+) -> Result<Vec<SocketAddr>, MxError> {
     let mut addresses = Vec::new();
     let mut temporary = None;
-    for host in &hosts {
+    for host in hosts {
         for rtype in [RecordType::A, RecordType::AAAA] {
             match &*resolver.lookup(host, rtype).await {
                 Answer::Addresses(list) => addresses.extend(

@@ -88,6 +88,12 @@ impl Resolver {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
+    /// The answer for `name` and `rtype` if the cache has it (no query).
+    pub fn cached(&self, name: &str, rtype: RecordType) -> Option<Arc<Answer>> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.cache.get(&name, rtype, Instant::now())
+    }
+
     /// The answer for `name` and `rtype`, from the cache or the servers.
     pub async fn lookup(&self, name: &str, rtype: RecordType) -> Arc<Answer> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();

@@ -18,13 +18,13 @@ use tracing::{debug, info, warn};
 use super::shard::{Refusal, Shard, ShardSignal, Stage};
 use super::tls::summarize;
 use crate::config::{Listener, ListenerKind};
-use crate::queue::QueuedMessage;
 use crate::smtp::deadline::Now;
 use crate::smtp::received::TlsSummary;
 use crate::smtp::reply;
 use crate::smtp::session::{ListenerRules, MessageGate, Next, Session};
-use crate::spool::record::StoredEnvelope;
+use crate::spool::record::EnvelopeBytes;
 use crate::transport::Transport;
+use gannet_sched::QueuedMessage;
 
 type Stream = Transport<futures_rustls::server::TlsStream<TcpStream>>;
 
@@ -209,20 +209,8 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
                                 user = %session.user().map_or("-", |u| u.user.as_str()),
                                 "queued"
                             );
-                            shard.record_queued(
-                                QueuedMessage {
-                                    id,
-                                    record_bytes,
-                                    envelope: StoredEnvelope::from_envelope(env, session.origin()),
-                                    done: vec![false; env.recipient_count()],
-                                    content_bytes,
-                                    attempts: 0,
-                                    next_attempt_unix_s: None,
-                                    jobs_outstanding: 0,
-                                    delay_notified: false,
-                                },
-                                written,
-                            );
+                            let envelope = EnvelopeBytes::from_envelope(env, session.origin());
+                            shard.record_queued(QueuedMessage::new(id, record_bytes, content_bytes, envelope), written);
                             let id = id.to_string();
                             session.committed(Ok(&id), Instant::now(), &mut out);
                         }

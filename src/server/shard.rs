@@ -21,16 +21,16 @@ use super::reloadable::Reloadable;
 use super::{connection, signals};
 use crate::auth::throttle::{AfterFailure, AuthThrottle, ThrottleLimits};
 use crate::config::{system_dns_servers, Config};
-use crate::delivery::runner::Deliverer;
+use crate::delivery::Deliverer;
 use crate::dns::cache::DnsCache;
 use crate::dns::resolver::Resolver;
-use crate::queue::{QueueIndex, QueuedMessage};
 use crate::rate::RateLimiter;
 use crate::smtp::sasl::Credentials;
 use crate::smtp::session::{AuthOutcome, MessageGate, SessionConfig};
 use crate::spool::appender::{Appender, AppenderConfig, ExistingSegment, Liveness, WrittenRecord};
 use crate::spool::recovery::{list_segments, quarantine, read_segment, scan_segment, Damage};
 use crate::spool::shard_dir;
+use gannet_sched::{QueueIndex, QueuedMessage, Scheduler};
 
 /// How often a shard looks at the process-wide shutdown flag (and the queue flush counter).
 const SHUTDOWN_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -296,8 +296,8 @@ impl Shard {
     }
 
     /// Hands a newly spooled message to delivery.
-    pub fn record_queued(&self, message: QueuedMessage, written: Option<WrittenRecord>) {
-        self.deliverer.accept_written(message, written);
+    pub fn record_queued(self: &Rc<Self>, message: QueuedMessage, written: Option<WrittenRecord>) {
+        self.deliverer.accept(message, written);
     }
 }
 
@@ -370,10 +370,7 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
     let spool = &config.spool.directory;
     let own_dir = shard_dir(spool, shard);
     std::fs::create_dir_all(&own_dir).map_err(|e| format!("cannot create {}: {e}", own_dir.display()))?;
-    let mut messages = Vec::new();
-    let mut outcomes = Vec::new();
-    let mut tombstones = Vec::new();
-    let mut deferrals = Vec::new();
+    let mut index = QueueIndex::default();
     let mut own_segments = Vec::new();
     let mut next_seq = 0;
     let mut buf = Vec::new();
@@ -412,10 +409,9 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
                     }
                 }
             }
-            messages.extend(scan.messages);
-            outcomes.extend(scan.outcomes);
-            tombstones.extend(scan.tombstones);
-            deferrals.extend(scan.deferrals);
+            // One segment at a time: a restart holds the index and one segment's scan, never
+            // every record of the spool at once.
+            index.apply_segment(scan);
             if adopted == u32::from(shard) {
                 own_segments.push(ExistingSegment {
                     seq: *seq,
@@ -429,11 +425,7 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
             break;
         }
     }
-    Ok((
-        QueueIndex::rebuild(messages, &outcomes, &tombstones, &deferrals),
-        own_segments,
-        next_seq,
-    ))
+    Ok((index, own_segments, next_seq))
 }
 
 /// What a shard starts with.
@@ -469,12 +461,22 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
         inflight_bytes_max: config.spool.memory_max.0 as usize,
     };
     let recovered = queue.len();
-    let queue = Rc::new(RefCell::new(queue));
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let sched = Rc::new(RefCell::new(Scheduler::new(
+        config.sched_config(index, shard_count, seed),
+        queue,
+    )));
     let live: Liveness = {
-        let queue = queue.clone();
+        let sched = sched.clone();
         // A borrow held elsewhere cannot happen (no borrow lives across an await); if it did,
         // "live" is the safe answer.
-        Rc::new(move |seq| queue.try_borrow().map_or(true, |q| q.segment_is_live(index, seq)))
+        Rc::new(move |seq| {
+            sched
+                .try_borrow()
+                .map_or(true, |s| s.queue().segment_is_live(index, seq))
+        })
     };
     let appender = Appender::open(appender_config, &own_segments, next_seq, live)
         .await
@@ -490,7 +492,7 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
         config.dns.servers.clone()
     };
     let resolver = Resolver::new(dns_servers, config.dns.timeout.0, config.dns.attempts, dns_cache, index);
-    let deliverer = Deliverer::new(index, shard_count, config.clone(), appender.clone(), queue, resolver);
+    let deliverer = Deliverer::new(index, config.clone(), appender.clone(), sched, resolver);
     deliverer.start();
     let shard = Rc::new(Shard {
         index,

@@ -20,24 +20,27 @@ pub struct FailedRecipient {
 
 /// Whether a failure notice for this recipient should be sent at all.
 pub fn wants_failure_notice(envelope: &StoredEnvelope, index: u32) -> bool {
-    wants_notice(envelope, index, notify::FAILURE)
+    let notify = envelope.recipients.get(index as usize).map(|r| r.notify);
+    wants_notice(&envelope.sender, notify, notify::FAILURE)
 }
 
 /// Whether a delay notice for this recipient should be sent (NOTIFY=DELAY, or no NOTIFY at all).
 pub fn wants_delay_notice(envelope: &StoredEnvelope, index: u32) -> bool {
-    wants_notice(envelope, index, notify::DELAY)
+    let notify = envelope.recipients.get(index as usize).map(|r| r.notify);
+    wants_notice(&envelope.sender, notify, notify::DELAY)
 }
 
-/// Never to the null sender; without NOTIFY, yes; with NOTIFY, only if it names `flag` (and not
-/// NEVER).
-fn wants_notice(envelope: &StoredEnvelope, index: u32, flag: u8) -> bool {
-    if envelope.sender.is_empty() {
+/// Never to the null sender; without NOTIFY (`Some(0)`), yes; with NOTIFY, only if it names
+/// `flag` (and not NEVER). `notify`: the recipient's NOTIFY flags, None if there is no such
+/// recipient.
+pub fn wants_notice(sender: &[u8], notify: Option<u8>, flag: u8) -> bool {
+    if sender.is_empty() {
         return false;
     }
-    match envelope.recipients.get(index as usize) {
+    match notify {
         None => false,
-        Some(r) if r.notify == 0 => true,
-        Some(r) => r.notify & flag != 0 && r.notify & notify::NEVER == 0,
+        Some(0) => true,
+        Some(n) => n & flag != 0 && n & notify::NEVER == 0,
     }
 }
 

@@ -144,6 +144,57 @@ pub fn crc_start(segment_seq: u64, len: u32, kind: u8) -> u32 {
     crc32c::crc32c(&prefix)
 }
 
+/// A record that holds a message, checked: its header, its CRC (which names the segment), and
+/// the `Copy` prefix if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord<'a> {
+    pub header: Header,
+    pub copy_of: Option<CopyOf>,
+    /// The `Message` payload (envelope length, envelope, content).
+    pub payload: &'a [u8],
+    /// Where `payload` starts in the bytes given.
+    pub payload_offset: usize,
+}
+
+/// Why bytes are not a message record of the segment named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordError {
+    /// Fewer bytes than the header says.
+    Short,
+    /// The kind is not `Message` or `Copy`.
+    NotAMessage,
+    /// The CRC does not match (damaged, or a record of another segment).
+    Checksum,
+    Decode(DecodeError),
+}
+
+/// Checks the record at the start of `bytes` (of segment `segment_seq`) and finds its message:
+/// the one check that recovery's tools and delivery's reads share. Never panics.
+pub fn verify_message_record(bytes: &[u8], segment_seq: u64) -> Result<MessageRecord<'_>, RecordError> {
+    let head: &[u8; HEADER_BYTES] = bytes
+        .get(..HEADER_BYTES)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(RecordError::Short)?;
+    let header = Header::decode(head);
+    if !Kind::holds_message(header.kind) {
+        return Err(RecordError::NotAMessage);
+    }
+    let payload = bytes
+        .get(HEADER_BYTES..HEADER_BYTES + header.len as usize)
+        .ok_or(RecordError::Short)?;
+    let crc = crc32c::crc32c_append(crc_start(segment_seq, header.len, header.kind), payload);
+    if crc != header.crc {
+        return Err(RecordError::Checksum);
+    }
+    let (copy_of, message) = split_message_payload(header.kind, payload).map_err(RecordError::Decode)?;
+    Ok(MessageRecord {
+        header,
+        copy_of,
+        payload: message,
+        payload_offset: HEADER_BYTES + payload.len() - message.len(),
+    })
+}
+
 /// The largest `Message` record the session can produce with these limits: header, envelope
 /// (HELO is at most a command line; addresses at most 512 bytes; ENVID 100; ORCPT 500), the
 /// Received header (under 2 KiB) and the content. Configuration checks segments against it.
@@ -263,72 +314,110 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn bytes(&mut self) -> Result<Vec<u8>, DecodeError> {
+    /// A length-prefixed field, in place.
+    fn field(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = u16::from_le_bytes(self.take(2)?.try_into().unwrap());
-        Ok(self.take(usize::from(len))?.to_vec())
+        self.take(usize::from(len))
     }
 }
 
 /// Decodes a `Message` payload. Never panics, whatever the bytes.
 pub fn decode_message(payload: &[u8]) -> Result<StoredMessage, DecodeError> {
+    let (envelope, content_offset) = split_envelope(payload)?;
+    Ok(StoredMessage {
+        envelope: EnvelopeView::parse(envelope)?.to_stored(),
+        content_offset,
+        content_bytes: payload.len() - content_offset,
+    })
+}
+
+/// A `Message` payload's envelope bytes (checked) and where its content starts.
+pub fn split_envelope(payload: &[u8]) -> Result<(&[u8], usize), DecodeError> {
     let mut outer = Reader { bytes: payload, pos: 0 };
     let envelope_len = outer.u32()? as usize;
-    let envelope_bytes = outer.take(envelope_len)?;
-    let mut r = Reader {
-        bytes: envelope_bytes,
-        pos: 0,
-    };
-    let version = r.u8()?;
-    if version != ENVELOPE_VERSION {
-        return Err(DecodeError::UnknownVersion(version));
-    }
-    let received_unix_s = r.u64()?;
-    let client_ip = match r.u8()? {
-        4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(r.take(4)?).unwrap())),
-        6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(r.take(16)?).unwrap())),
-        _ => return Err(DecodeError::BadField("client address family")),
-    };
-    let smtputf8 = match r.u8()? {
-        0 => false,
-        1 => true,
-        _ => return Err(DecodeError::BadField("smtputf8")),
-    };
-    let body = match r.u8()? {
-        0 => BodyType::Unspecified,
-        1 => BodyType::SevenBit,
-        2 => BodyType::EightBitMime,
-        _ => return Err(DecodeError::BadField("body")),
-    };
-    let ret = match r.u8()? {
-        0 => Ret::Unspecified,
-        1 => Ret::Full,
-        2 => Ret::Headers,
-        _ => return Err(DecodeError::BadField("ret")),
-    };
-    let size_declared_bytes = match r.u64()? {
-        u64::MAX => None,
-        n => Some(n),
-    };
-    let helo = r.bytes()?;
-    let sender = r.bytes()?;
-    let envid = r.bytes()?;
-    let count = r.u32()? as usize;
-    // Each recipient takes at least 5 bytes; refuse counts the bytes cannot hold before allocating.
-    if count > (envelope_bytes.len() - r.pos) / 5 {
-        return Err(DecodeError::BadField("recipient count"));
-    }
-    let mut recipients = Vec::with_capacity(count);
-    for _ in 0..count {
-        let address = r.bytes()?;
-        let notify = r.u8()?;
-        let orcpt = r.bytes()?;
-        recipients.push(StoredRecipient { address, notify, orcpt });
-    }
-    if r.pos != envelope_bytes.len() {
-        return Err(DecodeError::BadField("envelope length"));
-    }
-    Ok(StoredMessage {
-        envelope: StoredEnvelope {
+    let envelope = outer.take(envelope_len)?;
+    EnvelopeView::parse(envelope)?;
+    Ok((envelope, outer.pos))
+}
+
+/// A stored envelope read in place: every field borrows the encoded bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvelopeView<'a> {
+    pub received_unix_s: u64,
+    pub client_ip: IpAddr,
+    pub smtputf8: bool,
+    pub body: BodyType,
+    pub ret: Ret,
+    pub size_declared_bytes: Option<u64>,
+    pub helo: &'a [u8],
+    pub sender: &'a [u8],
+    pub envid: &'a [u8],
+    recipient_count: u32,
+    /// From the first recipient to the end.
+    recipients: &'a [u8],
+}
+
+/// One recipient of an [`EnvelopeView`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecipientView<'a> {
+    pub address: &'a [u8],
+    pub notify: u8,
+    pub orcpt: &'a [u8],
+}
+
+impl<'a> EnvelopeView<'a> {
+    /// Reads and checks encoded envelope bytes (the `encode_envelope` form). Never panics.
+    pub fn parse(bytes: &'a [u8]) -> Result<EnvelopeView<'a>, DecodeError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let version = r.u8()?;
+        if version != ENVELOPE_VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let received_unix_s = r.u64()?;
+        let client_ip = match r.u8()? {
+            4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(r.take(4)?).unwrap())),
+            6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(r.take(16)?).unwrap())),
+            _ => return Err(DecodeError::BadField("client address family")),
+        };
+        let smtputf8 = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeError::BadField("smtputf8")),
+        };
+        let body = match r.u8()? {
+            0 => BodyType::Unspecified,
+            1 => BodyType::SevenBit,
+            2 => BodyType::EightBitMime,
+            _ => return Err(DecodeError::BadField("body")),
+        };
+        let ret = match r.u8()? {
+            0 => Ret::Unspecified,
+            1 => Ret::Full,
+            2 => Ret::Headers,
+            _ => return Err(DecodeError::BadField("ret")),
+        };
+        let size_declared_bytes = match r.u64()? {
+            u64::MAX => None,
+            n => Some(n),
+        };
+        let helo = r.field()?;
+        let sender = r.field()?;
+        let envid = r.field()?;
+        let recipient_count = r.u32()?;
+        let recipients = &bytes[r.pos..];
+        // Each recipient takes at least 5 bytes; walk them once to check the lengths add up.
+        if recipient_count as usize > recipients.len() / 5 {
+            return Err(DecodeError::BadField("recipient count"));
+        }
+        for _ in 0..recipient_count {
+            r.field()?;
+            r.u8()?;
+            r.field()?;
+        }
+        if r.pos != bytes.len() {
+            return Err(DecodeError::BadField("envelope length"));
+        }
+        Ok(EnvelopeView {
             received_unix_s,
             client_ip,
             smtputf8,
@@ -338,11 +427,91 @@ pub fn decode_message(payload: &[u8]) -> Result<StoredMessage, DecodeError> {
             helo,
             sender,
             envid,
+            recipient_count,
             recipients,
-        },
-        content_offset: outer.pos,
-        content_bytes: payload.len() - outer.pos,
-    })
+        })
+    }
+
+    pub fn recipient_count(&self) -> usize {
+        self.recipient_count as usize
+    }
+
+    /// The recipients in order.
+    pub fn recipients(&self) -> impl Iterator<Item = RecipientView<'a>> + 'a {
+        let mut r = Reader {
+            bytes: self.recipients,
+            pos: 0,
+        };
+        // `parse` checked every length, so these reads cannot fail.
+        (0..self.recipient_count).map(move |_| RecipientView {
+            address: r.field().expect("checked by parse"),
+            notify: r.u8().expect("checked by parse"),
+            orcpt: r.field().expect("checked by parse"),
+        })
+    }
+
+    /// Recipient `index` (a walk from the first: for single lookups; iterate for many).
+    pub fn recipient(&self, index: usize) -> Option<RecipientView<'a>> {
+        self.recipients().nth(index)
+    }
+
+    /// The owned form.
+    pub fn to_stored(&self) -> StoredEnvelope {
+        StoredEnvelope {
+            received_unix_s: self.received_unix_s,
+            client_ip: self.client_ip,
+            smtputf8: self.smtputf8,
+            body: self.body,
+            ret: self.ret,
+            size_declared_bytes: self.size_declared_bytes,
+            helo: self.helo.to_vec(),
+            sender: self.sender.to_vec(),
+            envid: self.envid.to_vec(),
+            recipients: self
+                .recipients()
+                .map(|r| StoredRecipient {
+                    address: r.address.to_vec(),
+                    notify: r.notify,
+                    orcpt: r.orcpt.to_vec(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// An envelope kept in memory in its encoded form: one allocation per message, fields read in
+/// place through [`EnvelopeBytes::view`]. This is what keeps the queue index small (the design
+/// budget is 64 MB for 100,000 queued messages).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnvelopeBytes(Box<[u8]>);
+
+impl EnvelopeBytes {
+    /// Checks and keeps encoded envelope bytes.
+    pub fn new(bytes: &[u8]) -> Result<EnvelopeBytes, DecodeError> {
+        EnvelopeView::parse(bytes)?;
+        Ok(EnvelopeBytes(bytes.into()))
+    }
+
+    /// Encodes a live session's envelope.
+    pub fn from_envelope(envelope: &Envelope, origin: Origin<'_>) -> EnvelopeBytes {
+        let mut bytes = Vec::new();
+        encode_envelope(envelope, origin, &mut bytes);
+        EnvelopeBytes(bytes.into_boxed_slice())
+    }
+
+    pub fn view(&self) -> EnvelopeView<'_> {
+        EnvelopeView::parse(&self.0).expect("checked when made")
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for EnvelopeBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.view().fmt(f)
+    }
 }
 
 /// Builds a complete `Message` record in memory (header, payload, padding). The appender builds

@@ -14,8 +14,9 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use crate::record::{
-    crc_start, decode_deferrals, decode_message, decode_state_batch, split_message_payload, CopyOf, DecodeError,
-    Deferral, Header, Kind, StateEntry, StoredEnvelope, HEADER_BYTES,
+    crc_start, decode_deferrals, decode_message, decode_state_batch, split_envelope, split_message_payload,
+    verify_message_record, CopyOf, DecodeError, Deferral, EnvelopeBytes, Header, Kind, StateEntry, StoredEnvelope,
+    HEADER_BYTES,
 };
 use crate::{align_up, parse_segment_file_name, MessageId};
 
@@ -23,7 +24,7 @@ use crate::{align_up, parse_segment_file_name, MessageId};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveredMessage {
     pub id: MessageId,
-    pub envelope: StoredEnvelope,
+    pub envelope: EnvelopeBytes,
     pub content_bytes: u64,
     /// The whole record's length on disk, header included (not padding).
     pub record_bytes: u32,
@@ -130,13 +131,15 @@ pub fn scan_segment(bytes: &[u8], shard: u16, seq: u64) -> SegmentScan {
                         }),
                     }
                 } else {
-                    let decoded = split_message_payload(header.kind, payload)
-                        .and_then(|(copy_of, message)| decode_message(message).map(|msg| (copy_of, msg)));
+                    let decoded = split_message_payload(header.kind, payload).and_then(|(copy_of, message)| {
+                        let (envelope, content_offset) = split_envelope(message)?;
+                        Ok((copy_of, EnvelopeBytes::new(envelope)?, message.len() - content_offset))
+                    });
                     match decoded {
-                        Ok((copy_of, msg)) => scan.messages.push(RecoveredMessage {
+                        Ok((copy_of, envelope, content_bytes)) => scan.messages.push(RecoveredMessage {
                             id: MessageId::new(seq, shard, offset),
-                            envelope: msg.envelope,
-                            content_bytes: msg.content_bytes as u64,
+                            envelope,
+                            content_bytes: content_bytes as u64,
                             record_bytes: HEADER_BYTES as u32 + header.len,
                             copy_of,
                         }),
@@ -219,17 +222,13 @@ pub fn read_message(spool_dir: &Path, id: MessageId) -> io::Result<(StoredEnvelo
             format!("no message {id} in {}", path.display()),
         )
     };
-    let Probe::Good { header, .. } = probe(&buf, id.segment_seq, id.offset_bytes()) else {
-        return Err(not_found());
-    };
-    if !Kind::holds_message(header.kind) {
-        return Err(not_found());
-    }
-    let payload = &buf[id.offset_bytes() as usize + HEADER_BYTES..][..header.len as usize];
+    let record = buf
+        .get(id.offset_bytes() as usize..)
+        .ok_or_else(not_found)
+        .and_then(|bytes| verify_message_record(bytes, id.segment_seq).map_err(|_| not_found()))?;
     let invalid = |e: DecodeError| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}"));
-    let (_, payload) = split_message_payload(header.kind, payload).map_err(invalid)?;
-    let message = decode_message(payload).map_err(invalid)?;
-    Ok((message.envelope, payload[message.content_offset..].to_vec()))
+    let message = decode_message(record.payload).map_err(invalid)?;
+    Ok((message.envelope, record.payload[message.content_offset..].to_vec()))
 }
 
 /// Copies a damaged record's bytes into the quarantine directory for a human to look at.

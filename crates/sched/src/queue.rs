@@ -1,15 +1,95 @@
 //! The in-memory index of a shard's unfinished messages, rebuilt from the spool at start.
 //!
-//! Each message keeps its envelope and which recipients are finished. The index also counts the
-//! unfinished messages of every segment, which tells the spool's garbage collector when a
-//! segment holds nothing anyone needs. It is bounded by the spool itself: at most one entry per
-//! 4 KiB of spool.
+//! Each message keeps its envelope in encoded form (one allocation, read in place), which
+//! recipients are finished (a bit each) and its retry state. The index also counts the
+//! unfinished messages of every segment, which tells the spool when a segment holds nothing
+//! anyone needs. It is bounded by the spool itself: at most one entry per 4 KiB of spool.
+//!
+//! Memory: about 200 bytes per message with one recipient (the design's budget is 64 MB for
+//! 100,000 queued messages, while running and after a restart); recovery feeds the index one
+//! segment at a time ([`QueueIndex::apply_segment`]), so a restart never holds more than the
+//! index and one segment's scan.
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::spool::record::{Deferral, StateEntry, StoredEnvelope};
-use crate::spool::recovery::RecoveredMessage;
-use crate::spool::MessageId;
+use gannet_spool::record::{CopyOf, Deferral, EnvelopeBytes, StateEntry};
+use gannet_spool::recovery::{RecoveredMessage, SegmentScan};
+use gannet_spool::MessageId;
+
+/// Which recipients of a message are finished: a bit each, inline up to 64 recipients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientSet {
+    count: u32,
+    bits: Bits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Bits {
+    Inline(u64),
+    Heap(Box<[u64]>),
+}
+
+impl RecipientSet {
+    /// `count` recipients, none finished.
+    pub fn new(count: usize) -> RecipientSet {
+        let count = u32::try_from(count).expect("recipient count fits u32");
+        let bits = if count <= 64 {
+            Bits::Inline(0)
+        } else {
+            Bits::Heap(vec![0u64; (count as usize).div_ceil(64)].into_boxed_slice())
+        };
+        RecipientSet { count, bits }
+    }
+
+    pub fn from_flags(flags: &[bool]) -> RecipientSet {
+        let mut set = RecipientSet::new(flags.len());
+        for (i, &done) in flags.iter().enumerate() {
+            if done {
+                set.insert(i);
+            }
+        }
+        set
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn words(&self) -> &[u64] {
+        match &self.bits {
+            Bits::Inline(w) => std::slice::from_ref(w),
+            Bits::Heap(words) => words,
+        }
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        i < self.len() && self.words()[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Marks recipient `i` finished (ignored past the count).
+    pub fn insert(&mut self, i: usize) {
+        if i >= self.len() {
+            return;
+        }
+        match &mut self.bits {
+            Bits::Inline(w) => *w |= 1 << i,
+            Bits::Heap(words) => words[i / 64] |= 1 << (i % 64),
+        }
+    }
+
+    /// Recipients finished.
+    pub fn count_done(&self) -> usize {
+        self.words().iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn flags(&self) -> Vec<bool> {
+        (0..self.len()).map(|i| self.contains(i)).collect()
+    }
+}
 
 /// One unfinished message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,10 +97,10 @@ pub struct QueuedMessage {
     pub id: MessageId,
     /// The record's length on disk (header included, padding not): what delivery reads back.
     pub record_bytes: u32,
-    pub envelope: StoredEnvelope,
-    /// Finished flags, one per recipient of `envelope`.
-    pub done: Vec<bool>,
     pub content_bytes: u64,
+    pub envelope: EnvelopeBytes,
+    /// Finished recipients.
+    pub done: RecipientSet,
     /// Delivery attempts so far (kept across restarts by `Deferral` records).
     pub attempts: u32,
     /// When the next attempt is due (seconds since the epoch), once deferred.
@@ -32,13 +112,15 @@ pub struct QueuedMessage {
 }
 
 impl QueuedMessage {
-    pub fn from_recovered(m: RecoveredMessage) -> QueuedMessage {
+    /// A message just spooled.
+    pub fn new(id: MessageId, record_bytes: u32, content_bytes: u64, envelope: EnvelopeBytes) -> QueuedMessage {
+        let recipients = envelope.view().recipient_count();
         QueuedMessage {
-            id: m.id,
-            record_bytes: m.record_bytes,
-            done: vec![false; m.envelope.recipients.len()],
-            envelope: m.envelope,
-            content_bytes: m.content_bytes,
+            id,
+            record_bytes,
+            content_bytes,
+            envelope,
+            done: RecipientSet::new(recipients),
             attempts: 0,
             next_attempt_unix_s: None,
             jobs_outstanding: 0,
@@ -46,16 +128,26 @@ impl QueuedMessage {
         }
     }
 
+    pub fn from_recovered(m: RecoveredMessage) -> QueuedMessage {
+        QueuedMessage::new(m.id, m.record_bytes, m.content_bytes, m.envelope)
+    }
+
     pub fn pending_recipients(&self) -> usize {
-        self.done.iter().filter(|d| !**d).count()
+        self.done.len() - self.done.count_done()
+    }
+
+    /// A bounce: from the null sender.
+    pub fn is_bounce(&self) -> bool {
+        self.envelope.view().sender.is_empty()
     }
 
     /// One line of `gannet queue list`.
     pub fn listing_line(&self) -> String {
-        let sender = if self.envelope.sender.is_empty() {
+        let view = self.envelope.view();
+        let sender = if view.sender.is_empty() {
             "<>".to_string()
         } else {
-            format!("<{}>", String::from_utf8_lossy(&self.envelope.sender))
+            format!("<{}>", String::from_utf8_lossy(view.sender))
         };
         let mut line = format!(
             "{}  {:>10}  {}  {}/{} recipient(s) pending  received {}",
@@ -64,7 +156,7 @@ impl QueuedMessage {
             sender,
             self.pending_recipients(),
             self.done.len(),
-            rfc3339(self.envelope.received_unix_s)
+            rfc3339(view.received_unix_s)
         );
         if let Some(next) = self.next_attempt_unix_s {
             line.push_str(&format!("  attempts {}  next {}", self.attempts, rfc3339(next)));
@@ -73,7 +165,7 @@ impl QueuedMessage {
     }
 }
 
-fn rfc3339(unix_s: u64) -> String {
+pub fn rfc3339(unix_s: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix_s as i64)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
@@ -92,63 +184,72 @@ pub struct QueueIndex {
 }
 
 impl QueueIndex {
-    /// Builds the index from everything recovery found, in any order: messages, then the
-    /// recipients and messages that later records say are finished.
-    ///
-    /// A copied message (a `Copy` record) replaces its original: the original is dropped if it
-    /// is still there (the copy was made but the original's tombstone was not written, or its
-    /// segment not yet deleted), and the copy starts with the recipients that were done when it
-    /// was made plus any the original finished.
-    ///
-    /// `deferrals` are applied in order (the last one of a message wins): a restart keeps each
-    /// message's attempts, next attempt time and delay notice.
+    /// Builds the index from everything recovery found, in any order (for tests and tools; the
+    /// server feeds segments one by one to [`QueueIndex::apply_segment`]).
     pub fn rebuild(
-        messages: Vec<RecoveredMessage>,
+        mut messages: Vec<RecoveredMessage>,
         outcomes: &[StateEntry],
         tombstones: &[MessageId],
         deferrals: &[Deferral],
     ) -> QueueIndex {
+        // Segment order is id order; a copy always comes after its original.
+        messages.sort_by_key(|m| m.id);
         let mut index = QueueIndex::default();
-        let mut copies = Vec::new();
-        for mut m in messages {
+        index.apply_segment(SegmentScan {
+            messages,
+            outcomes: outcomes.to_vec(),
+            tombstones: tombstones.to_vec(),
+            deferrals: deferrals.to_vec(),
+            ..SegmentScan::default()
+        });
+        index
+    }
+
+    /// Applies one segment's records, segments taken oldest first (within each shard
+    /// directory): its messages, then the messages its tombstones and outcomes finish, then its
+    /// copies (a copy replaces its original, which is older: the original is dropped if still
+    /// there, and the copy starts with the recipients either finished), then its retry
+    /// schedules (the last one of a message wins, so a restart keeps attempts, next attempt and
+    /// delay notice).
+    pub fn apply_segment(&mut self, scan: SegmentScan) {
+        let mut copies: Vec<(MessageId, CopyOf)> = Vec::new();
+        for mut m in scan.messages {
             if let Some(copy) = m.copy_of.take() {
                 copies.push((m.id, copy));
             }
-            index.insert(QueuedMessage::from_recovered(m));
+            self.insert(QueuedMessage::from_recovered(m));
         }
-        for id in tombstones {
-            index.finish(*id);
+        for id in &scan.tombstones {
+            self.finish(*id);
         }
-        for outcome in outcomes {
-            if index.recipient_done(outcome.id, outcome.recipient) {
-                index.finish(outcome.id);
+        for outcome in &scan.outcomes {
+            if self.recipient_done(outcome.id, outcome.recipient) {
+                self.finish(outcome.id);
             }
         }
-        // Oldest copies first, so that a copy of a copy finds its (already merged) original.
-        copies.sort_by_key(|(id, _)| *id);
         for (id, copy) in copies {
-            let original_done = index.finish(copy.moved_from).map(|m| m.done);
-            let Some(message) = index.get_mut(&id) else {
+            let original_done = self.finish(copy.moved_from).map(|m| m.done);
+            let Some(message) = self.get_mut(&id) else {
                 continue;
             };
-            for (i, done) in message.done.iter_mut().enumerate() {
-                *done |= copy.done.get(i).copied().unwrap_or(false)
-                    || original_done
-                        .as_ref()
-                        .is_some_and(|d| d.get(i).copied().unwrap_or(false));
+            for i in 0..message.done.len() {
+                let done =
+                    copy.done.get(i).copied().unwrap_or(false) || original_done.as_ref().is_some_and(|d| d.contains(i));
+                if done {
+                    message.done.insert(i);
+                }
             }
             if message.pending_recipients() == 0 {
-                index.finish(id);
+                self.finish(id);
             }
         }
-        for d in deferrals {
-            if let Some(message) = index.get_mut(&d.id) {
+        for d in &scan.deferrals {
+            if let Some(message) = self.get_mut(&d.id) {
                 message.attempts = d.attempts;
                 message.next_attempt_unix_s = Some(d.next_attempt_unix_s);
                 message.delay_notified = d.delay_notified;
             }
         }
-        index
     }
 
     pub fn insert(&mut self, message: QueuedMessage) {
@@ -172,9 +273,7 @@ impl QueueIndex {
         let Some(message) = self.messages.get_mut(&id) else {
             return false;
         };
-        if let Some(flag) = message.done.get_mut(recipient as usize) {
-            *flag = true;
-        }
+        message.done.insert(recipient as usize);
         message.pending_recipients() == 0
     }
 
@@ -230,8 +329,22 @@ impl QueueIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::envelope::{BodyType, Ret};
-    use crate::spool::record::StoredRecipient;
+    use gannet_smtp::envelope::{Envelope, Origin};
+
+    /// Envelope bytes with `recipients` recipients.
+    pub(crate) fn envelope(sender: &[u8], recipients: usize) -> EnvelopeBytes {
+        let mut e = Envelope::default();
+        e.set_sender(|b| b.extend_from_slice(sender));
+        for i in 0..recipients {
+            e.add_recipient(|b| b.extend_from_slice(format!("r{i}@y").as_bytes()), 0, b"");
+        }
+        let origin = Origin {
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: b"client",
+            received_unix_s: 0,
+        };
+        EnvelopeBytes::from_envelope(&e, origin)
+    }
 
     fn message(seq: u64, block: u32, recipients: usize) -> RecoveredMessage {
         RecoveredMessage {
@@ -240,24 +353,7 @@ mod tests {
                 shard: 0,
                 offset_blocks: block,
             },
-            envelope: StoredEnvelope {
-                received_unix_s: 0,
-                client_ip: "127.0.0.1".parse().unwrap(),
-                smtputf8: false,
-                body: BodyType::Unspecified,
-                ret: Ret::Unspecified,
-                size_declared_bytes: None,
-                helo: vec![],
-                sender: b"a@x".to_vec(),
-                envid: vec![],
-                recipients: (0..recipients)
-                    .map(|i| StoredRecipient {
-                        address: format!("r{i}@y").into_bytes(),
-                        notify: 0,
-                        orcpt: vec![],
-                    })
-                    .collect(),
-            },
+            envelope: envelope(b"a@x", recipients),
             content_bytes: 10,
             record_bytes: 100,
             copy_of: None,
@@ -265,8 +361,8 @@ mod tests {
     }
 
     fn copy(seq: u64, block: u32, of: &RecoveredMessage, done: Vec<bool>) -> RecoveredMessage {
-        let mut m = message(seq, block, of.envelope.recipients.len());
-        m.copy_of = Some(crate::spool::record::CopyOf {
+        let mut m = message(seq, block, of.envelope.view().recipient_count());
+        m.copy_of = Some(CopyOf {
             moved_from: of.id,
             done,
         });
@@ -308,12 +404,12 @@ mod tests {
         let index = QueueIndex::rebuild(vec![original.clone(), copied.clone()], &outcomes, &[], &[]);
         assert_eq!(index.len(), 1);
         assert!(index.get(&ido).is_none(), "the original is dropped");
-        assert_eq!(index.get(&idc).unwrap().done, vec![true, true, false]);
+        assert_eq!(index.get(&idc).unwrap().done.flags(), vec![true, true, false]);
         assert!(!index.segment_is_live(0, 1), "so its segment can go");
 
         // The original's segment is already gone: the copy stands alone.
         let index = QueueIndex::rebuild(vec![copied.clone()], &[], &[], &[]);
-        assert_eq!(index.get(&idc).unwrap().done, vec![true, false, false]);
+        assert_eq!(index.get(&idc).unwrap().done.flags(), vec![true, false, false]);
 
         // A copy whose bitmap and outcomes finish every recipient is finished itself.
         let outcomes = [
@@ -344,7 +440,7 @@ mod tests {
         ];
         let index = QueueIndex::rebuild(vec![a, b, c], &outcomes, &[idb], &[]);
         assert_eq!(index.len(), 1, "b tombstoned, c has every recipient done");
-        assert_eq!(index.get(&ida).unwrap().done, vec![true, false]);
+        assert_eq!(index.get(&ida).unwrap().done.flags(), vec![true, false]);
         assert!(index.segment_is_live(0, 1));
         assert!(!index.segment_is_live(0, 2));
     }
@@ -369,5 +465,27 @@ mod tests {
         assert!(!index.segment_is_live(0, 5));
         assert!(index.is_empty());
         assert!(index.finish(second).is_none());
+    }
+}
+
+#[cfg(test)]
+mod set_tests {
+    use super::RecipientSet;
+
+    #[test]
+    fn recipient_sets_hold_a_bit_per_recipient_inline_and_on_the_heap() {
+        for count in [0usize, 1, 63, 64, 65, 1000] {
+            let mut set = RecipientSet::new(count);
+            assert_eq!(set.count_done(), 0);
+            for i in (0..count).step_by(3) {
+                set.insert(i);
+            }
+            set.insert(count + 5);
+            assert_eq!(set.count_done(), count.div_ceil(3), "{count}");
+            assert!((0..count).all(|i| set.contains(i) == (i % 3 == 0)));
+            assert!(!set.contains(count));
+            assert_eq!(RecipientSet::from_flags(&set.flags()), set);
+        }
+        assert!(std::mem::size_of::<RecipientSet>() <= 24);
     }
 }

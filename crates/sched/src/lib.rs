@@ -1,0 +1,25 @@
+//! Gannet's delivery scheduler, sans-IO: what to deliver, where, when and how many at once.
+//! The shell (glommio: sockets, DNS lookups, spool reads and writes) drives it with the time
+//! passed in; the simulator drives it with simulated time and receivers.
+//!
+//! - [`queue`]: the index of unfinished messages, compact, rebuilt from the spool segment by
+//!   segment;
+//! - [`site`]: receiving sites (a smarthost, or the MX hosts a domain's mail goes to: domains
+//!   with the same MX hosts share one site), their limits and rules;
+//! - [`lanes`]: fresh mail, retries and bounces in lanes of their own;
+//! - [`backoff`]: the retry schedule as data;
+//! - [`scheduler`]: the scheduler that ties them together.
+
+pub mod backoff;
+pub mod lanes;
+pub mod queue;
+pub mod rng;
+pub mod scheduler;
+pub mod site;
+
+pub use lanes::Lane;
+pub use queue::{QueueIndex, QueuedMessage, RecipientSet};
+pub use scheduler::{
+    Classified, Completed, Job, PendingState, Plan, Route, RouteTarget, SchedConfig, Scheduler, Verdict,
+};
+pub use site::{Site, SiteKey, SiteLimits, SiteRule};

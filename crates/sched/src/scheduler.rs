@@ -1,0 +1,980 @@
+//! The delivery scheduler of one shard, sans-IO: the shell tells it what happened (a message was
+//! spooled, a lookup found a site, a worker finished a job, time passed) and asks it what to do
+//! next (which site wants a connection, which job a connection takes, when a message is due
+//! again, what delivery state to write). It never does I/O and never reads a clock: every call
+//! that needs the time takes it.
+//!
+//! What it owns:
+//! - the queue index ([`QueueIndex`]): every unfinished message and its finished recipients;
+//! - retry timers: `(due, message)` in time order, the schedule as data ([`RetrySchedule`]);
+//! - receiving sites ([`Site`]): a queue of jobs in three lanes each, per-site connection and
+//!   rate limits, per-connection message limits; bounded by `sites_max` (idle sites are evicted,
+//!   least recently active first, and rebuilt from the queue when mail comes again);
+//! - the delivery state records to write (finished recipients, finished messages, retry
+//!   schedules).
+//!
+//! Invariants: a message has `jobs_outstanding` equal to the number of its jobs queued, running
+//! or being routed, and is planned again only when that is zero; a message waits in the retry
+//! timers only with no job outstanding; a site with work or a worker is never evicted.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use gannet_smtp::client::RecipientResult;
+use gannet_smtp::deadline::Now;
+use gannet_smtp::dsn;
+use gannet_smtp::envelope::notify;
+use gannet_spool::record::{Deferral, StateEntry};
+use gannet_spool::MessageId;
+
+use crate::backoff::RetrySchedule;
+use crate::lanes::Lane;
+use crate::queue::{QueueIndex, QueuedMessage};
+use crate::rng::Rng;
+use crate::site::{Site, SiteKey, SiteLimits, SiteRule};
+
+/// Where mail for a domain goes (`[[route]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteTarget {
+    Smarthost(SocketAddr),
+    /// The domain's MX hosts.
+    Mx,
+}
+
+/// One `[[route]]`: a domain, or `*` for every domain no exact route names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub domain: String,
+    pub target: RouteTarget,
+}
+
+/// What the scheduler is told once, from the configuration.
+#[derive(Debug, Clone)]
+pub struct SchedConfig {
+    pub shard: u16,
+    pub shard_count: usize,
+    pub routes: Vec<Route>,
+    pub site_rules: Vec<SiteRule>,
+    /// Connections to one site, for the whole process (each shard takes its share).
+    pub connections_per_site_max: usize,
+    pub messages_per_connection_max: usize,
+    /// Delivering connections of this shard, all sites together.
+    pub connections_per_shard_max: usize,
+    /// Sites this shard keeps (idle ones beyond it are evicted).
+    pub sites_max: usize,
+    pub retry: RetrySchedule,
+    pub queue_lifetime: Duration,
+    /// One "still trying" notice after this long; zero: never.
+    pub delay_warning_after: Duration,
+    /// A site with nothing to do for this long is evicted (at least the pool's idle time).
+    pub site_idle: Duration,
+    /// Jitter and shuffling seed.
+    pub seed: u64,
+}
+
+impl SchedConfig {
+    /// A process-wide count split over the shards, rounded up, at least one.
+    fn per_shard(&self, process_wide: usize) -> usize {
+        process_wide.div_ceil(self.shard_count.max(1)).max(1)
+    }
+}
+
+/// Recipients of one message that go to one site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: MessageId,
+    pub recipients: Vec<u32>,
+    pub lane: Lane,
+    pub site: SiteKey,
+    /// Already put back once because a pooled connection turned out to be dead.
+    pub retried_on_fresh_connection: bool,
+}
+
+/// What a message's recipients need before they can be queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub id: MessageId,
+    pub lane: Lane,
+    /// Groups for MX routes: the shell looks up the domain's site and calls
+    /// [`Scheduler::place_mx`] (or finishes the group with the lookup's failure).
+    pub resolve: Vec<(String, Vec<u32>)>,
+    /// Recipients no route covers (finish them deferred: they wait like any deferral).
+    pub unrouted: Vec<u32>,
+}
+
+/// What became of one recipient in a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    /// Refused for good.
+    Failed,
+    /// Deferred past the queue lifetime: failed for good.
+    Expired,
+    Deferred,
+}
+
+/// A job's results sorted out, before the shell spools bounces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Classified {
+    pub verdicts: Vec<(u32, Verdict)>,
+    /// Finished now: delivered, or failed with no notice wanted.
+    pub done: Vec<u32>,
+    /// Failed and owed a failure notice: finished once the notice is spooled.
+    pub bounce: Vec<u32>,
+    /// Deferred and owed the one delay notice.
+    pub delayed: Vec<u32>,
+}
+
+/// Where a message stands after a job's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    /// Every recipient finished: the message is gone from the queue.
+    Finished,
+    /// Other jobs of the message are still out.
+    Pending,
+    /// Deferred: the next attempt is due then.
+    Retry { at_unix_s: u64 },
+}
+
+/// Delivery state to append to the spool (never waited on: losing it in a crash only repeats
+/// deliveries or brings a retry early).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingState {
+    pub outcomes: Vec<StateEntry>,
+    pub tombstones: Vec<StateEntry>,
+    pub deferrals: Vec<Deferral>,
+}
+
+impl PendingState {
+    pub fn is_empty(&self) -> bool {
+        self.outcomes.is_empty() && self.tombstones.is_empty() && self.deferrals.is_empty()
+    }
+}
+
+pub struct Scheduler {
+    config: SchedConfig,
+    queue: QueueIndex,
+    retries: BTreeSet<(Instant, MessageId)>,
+    sites: HashMap<SiteKey, Site>,
+    /// Sites that may want another worker, in the order they asked.
+    kicked: VecDeque<SiteKey>,
+    workers_total: usize,
+    state: PendingState,
+    rng: Rng,
+    /// Sites evicted to make room, for the shell to close their pools (drained by
+    /// [`Scheduler::take_evicted`]; at most one per new site).
+    evicted: Vec<SiteKey>,
+}
+
+/// The domain of an address as stored (`local@domain`); empty for `<Postmaster>`.
+fn domain_of(address: &[u8]) -> &[u8] {
+    match address.iter().rposition(|&b| b == b'@') {
+        Some(at) => &address[at + 1..],
+        None => &[],
+    }
+}
+
+impl Scheduler {
+    pub fn new(config: SchedConfig, queue: QueueIndex) -> Scheduler {
+        assert!(config.shard_count > 0 && config.sites_max > 0);
+        Scheduler {
+            rng: Rng::new(config.seed ^ (u64::from(config.shard) + 0x9E37_79B9_7F4A_7C15)),
+            config,
+            queue,
+            retries: BTreeSet::new(),
+            sites: HashMap::new(),
+            kicked: VecDeque::new(),
+            workers_total: 0,
+            state: PendingState::default(),
+            evicted: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedConfig {
+        &self.config
+    }
+
+    pub fn queue(&self) -> &QueueIndex {
+        &self.queue
+    }
+
+    pub fn random(&mut self) -> u64 {
+        self.rng.next_u64()
+    }
+
+    /// After recovery: messages whose next attempt lies ahead wait for it (a restart keeps the
+    /// retry schedule); returns the rest, to plan now.
+    pub fn recovered(&mut self, now: Now) -> Vec<MessageId> {
+        let mut ready = Vec::new();
+        let waiting: Vec<(MessageId, Option<u64>)> = self
+            .queue
+            .ids()
+            .map(|id| (id, self.queue.get(&id).and_then(|m| m.next_attempt_unix_s)))
+            .collect();
+        for (id, next) in waiting {
+            match next {
+                Some(at) if at > now.unix_s => {
+                    let due = now.instant + Duration::from_secs(at - now.unix_s);
+                    self.retries.insert((due, id));
+                }
+                _ => ready.push(id),
+            }
+        }
+        ready.sort();
+        ready
+    }
+
+    /// A newly spooled message (plan it next).
+    pub fn insert(&mut self, message: QueuedMessage) {
+        debug_assert_eq!(message.jobs_outstanding, 0);
+        self.queue.insert(message);
+    }
+
+    /// Messages whose retry time has come.
+    pub fn due(&mut self, now: Instant) -> Vec<MessageId> {
+        let mut due = Vec::new();
+        while let Some(&(at, id)) = self.retries.first() {
+            if at > now {
+                break;
+            }
+            self.retries.pop_first();
+            due.push(id);
+        }
+        due
+    }
+
+    /// Every message waiting for a retry, now (`gannet queue flush`).
+    pub fn retry_all_now(&mut self) -> Vec<MessageId> {
+        std::mem::take(&mut self.retries)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect()
+    }
+
+    /// Takes a message out of the retry timers (to copy it forward); its due time.
+    pub fn take_retry(&mut self, id: MessageId) -> Option<Instant> {
+        let entry = self.retries.iter().find(|(_, i)| *i == id).copied()?;
+        self.retries.remove(&entry);
+        Some(entry.0)
+    }
+
+    pub fn put_retry(&mut self, id: MessageId, due: Instant) {
+        self.retries.insert((due, id));
+    }
+
+    /// Messages waiting for a retry.
+    pub fn retries_len(&self) -> usize {
+        self.retries.len()
+    }
+
+    /// Groups a message's pending recipients by route: smarthost groups are queued at once;
+    /// MX groups come back for the shell to look up. None when the message is gone or has jobs
+    /// out already.
+    pub fn plan(&mut self, id: MessageId, now: Instant) -> Option<Plan> {
+        let message = self.queue.get(&id)?;
+        if message.jobs_outstanding > 0 {
+            return None;
+        }
+        let lane = if message.is_bounce() {
+            Lane::Bounce
+        } else if message.attempts > 0 {
+            Lane::Retry
+        } else {
+            Lane::Fresh
+        };
+        let mut smarthost: Vec<(SocketAddr, Vec<u32>)> = Vec::new();
+        let mut resolve: Vec<(String, Vec<u32>)> = Vec::new();
+        let mut unrouted = Vec::new();
+        for (i, recipient) in message.envelope.view().recipients().enumerate() {
+            if message.done.contains(i) {
+                continue;
+            }
+            let domain = domain_of(recipient.address);
+            let i = i as u32;
+            match self.route(domain) {
+                Some(RouteTarget::Smarthost(addr)) => match smarthost.iter_mut().find(|(a, _)| *a == addr) {
+                    Some((_, list)) => list.push(i),
+                    None => smarthost.push((addr, vec![i])),
+                },
+                Some(RouteTarget::Mx) if !domain.is_empty() => {
+                    let domain = String::from_utf8_lossy(domain).to_ascii_lowercase();
+                    match resolve.iter_mut().find(|(d, _)| *d == domain) {
+                        Some((_, list)) => list.push(i),
+                        None => resolve.push((domain, vec![i])),
+                    }
+                }
+                _ => unrouted.push(i),
+            }
+        }
+        let jobs = smarthost.len() + resolve.len() + usize::from(!unrouted.is_empty());
+        self.queue.get_mut(&id).expect("checked").jobs_outstanding = jobs as u32;
+        for (addr, recipients) in smarthost {
+            let key = SiteKey::Smarthost(addr);
+            let job = Job {
+                id,
+                recipients,
+                lane,
+                site: key.clone(),
+                retried_on_fresh_connection: false,
+            };
+            self.place(key, addr.to_string(), Vec::new(), job, now);
+        }
+        Some(Plan {
+            id,
+            lane,
+            resolve,
+            unrouted,
+        })
+    }
+
+    /// The route of a domain: the first exact match, else `*`.
+    pub fn route(&self, domain: &[u8]) -> Option<RouteTarget> {
+        let routes = &self.config.routes;
+        routes
+            .iter()
+            .find(|r| r.domain.as_bytes().eq_ignore_ascii_case(domain))
+            .or_else(|| routes.iter().find(|r| r.domain == "*"))
+            .map(|r| r.target)
+    }
+
+    /// Queues a group of a plan for the site its domain's MX hosts make (`hosts` in preference
+    /// order, as the lookup found them).
+    pub fn place_mx(
+        &mut self,
+        id: MessageId,
+        lane: Lane,
+        recipients: Vec<u32>,
+        domain: &str,
+        hosts: Vec<String>,
+        now: Instant,
+    ) {
+        let key = SiteKey::mx(&hosts);
+        let job = Job {
+            id,
+            recipients,
+            lane,
+            site: key.clone(),
+            retried_on_fresh_connection: false,
+        };
+        self.place(key, domain.to_string(), hosts, job, now);
+    }
+
+    fn place(&mut self, key: SiteKey, name: String, hosts: Vec<String>, job: Job, now: Instant) {
+        if !self.sites.contains_key(&key) {
+            if self.sites.len() >= self.config.sites_max {
+                self.evict_least_recent(now);
+            }
+            let limits = self.limits_for(&key, &name, &hosts);
+            self.sites
+                .insert(key.clone(), Site::new(key.clone(), name, hosts, limits, now));
+        }
+        let site = self.sites.get_mut(&key).expect("just made");
+        site.pending.push_back(job.lane, job);
+        site.last_active = now;
+        self.kick(key);
+    }
+
+    /// The limits of the first rule that matches the site's name or one of its MX hosts.
+    fn limits_for(&self, key: &SiteKey, name: &str, hosts: &[String]) -> SiteLimits {
+        let c = &self.config;
+        let rule = c
+            .site_rules
+            .iter()
+            .find(|r| r.matches(name) || hosts.iter().any(|h| r.matches(h)))
+            .or_else(|| match key {
+                SiteKey::Smarthost(_) => None,
+                SiteKey::Mx(sorted) => c.site_rules.iter().find(|r| sorted.iter().any(|h| r.matches(h))),
+            });
+        SiteLimits {
+            connections_max: self.config.per_shard(
+                rule.and_then(|r| r.connections_max)
+                    .unwrap_or(c.connections_per_site_max),
+            ),
+            messages_per_connection_max: rule
+                .and_then(|r| r.messages_per_connection_max)
+                .unwrap_or(c.messages_per_connection_max),
+            send_interval: rule
+                .and_then(|r| r.messages_per_second)
+                .map(|rate| Duration::from_secs_f64(1.0 / rate)),
+        }
+    }
+
+    /// Notes that a site may want another worker.
+    fn kick(&mut self, key: SiteKey) {
+        if let Some(site) = self.sites.get_mut(&key) {
+            if !site.kicked {
+                site.kicked = true;
+                self.kicked.push_back(key);
+            }
+        }
+    }
+
+    /// A site with work and room for another connection, if any: counts the worker (the shell
+    /// must run one for it and call [`Scheduler::worker_ended`] when it stops).
+    pub fn next_worker(&mut self) -> Option<SiteKey> {
+        while self.workers_total < self.config.connections_per_shard_max {
+            let key = self.kicked.pop_front()?;
+            let Some(site) = self.sites.get_mut(&key) else {
+                continue;
+            };
+            site.kicked = false;
+            if site.pending.is_empty() || site.workers >= site.limits.connections_max {
+                continue;
+            }
+            site.workers += 1;
+            self.workers_total += 1;
+            // More work than workers: it may take another one too.
+            if site.pending.len() > site.workers && site.workers < site.limits.connections_max {
+                site.kicked = true;
+                self.kicked.push_back(key.clone());
+            }
+            return Some(key);
+        }
+        None
+    }
+
+    /// The next job for a worker of `key` (lanes served in turn), if any.
+    pub fn next_job(&mut self, key: &SiteKey, now: Instant) -> Option<Job> {
+        let site = self.sites.get_mut(key)?;
+        site.last_active = now;
+        site.pending.pop()
+    }
+
+    /// How long the worker must wait before its job may start, under the site's rate.
+    pub fn rate_wait(&mut self, key: &SiteKey, now: Instant) -> Duration {
+        self.sites.get_mut(key).map_or(Duration::ZERO, |s| s.wait_for_rate(now))
+    }
+
+    /// A job goes back to the head of its lane (its connection died, or it was sent ahead on
+    /// a connection that is going away).
+    pub fn requeue(&mut self, job: Job) {
+        let key = job.site.clone();
+        if let Some(site) = self.sites.get_mut(&key) {
+            site.pending.push_front(job.lane, job);
+            self.kick(key);
+        }
+    }
+
+    /// The next job to send right behind a message's content (RFC 2920 3.1), when the site has
+    /// no rate and the connection has room for two more messages.
+    pub fn take_ahead(&mut self, key: &SiteKey, messages_on_connection: usize) -> Option<Job> {
+        let site = self.sites.get_mut(key)?;
+        if site.limits.send_interval.is_some() || messages_on_connection + 2 > site.limits.messages_per_connection_max {
+            return None;
+        }
+        site.pending.pop()
+    }
+
+    pub fn messages_per_connection_max(&self, key: &SiteKey) -> usize {
+        self.sites
+            .get(key)
+            .map_or(self.config.messages_per_connection_max, |s| {
+                s.limits.messages_per_connection_max
+            })
+    }
+
+    /// A worker of `key` stopped: its place goes to a site that waits for one.
+    pub fn worker_ended(&mut self, key: &SiteKey, now: Instant) {
+        let site = self.sites.get_mut(key).expect("a worker's site is never evicted");
+        assert!(site.workers > 0 && self.workers_total > 0, "worker accounting");
+        site.workers -= 1;
+        self.workers_total -= 1;
+        site.last_active = now;
+        if !site.pending.is_empty() {
+            self.kick(key.clone());
+        }
+        // A shard-wide place is free: the first site that waits for one is already kicked, or
+        // find one.
+        if self.kicked.is_empty() {
+            let waiting = self
+                .sites
+                .iter()
+                .find(|(_, s)| !s.pending.is_empty() && s.workers < s.limits.connections_max)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = waiting {
+                self.kick(k);
+            }
+        }
+    }
+
+    /// Everything queued for a site that cannot be reached (the shell finishes each job with
+    /// the failure).
+    pub fn drain_site(&mut self, key: &SiteKey) -> Vec<Job> {
+        self.sites.get_mut(key).map_or_else(Vec::new, |s| s.pending.drain())
+    }
+
+    pub fn site(&self, key: &SiteKey) -> Option<&Site> {
+        self.sites.get(key)
+    }
+
+    pub fn sites_len(&self) -> usize {
+        self.sites.len()
+    }
+
+    pub fn workers_total(&self) -> usize {
+        self.workers_total
+    }
+
+    /// Sorts out a job's results: who is finished, who is owed a failure or delay notice.
+    /// None if the message is gone.
+    pub fn classify(&self, id: MessageId, results: &[(u32, RecipientResult)], now: Now) -> Option<Classified> {
+        let message = self.queue.get(&id)?;
+        let view = message.envelope.view();
+        let age_s = now.unix_s.saturating_sub(view.received_unix_s);
+        let expired = age_s > self.config.queue_lifetime.as_secs();
+        let warn_s = self.config.delay_warning_after.as_secs();
+        let warn_delay = warn_s > 0 && age_s >= warn_s && !message.delay_notified;
+        let mut c = Classified::default();
+        let notify_of: Vec<u8> = view.recipients().map(|r| r.notify).collect();
+        for (index, result) in results {
+            let notify = notify_of.get(*index as usize).copied();
+            let verdict = match result {
+                RecipientResult::Delivered(_) => Verdict::Delivered,
+                RecipientResult::Failed(_) => Verdict::Failed,
+                RecipientResult::Deferred(_) if expired => Verdict::Expired,
+                RecipientResult::Deferred(_) => Verdict::Deferred,
+            };
+            c.verdicts.push((*index, verdict));
+            match verdict {
+                Verdict::Delivered => c.done.push(*index),
+                Verdict::Failed | Verdict::Expired => {
+                    if dsn::wants_notice(view.sender, notify, notify::FAILURE) {
+                        c.bounce.push(*index);
+                    } else {
+                        c.done.push(*index);
+                    }
+                }
+                Verdict::Deferred => {
+                    if warn_delay && dsn::wants_notice(view.sender, notify, notify::DELAY) {
+                        c.delayed.push(*index);
+                    }
+                }
+            }
+        }
+        Some(c)
+    }
+
+    /// A job ended: `done` recipients are finished (delivered, or failed with their notice
+    /// spooled or none wanted), `delay_notified` if a delay notice went out. Records the state
+    /// and, when it was the message's last job, finishes it or sets its next attempt.
+    pub fn complete(&mut self, id: MessageId, done: &[u32], delay_notified: bool, now: Now) -> Option<Completed> {
+        let message = self.queue.get_mut(&id)?;
+        message.delay_notified |= delay_notified;
+        for &index in done {
+            message.done.insert(index as usize);
+        }
+        assert!(message.jobs_outstanding > 0, "a job ended that was never counted");
+        message.jobs_outstanding -= 1;
+        if message.pending_recipients() == 0 {
+            // A finished message needs only its tombstone, not an outcome per recipient.
+            self.state.tombstones.push(StateEntry {
+                id,
+                recipient: u32::MAX,
+            });
+            self.queue.finish(id);
+            return Some(Completed::Finished);
+        }
+        self.state
+            .outcomes
+            .extend(done.iter().map(|&index| StateEntry { id, recipient: index }));
+        if message.jobs_outstanding > 0 {
+            return Some(Completed::Pending);
+        }
+        message.attempts += 1;
+        let delay = self.config.retry.delay(message.attempts, self.rng.next_u64());
+        let at_unix_s = now.unix_s + delay.as_secs();
+        message.next_attempt_unix_s = Some(at_unix_s);
+        self.state.deferrals.push(Deferral {
+            id: message.id,
+            attempts: message.attempts,
+            next_attempt_unix_s: at_unix_s,
+            delay_notified: message.delay_notified,
+        });
+        self.retries.insert((now.instant + delay, id));
+        Some(Completed::Retry { at_unix_s })
+    }
+
+    /// The delivery state gathered since the last call.
+    pub fn take_state(&mut self) -> PendingState {
+        std::mem::take(&mut self.state)
+    }
+
+    pub fn has_state(&self) -> bool {
+        !self.state.is_empty()
+    }
+
+    /// Copy forward: the message `old` (waiting for a retry) now lives in record `new_id`.
+    /// Queues the original's tombstone and the copy's retry schedule. False if `old` is gone
+    /// (then the copy gets a tombstone: it must not bring a finished message back).
+    pub fn moved(&mut self, old: MessageId, new_id: MessageId, record_bytes: u32) -> bool {
+        let Some(mut message) = self.queue.finish(old) else {
+            self.state.tombstones.push(StateEntry {
+                id: new_id,
+                recipient: 0,
+            });
+            return false;
+        };
+        message.id = new_id;
+        message.record_bytes = record_bytes;
+        if let Some(next_attempt_unix_s) = message.next_attempt_unix_s {
+            self.state.deferrals.push(Deferral {
+                id: new_id,
+                attempts: message.attempts,
+                next_attempt_unix_s,
+                delay_notified: message.delay_notified,
+            });
+        }
+        self.queue.insert(message);
+        self.state.tombstones.push(StateEntry { id: old, recipient: 0 });
+        true
+    }
+
+    /// Evicts sites with nothing to do for `site_idle`; returns them (the shell closes their
+    /// pooled connections).
+    pub fn evict_idle(&mut self, now: Instant) -> Vec<SiteKey> {
+        let idle = self.config.site_idle;
+        let gone: Vec<SiteKey> = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.idle() && now.saturating_duration_since(s.last_active) >= idle)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &gone {
+            self.sites.remove(key);
+        }
+        gone
+    }
+
+    /// At `sites_max`: evicts the idle site least recently active, if there is one (sites with
+    /// work are bounded by the queue itself).
+    fn evict_least_recent(&mut self, _now: Instant) {
+        let victim = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.idle())
+            .min_by_key(|(_, s)| s.last_active)
+            .map(|(k, _)| k.clone());
+        if let Some(key) = victim {
+            self.sites.remove(&key);
+            self.evicted.push(key);
+        }
+    }
+
+    /// Sites evicted to make room since the last call (the shell closes their pools).
+    pub fn take_evicted(&mut self) -> Vec<SiteKey> {
+        std::mem::take(&mut self.evicted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gannet_smtp::client::ServerReply;
+    use gannet_smtp::envelope::{Envelope, Origin};
+    use gannet_spool::record::EnvelopeBytes;
+
+    const SMARTHOST: &str = "192.0.2.25:25";
+
+    fn config() -> SchedConfig {
+        SchedConfig {
+            shard: 0,
+            shard_count: 1,
+            routes: vec![
+                Route {
+                    domain: "relay.test".into(),
+                    target: RouteTarget::Smarthost(SMARTHOST.parse().unwrap()),
+                },
+                Route {
+                    domain: "*".into(),
+                    target: RouteTarget::Mx,
+                },
+            ],
+            site_rules: vec![],
+            connections_per_site_max: 2,
+            messages_per_connection_max: 100,
+            connections_per_shard_max: 3,
+            sites_max: 4,
+            retry: RetrySchedule {
+                first: Duration::from_secs(60),
+                max: Duration::from_secs(600),
+            },
+            queue_lifetime: Duration::from_secs(3600),
+            delay_warning_after: Duration::from_secs(1800),
+            site_idle: Duration::from_secs(10),
+            seed: 1,
+        }
+    }
+
+    fn now(t0: Instant, s: u64) -> Now {
+        Now {
+            instant: t0 + Duration::from_secs(s),
+            unix_s: 1_000_000 + s,
+        }
+    }
+
+    fn message(n: u32, sender: &str, to: &[&str]) -> QueuedMessage {
+        let mut e = Envelope::default();
+        e.set_sender(|b| b.extend_from_slice(sender.as_bytes()));
+        for r in to {
+            e.add_recipient(|b| b.extend_from_slice(r.as_bytes()), 0, b"");
+        }
+        let origin = Origin {
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: b"c",
+            received_unix_s: 1_000_000,
+        };
+        QueuedMessage::new(
+            MessageId::new(1, 0, u64::from(n) * 4096),
+            100,
+            10,
+            EnvelopeBytes::from_envelope(&e, origin),
+        )
+    }
+
+    fn reply(code: u16) -> ServerReply {
+        ServerReply::new(code, "x")
+    }
+
+    /// Spools message `n` for `user@<domain>` and places it as the MX lookup would, with `hosts`.
+    fn queue_mx(s: &mut Scheduler, n: u32, domain: &str, hosts: &[&str], at: Instant) -> MessageId {
+        let m = message(n, "a@x", &[&format!("user@{domain}")]);
+        let id = m.id;
+        s.insert(m);
+        let plan = s.plan(id, at).unwrap();
+        let (domain, recipients) = plan.resolve[0].clone();
+        s.place_mx(
+            id,
+            plan.lane,
+            recipients,
+            &domain,
+            hosts.iter().map(|h| h.to_string()).collect(),
+            at,
+        );
+        id
+    }
+
+    #[test]
+    fn smarthost_groups_queue_at_once_and_mx_groups_wait_for_their_lookup() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        let m = message(
+            1,
+            "a@x",
+            &["b@relay.test", "c@example.com", "d@EXAMPLE.com", "e@other.net"],
+        );
+        let id = m.id;
+        s.insert(m);
+        let plan = s.plan(id, t0).unwrap();
+        assert_eq!(plan.lane, Lane::Fresh);
+        assert_eq!(
+            plan.resolve,
+            vec![
+                ("example.com".to_string(), vec![1, 2]),
+                ("other.net".to_string(), vec![3])
+            ]
+        );
+        assert!(s.plan(id, t0).is_none(), "jobs are out");
+        assert_eq!(s.queue().get(&id).unwrap().jobs_outstanding, 3);
+        let smarthost = SiteKey::Smarthost(SMARTHOST.parse().unwrap());
+        assert_eq!(s.next_worker(), Some(smarthost.clone()));
+        assert_eq!(s.next_job(&smarthost, t0).unwrap().recipients, vec![0]);
+        assert_eq!(s.next_worker(), None, "nothing else is queued");
+    }
+
+    #[test]
+    fn domains_with_the_same_mx_hosts_share_one_site_and_its_connection_cap() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        for n in 0..50u32 {
+            // Every domain's MX is the same two hosts, in either order.
+            let hosts = if n % 2 == 0 {
+                ["mx1.host.test", "mx2.host.test"]
+            } else {
+                ["MX2.host.test", "mx1.host.test"]
+            };
+            queue_mx(&mut s, n, &format!("domain{n}.test"), &hosts, t0);
+        }
+        assert_eq!(s.sites_len(), 1);
+        let mut workers = 0;
+        while s.next_worker().is_some() {
+            workers += 1;
+        }
+        assert_eq!(workers, 2, "the site's cap, not one per domain");
+        let site = s.site(&SiteKey::mx(&["mx1.host.test", "mx2.host.test"])).unwrap();
+        assert_eq!((site.pending(), site.name.as_str()), (50, "domain0.test"));
+    }
+
+    #[test]
+    fn the_shard_cap_holds_across_sites_and_a_freed_place_goes_to_a_waiting_site() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        for n in 0..6u32 {
+            let domain = format!("d{}.test", n % 3);
+            queue_mx(&mut s, n, &domain, &[&format!("mx.{domain}")], t0);
+        }
+        let started: Vec<SiteKey> = std::iter::from_fn(|| s.next_worker()).collect();
+        assert_eq!(started.len(), 3, "connections_per_shard_max");
+        // One worker finishes its site's work and stops: its place goes to someone waiting.
+        let first = started[0].clone();
+        while s.next_job(&first, t0).is_some() {}
+        s.worker_ended(&first, t0);
+        let next = s.next_worker().expect("a waiting site gets the place");
+        assert_ne!(next, first);
+    }
+
+    #[test]
+    fn a_deferred_message_waits_by_the_schedule_and_a_finished_one_leaves_a_tombstone() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        let m = message(1, "a@x", &["b@relay.test", "c@relay.test"]);
+        let id = m.id;
+        s.insert(m);
+        s.plan(id, t0).unwrap();
+        let key = s.next_worker().unwrap();
+        let job = s.next_job(&key, t0).unwrap();
+        let results = [
+            (0, RecipientResult::Delivered(reply(250))),
+            (1, RecipientResult::Deferred(reply(451))),
+        ];
+        let c = s.classify(job.id, &results, now(t0, 0)).unwrap();
+        assert_eq!((c.done.clone(), c.bounce.len(), c.delayed.len()), (vec![0], 0, 0));
+        let done = s.complete(job.id, &c.done, false, now(t0, 0)).unwrap();
+        let Completed::Retry { at_unix_s } = done else {
+            panic!("{done:?}")
+        };
+        assert!((1_000_060..=1_000_066).contains(&at_unix_s), "60 s plus up to 10%");
+        s.worker_ended(&key, t0);
+        let state = s.take_state();
+        assert_eq!(state.outcomes, vec![StateEntry { id, recipient: 0 }]);
+        assert_eq!(state.deferrals[0].attempts, 1);
+        assert!(s.due(t0 + Duration::from_secs(59)).is_empty());
+        assert_eq!(s.due(t0 + Duration::from_secs(67)), vec![id]);
+        // The retry goes in the retry lane and finishes the message.
+        let plan = s.plan(id, t0).unwrap();
+        assert_eq!(plan.lane, Lane::Retry);
+        let key = s.next_worker().unwrap();
+        let job = s.next_job(&key, t0).unwrap();
+        assert_eq!(job.recipients, vec![1]);
+        let results = [(1, RecipientResult::Delivered(reply(250)))];
+        let c = s.classify(job.id, &results, now(t0, 70)).unwrap();
+        assert_eq!(
+            s.complete(job.id, &c.done, false, now(t0, 70)),
+            Some(Completed::Finished)
+        );
+        assert!(s.queue().is_empty());
+        assert_eq!(
+            s.take_state().tombstones,
+            vec![StateEntry {
+                id,
+                recipient: u32::MAX
+            }]
+        );
+    }
+
+    #[test]
+    fn failures_are_owed_a_notice_but_never_for_the_null_sender_and_expiry_fails() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        let m = message(1, "a@x", &["b@relay.test", "c@relay.test"]);
+        let bounce = message(2, "", &["a@relay.test"]);
+        let (id, bid) = (m.id, bounce.id);
+        s.insert(m);
+        s.insert(bounce);
+        s.plan(id, t0).unwrap();
+        s.plan(bid, t0).unwrap();
+        let key = s.next_worker().unwrap();
+        let job = s.next_job(&key, t0).unwrap();
+        let bjob = s.next_job(&key, t0).unwrap();
+        assert_eq!((job.lane, bjob.lane), (Lane::Fresh, Lane::Bounce));
+        let results = [
+            (0, RecipientResult::Failed(reply(550))),
+            (1, RecipientResult::Deferred(reply(451))),
+        ];
+        // An hour past arrival the deferral is an expiry.
+        let c = s.classify(job.id, &results, now(t0, 3601)).unwrap();
+        assert_eq!(c.verdicts, vec![(0, Verdict::Failed), (1, Verdict::Expired)]);
+        assert_eq!((c.bounce.clone(), c.done.len()), (vec![0, 1], 0));
+        let c = s
+            .classify(bjob.id, &[(0, RecipientResult::Failed(reply(550)))], now(t0, 1))
+            .unwrap();
+        assert_eq!((c.bounce.len(), c.done.clone()), (0, vec![0]), "never bounce a bounce");
+        // Half an hour in, a deferral earns the one delay notice.
+        let c = s
+            .classify(job.id, &[(1, RecipientResult::Deferred(reply(451)))], now(t0, 1800))
+            .unwrap();
+        assert_eq!(c.delayed, vec![1]);
+    }
+
+    #[test]
+    fn idle_sites_are_evicted_and_the_bound_holds() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        for n in 0..20u32 {
+            let domain = format!("d{n}.test");
+            queue_mx(
+                &mut s,
+                n,
+                &domain,
+                &[&format!("mx.{domain}")],
+                now(t0, n.into()).instant,
+            );
+            // Deliver it at once: the site goes idle.
+            let key = s.next_worker().unwrap();
+            let job = s.next_job(&key, t0).unwrap();
+            let c = s
+                .classify(job.id, &[(0, RecipientResult::Delivered(reply(250)))], now(t0, 0))
+                .unwrap();
+            s.complete(job.id, &c.done, false, now(t0, 0));
+            s.worker_ended(&key, now(t0, n.into()).instant);
+            assert!(s.sites_len() <= 4, "sites_max");
+        }
+        assert_eq!(s.take_evicted().len(), 16);
+        assert_eq!(s.evict_idle(now(t0, 100).instant).len(), 4);
+        assert_eq!(s.sites_len(), 0);
+    }
+
+    #[test]
+    fn a_restart_keeps_each_messages_next_attempt() {
+        let t0 = Instant::now();
+        let mut queue = QueueIndex::default();
+        let mut waiting = message(1, "a@x", &["b@relay.test"]);
+        waiting.attempts = 2;
+        waiting.next_attempt_unix_s = Some(1_000_100);
+        let mut overdue = message(2, "a@x", &["b@relay.test"]);
+        overdue.next_attempt_unix_s = Some(999_000);
+        let fresh = message(3, "a@x", &["b@relay.test"]);
+        let ids = [waiting.id, overdue.id, fresh.id];
+        for m in [waiting, overdue, fresh] {
+            queue.insert(m);
+        }
+        let mut s = Scheduler::new(config(), queue);
+        assert_eq!(s.recovered(now(t0, 0)), vec![ids[1], ids[2]]);
+        assert_eq!(s.retries_len(), 1);
+        assert_eq!(s.due(t0 + Duration::from_secs(100)), vec![ids[0]]);
+    }
+
+    #[test]
+    fn a_rate_spaces_messages_and_stops_sending_ahead() {
+        let t0 = Instant::now();
+        let mut config = config();
+        config.site_rules.push(SiteRule {
+            pattern: SMARTHOST.into(),
+            connections_max: Some(1),
+            messages_per_connection_max: None,
+            messages_per_second: Some(4.0),
+        });
+        let mut s = Scheduler::new(config, QueueIndex::default());
+        for n in 0..3 {
+            let m = message(n, "a@x", &["b@relay.test"]);
+            let id = m.id;
+            s.insert(m);
+            s.plan(id, t0).unwrap();
+        }
+        let key = s.next_worker().unwrap();
+        assert!(s.next_worker().is_none(), "one connection");
+        assert_eq!(s.rate_wait(&key, t0), Duration::ZERO);
+        assert_eq!(s.rate_wait(&key, t0), Duration::from_millis(250));
+        assert!(s.take_ahead(&key, 0).is_none(), "no pipelining ahead under a rate");
+    }
+}

@@ -1,0 +1,170 @@
+//! A job's end: each recipient's result logged, failure and delay notices spooled (RFC 3464,
+//! from the null sender, never for `<>`), and the scheduler told who is finished. A failed
+//! recipient counts as finished only once its notice is durable (or none is wanted); if the
+//! notice cannot be spooled now, the recipient is tried again later.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+
+use gannet_sched::{Completed, QueuedMessage, Verdict};
+use gannet_smtp::client::RecipientResult;
+use gannet_smtp::deadline::Now;
+use gannet_smtp::dsn::{build_bounce, BounceContext, FailedRecipient};
+use gannet_smtp::envelope::{Envelope, Origin, Ret, StoredEnvelope};
+use gannet_spool::record::EnvelopeBytes;
+use gannet_spool::MessageId;
+use tracing::{info, warn};
+
+use super::store::Loaded;
+use super::Deliverer;
+use crate::smtp::session::MessageSink;
+
+impl Deliverer {
+    /// Records a job's results (see the module's doc). `relay`: the server that answered, if
+    /// one did; `original`: the message as read for the transaction, if it was.
+    pub(super) async fn finish_job(
+        self: &Rc<Self>,
+        id: MessageId,
+        results: Vec<(u32, RecipientResult)>,
+        relay: Option<SocketAddr>,
+        original: Option<Rc<Loaded>>,
+    ) {
+        let now = Now::read();
+        let Some(classified) = self.sched.borrow().classify(id, &results, now) else {
+            return;
+        };
+        let (envelope, record_bytes) = {
+            let sched = self.sched.borrow();
+            let message = sched.queue().get(&id).expect("classified");
+            (message.envelope.view().to_stored(), message.record_bytes)
+        };
+        self.log_results(id, &envelope, &results, &classified.verdicts, relay);
+        let notice = |indexes: &[u32], expired: bool| -> Vec<FailedRecipient> {
+            indexes
+                .iter()
+                .filter_map(|i| results.iter().find(|(r, _)| r == i))
+                .map(|(index, result)| FailedRecipient {
+                    index: *index,
+                    diagnostic: match (result, expired) {
+                        (RecipientResult::Deferred(r), true) => {
+                            format!("{} (gave up after delivery.queue_lifetime)", r.text())
+                        }
+                        (
+                            RecipientResult::Delivered(r) | RecipientResult::Failed(r) | RecipientResult::Deferred(r),
+                            _,
+                        ) => r.text(),
+                    },
+                    remote_mta: relay.map(|a| a.to_string()),
+                })
+                .collect()
+        };
+        let mut done = classified.done.clone();
+        let mut delay_notified = false;
+        if !classified.bounce.is_empty() || !classified.delayed.is_empty() {
+            let original = match original {
+                Some(o) => Some(o),
+                None => self.store.load(id, record_bytes).await.ok().map(Rc::new),
+            };
+            let content: &[u8] = original.as_ref().map_or(&[], |o| o.content());
+            let bounce = notice(&classified.bounce, true);
+            if !bounce.is_empty() && self.spool_notice(id, &envelope, content, &bounce, "failed").await {
+                done.extend(classified.bounce.iter().copied());
+            }
+            if !classified.delayed.is_empty() {
+                let delayed = notice(&classified.delayed, false);
+                delay_notified = self.spool_notice(id, &envelope, content, &delayed, "delayed").await;
+            }
+        }
+        let completed = self.sched.borrow_mut().complete(id, &done, delay_notified, Now::read());
+        if matches!(completed, Some(Completed::Finished | Completed::Retry { .. })) {
+            self.store.forget(&id);
+        }
+        self.flush_state_soon();
+    }
+
+    fn log_results(
+        &self,
+        id: MessageId,
+        envelope: &StoredEnvelope,
+        results: &[(u32, RecipientResult)],
+        verdicts: &[(u32, Verdict)],
+        relay: Option<SocketAddr>,
+    ) {
+        let relay = relay.map_or_else(|| "none".to_string(), |a| a.to_string());
+        for ((index, result), (_, verdict)) in results.iter().zip(verdicts) {
+            let to = envelope
+                .recipients
+                .get(*index as usize)
+                .map_or_else(String::new, |r| String::from_utf8_lossy(&r.address).into_owned());
+            let reply = match result {
+                RecipientResult::Delivered(r) | RecipientResult::Failed(r) | RecipientResult::Deferred(r) => r.text(),
+            };
+            match verdict {
+                Verdict::Delivered => info!(shard = self.shard, %id, %to, %relay, "delivered: {reply}"),
+                Verdict::Failed => warn!(shard = self.shard, %id, %to, %relay, "failed for good: {reply}"),
+                Verdict::Expired => {
+                    warn!(shard = self.shard, %id, %to, %relay, "expired after queue_lifetime: {reply}")
+                }
+                Verdict::Deferred => info!(shard = self.shard, %id, %to, %relay, "deferred: {reply}"),
+            }
+        }
+    }
+
+    /// Spools a delivery status notification (`action`: "failed" or "delayed") to the original
+    /// sender, from the null sender. True once it is durable.
+    async fn spool_notice(
+        self: &Rc<Self>,
+        original_id: MessageId,
+        envelope: &StoredEnvelope,
+        content: &[u8],
+        failed: &[FailedRecipient],
+        action: &str,
+    ) -> bool {
+        let now = Now::read();
+        let id_text = original_id.to_string();
+        let ctx = BounceContext {
+            hostname: &self.config.server.hostname,
+            original_id: &id_text,
+            now_unix_s: now.unix_s,
+            action,
+        };
+        let size_max = self.config.limits.message_size_max.0 as usize;
+        let mut bytes = build_bounce(&ctx, envelope, content, failed);
+        if bytes.len() > size_max {
+            // Too big to return whole: fall back to the headers, then to nothing.
+            let mut headers_only = envelope.clone();
+            headers_only.ret = Ret::Headers;
+            bytes = build_bounce(&ctx, &headers_only, content, failed);
+            if bytes.len() > size_max {
+                bytes = build_bounce(&ctx, &headers_only, &[], failed);
+            }
+        }
+        let mut bounce_envelope = Envelope::default();
+        bounce_envelope.add_recipient(|b| b.extend_from_slice(&envelope.sender), 0, b"");
+        let hostname = self.config.server.hostname.clone();
+        let origin = Origin {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            helo: hostname.as_bytes(),
+            received_unix_s: now.unix_s,
+        };
+        let mut buffer = self.appender.message_buffer();
+        if buffer.begin(&bounce_envelope, origin).is_err() || buffer.append(&bytes).is_err() {
+            warn!(shard = self.shard, id = %original_id, "no memory for a bounce now; the failure will be reported later");
+            return false;
+        }
+        let message = buffer.take();
+        let (record_bytes, content_bytes) = (message.record_len(), message.content_bytes);
+        match self.appender.commit(message).await {
+            Ok(bounce_id) => {
+                info!(shard = self.shard, id = %original_id, bounce = %bounce_id, to = %String::from_utf8_lossy(&envelope.sender), "{action} notice queued");
+                let stored = EnvelopeBytes::from_envelope(&bounce_envelope, origin);
+                self.accept(QueuedMessage::new(bounce_id, record_bytes, content_bytes, stored), None);
+                true
+            }
+            Err(e) => {
+                warn!(shard = self.shard, id = %original_id, "cannot spool a bounce ({e:?}); the failure will be reported later");
+                false
+            }
+        }
+    }
+}

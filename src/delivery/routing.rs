@@ -1,0 +1,240 @@
+//! Where a message's recipients go: the scheduler plans them by route; a smarthost route
+//! queues at once, an MX route needs the domain's MX hosts (RFC 5321 5.1), which make its
+//! receiving site (domains with the same MX hosts share one). Then connecting to a site: the
+//! smarthost, or its MX hosts' addresses in order (the next on a connection failure or a bad
+//! greeting), each within the per-address connection cap; and the site's STARTTLS policy and
+//! credentials.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use gannet_sched::{Lane, SiteKey};
+use gannet_smtp::client::{RecipientResult, ServerReply};
+use gannet_spool::MessageId;
+use hickory_proto::rr::RecordType;
+use tracing::info;
+
+use super::outbound::{OutboundConnection, TlsPolicy};
+use super::Deliverer;
+use crate::dns::mx::{self, MxError};
+
+/// A reply text such as `550 5.1.2 ...` as a reply.
+pub fn reply_from_text(text: &str) -> ServerReply {
+    let code = text.get(..3).and_then(|c| c.parse().ok()).unwrap_or(451);
+    ServerReply::new(code, text.get(4..).unwrap_or(text))
+}
+
+/// Why a site could not be reached; `permanent`: its mail fails for good (null MX, no such
+/// domain).
+pub struct Unreachable {
+    pub reply: ServerReply,
+    pub permanent: bool,
+}
+
+impl Deliverer {
+    /// Plans a message and queues what can be queued: MX domains whose answer is cached are
+    /// placed at once, the others after their lookup; recipients no route covers wait like any
+    /// deferral (so that retries, expiry and the bounce after `delivery.queue_lifetime` follow
+    /// the same path).
+    pub(super) fn schedule(self: &Rc<Self>, id: MessageId) {
+        let plan = self.sched.borrow_mut().plan(id, Instant::now());
+        let Some(plan) = plan else { return };
+        for (domain, recipients) in plan.resolve {
+            let random = self.sched.borrow_mut().random();
+            match self.resolver.cached(&domain, RecordType::MX) {
+                Some(answer) => self.place(
+                    id,
+                    plan.lane,
+                    recipients,
+                    &domain,
+                    mx::exchanges(&domain, &answer, random),
+                ),
+                None => {
+                    let me = self.clone();
+                    glommio::spawn_local(async move {
+                        let answer = me.resolver.lookup(&domain, RecordType::MX).await;
+                        me.place(
+                            id,
+                            plan.lane,
+                            recipients,
+                            &domain,
+                            mx::exchanges(&domain, &answer, random),
+                        );
+                        me.start_workers();
+                    })
+                    .detach();
+                }
+            }
+        }
+        if !plan.unrouted.is_empty() {
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                let reply = ServerReply::new(
+                    451,
+                    "4.4.0 no route for the recipient's domain (no [[route]] matches it)",
+                );
+                let results = plan
+                    .unrouted
+                    .iter()
+                    .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
+                    .collect();
+                me.finish_job(id, results, None, None).await;
+            })
+            .detach();
+        }
+        self.start_workers();
+    }
+
+    /// Queues a group for its domain's site, or finishes it with the lookup's failure.
+    fn place(
+        self: &Rc<Self>,
+        id: MessageId,
+        lane: Lane,
+        recipients: Vec<u32>,
+        domain: &str,
+        hosts: Result<Vec<String>, MxError>,
+    ) {
+        match hosts {
+            Ok(hosts) => self
+                .sched
+                .borrow_mut()
+                .place_mx(id, lane, recipients, domain, hosts, Instant::now()),
+            Err(e) => {
+                let (text, permanent) = match e {
+                    MxError::Permanent(text) => (text, true),
+                    MxError::Temporary(text) => (text, false),
+                };
+                let reply = reply_from_text(&text);
+                let results = recipients
+                    .iter()
+                    .map(|&i| match permanent {
+                        true => (i, RecipientResult::Failed(reply.clone())),
+                        false => (i, RecipientResult::Deferred(reply.clone())),
+                    })
+                    .collect();
+                let me = self.clone();
+                glommio::spawn_local(async move { me.finish_job(id, results, None, None).await }).detach();
+            }
+        }
+    }
+
+    /// Starts a worker for every site that wants one and has room.
+    pub(super) fn start_workers(self: &Rc<Self>) {
+        loop {
+            let key = self.sched.borrow_mut().next_worker();
+            let Some(key) = key else { break };
+            glommio::spawn_local(self.clone().worker(key)).detach();
+        }
+    }
+
+    /// AUTH credentials for a smarthost, if its route has them.
+    fn credentials(&self, addr: SocketAddr) -> Option<(&str, &str)> {
+        self.config
+            .routes
+            .iter()
+            .find(|r| r.smarthost == Some(addr) && r.auth_user.is_some())
+            .and_then(|r| Some((r.auth_user.as_deref()?, r.auth_password.as_deref()?)))
+    }
+
+    /// The STARTTLS policy for a site: required by its route (`tls_required`, or credentials,
+    /// which never travel in plaintext), else `delivery.starttls`. For an MX site the route is
+    /// that of the domain that made the site (every domain with the same MX hosts shares it).
+    fn tls_policy(&self, key: &SiteKey, name: &str) -> TlsPolicy {
+        let required = match key {
+            SiteKey::Smarthost(addr) => self
+                .config
+                .routes
+                .iter()
+                .any(|r| r.smarthost == Some(*addr) && (r.tls_required || r.auth_user.is_some())),
+            SiteKey::Mx(_) => self
+                .config
+                .routes
+                .iter()
+                .any(|r| r.mx && r.tls_required && (r.domain == "*" || r.domain.eq_ignore_ascii_case(name))),
+        };
+        if required {
+            TlsPolicy::Required
+        } else if self.config.delivery.starttls {
+            TlsPolicy::Opportunistic
+        } else {
+            TlsPolicy::Off
+        }
+    }
+
+    /// Opens a connection to a site. Addresses at their connection cap are skipped; when all
+    /// are, the worker waits for a place (at most `delivery.connect_timeout`).
+    pub(super) async fn connect(&self, key: &SiteKey) -> Result<OutboundConnection, Unreachable> {
+        let (name, hosts) = {
+            let sched = self.sched.borrow();
+            let site = sched.site(key).expect("a worker's site is never evicted");
+            (site.name.clone(), site.hosts.clone())
+        };
+        let addresses = match key {
+            SiteKey::Smarthost(addr) => vec![*addr],
+            SiteKey::Mx(_) => match mx::addresses(&self.resolver, &name, &hosts, self.config.delivery.mx_port).await {
+                Ok(a) => a,
+                Err(MxError::Permanent(text)) => return Err(unreachable(&text, true)),
+                Err(MxError::Temporary(text)) => return Err(unreachable(&text, false)),
+            },
+        };
+        let policy = self.tls_policy(key, &name);
+        let deadline = Instant::now() + self.config.delivery.connect_timeout.0;
+        loop {
+            let mut last = None;
+            let mut capped = 0;
+            for &addr in &addresses {
+                let Some(slot) = self.ip_cap.try_take(addr.ip()) else {
+                    capped += 1;
+                    continue;
+                };
+                let auth = match key {
+                    SiteKey::Smarthost(a) => self.credentials(*a),
+                    SiteKey::Mx(_) => None,
+                };
+                match OutboundConnection::open(slot, addr, &self.config, policy, auth).await {
+                    Ok(c) => return Ok(c),
+                    Err(why) => {
+                        info!(shard = self.shard, destination = %key, "{why}; trying the next address");
+                        last = Some(why);
+                    }
+                }
+            }
+            if let Some(why) = last {
+                return Err(Unreachable {
+                    reply: ServerReply::new(421, &why),
+                    permanent: false,
+                });
+            }
+            // Every address is at its cap: close an idle connection to one of them (another
+            // site's), else wait for a connection to one of them to close.
+            debug_assert_eq!(capped, addresses.len());
+            let ips: Vec<_> = addresses.iter().map(SocketAddr::ip).collect();
+            if self.pool.borrow_mut().close_idle_to(&ips) {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let freed = glommio::timer::timeout(left, async {
+                self.ip_cap.released().await;
+                Ok(())
+            })
+            .await;
+            if freed.is_err() {
+                return Err(Unreachable {
+                    reply: ServerReply::new(
+                        421,
+                        &format!("4.4.5 every address of {key} is at delivery.connections_per_ip_max"),
+                    ),
+                    permanent: false,
+                });
+            }
+        }
+    }
+}
+
+fn unreachable(text: &str, permanent: bool) -> Unreachable {
+    Unreachable {
+        reply: reply_from_text(text),
+        permanent,
+    }
+}
