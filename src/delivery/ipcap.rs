@@ -3,6 +3,12 @@
 //! how many connections come from it to each of its addresses (`delivery.connections_per_ip_max`,
 //! process-wide, split over the shards). A connection holds an [`IpSlot`] for as long as it
 //! lives; dropping it gives the place back and wakes workers waiting for one.
+//!
+//! Fairness between sites that share an address: a worker that finds every address of its
+//! site at the cap, held by other sites, says so ([`IpCap::waiting`]); a worker of another site
+//! then gives its connection up after its current message ([`IpCap::wanted_by_other`]) instead
+//! of keeping it for its whole queue, and a connection is not parked in the pool while another
+//! site waits for its address.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -12,6 +18,8 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+use gannet_sched::SiteKey;
+
 pub struct IpCap {
     /// Open connections per address (at most one entry per open connection).
     counts: RefCell<HashMap<IpAddr, usize>>,
@@ -19,6 +27,31 @@ pub struct IpCap {
     /// Bumped whenever a slot is given back.
     releases: Cell<u64>,
     waiters: RefCell<Vec<Waker>>,
+    /// Sites with a worker waiting for a place at an address (at most one entry per worker).
+    waiting: RefCell<HashMap<IpAddr, Vec<SiteKey>>>,
+}
+
+/// A worker's wait for a place at some addresses; dropping it ends the wait.
+pub struct Waiting {
+    cap: Rc<IpCap>,
+    ips: Vec<IpAddr>,
+    site: SiteKey,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut waiting = self.cap.waiting.borrow_mut();
+        for ip in &self.ips {
+            if let Some(sites) = waiting.get_mut(ip) {
+                if let Some(i) = sites.iter().position(|s| *s == self.site) {
+                    sites.swap_remove(i);
+                }
+                if sites.is_empty() {
+                    waiting.remove(ip);
+                }
+            }
+        }
+    }
 }
 
 /// A connection's place under the cap for its address.
@@ -35,6 +68,7 @@ impl IpCap {
             max,
             releases: Cell::new(0),
             waiters: RefCell::new(Vec::new()),
+            waiting: RefCell::new(HashMap::new()),
         })
     }
 
@@ -52,6 +86,27 @@ impl IpCap {
     /// Connections open to `ip`.
     pub fn open(&self, ip: IpAddr) -> usize {
         self.counts.borrow().get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Says that a worker of `site` waits for a place at one of `ips`, until the guard drops.
+    pub fn waiting(self: &Rc<Self>, ips: &[IpAddr], site: &SiteKey) -> Waiting {
+        let mut waiting = self.waiting.borrow_mut();
+        for ip in ips {
+            waiting.entry(*ip).or_default().push(site.clone());
+        }
+        Waiting {
+            cap: self.clone(),
+            ips: ips.to_vec(),
+            site: site.clone(),
+        }
+    }
+
+    /// Whether a worker of a site other than `site` waits for a place at `ip`.
+    pub fn wanted_by_other(&self, ip: IpAddr, site: &SiteKey) -> bool {
+        self.waiting
+            .borrow()
+            .get(&ip)
+            .is_some_and(|sites| sites.iter().any(|s| s != site))
     }
 
     /// Ready once any slot has been given back after this call.
@@ -115,5 +170,10 @@ mod tests {
         assert_eq!(cap.open(a), 1);
         assert_eq!(released.cap.releases.get(), released.seen + 1);
         assert!(cap.try_take(a).is_some());
+        let (one, two) = (SiteKey::mx(&["mx1.test"]), SiteKey::mx(&["mx2.test"]));
+        let wait = cap.waiting(&[a], &one);
+        assert!(cap.wanted_by_other(a, &two) && !cap.wanted_by_other(a, &one));
+        drop(wait);
+        assert!(!cap.wanted_by_other(a, &two));
     }
 }

@@ -54,6 +54,8 @@ pub struct Deliverer {
     copying: Cell<bool>,
     /// The last state batch could not be written (logged once per change).
     state_write_failing: Cell<bool>,
+    /// The destination table has been full (said once).
+    sites_full_said: Cell<bool>,
 }
 
 impl Deliverer {
@@ -78,6 +80,7 @@ impl Deliverer {
             flushing: Cell::new(false),
             copying: Cell::new(false),
             state_write_failing: Cell::new(false),
+            sites_full_said: Cell::new(false),
         })
     }
 
@@ -134,6 +137,26 @@ impl Deliverer {
         waiting.len()
     }
 
+    /// Closes the pooled connections of sites the scheduler evicted to make room, at once (a
+    /// site forgotten keeps no socket).
+    fn close_evicted(&self) {
+        let evicted = self.sched.borrow_mut().take_evicted();
+        if evicted.is_empty() {
+            return;
+        }
+        if !self.sites_full_said.replace(true) {
+            info!(
+                shard = self.shard,
+                "destination table full ({} per shard, delivery.destinations_max): idle destinations are forgotten, least recently active first",
+                self.config.delivery.destinations_max
+            );
+        }
+        let mut pool = self.pool.borrow_mut();
+        for key in &evicted {
+            pool.close_site(key);
+        }
+    }
+
     fn tick(self: &Rc<Self>) {
         let now = Instant::now();
         let due = self.sched.borrow_mut().due(now);
@@ -146,15 +169,14 @@ impl Deliverer {
         }
         // Dropping a connection closes it; a polite QUIT is not worth a task per socket.
         self.pool.borrow_mut().expire(self.config.delivery.idle_timeout.0, now);
-        let evicted = {
-            let mut sched = self.sched.borrow_mut();
-            let mut evicted = sched.evict_idle(now);
-            evicted.extend(sched.take_evicted());
-            evicted
-        };
+        self.close_evicted();
+        let evicted = self.sched.borrow_mut().evict_idle(now);
         let mut pool = self.pool.borrow_mut();
         for key in &evicted {
             pool.close_site(key);
         }
+        drop(pool);
+        self.sched.borrow_mut().kick_stranded();
+        self.start_workers();
     }
 }

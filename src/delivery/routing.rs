@@ -32,6 +32,15 @@ pub struct Unreachable {
     pub permanent: bool,
 }
 
+/// Why a worker has no connection.
+pub enum NoConnection {
+    Unreachable(Unreachable),
+    /// Every address of the site is at its connection cap, held by this site's other workers
+    /// or, after a wait, by other sites: the worker gives its job back and stops (not a
+    /// delivery failure).
+    AtCap,
+}
+
 impl Deliverer {
     /// Plans a message and queues what can be queued: MX domains whose answer is cached are
     /// placed at once, the others after their lookup; recipients no route covers wait like any
@@ -40,6 +49,7 @@ impl Deliverer {
     pub(super) fn schedule(self: &Rc<Self>, id: MessageId) {
         let plan = self.sched.borrow_mut().plan(id, Instant::now());
         let Some(plan) = plan else { return };
+        self.close_evicted();
         for (domain, recipients) in plan.resolve {
             let random = self.sched.borrow_mut().random();
             match self.resolver.cached(&domain, RecordType::MX) {
@@ -96,10 +106,12 @@ impl Deliverer {
         hosts: Result<Vec<String>, MxError>,
     ) {
         match hosts {
-            Ok(hosts) => self
-                .sched
-                .borrow_mut()
-                .place_mx(id, lane, recipients, domain, hosts, Instant::now()),
+            Ok(hosts) => {
+                self.sched
+                    .borrow_mut()
+                    .place_mx(id, lane, recipients, domain, hosts, Instant::now());
+                self.close_evicted();
+            }
             Err(e) => {
                 let (text, permanent) = match e {
                     MxError::Permanent(text) => (text, true),
@@ -119,12 +131,25 @@ impl Deliverer {
         }
     }
 
-    /// Starts a worker for every site that wants one and has room.
+    /// Starts a worker for every site that wants one and has room. The workers are scheduled,
+    /// not run on the spot (glommio's `spawn_local` runs a task right away, so a worker that
+    /// starts workers as it ends would otherwise nest them on the stack).
     pub(super) fn start_workers(self: &Rc<Self>) {
         loop {
             let key = self.sched.borrow_mut().next_worker();
             let Some(key) = key else { break };
-            glommio::spawn_local(self.clone().worker(key)).detach();
+            let queue = glommio::executor().current_task_queue();
+            match glommio::spawn_local_into(self.clone().worker(key.clone()), queue) {
+                Ok(task) => {
+                    task.detach();
+                }
+                Err(e) => {
+                    // Cannot happen (the current queue exists); give the place back.
+                    tracing::error!(shard = self.shard, "cannot start a delivery worker: {e}");
+                    self.sched.borrow_mut().worker_ended(&key, false, Instant::now());
+                    break;
+                }
+            }
         }
     }
 
@@ -163,8 +188,11 @@ impl Deliverer {
     }
 
     /// Opens a connection to a site. Addresses at their connection cap are skipped; when all
-    /// are, the worker waits for a place (at most `delivery.connect_timeout`).
-    pub(super) async fn connect(&self, key: &SiteKey) -> Result<OutboundConnection, Unreachable> {
+    /// are: another site's idle connection to one of them is closed to make room; else, if
+    /// this site has other workers (they hold the places), this one is not needed; else it
+    /// waits for a place (at most `delivery.connect_timeout`) while the other sites' workers
+    /// give theirs up after their current message.
+    pub(super) async fn connect(&self, key: &SiteKey) -> Result<OutboundConnection, NoConnection> {
         let (name, hosts) = {
             let sched = self.sched.borrow();
             let site = sched.site(key).expect("a worker's site is never evicted");
@@ -174,18 +202,17 @@ impl Deliverer {
             SiteKey::Smarthost(addr) => vec![*addr],
             SiteKey::Mx(_) => match mx::addresses(&self.resolver, &name, &hosts, self.config.delivery.mx_port).await {
                 Ok(a) => a,
-                Err(MxError::Permanent(text)) => return Err(unreachable(&text, true)),
-                Err(MxError::Temporary(text)) => return Err(unreachable(&text, false)),
+                Err(MxError::Permanent(text)) => return Err(NoConnection::Unreachable(unreachable(&text, true))),
+                Err(MxError::Temporary(text)) => return Err(NoConnection::Unreachable(unreachable(&text, false))),
             },
         };
         let policy = self.tls_policy(key, &name);
         let deadline = Instant::now() + self.config.delivery.connect_timeout.0;
+        let ips: Vec<_> = addresses.iter().map(SocketAddr::ip).collect();
         loop {
             let mut last = None;
-            let mut capped = 0;
             for &addr in &addresses {
                 let Some(slot) = self.ip_cap.try_take(addr.ip()) else {
-                    capped += 1;
                     continue;
                 };
                 let auth = match key {
@@ -201,18 +228,19 @@ impl Deliverer {
                 }
             }
             if let Some(why) = last {
-                return Err(Unreachable {
+                return Err(NoConnection::Unreachable(Unreachable {
                     reply: ServerReply::new(421, &why),
                     permanent: false,
-                });
+                }));
             }
-            // Every address is at its cap: close an idle connection to one of them (another
-            // site's), else wait for a connection to one of them to close.
-            debug_assert_eq!(capped, addresses.len());
-            let ips: Vec<_> = addresses.iter().map(SocketAddr::ip).collect();
+            // Every address is at its cap.
             if self.pool.borrow_mut().close_idle_to(&ips) {
                 continue;
             }
+            if self.sched.borrow().site(key).is_some_and(|s| s.workers() > 1) {
+                return Err(NoConnection::AtCap);
+            }
+            let _waiting = self.ip_cap.waiting(&ips, key);
             let left = deadline.saturating_duration_since(Instant::now());
             let freed = glommio::timer::timeout(left, async {
                 self.ip_cap.released().await;
@@ -220,13 +248,7 @@ impl Deliverer {
             })
             .await;
             if freed.is_err() {
-                return Err(Unreachable {
-                    reply: ServerReply::new(
-                        421,
-                        &format!("4.4.5 every address of {key} is at delivery.connections_per_ip_max"),
-                    ),
-                    permanent: false,
-                });
+                return Err(NoConnection::AtCap);
             }
         }
     }

@@ -16,7 +16,7 @@ use gannet_spool::record::EnvelopeView;
 use tracing::warn;
 
 use super::outbound::OutboundConnection;
-use super::routing::Unreachable;
+use super::routing::{NoConnection, Unreachable};
 use super::store::Loaded;
 use super::Deliverer;
 
@@ -86,6 +86,8 @@ impl Deliverer {
         // The connection came from the pool and has not carried a message since: the server
         // may have closed it meanwhile.
         let mut unproven = false;
+        // It stopped for the per-address cap: the site's other workers carry on.
+        let mut capped = false;
         loop {
             // A job whose envelope already went out on this connection comes first.
             let ahead = connection
@@ -100,8 +102,13 @@ impl Deliverer {
             if connection.is_none() {
                 match self.connect(&key).await {
                     Ok(c) => connection = Some(c),
-                    Err(failure) => {
+                    Err(NoConnection::Unreachable(failure)) => {
                         self.unreachable(&key, job, failure).await;
+                        break;
+                    }
+                    Err(NoConnection::AtCap) => {
+                        self.sched.borrow_mut().requeue_quietly(job);
+                        capped = true;
                         break;
                     }
                 }
@@ -140,17 +147,26 @@ impl Deliverer {
             self.finish_job(job.id, outcome.results, Some(peer), outcome.original)
                 .await;
             let messages_max = self.sched.borrow().messages_per_connection_max(&key);
-            if !outcome.healthy || conn.messages >= messages_max {
+            // Another site waits for this address: give the place up between messages.
+            let yield_place = self.ip_cap.wanted_by_other(peer.ip(), &key) && conn.ahead.is_none();
+            if !outcome.healthy || conn.messages >= messages_max || yield_place {
                 if outcome.healthy {
                     conn.quit().await;
                 }
                 connection = None;
+                if yield_place {
+                    capped = true;
+                    break;
+                }
             }
         }
         if let Some(c) = connection {
-            self.pool.borrow_mut().put(key.clone(), c, Instant::now());
+            // Not parked while another site waits for its address.
+            if !self.ip_cap.wanted_by_other(c.peer.ip(), &key) {
+                self.pool.borrow_mut().put(key.clone(), c, Instant::now());
+            }
         }
-        self.sched.borrow_mut().worker_ended(&key, Instant::now());
+        self.sched.borrow_mut().worker_ended(&key, !capped, Instant::now());
         self.start_workers();
     }
 

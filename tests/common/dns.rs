@@ -15,6 +15,8 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 #[derive(Default)]
 pub struct Zone {
     records: HashMap<(String, RecordType), Vec<RData>>,
+    /// Every name with a record, for NODATA against NXDOMAIN without a scan.
+    names: HashSet<String>,
     pub ttl_s: u32,
     pub servfail: HashSet<String>,
     pub silent: HashSet<String>,
@@ -35,6 +37,7 @@ impl Zone {
             })
             .collect();
         self.records.insert((name.to_string(), RecordType::MX), rdata);
+        self.names.insert(name.to_string());
         self
     }
 
@@ -43,6 +46,7 @@ impl Zone {
             .entry((name.to_string(), RecordType::A))
             .or_default()
             .push(RData::A(A::new(ip[0], ip[1], ip[2], ip[3])));
+        self.names.insert(name.to_string());
         self
     }
 }
@@ -94,7 +98,7 @@ fn answer(zone: &Zone, request: &Message, tcp: bool) -> Option<Vec<u8>> {
                     .push(Record::from_rdata(query.name.clone(), zone.ttl_s, data.clone()));
             }
         }
-        None if zone.records.keys().any(|(n, _)| *n == name) => reply.authorities.push(soa),
+        None if zone.names.contains(&name) => reply.authorities.push(soa),
         None => {
             reply.metadata.response_code = ResponseCode::NXDomain;
             reply.authorities.push(soa);

@@ -54,6 +54,8 @@ pub struct Setup {
     pub smtps_port: u16,
     /// Files the configuration names (password file, certificates), kept while the setup lives.
     pub files: Arc<tempfile::TempDir>,
+    /// Extra environment for the server process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Setup {
@@ -72,6 +74,7 @@ impl Setup {
             submission_port: free_port(),
             smtps_port: free_port(),
             files: Arc::new(tempfile::tempdir().unwrap()),
+            env: Vec::new(),
         };
         s.set("server", "hostname", "\"mx.test\"");
         s.set("server", "shards", "1");
@@ -243,6 +246,7 @@ impl Gannet {
             .arg("--config")
             .arg(&config_path)
             .env("GANNET_LOG", "info,glommio::reactor=off")
+            .envs(setup.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

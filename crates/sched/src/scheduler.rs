@@ -419,9 +419,13 @@ impl Scheduler {
                 continue;
             };
             site.kicked = false;
-            if site.pending.is_empty() || site.workers >= site.limits.connections_max {
+            if site.pending.is_empty()
+                || site.workers >= site.limits.connections_max
+                || (site.capped && site.workers > 0)
+            {
                 continue;
             }
+            site.capped = false;
             site.workers += 1;
             self.workers_total += 1;
             // More work than workers: it may take another one too.
@@ -474,14 +478,25 @@ impl Scheduler {
             })
     }
 
-    /// A worker of `key` stopped: its place goes to a site that waits for one.
-    pub fn worker_ended(&mut self, key: &SiteKey, now: Instant) {
+    /// A job goes back to the head of its lane without asking for a worker (its worker stopped
+    /// for a connection cap; the site's other workers, or the next worker that ends, take it).
+    pub fn requeue_quietly(&mut self, job: Job) {
+        if let Some(site) = self.sites.get_mut(&job.site) {
+            site.pending.push_front(job.lane, job);
+        }
+    }
+
+    /// A worker of `key` stopped: its place goes to a site that waits for one. `rekick`: the
+    /// site may get another worker for what it still has queued (not when the worker stopped
+    /// because of a connection cap: another would only meet the same cap).
+    pub fn worker_ended(&mut self, key: &SiteKey, rekick: bool, now: Instant) {
         let site = self.sites.get_mut(key).expect("a worker's site is never evicted");
         assert!(site.workers > 0 && self.workers_total > 0, "worker accounting");
         site.workers -= 1;
         self.workers_total -= 1;
         site.last_active = now;
-        if !site.pending.is_empty() {
+        site.capped = !rekick;
+        if rekick && !site.pending.is_empty() {
             self.kick(key.clone());
         }
         // A shard-wide place is free: the first site that waits for one is already kicked, or
@@ -495,6 +510,20 @@ impl Scheduler {
             if let Some(k) = waiting {
                 self.kick(k);
             }
+        }
+    }
+
+    /// Asks workers for sites that have work but none (one whose worker stopped for a
+    /// connection cap). Called now and then.
+    pub fn kick_stranded(&mut self) {
+        let stranded: Vec<SiteKey> = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.workers == 0 && !s.pending.is_empty() && !s.kicked)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stranded {
+            self.kick(key);
         }
     }
 
@@ -818,7 +847,7 @@ mod tests {
         // One worker finishes its site's work and stops: its place goes to someone waiting.
         let first = started[0].clone();
         while s.next_job(&first, t0).is_some() {}
-        s.worker_ended(&first, t0);
+        s.worker_ended(&first, true, t0);
         let next = s.next_worker().expect("a waiting site gets the place");
         assert_ne!(next, first);
     }
@@ -844,7 +873,7 @@ mod tests {
             panic!("{done:?}")
         };
         assert!((1_000_060..=1_000_066).contains(&at_unix_s), "60 s plus up to 10%");
-        s.worker_ended(&key, t0);
+        s.worker_ended(&key, true, t0);
         let state = s.take_state();
         assert_eq!(state.outcomes, vec![StateEntry { id, recipient: 0 }]);
         assert_eq!(state.deferrals[0].attempts, 1);
@@ -926,7 +955,7 @@ mod tests {
                 .classify(job.id, &[(0, RecipientResult::Delivered(reply(250)))], now(t0, 0))
                 .unwrap();
             s.complete(job.id, &c.done, false, now(t0, 0));
-            s.worker_ended(&key, now(t0, n.into()).instant);
+            s.worker_ended(&key, true, now(t0, n.into()).instant);
             assert!(s.sites_len() <= 4, "sites_max");
         }
         assert_eq!(s.take_evicted().len(), 16);

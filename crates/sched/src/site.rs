@@ -101,6 +101,8 @@ pub struct Site {
     pub(crate) last_active: Instant,
     /// It is in the scheduler's list of sites that may want a worker.
     pub(crate) kicked: bool,
+    /// A worker stopped for a connection cap: no more workers while others still run.
+    pub(crate) capped: bool,
 }
 
 impl Site {
@@ -115,6 +117,7 @@ impl Site {
             next_send: None,
             last_active: now,
             kicked: false,
+            capped: false,
         }
     }
 
