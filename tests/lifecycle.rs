@@ -268,11 +268,12 @@ fn a_torn_tail_is_cut_and_serving_continues() {
     c.hello();
     let ids: Vec<String> = (0..2).map(|i| send_one(&mut c, &format!("m{i}"))).collect();
     g.stop();
-    // A half-written record after the last one: a header whose payload never made it.
+    // A half-written record after the last one (message or delivery state): a header whose
+    // payload never made it.
     let last: gannet::spool::MessageId = ids[1].parse().unwrap();
     let segment = gannet::spool::shard_dir(&g.spool_dir, 0).join(gannet::spool::segment_file_name(last.segment_seq));
     let mut bytes = std::fs::read(&segment).unwrap();
-    let torn = last.offset_bytes() as usize + 4096;
+    let torn = gannet::spool::recovery::scan_segment(&bytes, 0, last.segment_seq).end_offset as usize;
     bytes[torn..torn + 9].copy_from_slice(&[200, 0, 0, 0, 1, 1, 2, 3, 4]);
     std::fs::write(&segment, &bytes).unwrap();
     let g = g.restart();

@@ -1,12 +1,7 @@
-//! The shard's appender: places records in the active segment, writes them with O_DIRECT, and
-//! acknowledges them through group commit.
-//!
-//! Ordering invariant (what makes recovery's "stop at the first bad record" safe): a record is
-//! acknowledged only when every record reserved before it has finished writing and an fdatasync
-//! that started after all of those writes has completed. Reservations take a ticket in segment
-//! order; `window_base` is the first ticket whose write has not completed; `durable_below` is the
-//! first ticket not yet covered by a completed fdatasync. A waiter with ticket `t` is answered once
-//! `durable_below > t`.
+//! The shard's appender, the glommio shell of the spool's commit policy
+//! (`gannet_spool::commit`, which holds the ordering invariant, the failure rules and the
+//! choice of segments): it writes records with O_DIRECT where the policy places them, runs the
+//! group commit, and prepares, recycles and deletes segment files as the policy says.
 //!
 //! Group commit: one committer task per shard waits until there are completed-but-not-durable
 //! writes, yields once so that writes finishing at the same moment join the batch ("gather before
@@ -16,19 +11,13 @@
 //! the fdatasync they would need right after: under load on this project's test machine it cut
 //! fdatasyncs per message by a third to a half and context switches by about 15%.
 //!
-//! Failures: a failed write or fdatasync poisons its segment from the first ticket it may have
-//! lost; every later record of that segment is answered 451 (never 250), and new records go to a
-//! fresh segment.
-//!
-//! Space: a shard always makes progress with the segments it owns. When the active segment is
-//! full, the next one is, in this order, the spare prepared in advance; the oldest segment, if
-//! none of its messages is unfinished (recycled: zero-filled where it was written and renamed,
-//! no new space taken; this may be the active segment itself when it is the only one); or a new
-//! file, within `segments_max` and `min_free_bytes`. Refusals for lack of space end as soon as a
-//! segment drains, and are logged once per change of state, not once per message.
+//! Space: refusals for lack of space end as soon as a segment drains (every later reservation
+//! tries again), and are logged once per change of state, not once per message. A recycled
+//! segment is renamed out of recovery's sight, zero-filled where it was written and renamed
+//! under its new sequence (see `docs/spool.md` for why it is zeroed).
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -37,8 +26,11 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use gannet_spool::commit::{Ack, CommitConfig, CommitPolicy, Placement, Reserve, Source, Ticket};
 use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions};
 use tracing::{error, info, warn};
+
+pub use gannet_spool::commit::ExistingSegment;
 
 use super::buffer::{Budget, FinishedMessage, MessageBuffer};
 use super::record::{self, build_deferral_record, build_state_record, Deferral, Kind, StateEntry};
@@ -88,45 +80,6 @@ impl WrittenRecord {
     }
 }
 
-/// One segment file open for appending (write-only: see FIELD-NOTES on the IOPOLL pitfall).
-pub struct Segment {
-    pub seq: u64,
-    file: DmaFile,
-    /// Bytes reserved so far: everything past it is zero.
-    write_pos: Cell<u64>,
-    /// Tickets from this one on must not be acknowledged (u64::MAX: healthy).
-    poisoned_from: Cell<u64>,
-}
-
-impl Segment {
-    fn healthy(&self) -> bool {
-        self.poisoned_from.get() == u64::MAX
-    }
-
-    fn poison_from(&self, ticket: u64) {
-        self.poisoned_from.set(self.poisoned_from.get().min(ticket));
-    }
-}
-
-/// A segment of this shard that is no longer written.
-struct Sealed {
-    seq: u64,
-    /// Our handle, for segments rolled since start; none for recovered ones.
-    handle: Option<Rc<Segment>>,
-    /// How far it may hold non-zero bytes (what recycling must zero).
-    used_bytes: u64,
-    /// Its file is `segment_bytes` long, so it can be recycled (not so after a change of
-    /// `spool.segment_size`: then it is deleted once drained).
-    recyclable: bool,
-}
-
-impl Sealed {
-    /// No write or fdatasync holds it.
-    fn idle(&self) -> bool {
-        self.handle.as_ref().is_none_or(|s| Rc::strong_count(s) == 1)
-    }
-}
-
 /// Whether the spool has room, for logging once per change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Space {
@@ -138,72 +91,29 @@ enum Space {
     DiskFull,
 }
 
-/// An existing segment file of this shard, found at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExistingSegment {
-    pub seq: u64,
-    pub len_bytes: u64,
-}
-
-#[derive(Default)]
-struct State {
-    active: Option<Rc<Segment>>,
-    spare: Option<Rc<Segment>>,
-    preparing: bool,
-    prepare_error: Option<CommitError>,
-    segment_waiters: Vec<Waker>,
-    /// Segment files of this shard on disk.
-    segment_count: usize,
-    /// Own segments no longer written, oldest first: recovered ones (no handle) and rolled ones.
-    sealed: VecDeque<Sealed>,
-    space: Space,
-    next_seq: u64,
-    next_ticket: u64,
-    /// Completion flags of tickets `window_base..next_ticket`.
-    window: VecDeque<bool>,
-    window_base: u64,
-    durable_below: u64,
-    /// Segments with completed writes not yet covered by an fdatasync.
-    unsynced: Vec<Rc<Segment>>,
-    durable_waiters: Vec<(u64, Waker)>,
-    committer_waker: Option<Waker>,
-}
-
-impl State {
-    /// Stops writing to `segment` if it is the active one (after a failure).
-    fn retire_active_if(&mut self, segment: &Rc<Segment>) {
-        if self.active.as_ref().is_some_and(|a| Rc::ptr_eq(a, segment)) {
-            let old = self.active.take().expect("checked");
-            self.seal(old);
-        }
-    }
-
-    fn seal(&mut self, segment: Rc<Segment>) {
-        self.sealed.push_back(Sealed {
-            seq: segment.seq,
-            used_bytes: segment.write_pos.get(),
-            recyclable: segment.healthy(),
-            handle: Some(segment),
-        });
-    }
-}
-
 /// Says whether a segment (by sequence) of this shard still holds an unfinished message.
 pub type Liveness = Rc<dyn Fn(u64) -> bool>;
 
-/// Where the next segment comes from.
-enum Source {
-    Recycle(Sealed),
-    Create,
+/// Why a preparation failed, and whether a file being recycled went with it.
+struct PrepareFailure {
+    error: CommitError,
+    lost_file: bool,
 }
 
 pub struct Appender {
     config: AppenderConfig,
     directory: Directory,
     budget: Rc<Budget>,
-    state: RefCell<State>,
+    policy: RefCell<CommitPolicy>,
+    /// Write handles of the segments written since start (write-only: see FIELD-NOTES on the
+    /// IOPOLL pitfall).
+    files: RefCell<HashMap<u64, Rc<DmaFile>>>,
     /// Which segments hold unfinished messages (the queue index knows).
     live: Liveness,
+    space: Cell<Space>,
+    segment_waiters: RefCell<Vec<Waker>>,
+    durable_waiters: RefCell<Vec<(Ticket, Waker)>>,
+    committer_waker: RefCell<Option<Waker>>,
 }
 
 fn now_ms() -> u64 {
@@ -248,35 +158,34 @@ impl Appender {
         live: Liveness,
     ) -> io::Result<Rc<Appender>> {
         let directory = Directory::open(&config.dir).await.map_err(io::Error::from)?;
-        let budget = Budget::new(config.inflight_bytes_max);
-        let sealed = existing
-            .iter()
-            .map(|e| Sealed {
-                seq: e.seq,
-                handle: None,
-                used_bytes: e.len_bytes,
-                recyclable: e.len_bytes == config.segment_bytes,
-            })
-            .collect();
+        let policy = CommitPolicy::new(
+            CommitConfig {
+                segment_bytes: config.segment_bytes,
+                segments_max: config.segments_max,
+                sync: config.durability == Durability::Fsync,
+                ack_before_sync: false,
+            },
+            existing,
+            next_seq,
+        );
         let appender = Rc::new(Appender {
             directory,
-            budget,
-            state: RefCell::new(State {
-                segment_count: existing.len(),
-                sealed,
-                next_seq,
-                ..State::default()
-            }),
-            config,
+            budget: Budget::new(config.inflight_bytes_max),
+            policy: RefCell::new(policy),
+            files: RefCell::new(HashMap::new()),
             live,
+            space: Cell::new(Space::Room),
+            segment_waiters: RefCell::new(Vec::new()),
+            durable_waiters: RefCell::new(Vec::new()),
+            committer_waker: RefCell::new(None),
+            config,
         });
         if appender.config.durability == Durability::Fsync {
             glommio::spawn_local(appender.clone().run_committer()).detach();
         }
-        appender.state.borrow_mut().preparing = true;
-        appender.prepare(false).await;
-        let spare = appender.state.borrow_mut().spare.take();
-        appender.state.borrow_mut().active = spare;
+        if appender.policy.borrow_mut().begin_first_prepare() {
+            appender.prepare(false).await;
+        }
         appender.collect_garbage().await;
         Ok(appender)
     }
@@ -309,60 +218,78 @@ impl Appender {
             record_bytes <= self.config.segment_bytes,
             "record larger than a segment"
         );
-        let (segment, offset, ticket) = self.reserve(record_bytes).await?;
-        let id = MessageId::new(segment.seq, self.config.shard, offset);
-        let (chunks, charge) = message.seal(segment.seq);
+        let placement = self.reserve(record_bytes).await?;
+        let id = MessageId::new(placement.seq, self.config.shard, placement.offset);
+        let (chunks, charge) = message.seal(placement.seq);
         let mut kept = Vec::with_capacity(if keep { chunks.len() } else { 0 });
-        let mut pos = offset;
-        let mut written = true;
+        let chunks: Vec<Rc<DmaBuffer>> = chunks.into_iter().map(Rc::new).collect();
+        if keep {
+            kept.extend(chunks.iter().cloned());
+        }
+        let written = self.write_chunks(&placement, chunks).await;
+        drop(charge);
+        self.complete(&placement, written);
+        let ack = if written {
+            WaitDurable {
+                appender: self,
+                placement,
+            }
+            .await
+        } else {
+            Ack::Failed
+        };
+        // Released after the acknowledgement: until the caller puts the message in the queue
+        // index (right after this returns, with no await between), the segment stays held.
+        self.policy.borrow_mut().release(&placement);
+        match ack {
+            Ack::Durable => Ok((
+                id,
+                keep.then_some(WrittenRecord {
+                    chunks: kept,
+                    len: record_len,
+                }),
+            )),
+            Ack::Failed | Ack::Pending => Err(CommitError::Io),
+        }
+    }
+
+    /// Writes a record's buffers in order at its placement. False on any failure.
+    async fn write_chunks(&self, placement: &Placement, chunks: Vec<Rc<DmaBuffer>>) -> bool {
+        let file = self.file(placement.seq);
+        let mut pos = placement.offset;
         for chunk in chunks {
             let len = chunk.len();
-            let chunk = Rc::new(chunk);
-            if keep {
-                kept.push(chunk.clone());
-            }
-            match segment.file.write_rc_at(chunk, pos).await {
+            match file.write_rc_at(chunk, pos).await {
                 Ok(n) if n == len => pos += len as u64,
                 Ok(n) => {
                     error!(
                         shard = self.config.shard,
-                        segment = segment.seq,
+                        segment = placement.seq,
                         offset = pos,
                         "short spool write: {n} of {len} bytes"
                     );
-                    written = false;
-                    break;
+                    return false;
                 }
                 Err(e) => {
                     error!(
                         shard = self.config.shard,
-                        segment = segment.seq,
+                        segment = placement.seq,
                         offset = pos,
                         "spool write failed: {e}"
                     );
-                    written = false;
-                    break;
+                    return false;
                 }
             }
         }
-        drop(charge);
-        debug_assert!(!written || pos == offset + record_bytes);
-        self.complete(ticket, &segment, written);
-        if !written {
-            return Err(CommitError::Io);
-        }
-        let kept = keep.then_some(WrittenRecord {
-            chunks: kept,
-            len: record_len,
-        });
-        if self.config.durability == Durability::None {
-            return Ok((id, kept));
-        }
-        WaitDurable { appender: self, ticket }.await;
-        if segment.poisoned_from.get() <= ticket {
-            return Err(CommitError::Io);
-        }
-        Ok((id, kept))
+        true
+    }
+
+    fn file(&self, seq: u64) -> Rc<DmaFile> {
+        self.files
+            .borrow()
+            .get(&seq)
+            .cloned()
+            .expect("a placement's segment is open")
     }
 
     /// Appends delivery state (finished recipients or messages). Not waited on for durability: a
@@ -390,23 +317,14 @@ impl Appender {
     /// Writes one record of `len` bytes (padded), built for its segment by `build`, without
     /// waiting for the fdatasync that will cover it.
     async fn append_unwaited(self: &Rc<Self>, len: u64, build: impl FnOnce(u64) -> Vec<u8>) -> Result<(), CommitError> {
-        let (segment, offset, ticket) = self.reserve(len).await?;
-        let bytes = build(segment.seq);
+        let placement = self.reserve(len).await?;
+        let bytes = build(placement.seq);
         debug_assert_eq!(bytes.len() as u64, len);
         let mut buffer = glommio::allocate_dma_buffer(bytes.len());
         buffer.as_bytes_mut().copy_from_slice(&bytes);
-        let written = match segment.file.write_at(buffer, offset).await {
-            Ok(n) => n == bytes.len(),
-            Err(e) => {
-                error!(
-                    shard = self.config.shard,
-                    segment = segment.seq,
-                    "state record write failed: {e}"
-                );
-                false
-            }
-        };
-        self.complete(ticket, &segment, written);
+        let written = self.write_chunks(&placement, vec![Rc::new(buffer)]).await;
+        self.complete(&placement, written);
+        self.policy.borrow_mut().release(&placement);
         if written {
             Ok(())
         } else {
@@ -414,21 +332,13 @@ impl Appender {
         }
     }
 
-    /// Deletes own segments, oldest first, while nothing in them is needed (the liveness given
-    /// at open says whether a segment still holds an unfinished message). Oldest-first matters:
-    /// a segment's tombstones refer only to messages in it or in older segments, so deleting in
-    /// order never brings a finished message back. Returns the number deleted.
+    /// Deletes own segments, oldest first, while nothing in them is needed (see the policy's
+    /// `collectable`). Returns the number deleted.
     pub async fn collect_garbage(&self) -> usize {
         let mut deleted = 0;
         loop {
-            let seq = {
-                let st = self.state.borrow();
-                match st.sealed.front() {
-                    // A handle still shared means a write or an fdatasync is in flight.
-                    Some(sealed) if sealed.idle() && !(self.live)(sealed.seq) => sealed.seq,
-                    _ => break,
-                }
-            };
+            let seq = self.policy.borrow().collectable(&*self.live);
+            let Some(seq) = seq else { break };
             let path = self.config.dir.join(segment_file_name(seq));
             if let Err(e) = glommio::io::remove(&path).await {
                 warn!(
@@ -438,9 +348,8 @@ impl Appender {
                 );
                 break;
             }
-            let mut st = self.state.borrow_mut();
-            st.sealed.pop_front();
-            st.segment_count -= 1;
+            self.files.borrow_mut().remove(&seq);
+            self.policy.borrow_mut().deleted(seq);
             deleted += 1;
         }
         if deleted > 0 {
@@ -457,168 +366,102 @@ impl Appender {
 
     /// The oldest segment still on disk that is no longer written to.
     pub fn oldest_sealed(&self) -> Option<u64> {
-        self.state.borrow().sealed.front().map(|s| s.seq)
+        self.policy.borrow().oldest_sealed()
     }
 
     /// The spool refuses mail for lack of space (its size limit or the file system's).
     pub fn out_of_space(&self) -> bool {
-        self.state.borrow().space != Space::Room
+        self.space.get() != Space::Room
     }
 
     /// Segment files this shard has on disk now.
     pub fn segment_count(&self) -> usize {
-        self.state.borrow().segment_count
+        self.policy.borrow().segment_count()
     }
 
-    /// Takes a ticket and a place for `len` bytes, rolling to a new segment when needed.
-    async fn reserve(self: &Rc<Self>, len: u64) -> Result<(Rc<Segment>, u64, u64), CommitError> {
+    /// A placement for `len` bytes, preparing a segment when the policy asks.
+    async fn reserve(self: &Rc<Self>, len: u64) -> Result<Placement, CommitError> {
         loop {
-            let must_prepare = {
-                let mut st = self.state.borrow_mut();
-                if let Some(segment) = st.active.clone() {
-                    let pos = segment.write_pos.get();
-                    if segment.healthy() && pos + len <= self.config.segment_bytes {
-                        segment.write_pos.set(pos + len);
-                        let ticket = st.next_ticket;
-                        st.next_ticket += 1;
-                        st.window.push_back(false);
-                        // Prepare the next segment once this one is half full, off the hot path.
-                        let prepare_early =
-                            st.spare.is_none() && !st.preparing && (pos + len) * 2 > self.config.segment_bytes;
-                        if prepare_early {
-                            st.preparing = true;
-                            st.prepare_error = None;
-                        }
-                        drop(st);
-                        if prepare_early {
-                            // After the borrow ends: glommio runs a spawned task right away.
-                            let appender = self.clone();
-                            glommio::spawn_local(async move { appender.prepare(true).await }).detach();
-                        }
-                        return Ok((segment, pos, ticket));
+            let answer = self.policy.borrow_mut().reserve(len);
+            match answer {
+                Reserve::Placed {
+                    placement,
+                    prepare_spare,
+                } => {
+                    if prepare_spare {
+                        let appender = self.clone();
+                        glommio::spawn_local(async move { appender.prepare(true).await }).detach();
                     }
+                    return Ok(placement);
                 }
-                if let Some(spare) = st.spare.take() {
-                    if let Some(old) = st.active.replace(spare) {
-                        st.seal(old);
-                    }
-                    continue;
-                }
-                if st.preparing {
-                    false
-                } else {
-                    st.preparing = true;
-                    st.prepare_error = None;
-                    true
-                }
-            };
-            if must_prepare {
-                self.prepare(false).await;
-            } else {
-                WaitSegment { appender: self }.await;
+                Reserve::Prepare => self.prepare(false).await,
+                Reserve::Wait => WaitSegment { appender: self }.await,
             }
-            let mut st = self.state.borrow_mut();
-            if st.spare.is_none() && !st.preparing {
-                if let Some(e) = st.prepare_error.take() {
-                    return Err(e);
-                }
+            if let Some(e) = self.policy.borrow_mut().take_prepare_error() {
+                return Err(e);
             }
         }
     }
 
-    /// Makes a spare segment (or records why not) and wakes whoever waits for one. `early`: the
-    /// active segment still has room (so it must not be the one recycled).
+    /// Makes the next segment (or records why not) and wakes whoever waits for one. `early`:
+    /// the active segment still has room (so it must not be the one recycled).
     async fn prepare(self: &Rc<Self>, early: bool) {
-        let result = match self.next_source(!early) {
-            Source::Recycle(victim) => self.recycle(victim).await,
+        let source = self.policy.borrow_mut().source(early, &*self.live);
+        let result = match source {
+            Source::Recycle {
+                old_seq,
+                zero_bytes,
+                open,
+            } => self.recycle(old_seq, zero_bytes, open).await,
             Source::Create => self.create_segment().await,
         };
-        let mut st = self.state.borrow_mut();
         match result {
-            Ok(segment) => {
-                st.spare = Some(Rc::new(segment));
-                drop(st);
+            Ok((seq, file, created)) => {
+                self.files.borrow_mut().insert(seq, Rc::new(file));
+                self.policy.borrow_mut().prepared(seq, created);
                 self.set_space(Space::Room, "");
-                st = self.state.borrow_mut();
             }
-            Err(e) => st.prepare_error = Some(e),
+            Err(f) => self.policy.borrow_mut().prepare_failed(f.error, f.lost_file),
         }
-        st.preparing = false;
-        for waker in st.segment_waiters.drain(..) {
+        for waker in self.segment_waiters.borrow_mut().drain(..) {
             waker.wake();
         }
-    }
-
-    /// The oldest segment if it can be recycled now: none of its messages unfinished, no write
-    /// or sync holding it. With no sealed segment, the active one is the oldest (`may_take_active`:
-    /// it has no room left for the record that needs a segment).
-    fn next_source(&self, may_take_active: bool) -> Source {
-        let mut st = self.state.borrow_mut();
-        if let Some(front) = st.sealed.front() {
-            if front.recyclable && front.idle() && !(self.live)(front.seq) {
-                return Source::Recycle(st.sealed.pop_front().expect("checked"));
-            }
-            return Source::Create;
-        }
-        let active_drained = st
-            .active
-            .as_ref()
-            .is_some_and(|a| a.healthy() && Rc::strong_count(a) == 1 && !(self.live)(a.seq));
-        if may_take_active && active_drained {
-            let active = st.active.take().expect("checked");
-            let used_bytes = active.write_pos.get();
-            return Source::Recycle(Sealed {
-                seq: active.seq,
-                handle: Some(active),
-                used_bytes,
-                recyclable: true,
-            });
-        }
-        Source::Create
     }
 
     /// Logs a change in whether the spool has room (once per change, not per message).
     fn set_space(&self, space: Space, why: &str) {
         let shard = self.config.shard;
-        let was = std::mem::replace(&mut self.state.borrow_mut().space, space);
-        match (was, space) {
+        match (self.space.replace(space), space) {
             (a, b) if a == b => {}
             (_, Space::Room) => info!(shard, "spool has room again: accepting mail"),
-            (_, Space::SpoolFull | Space::DiskFull) => warn!(
-                shard,
-                "{why}; refusing mail with 452 until delivered mail frees a segment"
-            ),
+            (_, Space::SpoolFull | Space::DiskFull) => {
+                warn!(
+                    shard,
+                    "{why}; refusing mail with 452 until delivered mail frees a segment"
+                )
+            }
         }
-    }
-
-    /// A new sequence number for a segment.
-    fn next_seq(&self) -> u64 {
-        let mut st = self.state.borrow_mut();
-        let seq = st.next_seq.max(now_ms());
-        st.next_seq = seq + 1;
-        seq
     }
 
     /// Reuses a drained segment's file under a new sequence: renamed out of recovery's sight,
     /// zero-filled where it was written, synced, renamed to its new name. A crash at any point
     /// leaves either the old segment (whose messages are all finished, so nothing comes back
-    /// that was not already due to come back) or a `.seg.tmp` file that recovery deletes. The
-    /// old bytes are zeroed, not left behind the new records as stale ones: a stale record's
-    /// checksum names its old sequence, but message bodies are the client's bytes at aligned
-    /// offsets, and a forged record inside one must never become readable.
-    async fn recycle(&self, victim: Sealed) -> Result<Segment, CommitError> {
+    /// that was not already due to come back) or a `.seg.tmp` file that recovery deletes.
+    async fn recycle(&self, old_seq: u64, zero_bytes: u64, open: bool) -> Result<(u64, DmaFile, bool), PrepareFailure> {
         let shard = self.config.shard;
-        let seq = self.next_seq();
-        let old_path = self.config.dir.join(segment_file_name(victim.seq));
+        let seq = self.policy.borrow_mut().new_seq(now_ms());
+        let old_path = self.config.dir.join(segment_file_name(old_seq));
         let name = segment_file_name(seq);
         let tmp_path = self.config.dir.join(format!("{name}.tmp"));
         let final_path = self.config.dir.join(&name);
+        let handle = if open {
+            self.files.borrow_mut().remove(&old_seq)
+        } else {
+            None
+        };
         let result = async {
-            let file = match victim.handle {
-                Some(segment) => match Rc::try_unwrap(segment) {
-                    Ok(segment) => segment.file,
-                    Err(_) => return Err(io::Error::other("segment still in use")),
-                },
+            let file = match handle {
+                Some(file) => Rc::try_unwrap(file).map_err(|_| io::Error::other("segment still in use"))?,
                 None => OpenOptions::new()
                     .write(true)
                     .dma_open(&old_path)
@@ -627,8 +470,7 @@ impl Appender {
             };
             file.rename(&tmp_path).await.map_err(io::Error::from)?;
             self.directory.sync().await.map_err(io::Error::from)?;
-            self.zero_fill(&file, victim.used_bytes.min(self.config.segment_bytes))
-                .await?;
+            self.zero_fill(&file, zero_bytes).await?;
             file.rename(&final_path).await.map_err(io::Error::from)?;
             self.directory.sync().await.map_err(io::Error::from)?;
             Ok(file)
@@ -639,38 +481,38 @@ impl Appender {
                 info!(
                     shard,
                     segment = seq,
-                    "recycled drained segment {:016x} as {}",
-                    victim.seq,
+                    "recycled drained segment {old_seq:016x} as {}",
                     final_path.display()
                 );
-                Ok(Segment {
-                    seq,
-                    file,
-                    write_pos: Cell::new(0),
-                    poisoned_from: Cell::new(u64::MAX),
-                })
+                Ok((seq, file, false))
             }
             Err(e) => {
                 error!(shard, "cannot recycle segment {}: {e}", old_path.display());
                 for path in [&old_path, &tmp_path, &final_path] {
                     let _ = glommio::io::remove(path).await;
                 }
-                self.state.borrow_mut().segment_count -= 1;
-                Err(commit_error(&e))
+                Err(PrepareFailure {
+                    error: commit_error(&e),
+                    lost_file: true,
+                })
             }
         }
     }
 
-    async fn create_segment(&self) -> Result<Segment, CommitError> {
+    async fn create_segment(&self) -> Result<(u64, DmaFile, bool), PrepareFailure> {
         let shard = self.config.shard;
-        let count = self.state.borrow().segment_count;
-        if count >= self.config.segments_max {
+        let refuse = |error| PrepareFailure {
+            error,
+            lost_file: false,
+        };
+        if !self.policy.borrow().may_create() {
             let why = format!(
-                "spool full: {count} segments of {} bytes (spool.size_max)",
+                "spool full: {} segments of {} bytes (spool.size_max)",
+                self.policy.borrow().segment_count(),
                 self.config.segment_bytes
             );
             self.set_space(Space::SpoolFull, &why);
-            return Err(CommitError::NoSpace);
+            return Err(refuse(CommitError::NoSpace));
         }
         match free_bytes(&self.config.dir) {
             Ok(free) if free < self.config.min_free_bytes + self.config.segment_bytes => {
@@ -679,12 +521,12 @@ impl Appender {
                     self.config.min_free_bytes, self.config.segment_bytes
                 );
                 self.set_space(Space::DiskFull, &why);
-                return Err(CommitError::NoSpace);
+                return Err(refuse(CommitError::NoSpace));
             }
             Ok(_) => {}
             Err(e) => warn!(shard, "cannot read free space of {}: {e}", self.config.dir.display()),
         }
-        let seq = self.next_seq();
+        let seq = self.policy.borrow_mut().new_seq(now_ms());
         let name = segment_file_name(seq);
         let tmp_path = self.config.dir.join(format!("{name}.tmp"));
         let final_path = self.config.dir.join(&name);
@@ -697,22 +539,16 @@ impl Appender {
             .map_err(|e| {
                 let e = io::Error::from(e);
                 error!(shard, "cannot create segment {}: {e}", tmp_path.display());
-                commit_error(&e)
+                refuse(commit_error(&e))
             })?;
         if let Err(e) = self.fill_segment(&file, &final_path).await {
             error!(shard, "cannot prepare segment {}: {e}", tmp_path.display());
             let _ = file.remove().await;
             let _ = file.close().await;
-            return Err(commit_error(&e));
+            return Err(refuse(commit_error(&e)));
         }
-        self.state.borrow_mut().segment_count += 1;
         info!(shard, segment = seq, "new spool segment {}", final_path.display());
-        Ok(Segment {
-            seq,
-            file,
-            write_pos: Cell::new(0),
-            poisoned_from: Cell::new(u64::MAX),
-        })
+        Ok((seq, file, true))
     }
 
     /// Zero-fills the whole segment and makes it durable under its final name, so that later
@@ -744,30 +580,35 @@ impl Appender {
         Ok(())
     }
 
-    /// Records that ticket's write finished (or failed) and advances the completion window.
-    fn complete(&self, ticket: u64, segment: &Rc<Segment>, written: bool) {
-        let mut st = self.state.borrow_mut();
-        let index = (ticket - st.window_base) as usize;
-        st.window[index] = true;
-        if written {
-            if !st.unsynced.iter().any(|s| Rc::ptr_eq(s, segment)) {
-                st.unsynced.push(segment.clone());
-            }
-        } else {
-            segment.poison_from(ticket);
-            st.retire_active_if(segment);
-        }
-        while st.window.front() == Some(&true) {
-            st.window.pop_front();
-            st.window_base += 1;
-        }
-        // This also serves the wait for writes in flight: that wait starts once there is work,
-        // and nothing becomes durable until it ends, so there is still work on every completion.
-        if CommitterWait::has_work(&st) {
-            if let Some(waker) = st.committer_waker.take() {
+    /// Records that a placement's write finished (or failed) and wakes the committer.
+    fn complete(&self, placement: &Placement, written: bool) {
+        let has_work = {
+            let mut policy = self.policy.borrow_mut();
+            policy.write_done(placement, written);
+            // This also serves the wait for writes in flight: that wait starts once there is
+            // work, and nothing becomes durable until it ends, so there is work on every
+            // completion meanwhile.
+            policy.has_sync_work()
+        };
+        if has_work {
+            if let Some(waker) = self.committer_waker.borrow_mut().take() {
                 waker.wake();
             }
         }
+        if !self.policy.borrow().config().sync {
+            self.wake_durable(Ticket::MAX);
+        }
+    }
+
+    fn wake_durable(&self, below: Ticket) {
+        self.durable_waiters.borrow_mut().retain(|(ticket, waker)| {
+            if *ticket < below {
+                waker.wake_by_ref();
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// The group-commit loop (durability `fsync` only).
@@ -775,7 +616,7 @@ impl Appender {
         loop {
             CommitterWait {
                 appender: &self,
-                until: CommitterWait::has_work,
+                until: CommitPolicy::has_sync_work,
             }
             .await;
             // Gather before leading: let writes completing right now join this batch.
@@ -784,37 +625,26 @@ impl Appender {
             futures_lite::future::or(
                 CommitterWait {
                     appender: &self,
-                    until: CommitterWait::writes_settled,
+                    until: CommitPolicy::writes_settled,
                 },
                 glommio::timer::sleep(SETTLE_WAIT_MAX),
             )
             .await;
-            let (target, first_undurable, segments) = {
-                let mut st = self.state.borrow_mut();
-                (st.window_base, st.durable_below, std::mem::take(&mut st.unsynced))
-            };
-            for segment in &segments {
-                if let Err(e) = segment.file.fdatasync().await {
+            let plan = self.policy.borrow_mut().begin_sync();
+            let mut failed = Vec::new();
+            for &seq in &plan.segments {
+                if let Err(e) = self.file(seq).fdatasync().await {
                     error!(
                         shard = self.config.shard,
-                        segment = segment.seq,
+                        segment = seq,
                         "fdatasync failed, answering 451 for its unsynced mail: {e}"
                     );
-                    segment.poison_from(first_undurable);
-                    self.state.borrow_mut().retire_active_if(segment);
+                    failed.push(seq);
                 }
             }
-            let mut st = self.state.borrow_mut();
-            debug_assert!(target >= st.durable_below);
-            st.durable_below = target;
-            st.durable_waiters.retain(|(ticket, waker)| {
-                if *ticket < target {
-                    waker.wake_by_ref();
-                    false
-                } else {
-                    true
-                }
-            });
+            let target = plan.target;
+            self.policy.borrow_mut().end_sync(plan, &failed);
+            self.wake_durable(target);
         }
     }
 }
@@ -823,56 +653,43 @@ impl Appender {
 /// beyond what is durable.
 struct CommitterWait<'a> {
     appender: &'a Appender,
-    until: fn(&State) -> bool,
-}
-
-impl CommitterWait<'_> {
-    /// The committer has work: completed writes not yet durable.
-    fn has_work(st: &State) -> bool {
-        st.window_base > st.durable_below
-    }
-
-    /// No write is in flight: every reserved record has completed (or failed).
-    fn writes_settled(st: &State) -> bool {
-        st.window.is_empty()
-    }
+    until: fn(&CommitPolicy) -> bool,
 }
 
 impl Future for CommitterWait<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut st = self.appender.state.borrow_mut();
-        if (self.until)(&st) {
+        if (self.until)(&self.appender.policy.borrow()) {
             Poll::Ready(())
         } else {
-            st.committer_waker = Some(cx.waker().clone());
+            *self.appender.committer_waker.borrow_mut() = Some(cx.waker().clone());
             Poll::Pending
         }
     }
 }
 
-/// Ready when ticket is covered by a completed fdatasync.
+/// Ready with the placement's acknowledgement once it is no longer pending.
 struct WaitDurable<'a> {
     appender: &'a Appender,
-    ticket: u64,
+    placement: Placement,
 }
 
 impl Future for WaitDurable<'_> {
-    type Output = ();
+    type Output = Ack;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut st = self.appender.state.borrow_mut();
-        if st.durable_below > self.ticket {
-            Poll::Ready(())
-        } else {
-            let ticket = self.ticket;
-            match st.durable_waiters.iter_mut().find(|(t, _)| *t == ticket) {
-                Some((_, waker)) => waker.clone_from(cx.waker()),
-                None => st.durable_waiters.push((ticket, cx.waker().clone())),
-            }
-            Poll::Pending
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ack> {
+        match self.appender.policy.borrow().ack(&self.placement) {
+            Ack::Pending => {}
+            done => return Poll::Ready(done),
         }
+        let ticket = self.placement.ticket;
+        let mut waiters = self.appender.durable_waiters.borrow_mut();
+        match waiters.iter_mut().find(|(t, _)| *t == ticket) {
+            Some((_, waker)) => waker.clone_from(cx.waker()),
+            None => waiters.push((ticket, cx.waker().clone())),
+        }
+        Poll::Pending
     }
 }
 
@@ -885,9 +702,8 @@ impl Future for WaitSegment<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut st = self.appender.state.borrow_mut();
-        if st.preparing {
-            st.segment_waiters.push(cx.waker().clone());
+        if self.appender.policy.borrow().preparing() {
+            self.appender.segment_waiters.borrow_mut().push(cx.waker().clone());
             Poll::Pending
         } else {
             Poll::Ready(())

@@ -12,6 +12,7 @@
 //! metadata to persist, which measured 2-10x faster and far steadier here than appending to a
 //! growing file (see `docs/spool.md`).
 
+pub mod commit;
 pub mod id;
 pub mod record;
 pub mod recovery;
