@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 
 /// Which lane a job travels in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Lane {
     /// A message's first attempt.
     Fresh,

@@ -8,6 +8,7 @@
 //! `cargo test -p gannet-sim` runs the fixed seeds CI runs; `cargo run --release -p gannet-sim
 //! -- --hours N` runs fresh seeds for hours.
 
+pub mod delivery;
 pub mod disk;
 pub mod rng;
 pub mod spool;

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use gannet_sim::delivery::{self, DeliverySimConfig};
 use gannet_sim::spool::{self, SpoolSimConfig};
 
 fn main() {
@@ -31,13 +32,18 @@ fn main() {
         acked += report.acknowledged;
         duplicates += report.duplicates;
         if !report.violations.is_empty() {
-            eprintln!("seed {seed}: {:?}", report.violations);
+            eprintln!("spool seed {seed}: {:?}", report.violations);
+            failing.push(seed);
+        }
+        let report = delivery::run(seed, &DeliverySimConfig::CI);
+        if !report.violations.is_empty() {
+            eprintln!("delivery seed {seed}: {:?}", report.violations);
             failing.push(seed);
         }
         run += 1;
     }
     println!(
-        "spool: {run} seeds, {crashes} crashes, {ops} disk operations (crash points), {acked} messages acknowledged, {duplicates} finished recipients pending again (at-least-once), {} failing seeds {failing:?}",
+        "spool and delivery: {run} seeds each; spool: {crashes} crashes, {ops} disk operations (crash points), {acked} messages acknowledged, {duplicates} finished recipients pending again (at-least-once), {} failing seeds {failing:?}",
         failing.len()
     );
     if !failing.is_empty() {

@@ -1,0 +1,514 @@
+//! The delivery scheduler (`gannet_sched`) with simulated time, DNS and receivers. A seeded
+//! run submits a few hundred messages to domains hosted by a handful of providers (domains
+//! sharing MX hosts), against receivers that accept, defer, refuse, stall until the reply
+//! timeout, or drop the connection after the final dot (the message may or may not have been
+//! taken), and some domains that do not exist; bounces go back into the queue as new messages
+//! from `<>`, as the shell spools them. Time advances from event to event.
+//!
+//! Checks:
+//! - every recipient ends delivered or failed, with one failure notice per failed recipient
+//!   whose sender is not `<>`, and none for `<>` (no bounce of a bounce);
+//! - a recipient is delivered twice only after a connection dropped after its final dot;
+//! - every retry comes no earlier than the schedule says (the backoff of its attempt count);
+//! - fresh mail is never starved by retries: a fresh job waits at most `FRESH_WAIT_MAX` for a
+//!   worker, however long the retry lane;
+//! - the scheduler's memory stays within bounds: the queue holds at most what was submitted,
+//!   and the site table at most `sites_max` idle sites.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use gannet_sched::backoff::RetrySchedule;
+use gannet_sched::{Job, Lane, QueueIndex, QueuedMessage, Route, RouteTarget, SchedConfig, Scheduler, SiteKey};
+use gannet_smtp::client::{RecipientResult, ServerReply};
+use gannet_smtp::deadline::Now;
+use gannet_smtp::envelope::{Envelope, Origin};
+use gannet_spool::record::EnvelopeBytes;
+use gannet_spool::MessageId;
+
+use crate::rng::SimRng;
+
+/// The longest a fresh job may wait for a worker (the lanes give fresh mail three picks in
+/// five; with workers free it starts at once).
+pub const FRESH_WAIT_MAX: Duration = Duration::from_secs(120);
+const PROVIDERS: usize = 6;
+const DOMAINS: usize = 40;
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+const TICK: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy)]
+pub struct DeliverySimConfig {
+    pub messages: usize,
+    /// Over this long the messages arrive.
+    pub arrivals: Duration,
+    pub sites_max: usize,
+}
+
+impl DeliverySimConfig {
+    pub const CI: DeliverySimConfig = DeliverySimConfig {
+        messages: 300,
+        arrivals: Duration::from_secs(1800),
+        sites_max: 4,
+    };
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryReport {
+    pub messages: usize,
+    pub bounces: usize,
+    pub attempts: usize,
+    pub duplicates: usize,
+    pub longest_fresh_wait: Duration,
+    pub most_sites: usize,
+    pub violations: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Arrive(u32),
+    Tick,
+    /// A worker's current job ends.
+    JobDone(u64),
+}
+
+/// What became of one recipient, as the receiver saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Accept,
+    Defer,
+    Refuse,
+    Stall,
+    /// Taken (or not: half the time) and then the connection dropped after the final dot.
+    DropAfterDot {
+        taken: bool,
+    },
+}
+
+struct Worker {
+    site: SiteKey,
+    job: Option<(Job, Vec<(u32, Answer)>)>,
+}
+
+struct Sim<'a> {
+    config: &'a DeliverySimConfig,
+    rng: SimRng,
+    sched: Scheduler,
+    t0: Instant,
+    now: Duration,
+    events: BinaryHeap<Reverse<(Duration, Event)>>,
+    workers: HashMap<u64, Worker>,
+    next_worker: u64,
+    next_message: u32,
+    /// Per message: sender is `<>`, recipients, and per recipient deliveries and notices.
+    messages: HashMap<MessageId, Tracked>,
+    /// When each placed job was queued (to measure fresh waits).
+    queued_at: HashMap<(MessageId, Lane), Duration>,
+    /// Providers down (all deferrals) until then.
+    down_until: Vec<Duration>,
+    report: DeliveryReport,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Tracked {
+    bounce: bool,
+    recipients: usize,
+    delivered: BTreeMap<u32, usize>,
+    dropped_after_dot: BTreeMap<u32, bool>,
+    notices: BTreeMap<u32, usize>,
+    finished: BTreeMap<u32, bool>,
+    last_attempt: Option<(Duration, u32)>,
+}
+
+fn provider_of(domain: &str) -> usize {
+    domain
+        .trim_start_matches('d')
+        .split('.')
+        .next()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0)
+        % PROVIDERS
+}
+
+impl Sim<'_> {
+    fn now(&self) -> Now {
+        Now {
+            instant: self.t0 + self.now,
+            unix_s: 1_700_000_000 + self.now.as_secs(),
+        }
+    }
+
+    fn at(&mut self, after: Duration, event: Event) {
+        self.events.push(Reverse((self.now + after, event)));
+    }
+
+    fn submit(&mut self, sender: &str, recipients: &[String], bounce: bool) {
+        let n = self.next_message;
+        self.next_message += 1;
+        let mut e = Envelope::default();
+        e.set_sender(|b| b.extend_from_slice(sender.as_bytes()));
+        for r in recipients {
+            e.add_recipient(|b| b.extend_from_slice(r.as_bytes()), 0, b"");
+        }
+        let origin = Origin {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            helo: b"sim",
+            received_unix_s: self.now().unix_s,
+        };
+        let id = MessageId::new(u64::from(n) + 1, 0, 0);
+        self.messages.insert(
+            id,
+            Tracked {
+                bounce,
+                recipients: recipients.len(),
+                ..Tracked::default()
+            },
+        );
+        self.sched
+            .insert(QueuedMessage::new(id, 1, 100, EnvelopeBytes::from_envelope(&e, origin)));
+        if bounce {
+            self.report.bounces += 1;
+        } else {
+            self.report.messages += 1;
+        }
+        self.plan(id);
+    }
+
+    /// The shell's `schedule`: plan, look the MX domains up, place or fail them.
+    fn plan(&mut self, id: MessageId) {
+        let Some(plan) = self.sched.plan(id, self.now().instant) else {
+            return;
+        };
+        let attempts = self.sched.queue().get(&id).map_or(0, |m| m.attempts);
+        self.check_schedule(id, attempts);
+        for (domain, recipients) in plan.resolve {
+            let provider = provider_of(&domain);
+            if domain.starts_with("nx") {
+                let reply = ServerReply::new(550, "5.1.2 domain does not exist");
+                let results = recipients
+                    .iter()
+                    .map(|&i| (i, RecipientResult::Failed(reply.clone())))
+                    .collect();
+                self.finish(id, results);
+                continue;
+            }
+            let hosts = vec![
+                format!("mx1.provider{provider}.sim"),
+                format!("mx2.provider{provider}.sim"),
+            ];
+            self.queued_at.insert((id, plan.lane), self.now);
+            self.sched
+                .place_mx(id, plan.lane, recipients, &domain, hosts, self.now().instant);
+        }
+        if !plan.unrouted.is_empty() {
+            self.report.violations.push(format!("{id}: unrouted with a `*` route"));
+        }
+        self.start_workers();
+    }
+
+    /// Retries come no earlier than their backoff.
+    fn check_schedule(&mut self, id: MessageId, attempts: u32) {
+        let schedule = self.sched.config().retry;
+        let now = self.now;
+        let Some(tracked) = self.messages.get_mut(&id) else {
+            return;
+        };
+        if let Some((last, last_attempts)) = tracked.last_attempt {
+            if attempts > last_attempts {
+                let earliest = last + schedule.base(attempts);
+                // The deferral is recorded when the job ends, a little after it started.
+                if now + REPLY_TIMEOUT + Duration::from_secs(1) < earliest {
+                    self.report
+                        .violations
+                        .push(format!("{id}: attempt {attempts} at {now:?}, before {earliest:?}"));
+                }
+            }
+        }
+        tracked.last_attempt = Some((now, attempts));
+    }
+
+    fn start_workers(&mut self) {
+        while let Some(site) = self.sched.next_worker() {
+            let w = self.next_worker;
+            self.next_worker += 1;
+            self.workers.insert(w, Worker { site, job: None });
+            self.run_worker(w);
+        }
+        self.report.most_sites = self.report.most_sites.max(self.sched.sites_len());
+    }
+
+    /// A worker takes its next job, or stops.
+    fn run_worker(&mut self, w: u64) {
+        let site = self.workers[&w].site.clone();
+        let Some(job) = self.sched.next_job(&site, self.now().instant) else {
+            self.workers.remove(&w);
+            self.sched.worker_ended(&site, true, self.now().instant);
+            self.start_workers();
+            return;
+        };
+        if job.lane == Lane::Fresh {
+            if let Some(queued) = self.queued_at.remove(&(job.id, Lane::Fresh)) {
+                let waited = self.now - queued;
+                self.report.longest_fresh_wait = self.report.longest_fresh_wait.max(waited);
+            }
+        }
+        self.report.attempts += 1;
+        let provider = match &site {
+            SiteKey::Mx(hosts) => hosts[0]
+                .trim_start_matches("mx1.provider")
+                .split('.')
+                .next()
+                .and_then(|p| p.parse::<usize>().ok())
+                .unwrap_or(0),
+            SiteKey::Smarthost(_) => 0,
+        };
+        let down = self.now < self.down_until[provider];
+        let answers: Vec<(u32, Answer)> = job
+            .recipients
+            .iter()
+            .map(|&i| {
+                let roll = self.rng.below(100);
+                let answer = match roll {
+                    _ if down => Answer::Defer,
+                    0..=64 => Answer::Accept,
+                    65..=79 => Answer::Defer,
+                    80..=84 => Answer::Refuse,
+                    85..=89 => Answer::Stall,
+                    _ => Answer::DropAfterDot {
+                        taken: self.rng.chance(50),
+                    },
+                };
+                (i, answer)
+            })
+            .collect();
+        let stalls = answers.iter().any(|(_, a)| *a == Answer::Stall);
+        let latency = if stalls {
+            REPLY_TIMEOUT
+        } else {
+            Duration::from_millis(20 + self.rng.below(300))
+        };
+        self.workers.get_mut(&w).expect("running").job = Some((job, answers));
+        self.at(latency, Event::JobDone(w));
+    }
+
+    fn job_done(&mut self, w: u64) {
+        let Some((job, answers)) = self.workers.get_mut(&w).and_then(|wk| wk.job.take()) else {
+            return;
+        };
+        let tracked = self.messages.get_mut(&job.id).expect("tracked");
+        let mut results = Vec::new();
+        for (i, answer) in answers {
+            let reply = |code: u16| ServerReply::new(code, "sim");
+            let result = match answer {
+                Answer::Accept => {
+                    *tracked.delivered.entry(i).or_default() += 1;
+                    RecipientResult::Delivered(reply(250))
+                }
+                Answer::Defer | Answer::Stall => RecipientResult::Deferred(reply(451)),
+                Answer::Refuse => RecipientResult::Failed(reply(550)),
+                Answer::DropAfterDot { taken } => {
+                    tracked.dropped_after_dot.insert(i, true);
+                    if taken {
+                        *tracked.delivered.entry(i).or_default() += 1;
+                    }
+                    RecipientResult::Deferred(reply(421))
+                }
+            };
+            results.push((i, result));
+        }
+        self.finish(job.id, results);
+        self.run_worker(w);
+    }
+
+    /// The shell's `finish_job`: classify, spool failure notices (as new messages from `<>`),
+    /// complete.
+    fn finish(&mut self, id: MessageId, results: Vec<(u32, RecipientResult)>) {
+        let now = self.now();
+        let Some(c) = self.sched.classify(id, &results, now) else {
+            return;
+        };
+        let sender = self
+            .sched
+            .queue()
+            .get(&id)
+            .map(|m| String::from_utf8_lossy(m.envelope.view().sender).into_owned())
+            .unwrap_or_default();
+        let tracked = self.messages.get_mut(&id).expect("tracked");
+        for &(i, v) in &c.verdicts {
+            if matches!(
+                v,
+                gannet_sched::Verdict::Delivered | gannet_sched::Verdict::Failed | gannet_sched::Verdict::Expired
+            ) {
+                tracked.finished.insert(i, true);
+            }
+        }
+        let mut done = c.done.clone();
+        if !c.bounce.is_empty() {
+            if tracked.bounce {
+                self.report.violations.push(format!("{id}: a notice owed for a bounce"));
+            }
+            for &i in &c.bounce {
+                *tracked.notices.entry(i).or_default() += 1;
+            }
+            done.extend(c.bounce.iter().copied());
+            self.submit("", &[sender], true);
+        }
+        self.sched.complete(id, &done, false, now);
+    }
+
+    fn tick(&mut self) {
+        let due = self.sched.due(self.now().instant);
+        for id in due {
+            self.plan(id);
+        }
+        self.sched.evict_idle(self.now().instant);
+        let _ = self.sched.take_evicted();
+        self.sched.kick_stranded();
+        self.start_workers();
+        let _ = self.sched.take_state();
+        if self.sched.queue().len() > self.messages.len() {
+            self.report
+                .violations
+                .push("the queue holds more than was submitted".into());
+        }
+    }
+}
+
+fn config(sites_max: usize, seed: u64) -> SchedConfig {
+    SchedConfig {
+        shard: 0,
+        shard_count: 1,
+        routes: vec![Route {
+            domain: "*".into(),
+            target: RouteTarget::Mx,
+        }],
+        site_rules: Vec::new(),
+        connections_per_site_max: 3,
+        messages_per_connection_max: 100,
+        connections_per_shard_max: 10,
+        sites_max,
+        retry: RetrySchedule {
+            first: Duration::from_secs(60),
+            max: Duration::from_secs(900),
+        },
+        queue_lifetime: Duration::from_secs(3 * 3600),
+        delay_warning_after: Duration::ZERO,
+        site_idle: Duration::from_secs(10),
+        seed,
+    }
+}
+
+/// Runs one seed.
+pub fn run(seed: u64, c: &DeliverySimConfig) -> DeliveryReport {
+    let mut rng = SimRng::new(seed);
+    let down_until = (0..PROVIDERS)
+        .map(|_| {
+            if rng.chance(30) {
+                Duration::from_secs(rng.below(3600))
+            } else {
+                Duration::ZERO
+            }
+        })
+        .collect();
+    let mut sim = Sim {
+        config: c,
+        sched: Scheduler::new(config(c.sites_max, seed), QueueIndex::default()),
+        rng,
+        t0: Instant::now(),
+        now: Duration::ZERO,
+        events: BinaryHeap::new(),
+        workers: HashMap::new(),
+        next_worker: 0,
+        next_message: 0,
+        messages: HashMap::new(),
+        queued_at: HashMap::new(),
+        down_until,
+        report: DeliveryReport::default(),
+    };
+    for n in 0..c.messages as u32 {
+        let at = Duration::from_millis(sim.rng.below(c.arrivals.as_millis() as u64));
+        sim.events.push(Reverse((at, Event::Arrive(n))));
+    }
+    sim.at(TICK, Event::Tick);
+    let end = c.arrivals + Duration::from_secs(5 * 3600);
+    while let Some(Reverse((at, event))) = sim.events.pop() {
+        if at > end {
+            break;
+        }
+        sim.now = at;
+        match event {
+            Event::Arrive(_) => {
+                let n = 1 + sim.rng.below(3) as usize;
+                let recipients: Vec<String> = (0..n)
+                    .map(|i| {
+                        let d = sim.rng.below(DOMAINS as u64);
+                        if sim.rng.chance(3) {
+                            format!("u{i}@nx{d}.sim")
+                        } else {
+                            format!("u{i}@d{d}.sim")
+                        }
+                    })
+                    .collect();
+                sim.submit("sender@origin.sim", &recipients, false);
+            }
+            Event::Tick => {
+                sim.tick();
+                sim.at(TICK, Event::Tick);
+            }
+            Event::JobDone(w) => sim.job_done(w),
+        }
+    }
+    check_end(&mut sim);
+    sim.report
+}
+
+fn check_end(sim: &mut Sim<'_>) {
+    let report = &mut sim.report;
+    if !sim.sched.queue().is_empty() {
+        report.violations.push(format!(
+            "{} message(s) still queued at the end",
+            sim.sched.queue().len()
+        ));
+    }
+    for (id, t) in &sim.messages {
+        for i in 0..t.recipients as u32 {
+            if !t.finished.get(&i).copied().unwrap_or(false) {
+                report
+                    .violations
+                    .push(format!("{id} recipient {i} neither delivered nor failed"));
+            }
+            let delivered = t.delivered.get(&i).copied().unwrap_or(0);
+            if delivered > 1 {
+                report.duplicates += 1;
+                if !t.dropped_after_dot.contains_key(&i) {
+                    report
+                        .violations
+                        .push(format!("{id} recipient {i} delivered {delivered} times"));
+                }
+            }
+            let notices = t.notices.get(&i).copied().unwrap_or(0);
+            if notices > 1 {
+                report
+                    .violations
+                    .push(format!("{id} recipient {i} got {notices} failure notices"));
+            }
+            if t.bounce && notices > 0 {
+                report.violations.push(format!("{id}: a bounce bounced"));
+            }
+        }
+    }
+    if report.longest_fresh_wait > FRESH_WAIT_MAX {
+        report.violations.push(format!(
+            "a fresh job waited {:?} for a worker",
+            report.longest_fresh_wait
+        ));
+    }
+    let sites_max = sim.config.sites_max;
+    if report.most_sites > sites_max + PROVIDERS {
+        report.violations.push(format!(
+            "{} sites at once, past {sites_max} idle plus the busy ones",
+            report.most_sites
+        ));
+    }
+}
