@@ -56,6 +56,9 @@ pub struct Deliverer {
     state_write_failing: Cell<bool>,
     /// The destination table has been full (said once).
     sites_full_said: Cell<bool>,
+    /// Syncs the committer has announced, and the state gatherer waiting for the next.
+    commits: Cell<u64>,
+    gather_waker: RefCell<Option<std::task::Waker>>,
 }
 
 impl Deliverer {
@@ -81,12 +84,20 @@ impl Deliverer {
             copying: Cell::new(false),
             state_write_failing: Cell::new(false),
             sites_full_said: Cell::new(false),
+            commits: Cell::new(0),
+            gather_waker: RefCell::new(None),
         })
     }
 
     /// Starts the timer task and plans everything recovered from the spool (deferred messages
     /// keep their retry time across a restart; the rest go now).
     pub fn start(self: &Rc<Self>) {
+        let weak = Rc::downgrade(self);
+        self.appender.set_before_sync(Rc::new(move || {
+            if let Some(me) = weak.upgrade() {
+                me.commit_coming();
+            }
+        }));
         let ready = self.sched.borrow_mut().recovered(Now::read());
         let waiting = self.sched.borrow().retries_len();
         if waiting > 0 {

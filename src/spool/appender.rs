@@ -114,6 +114,9 @@ pub struct Appender {
     segment_waiters: RefCell<Vec<Waker>>,
     durable_waiters: RefCell<Vec<(Ticket, Waker)>>,
     committer_waker: RefCell<Option<Waker>>,
+    /// Called when the committer is about to lead a sync, so that delivery state gathered
+    /// meanwhile is written now and rides in this fdatasync (see `delivery::state`).
+    before_sync: RefCell<Option<Rc<dyn Fn()>>>,
 }
 
 fn now_ms() -> u64 {
@@ -178,6 +181,7 @@ impl Appender {
             segment_waiters: RefCell::new(Vec::new()),
             durable_waiters: RefCell::new(Vec::new()),
             committer_waker: RefCell::new(None),
+            before_sync: RefCell::new(None),
             config,
         });
         if appender.config.durability == Durability::Fsync {
@@ -188,6 +192,11 @@ impl Appender {
         }
         appender.collect_garbage().await;
         Ok(appender)
+    }
+
+    /// Sets what the committer calls before it leads a sync.
+    pub fn set_before_sync(&self, hook: Rc<dyn Fn()>) {
+        *self.before_sync.borrow_mut() = Some(hook);
     }
 
     /// A fresh sink for a session.
@@ -619,7 +628,12 @@ impl Appender {
                 until: CommitPolicy::has_sync_work,
             }
             .await;
-            // Gather before leading: let writes completing right now join this batch.
+            // Gather before leading: let writes completing right now join this batch, and the
+            // delivery state gathered meanwhile start its write so that it joins too.
+            let hook = self.before_sync.borrow().clone();
+            if let Some(hook) = hook {
+                hook();
+            }
             futures_lite::future::yield_now().await;
             // Then let the writes in flight join it too, for at most SETTLE_WAIT_MAX.
             futures_lite::future::or(
