@@ -152,12 +152,19 @@ fn queue_show(config: &Config, id: &str, envelope_only: bool) -> Result<(), Stri
 /// write-only so that the executor does not busy-poll), so that target is silenced.
 const DEFAULT_LOG_FILTER: &str = "info,glommio::reactor=off";
 
+/// Log lines queued for the writer thread at most.
+const LOG_BACKLOG_LINES_MAX: usize = 16_384;
+
 /// Logs go through a lock-free channel to one writer thread, so shards never wait on each other
 /// for the stderr lock. The guard flushes what is queued when dropped at exit.
 fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GANNET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    // 16,384 lines of backlog (the default of 128,000 preallocates 4 MB): past it lines are
+    // dropped, never waited for.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_BACKLOG_LINES_MAX)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

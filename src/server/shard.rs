@@ -28,12 +28,26 @@ use crate::rate::RateLimiter;
 use crate::smtp::sasl::Credentials;
 use crate::smtp::session::{AuthOutcome, MessageGate, SessionConfig};
 use crate::spool::appender::{Appender, AppenderConfig, ExistingSegment, Liveness, WrittenRecord};
-use crate::spool::recovery::{list_segments, quarantine, read_segment, scan_segment, Damage};
+use crate::spool::mapped::MappedSegment;
+use crate::spool::recovery::{list_segments, quarantine, scan_segment, Damage};
 use crate::spool::shard_dir;
 use gannet_sched::{QueueIndex, QueuedMessage, Scheduler};
 
 /// How often a shard looks at the process-wide shutdown flag (and the queue flush counter).
 const SHUTDOWN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Every this many polls (5 s) a shard hands the allocator's freed pages back to the system.
+const MEMORY_COLLECT_POLLS: u64 = 50;
+
+/// Asks mimalloc to return this thread's freed memory to the system (`force`: also what it
+/// would keep for reuse). Freed memory is otherwise purged only as the thread allocates again;
+/// measured, 100,000 queued messages took 72-81 MB of PSS after a restart without this and
+/// 48 MB with purging at once (benches/queued-memory).
+fn give_back_memory(force: bool) {
+    // SAFETY: mi_collect only walks and releases the calling thread's own heap; it has no
+    // preconditions. Runs on every shard of every server test.
+    unsafe { libmimalloc_sys::mi_collect(force) }
+}
+
 /// After the shutdown deadline, how long cut-off sessions get to send their 421 and go.
 const FORCED_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -373,7 +387,6 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
     let mut index = QueueIndex::default();
     let mut own_segments = Vec::new();
     let mut next_seq = 0;
-    let mut buf = Vec::new();
     let mut adopted = u32::from(shard);
     loop {
         let dir = shard_dir(spool, adopted as u16);
@@ -390,8 +403,9 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
         }
         let segments = list_segments(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         for (seq, path) in &segments {
-            read_segment(path, &mut buf).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let scan = scan_segment(&buf, adopted as u16, *seq);
+            let mapped = MappedSegment::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let buf = mapped.bytes();
+            let scan = scan_segment(buf, adopted as u16, *seq);
             for damage in &scan.damage {
                 match *damage {
                     Damage::TornTail { offset } => {
@@ -402,7 +416,7 @@ fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueInde
                         );
                     }
                     Damage::Corrupt { offset, len, reason } => {
-                        match quarantine(spool, adopted as u16, *seq, &buf, offset, len) {
+                        match quarantine(spool, adopted as u16, *seq, buf, offset, len) {
                             Ok(q) => error!(shard, "segment {}: record at offset {offset} is damaged ({reason}); quarantined as {}", path.display(), q.display()),
                             Err(e) => error!(shard, "segment {}: record at offset {offset} is damaged ({reason}); could not quarantine it: {e}", path.display()),
                         }
@@ -551,8 +565,16 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
     let _ = ready.send(Ok(index));
 
     let mut flushes_seen = signals::flush_generation();
+    // Recovery's and start-up's transient memory goes back to the system now, not whenever the
+    // allocator next runs on this thread (a shard with a full queue and no traffic may not).
+    give_back_memory(true);
+    let mut polls = 0u64;
     while !signals::shutdown_requested() {
         glommio::timer::sleep(SHUTDOWN_POLL_INTERVAL).await;
+        polls += 1;
+        if polls % MEMORY_COLLECT_POLLS == 0 {
+            give_back_memory(false);
+        }
         let flushes = signals::flush_generation();
         if flushes != flushes_seen {
             flushes_seen = flushes;

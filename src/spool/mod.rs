@@ -4,5 +4,6 @@
 
 pub mod appender;
 pub mod buffer;
+pub mod mapped;
 
 pub use gannet_spool::*;

@@ -206,7 +206,12 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 /// Reads a whole segment into `buf` (reused across segments to bound memory to one segment).
 pub fn read_segment(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
     buf.clear();
-    fs::File::open(path)?.read_to_end(buf)?;
+    let mut file = fs::File::open(path)?;
+    // One allocation of the file's size (segments are all one size, so the buffer is reused),
+    // not a doubling series whose leftovers the allocator would keep after recovery.
+    let len = file.metadata()?.len() as usize;
+    buf.reserve_exact(len);
+    file.read_to_end(buf)?;
     Ok(())
 }
 
