@@ -896,6 +896,17 @@ struct SleepableRing {
     in_kernel: usize,
 }
 
+/// A ring with `IORING_SETUP_COOP_TASKRUN` where the kernel has it (Linux 5.19+), else a plain
+/// one: an older kernel refuses the flag with EINVAL (gannet fork).
+fn new_ring(entries: u32) -> io::Result<iou::IoUring> {
+    match iou::IoUring::new_with_flags(entries, iou::SetupFlags::COOP_TASKRUN, iou::SetupFeatures::empty()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            iou::IoUring::new_with_flags(entries, iou::SetupFlags::empty(), iou::SetupFeatures::empty())
+        }
+        result => result,
+    }
+}
+
 impl SleepableRing {
     fn new(
         size: usize,
@@ -905,7 +916,7 @@ impl SleepableRing {
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
         Ok(SleepableRing {
-            ring: iou::IoUring::new_with_flags(size as _, iou::SetupFlags::COOP_TASKRUN, iou::SetupFeatures::empty())?,
+            ring: new_ring(size as _)?,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
