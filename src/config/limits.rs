@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, Fail};
 use crate::units::{ByteSize, Span};
+use gannet_smtp::limits::{LINE_LENGTH_MAX_CEILING, LINE_LENGTH_MIN, RECIPIENTS_MAX_CEILING, TARPIT_DELAY_MAX};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,7 +158,7 @@ pub(super) fn validate(l: &Limits, fail: &Fail<'_>) -> Result<(), ConfigError> {
 
 /// The command line, the message, its recipients, errors and sessions.
 fn validate_sizes(l: &Limits, fail: &Fail<'_>) -> Result<(), ConfigError> {
-    if !(512..=65536).contains(&l.line_length_max) {
+    if !(LINE_LENGTH_MIN..=LINE_LENGTH_MAX_CEILING).contains(&l.line_length_max) {
         return Err(fail(
             "limits",
             0,
@@ -176,7 +177,7 @@ fn validate_sizes(l: &Limits, fail: &Fail<'_>) -> Result<(), ConfigError> {
             "must be between \"1KiB\" and \"1GiB\"".into(),
         ));
     }
-    if !(1..=100_000).contains(&l.recipients_max) {
+    if !(1..=RECIPIENTS_MAX_CEILING).contains(&l.recipients_max) {
         return Err(fail(
             "limits",
             0,
@@ -248,7 +249,7 @@ fn validate_session(l: &Limits, fail: &Fail<'_>) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if l.tarpit_delay.0 > Duration::from_secs(30) {
+    if l.tarpit_delay.0 > TARPIT_DELAY_MAX {
         return Err(fail(
             "limits",
             0,

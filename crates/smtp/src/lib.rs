@@ -19,6 +19,7 @@ pub mod deadline;
 pub mod dsn;
 pub mod envelope;
 pub mod identity;
+pub mod limits;
 pub mod parser;
 pub mod policy;
 pub mod received;

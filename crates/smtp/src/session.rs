@@ -28,20 +28,12 @@ use crate::data::{BareLineEndingScanner, BareLineEndings, DataDecoder};
 use crate::deadline::{Deadlines, Expiry, Now, Timeouts};
 use crate::envelope::{notify, BodyType, Envelope, Origin, Ret};
 use crate::identity::Identity;
+use crate::limits::{ENVID_BYTES_MAX, MAIL_AUTH_BYTES_MAX, ORCPT_BYTES_MAX, TARPIT_DELAY_MAX};
 use crate::parser::{parse_command, Command, Params, ParseError};
 use crate::policy::RelayPolicy;
 use crate::received::{write_received, TlsSummary, Trace};
 use crate::reply::{self, write_line, Reply};
 use crate::sasl::{self, Credentials, Mechanism, SaslError};
-
-/// Longest ENVID (RFC 3461 4.4: 100 characters).
-const ENVID_BYTES_MAX: usize = 100;
-/// Longest ORCPT value (RFC 3461 4.2: 500 characters).
-const ORCPT_BYTES_MAX: usize = 500;
-/// Longest value of MAIL's AUTH parameter (RFC 4954 section 5).
-const MAIL_AUTH_BYTES_MAX: usize = 500;
-/// The longest tarpit delay before one flush of replies.
-const TARPIT_DELAY_MAX: Duration = Duration::from_secs(30);
 
 /// The session's fixed settings, shared by every session of a shard.
 #[derive(Debug, Clone)]

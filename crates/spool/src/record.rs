@@ -20,6 +20,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use gannet_smtp::envelope::{BodyType, Envelope, Origin, Ret};
 pub use gannet_smtp::envelope::{StoredEnvelope, StoredRecipient};
+use gannet_smtp::limits::{
+    ADDRESS_BYTES_MAX, ENVID_BYTES_MAX, ORCPT_BYTES_MAX, RECEIVED_HEADER_BYTES_MAX, RECIPIENTS_MAX_CEILING,
+};
 
 pub const HEADER_BYTES: usize = 9;
 
@@ -55,7 +58,7 @@ impl Kind {
 }
 
 /// Most recipients a copy's done bitmap may describe (the configuration's own ceiling).
-const COPY_RECIPIENTS_MAX: usize = 100_000;
+const COPY_RECIPIENTS_MAX: usize = RECIPIENTS_MAX_CEILING;
 
 /// What a `Copy` record adds in front of the message it copies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,12 +199,12 @@ pub fn verify_message_record(bytes: &[u8], segment_seq: u64) -> Result<MessageRe
 }
 
 /// The largest `Message` record the session can produce with these limits: header, envelope
-/// (HELO is at most a command line; addresses at most 512 bytes; ENVID 100; ORCPT 500), the
-/// Received header (under 2 KiB) and the content. Configuration checks segments against it.
+/// (HELO is at most a command line, and the other fields at most their `gannet_smtp::limits`),
+/// the Received header and the content. Configuration checks segments against it.
 pub fn message_record_bytes_max(line_length_max: usize, recipients_max: usize, message_size_max: u64) -> u64 {
-    let fixed = 1 + 8 + 17 + 3 + 8 + (2 + line_length_max) + (2 + 512) + (2 + 100) + 4;
-    let per_recipient = 2 + 512 + 1 + 2 + 500;
-    let received_header = 2048;
+    let fixed = 1 + 8 + 17 + 3 + 8 + (2 + line_length_max) + (2 + ADDRESS_BYTES_MAX) + (2 + ENVID_BYTES_MAX) + 4;
+    let per_recipient = 2 + ADDRESS_BYTES_MAX + 1 + 2 + ORCPT_BYTES_MAX;
+    let received_header = RECEIVED_HEADER_BYTES_MAX;
     let payload = 4 + fixed + recipients_max * per_recipient + received_header;
     crate::align_up(HEADER_BYTES as u64 + payload as u64 + message_size_max)
 }
@@ -246,8 +249,8 @@ pub fn encode_envelope(envelope: &Envelope, origin: Origin<'_>, out: &mut Vec<u8
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    // Every field is bounded well below 64 KiB by the session's line length limit.
-    let len = u16::try_from(bytes.len()).expect("envelope field longer than 64 KiB");
+    // Every field fits: see the compile-time assertions in `gannet_smtp::limits`.
+    let len = u16::try_from(bytes.len()).expect("envelope field within gannet_smtp::limits");
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(bytes);
 }
