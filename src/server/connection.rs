@@ -1,5 +1,6 @@
-//! One SMTP connection: moves bytes between the socket and the sans-IO [`Session`], hands
-//! finished messages to the spool, and applies timeouts and shutdown.
+//! One SMTP connection: moves bytes between the socket and the sans-IO [`Session`], and does
+//! what the session asks (commit a message, run a TLS handshake, check credentials). Timeouts
+//! and shutdown are applied here.
 //!
 //! Timeouts are the session's deadlines (`smtp::deadline`): absolute instants that the session
 //! names and that arriving bytes cannot move, raced against the read with a timer. (A socket
@@ -9,22 +10,23 @@
 //! STARTTLS and before the handshake are discarded exactly (CVE-2011-0411): they are never
 //! executed as commands of the encrypted session.
 
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use super::shard::{Refusal, Shard, ShardSignal, Stage};
+use super::shard::{Refusal, SessionGuard, Shard, ShardSignal, Stage};
 use super::tls::summarize;
 use crate::config::{Listener, ListenerKind};
 use crate::smtp::deadline::Now;
 use crate::smtp::received::TlsSummary;
 use crate::smtp::reply;
-use crate::smtp::session::{ListenerRules, MessageGate, Next, Session};
-use crate::spool::record::EnvelopeBytes;
+use crate::smtp::session::{ListenerRules, MessageGate, MessageSink, Next, Session};
+use crate::spool::buffer::MessageBuffer;
 use crate::transport::Transport;
-use gannet_sched::QueuedMessage;
 
 type Stream = Transport<futures_rustls::server::TlsStream<TcpStream>>;
 
@@ -42,6 +44,27 @@ enum Wake {
     Deadline,
 }
 
+/// The connection is over (the reason is logged where it happens).
+struct Closed;
+
+/// Why a TLS handshake did not complete.
+#[derive(Debug)]
+pub enum HandshakeError {
+    AlreadyEncrypted,
+    Failed(std::io::Error),
+    TimedOut(Duration),
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandshakeError::AlreadyEncrypted => write!(f, "the connection is already encrypted"),
+            HandshakeError::Failed(e) => write!(f, "{e}"),
+            HandshakeError::TimedOut(t) => write!(f, "timed out after {t:?}"),
+        }
+    }
+}
+
 async fn write_all(stream: &mut Stream, out: &mut Vec<u8>) -> bool {
     if out.is_empty() {
         return true;
@@ -51,19 +74,10 @@ async fn write_all(stream: &mut Stream, out: &mut Vec<u8>) -> bool {
     ok
 }
 
-/// Writes the pending replies, first holding them back as long as the session asks (tarpit).
-async fn flush(stream: &mut Stream, session: &mut Session, out: &mut Vec<u8>) -> bool {
-    let delay = session.take_reply_delay();
-    if !delay.is_zero() && !out.is_empty() {
-        glommio::timer::sleep(delay).await;
-    }
-    write_all(stream, out).await
-}
-
 /// Runs the server side of a TLS handshake on the plain stream; the whole handshake must end
 /// within `timeout`.
-async fn handshake(stream: &mut Stream, shard: &Shard, timeout: Duration) -> Result<TlsSummary, String> {
-    let tcp = stream.take_plain().ok_or("the connection is already encrypted")?;
+async fn handshake(stream: &mut Stream, shard: &Shard, timeout: Duration) -> Result<TlsSummary, HandshakeError> {
+    let tcp = stream.take_plain().ok_or(HandshakeError::AlreadyEncrypted)?;
     let accept = shard.tls_acceptor.accept(tcp);
     let result = futures_lite::future::or(async { Some(accept.await) }, async {
         glommio::timer::sleep(timeout).await;
@@ -76,189 +90,230 @@ async fn handshake(stream: &mut Stream, shard: &Shard, timeout: Duration) -> Res
             *stream = Transport::Tls(Box::new(tls));
             Ok(summary)
         }
-        Some(Err(e)) => Err(e.to_string()),
-        None => Err(format!("timed out after {timeout:?}")),
+        Some(Err(e)) => Err(HandshakeError::Failed(e)),
+        None => Err(HandshakeError::TimedOut(timeout)),
     }
 }
 
+/// Serves one accepted connection to its end.
 pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
     let Ok(peer) = tcp.peer_addr() else {
         return;
     };
-    let ip = peer.ip().to_canonical();
-    let limits = &shard.config.limits;
-    let command_timeout = limits.command_timeout.0;
-    let handshake_timeout = shard.config.tls.handshake_timeout.0;
     let _ = tcp.set_nodelay(true);
-    let _ = tcp.set_write_timeout(Some(command_timeout));
+    let _ = tcp.set_write_timeout(Some(shard.config.limits.command_timeout.0));
     let mut stream = Stream::Plain(tcp);
-    let mut out = Vec::with_capacity(1024);
-    let kind = listener.kind;
-
+    let ip = peer.ip().to_canonical();
     let guard = match shard.admit(ip) {
         Ok(guard) => guard,
-        Err(refusal) => {
-            let reply = match refusal {
-                Refusal::ShardFull => reply::TOO_MANY_SESSIONS,
-                Refusal::IpFull => reply::TOO_MANY_SESSIONS_FROM_IP,
-                Refusal::ConnectionRate => reply::CONNECTION_RATE,
-                Refusal::AuthBlocked => reply::AUTH_BLOCKED,
-            };
-            info!(shard = shard.index, client = %ip, "connection refused: {}", reply.text);
-            // On smtps the refusal can only be read through TLS.
-            if kind == ListenerKind::Smtps && handshake(&mut stream, &shard, handshake_timeout).await.is_err() {
-                return;
-            }
-            reply.write(&mut out);
-            write_all(&mut stream, &mut out).await;
-            return;
-        }
+        Err(refusal) => return refuse(&mut stream, &shard, listener.kind, ip, refusal).await,
     };
-    debug!(shard = shard.index, client = %peer, ?kind, "connected");
-
-    let rules = ListenerRules {
-        starttls: listener.offers_starttls(),
-        auth: listener.offers_auth() && shard.reloadable.auth_configured(),
-        auth_required: listener.requires_auth(),
+    debug!(shard = shard.index, client = %peer, kind = ?listener.kind, "connected");
+    let Some(conn) = Conn::open(stream, shard, &listener, peer, guard).await else {
+        return;
     };
-    let gate: Rc<dyn MessageGate> = shard.clone();
-    let mut session = Session::new(shard.session_config.clone(), rules, gate, ip, Now::read());
-    if kind == ListenerKind::Smtps {
-        match handshake(&mut stream, &shard, handshake_timeout).await {
-            Ok(summary) => {
-                info!(shard = shard.index, client = %peer, version = %summary.version, cipher = %summary.cipher, "TLS established (implicit)");
-                session = session.with_implicit_tls(summary);
-            }
-            Err(reason) => {
-                info!(shard = shard.index, client = %peer, "TLS handshake failed: {reason}");
-                return;
-            }
-        }
-    }
-    let mut sink = shard.appender.message_buffer();
-    let mut buf = vec![0u8; READ_BUFFER_BYTES_MIN.max(2 * limits.line_length_max)];
-    let (mut start, mut end) = (0usize, 0usize);
-    // The shard entered stress since the last wait: apply the stress deadline this once.
-    let mut swept = false;
-    let mut stress_entries_seen = shard.stress_entries();
+    conn.run().await;
+}
 
-    session.greeting(Instant::now(), &mut out);
-    if !write_all(&mut stream, &mut out).await {
+/// Answers a connection the shard's limits turn away, then closes it.
+async fn refuse(stream: &mut Stream, shard: &Shard, kind: ListenerKind, ip: IpAddr, refusal: Refusal) {
+    let reply = match refusal {
+        Refusal::ShardFull => reply::TOO_MANY_SESSIONS,
+        Refusal::IpFull => reply::TOO_MANY_SESSIONS_FROM_IP,
+        Refusal::ConnectionRate => reply::CONNECTION_RATE,
+        Refusal::AuthBlocked => reply::AUTH_BLOCKED,
+    };
+    info!(shard = shard.index, client = %ip, "connection refused: {}", reply.text);
+    // On smtps the refusal can only be read through TLS.
+    if kind == ListenerKind::Smtps
+        && handshake(stream, shard, shard.config.tls.handshake_timeout.0)
+            .await
+            .is_err()
+    {
         return;
     }
-    loop {
-        // Answer everything buffered (pipelining), committing messages on the way.
-        let now = Now::read();
-        loop {
-            let step = session.receive(&buf[start..end], now, &mut sink, &mut out);
-            start += step.consumed;
-            match step.next {
-                Next::NeedInput => break,
-                Next::Close => {
-                    flush(&mut stream, &mut session, &mut out).await;
-                    return;
+    let mut out = Vec::new();
+    reply.write(&mut out);
+    write_all(stream, &mut out).await;
+}
+
+/// A session in progress: the socket, the session, the message buffer, the read buffer.
+struct Conn {
+    shard: Rc<Shard>,
+    guard: SessionGuard,
+    peer: SocketAddr,
+    stream: Stream,
+    session: Session,
+    sink: MessageBuffer,
+    buf: Vec<u8>,
+    /// Unconsumed input is `buf[start..end]`.
+    start: usize,
+    end: usize,
+    out: Vec<u8>,
+    /// The shard entered stress since the last wait: apply the stress deadline this once.
+    swept: bool,
+    stress_entries_seen: u64,
+}
+
+impl Conn {
+    /// The session, after the implicit TLS handshake of an smtps listener; greeted.
+    async fn open(
+        mut stream: Stream,
+        shard: Rc<Shard>,
+        listener: &Listener,
+        peer: SocketAddr,
+        guard: SessionGuard,
+    ) -> Option<Conn> {
+        let rules = ListenerRules {
+            starttls: listener.offers_starttls(),
+            auth: listener.offers_auth() && shard.reloadable.auth_configured(),
+            auth_required: listener.requires_auth(),
+        };
+        let gate: Rc<dyn MessageGate> = shard.clone();
+        let ip = peer.ip().to_canonical();
+        let mut session = Session::new(shard.session_config.clone(), rules, gate, ip, Now::read());
+        if listener.kind == ListenerKind::Smtps {
+            match handshake(&mut stream, &shard, shard.config.tls.handshake_timeout.0).await {
+                Ok(summary) => {
+                    info!(shard = shard.index, client = %peer, version = %summary.version, cipher = %summary.cipher, "TLS established (implicit)");
+                    session = session.with_implicit_tls(summary);
                 }
-                Next::StartTls => {
-                    if !write_all(&mut stream, &mut out).await {
-                        return;
-                    }
-                    let discarded = end - start;
-                    if discarded > 0 {
-                        info!(
-                            shard = shard.index,
-                            client = %peer,
-                            "discarded {discarded} byte(s) sent after STARTTLS before the handshake (command injection, CVE-2011-0411)"
-                        );
-                    }
-                    (start, end) = (0, 0);
-                    match handshake(&mut stream, &shard, handshake_timeout).await {
-                        Ok(summary) => {
-                            info!(shard = shard.index, client = %peer, version = %summary.version, cipher = %summary.cipher, "TLS established");
-                            session.tls_started(summary, Instant::now());
-                        }
-                        Err(reason) => {
-                            info!(shard = shard.index, client = %peer, "TLS handshake failed: {reason}");
-                            return;
-                        }
-                    }
-                }
-                Next::Authenticate => {
-                    let Some(credentials) = session.take_credentials() else {
-                        unreachable!("the session hands over credentials with Next::Authenticate");
-                    };
-                    let outcome = shard.check_credentials(ip, credentials).await;
-                    session.authenticated(outcome, Instant::now(), &mut sink, &mut out);
-                }
-                Next::Commit => {
-                    let message = sink.take();
-                    let content_bytes = message.content_bytes;
-                    let record_bytes = message.record_len();
-                    let keep = shard.deliverer.wants_record(record_bytes as usize);
-                    let result = shard.appender.commit_keeping(message, keep).await;
-                    match result {
-                        Ok((id, written)) => {
-                            let env = session.envelope();
-                            info!(
-                                shard = shard.index,
-                                %id,
-                                client = %ip,
-                                from = %String::from_utf8_lossy(env.sender()),
-                                recipients = env.recipient_count(),
-                                size = content_bytes,
-                                tls = %session.tls().map_or("none", |t| t.version.as_str()),
-                                user = %session.user().map_or("-", |u| u.user.as_str()),
-                                "queued"
-                            );
-                            let envelope = EnvelopeBytes::from_envelope(env, session.origin());
-                            shard.record_queued(QueuedMessage::new(id, record_bytes, content_bytes, envelope), written);
-                            let id = id.to_string();
-                            session.committed(Ok(&id), Instant::now(), &mut out);
-                        }
-                        Err(e) => {
-                            warn!(shard = shard.index, client = %ip, "message refused by the spool: {e:?}");
-                            session.committed(Err(e), Instant::now(), &mut out);
-                        }
-                    }
+                Err(e) => {
+                    info!(shard = shard.index, client = %peer, "TLS handshake failed: {e}");
+                    return None;
                 }
             }
         }
-        if start == end {
-            (start, end) = (0, 0);
-        } else if start > 0 {
-            buf.copy_within(start..end, 0);
-            (start, end) = (0, end - start);
-        }
+        let buffer_bytes = READ_BUFFER_BYTES_MIN.max(2 * shard.config.limits.line_length_max);
+        let mut conn = Conn {
+            sink: shard.appender.message_buffer(),
+            stress_entries_seen: shard.stress_entries(),
+            shard,
+            guard,
+            peer,
+            stream,
+            session,
+            buf: vec![0u8; buffer_bytes],
+            start: 0,
+            end: 0,
+            out: Vec::with_capacity(1024),
+            swept: false,
+        };
+        conn.session.greeting(Instant::now(), &mut conn.out);
+        write_all(&mut conn.stream, &mut conn.out).await.then_some(conn)
+    }
 
-        let stage = shard.stage();
-        if stage == Stage::Forced || (stage == Stage::Draining && !session.in_transaction()) {
-            session.shutting_down(&mut sink, &mut out);
-            write_all(&mut stream, &mut out).await;
-            return;
-        }
-        if !flush(&mut stream, &mut session, &mut out).await {
-            sink_abandon(&mut session, &mut sink);
-            return;
-        }
+    async fn run(mut self) {
+        while self.turn().await.is_ok() {}
+    }
 
-        let stressed = shard.stressed() || std::mem::take(&mut swept);
+    /// Answers what is buffered, writes the replies, and waits for more input.
+    async fn turn(&mut self) -> Result<(), Closed> {
+        self.answer_buffered().await?;
+        self.compact();
+        let stage = self.shard.stage();
+        if stage == Stage::Forced || (stage == Stage::Draining && !self.session.in_transaction()) {
+            self.session.shutting_down(&mut self.sink, &mut self.out);
+            write_all(&mut self.stream, &mut self.out).await;
+            return Err(Closed);
+        }
+        if !self.flush().await {
+            self.abandon();
+            return Err(Closed);
+        }
+        self.wait_for_input(stage).await
+    }
+
+    /// Feeds the buffered input to the session (pipelining: many commands at once), doing what
+    /// it asks on the way, until it needs more input.
+    async fn answer_buffered(&mut self) -> Result<(), Closed> {
+        let now = Now::read();
+        loop {
+            let step = self
+                .session
+                .receive(&self.buf[self.start..self.end], now, &mut self.sink, &mut self.out);
+            self.start += step.consumed;
+            match step.next {
+                Next::NeedInput => return Ok(()),
+                Next::Close => {
+                    self.flush().await;
+                    return Err(Closed);
+                }
+                Next::StartTls => self.start_tls().await?,
+                Next::Authenticate => {
+                    let Some(credentials) = self.session.take_credentials() else {
+                        unreachable!("the session hands over credentials with Next::Authenticate");
+                    };
+                    let outcome = self.shard.check_credentials(self.ip(), credentials).await;
+                    self.session
+                        .authenticated(outcome, Instant::now(), &mut self.sink, &mut self.out);
+                }
+                Next::Commit => {
+                    let result = self.shard.commit_and_enqueue(&self.session, &mut self.sink).await;
+                    let id = result.map(|id| id.to_string());
+                    self.session
+                        .committed(id.as_deref().map_err(|e| *e), Instant::now(), &mut self.out);
+                }
+            }
+        }
+    }
+
+    /// STARTTLS: the 220 out, every byte pipelined behind it thrown away (CVE-2011-0411), the
+    /// handshake, and the session starts over.
+    async fn start_tls(&mut self) -> Result<(), Closed> {
+        if !write_all(&mut self.stream, &mut self.out).await {
+            return Err(Closed);
+        }
+        let discarded = self.end - self.start;
+        if discarded > 0 {
+            info!(
+                shard = self.shard.index,
+                client = %self.peer,
+                "discarded {discarded} byte(s) sent after STARTTLS before the handshake (command injection, CVE-2011-0411)"
+            );
+        }
+        (self.start, self.end) = (0, 0);
+        match handshake(&mut self.stream, &self.shard, self.shard.config.tls.handshake_timeout.0).await {
+            Ok(summary) => {
+                info!(shard = self.shard.index, client = %self.peer, version = %summary.version, cipher = %summary.cipher, "TLS established");
+                self.session.tls_started(summary, Instant::now());
+                Ok(())
+            }
+            Err(e) => {
+                info!(shard = self.shard.index, client = %self.peer, "TLS handshake failed: {e}");
+                Err(Closed)
+            }
+        }
+    }
+
+    /// Waits for input, the shard's signal, or the session's deadline; past the deadline,
+    /// 421 4.4.2 and close.
+    async fn wait_for_input(&mut self, stage: Stage) -> Result<(), Closed> {
+        let shard = self.shard.clone();
+        let stressed = shard.stressed() || std::mem::take(&mut self.swept);
         let now = Instant::now();
-        if let Some(expiry) = session.check_deadline(now, stressed, &mut sink, &mut out) {
+        if let Some(expiry) = self
+            .session
+            .check_deadline(now, stressed, &mut self.sink, &mut self.out)
+        {
             let why = expiry.sentence(&shard.session_config.timeouts, stressed);
-            info!(shard = shard.index, client = %peer, "timeout: {why}");
-            write_all(&mut stream, &mut out).await;
-            return;
+            info!(shard = shard.index, client = %self.peer, "timeout: {why}");
+            write_all(&mut self.stream, &mut self.out).await;
+            return Err(Closed);
         }
-        let deadline = session.deadline(stressed).unwrap_or(now + command_timeout);
+        let command_timeout = shard.config.limits.command_timeout.0;
+        let deadline = self.session.deadline(stressed).unwrap_or(now + command_timeout);
         let wait = deadline.saturating_duration_since(now).max(WAIT_MIN);
-        debug_assert!(end < buf.len(), "the session consumes any full buffer");
-        let read = async { Wake::Read(stream.read(&mut buf[end..]).await) };
+        debug_assert!(self.end < self.buf.len(), "the session consumes any full buffer");
+        let (stream, free) = (&mut self.stream, &mut self.buf[self.end..]);
+        let read = async { Wake::Read(stream.read(free).await) };
         let signal = async {
             let entered = ShardSignal {
                 shard: &shard,
-                slot: &guard.slot,
+                slot: &self.guard.slot,
                 seen_stage: stage,
                 seen_stressed: shard.stressed(),
-                seen_stress_entries: stress_entries_seen,
+                seen_stress_entries: self.stress_entries_seen,
             }
             .await;
             Wake::Signal(entered)
@@ -267,32 +322,58 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
             glommio::timer::sleep(wait).await;
             Wake::Deadline
         };
-        let wake = futures_lite::future::or(read, futures_lite::future::or(signal, timer)).await;
-        match wake {
+        match futures_lite::future::or(read, futures_lite::future::or(signal, timer)).await {
             Wake::Signal(entered) => {
-                swept |= entered;
-                stress_entries_seen = shard.stress_entries();
-                continue;
+                self.swept |= entered;
+                self.stress_entries_seen = shard.stress_entries();
+                Ok(())
             }
-            Wake::Deadline => continue,
+            Wake::Deadline => Ok(()),
             Wake::Read(Ok(0)) => {
-                debug!(shard = shard.index, client = %peer, "client closed the connection");
-                sink_abandon(&mut session, &mut sink);
-                return;
+                debug!(shard = shard.index, client = %self.peer, "client closed the connection");
+                self.abandon();
+                Err(Closed)
             }
-            Wake::Read(Ok(n)) => end += n,
+            Wake::Read(Ok(n)) => {
+                self.end += n;
+                Ok(())
+            }
             Wake::Read(Err(e)) => {
-                debug!(shard = shard.index, client = %peer, "read failed: {e}");
-                sink_abandon(&mut session, &mut sink);
-                return;
+                debug!(shard = shard.index, client = %self.peer, "read failed: {e}");
+                self.abandon();
+                Err(Closed)
             }
         }
     }
-}
 
-/// The connection is gone mid-transaction: drop whatever message was being built.
-fn sink_abandon(session: &mut Session, sink: &mut impl crate::smtp::session::MessageSink) {
-    if session.in_transaction() {
-        sink.abandon();
+    fn ip(&self) -> IpAddr {
+        self.peer.ip().to_canonical()
+    }
+
+    /// Moves unconsumed input to the front of the buffer.
+    fn compact(&mut self) {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+    }
+
+    /// Writes the pending replies, first holding them back as long as the session asks
+    /// (tarpit).
+    async fn flush(&mut self) -> bool {
+        let delay = self.session.take_reply_delay();
+        if !delay.is_zero() && !self.out.is_empty() {
+            glommio::timer::sleep(delay).await;
+        }
+        write_all(&mut self.stream, &mut self.out).await
+    }
+
+    /// The connection is gone mid-transaction: drop whatever message was being built.
+    fn abandon(&mut self) {
+        if self.session.in_transaction() {
+            self.sink.abandon();
+        }
     }
 }

@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod lock;
 pub mod reloadable;
+pub mod run;
 pub mod sched;
 pub mod shard;
 pub mod signals;
@@ -199,8 +200,8 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
                         warn!(shard, "cannot set the scheduler slice (server.sched_slice): {e}; running with the kernel's default");
                     }
                 }
-                let result = shard::run(
-                    shard::ShardSetup {
+                let result = run::run(
+                    run::ShardSetup {
                         index: shard,
                         shard_count: shards,
                         config,
@@ -246,7 +247,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     for handle in handles {
         match handle.join() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = Some(e),
+            Ok(Err(e)) => failure = Some(e.to_string()),
             Err(e) => failure = Some(format!("shard failed: {e}")),
         }
     }

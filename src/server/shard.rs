@@ -6,50 +6,26 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
-use std::os::fd::{FromRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use glommio::net::TcpListener;
-use tracing::{error, info, warn};
+use gannet_sched::QueuedMessage;
+use gannet_spool::MessageId;
+use tracing::{info, warn};
 
 use super::reloadable::Reloadable;
-use super::{connection, signals};
 use crate::auth::throttle::{AfterFailure, AuthThrottle, ThrottleLimits};
-use crate::config::{system_dns_servers, Config};
+use crate::config::Config;
 use crate::delivery::Deliverer;
-use crate::dns::cache::DnsCache;
-use crate::dns::resolver::Resolver;
 use crate::rate::RateLimiter;
 use crate::smtp::sasl::Credentials;
-use crate::smtp::session::{AuthOutcome, MessageGate, SessionConfig};
-use crate::spool::appender::{Appender, AppenderConfig, ExistingSegment, Liveness, WrittenRecord};
-use crate::spool::mapped::MappedSegment;
-use crate::spool::recovery::{list_segments, quarantine, scan_segment, Damage};
-use crate::spool::shard_dir;
-use gannet_sched::{QueueIndex, QueuedMessage, Scheduler};
-
-/// How often a shard looks at the process-wide shutdown flag (and the queue flush counter).
-const SHUTDOWN_POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// Every this many polls (5 s) a shard hands the allocator's freed pages back to the system.
-const MEMORY_COLLECT_POLLS: u64 = 50;
-
-/// Asks mimalloc to return this thread's freed memory to the system (`force`: also what it
-/// would keep for reuse). Freed memory is otherwise purged only as the thread allocates again;
-/// measured, 100,000 queued messages took 72-81 MB of PSS after a restart without this and
-/// 48 MB with purging at once (benches/queued-memory).
-fn give_back_memory(force: bool) {
-    // SAFETY: mi_collect only walks and releases the calling thread's own heap; it has no
-    // preconditions. Runs on every shard of every server test.
-    unsafe { libmimalloc_sys::mi_collect(force) }
-}
-
-/// After the shutdown deadline, how long cut-off sessions get to send their 421 and go.
-const FORCED_CLOSE_GRACE: Duration = Duration::from_secs(2);
+use crate::smtp::session::{AuthOutcome, CommitError, MessageGate, Session, SessionConfig};
+use crate::spool::appender::Appender;
+use crate::spool::buffer::MessageBuffer;
+use crate::spool::record::EnvelopeBytes;
 
 /// Where the shard is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +141,7 @@ impl Shard {
         self.stage.get()
     }
 
-    fn advance(&self, stage: Stage) {
+    pub(super) fn advance(&self, stage: Stage) {
         self.stage.set(stage);
         self.wake_sessions();
     }
@@ -309,9 +285,84 @@ impl Shard {
         }
     }
 
-    /// Hands a newly spooled message to delivery.
-    pub fn record_queued(self: &Rc<Self>, message: QueuedMessage, written: Option<WrittenRecord>) {
-        self.deliverer.accept(message, written);
+    /// A shard's state, with its spool appender and deliverer already running.
+    pub(super) fn new(
+        index: u16,
+        config: Arc<Config>,
+        appender: Rc<Appender>,
+        deliverer: Rc<Deliverer>,
+        reloadable: Arc<Reloadable>,
+    ) -> Rc<Shard> {
+        let limits = &config.limits;
+        Rc::new(Shard {
+            index,
+            session_config: Rc::new(config.session_config()),
+            appender,
+            deliverer,
+            tls_acceptor: futures_rustls::TlsAcceptor::from(reloadable.tls_config.clone()),
+            reloadable,
+            guards: RefCell::new(Guards {
+                connections_per_ip: RateLimiter::new(limits.connections_per_ip_per_minute),
+                messages_per_ip: RateLimiter::new(limits.messages_per_ip_per_minute),
+                messages_per_user: RateLimiter::new(limits.messages_per_user_per_minute),
+                auth_failures: AuthThrottle::new(ThrottleLimits {
+                    failures_max: config.auth.failures_max,
+                    failure_delay: config.auth.failure_delay.0,
+                    block_duration: config.auth.block_duration.0,
+                }),
+            }),
+            stage: Cell::new(Stage::Running),
+            sessions: RefCell::new(HashMap::new()),
+            sessions_per_ip: RefCell::new(HashMap::new()),
+            next_session_id: Cell::new(0),
+            all_gone_waker: RefCell::new(None),
+            stressed: Cell::new(false),
+            stress_entries: Cell::new(0),
+            stress: StressLevels::new(limits.sessions_per_shard_max, limits.stress_sessions_fraction),
+            config,
+        })
+    }
+
+    /// Sessions open now.
+    pub fn sessions_open(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    /// Commits the message a session has finished (durable before this returns, with the
+    /// spool's default durability) and hands it to delivery: the one step between receiving a
+    /// message and queueing it. Logs the message's `queued` line.
+    pub async fn commit_and_enqueue(
+        &self,
+        session: &Session,
+        sink: &mut MessageBuffer,
+    ) -> Result<MessageId, CommitError> {
+        let message = sink.take();
+        let content_bytes = message.content_bytes;
+        let record_bytes = message.record_len();
+        let keep = self.deliverer.wants_record(record_bytes as usize);
+        let (id, written) = match self.appender.commit_keeping(message, keep).await {
+            Ok(done) => done,
+            Err(e) => {
+                warn!(shard = self.index, client = %session.client_ip(), "message refused by the spool: {e:?}");
+                return Err(e);
+            }
+        };
+        let env = session.envelope();
+        info!(
+            shard = self.index,
+            %id,
+            client = %session.client_ip(),
+            from = %String::from_utf8_lossy(env.sender()),
+            recipients = env.recipient_count(),
+            size = content_bytes,
+            tls = %session.tls().map_or("none", |t| t.version.as_str()),
+            user = %session.user().map_or("-", |u| u.user.as_str()),
+            "queued"
+        );
+        let envelope = EnvelopeBytes::from_envelope(env, session.origin());
+        self.deliverer
+            .accept(QueuedMessage::new(id, record_bytes, content_bytes, envelope), written);
+        Ok(id)
     }
 }
 
@@ -360,8 +411,8 @@ impl Future for ShardSignal<'_> {
 }
 
 /// Ready when no session is left.
-struct AllGone<'a> {
-    shard: &'a Shard,
+pub(super) struct AllGone<'a> {
+    pub(super) shard: &'a Shard,
 }
 
 impl Future for AllGone<'_> {
@@ -374,243 +425,6 @@ impl Future for AllGone<'_> {
         *self.shard.all_gone_waker.borrow_mut() = Some(cx.waker().clone());
         Poll::Pending
     }
-}
-
-/// Reads this shard's spool back: its own directory and those of shards that no longer exist
-/// (`shard + k * shard_count`), so that lowering the shard count never strands mail.
-/// Returns the queue index, the segments in the shard's own directory (oldest first), and the
-/// next segment sequence number.
-fn recover(config: &Config, shard: u16, shard_count: usize) -> Result<(QueueIndex, Vec<ExistingSegment>, u64), String> {
-    let spool = &config.spool.directory;
-    let own_dir = shard_dir(spool, shard);
-    std::fs::create_dir_all(&own_dir).map_err(|e| format!("cannot create {}: {e}", own_dir.display()))?;
-    let mut index = QueueIndex::default();
-    let mut own_segments = Vec::new();
-    let mut next_seq = 0;
-    let mut adopted = u32::from(shard);
-    loop {
-        let dir = shard_dir(spool, adopted as u16);
-        if adopted != u32::from(shard) && !dir.exists() {
-            break;
-        }
-        // Half-made segments from a crash during preparation hold nothing.
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().ends_with(".seg.tmp") {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
-        let segments = list_segments(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-        for (seq, path) in &segments {
-            let mapped = MappedSegment::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let buf = mapped.bytes();
-            let scan = scan_segment(buf, adopted as u16, *seq);
-            for damage in &scan.damage {
-                match *damage {
-                    Damage::TornTail { offset } => {
-                        info!(
-                            shard,
-                            "segment {}: unacknowledged torn tail at offset {offset} cut off",
-                            path.display()
-                        );
-                    }
-                    Damage::Corrupt { offset, len, reason } => {
-                        match quarantine(spool, adopted as u16, *seq, buf, offset, len) {
-                            Ok(q) => error!(shard, "segment {}: record at offset {offset} is damaged ({reason}); quarantined as {}", path.display(), q.display()),
-                            Err(e) => error!(shard, "segment {}: record at offset {offset} is damaged ({reason}); could not quarantine it: {e}", path.display()),
-                        }
-                    }
-                }
-            }
-            // One segment at a time: a restart holds the index and one segment's scan, never
-            // every record of the spool at once.
-            index.apply_segment(scan);
-            if adopted == u32::from(shard) {
-                own_segments.push(ExistingSegment {
-                    seq: *seq,
-                    len_bytes: buf.len() as u64,
-                });
-                next_seq = next_seq.max(seq + 1);
-            }
-        }
-        adopted += shard_count as u32;
-        if adopted > u32::from(u16::MAX) {
-            break;
-        }
-    }
-    Ok((index, own_segments, next_seq))
-}
-
-/// What a shard starts with.
-pub struct ShardSetup {
-    pub index: u16,
-    pub shard_count: usize,
-    pub config: Arc<Config>,
-    /// Bound, listening sockets, one per listener, for this shard alone.
-    pub listener_fds: Vec<RawFd>,
-    pub dns_cache: Arc<DnsCache>,
-    pub reloadable: Arc<Reloadable>,
-}
-
-/// Runs a shard until shutdown.
-pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) -> Result<(), String> {
-    let ShardSetup {
-        index,
-        shard_count,
-        config,
-        listener_fds,
-        dns_cache,
-        reloadable,
-    } = setup;
-    let started = Instant::now();
-    let (queue, own_segments, next_seq) = recover(&config, index, shard_count)?;
-    let appender_config = AppenderConfig {
-        shard: index,
-        dir: shard_dir(&config.spool.directory, index),
-        segment_bytes: config.spool.segment_size.0,
-        segments_max: config.segments_per_shard_max(shard_count),
-        min_free_bytes: config.spool.min_free.0,
-        durability: config.spool.durability,
-        inflight_bytes_max: config.spool.memory_max.0 as usize,
-    };
-    let recovered = queue.len();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
-    let sched = Rc::new(RefCell::new(Scheduler::new(
-        config.sched_config(index, shard_count, seed),
-        queue,
-    )));
-    let live: Liveness = {
-        let sched = sched.clone();
-        // A borrow held elsewhere cannot happen (no borrow lives across an await); if it did,
-        // "live" is the safe answer.
-        Rc::new(move |seq| {
-            sched
-                .try_borrow()
-                .map_or(true, |s| s.queue().segment_is_live(index, seq))
-        })
-    };
-    let appender = Appender::open(appender_config, &own_segments, next_seq, live)
-        .await
-        .map_err(|e| format!("cannot open spool: {e}"))?;
-    info!(
-        shard = index,
-        "recovered {recovered} spooled message(s) in {:?}",
-        started.elapsed()
-    );
-    let dns_servers = if config.dns.servers.is_empty() {
-        system_dns_servers()
-    } else {
-        config.dns.servers.clone()
-    };
-    let resolver = Resolver::new(dns_servers, config.dns.timeout.0, config.dns.attempts, dns_cache, index);
-    let deliverer = Deliverer::new(index, config.clone(), appender.clone(), sched, resolver);
-    deliverer.start();
-    let shard = Rc::new(Shard {
-        index,
-        session_config: Rc::new(config.session_config()),
-        config: config.clone(),
-        appender,
-        deliverer,
-        tls_acceptor: futures_rustls::TlsAcceptor::from(reloadable.tls_config.clone()),
-        reloadable,
-        guards: RefCell::new(Guards {
-            connections_per_ip: RateLimiter::new(config.limits.connections_per_ip_per_minute),
-            messages_per_ip: RateLimiter::new(config.limits.messages_per_ip_per_minute),
-            messages_per_user: RateLimiter::new(config.limits.messages_per_user_per_minute),
-            auth_failures: AuthThrottle::new(ThrottleLimits {
-                failures_max: config.auth.failures_max,
-                failure_delay: config.auth.failure_delay.0,
-                block_duration: config.auth.block_duration.0,
-            }),
-        }),
-        stage: Cell::new(Stage::Running),
-        sessions: RefCell::new(HashMap::new()),
-        sessions_per_ip: RefCell::new(HashMap::new()),
-        next_session_id: Cell::new(0),
-        all_gone_waker: RefCell::new(None),
-        stressed: Cell::new(false),
-        stress_entries: Cell::new(0),
-        stress: StressLevels::new(
-            config.limits.sessions_per_shard_max,
-            config.limits.stress_sessions_fraction,
-        ),
-    });
-
-    let mut accept_tasks = Vec::with_capacity(listener_fds.len());
-    for (fd, listener_config) in listener_fds.into_iter().zip(&config.listeners) {
-        // SAFETY: `fd` is a bound, listening TCP socket created for this shard alone by
-        // `server::serve`, which gave up ownership with into_raw_fd; nothing else closes it.
-        let listener = unsafe { TcpListener::from_raw_fd(fd) };
-        let shard = shard.clone();
-        let listener_config = listener_config.clone();
-        accept_tasks.push(glommio::spawn_local(async move {
-            loop {
-                match listener.accept().await {
-                    Ok(stream) => {
-                        glommio::spawn_local(connection::serve(stream, shard.clone(), listener_config.clone()))
-                            .detach();
-                    }
-                    Err(e) => {
-                        warn!(shard = shard.index, "accept failed: {e}");
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        glommio::timer::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        }));
-    }
-    let _ = ready.send(Ok(index));
-
-    let mut flushes_seen = signals::flush_generation();
-    // Recovery's and start-up's transient memory goes back to the system now, not whenever the
-    // allocator next runs on this thread (a shard with a full queue and no traffic may not).
-    give_back_memory(true);
-    let mut polls = 0u64;
-    while !signals::shutdown_requested() {
-        glommio::timer::sleep(SHUTDOWN_POLL_INTERVAL).await;
-        polls += 1;
-        if polls % MEMORY_COLLECT_POLLS == 0 {
-            give_back_memory(false);
-        }
-        let flushes = signals::flush_generation();
-        if flushes != flushes_seen {
-            flushes_seen = flushes;
-            let retried = shard.deliverer.retry_all_now();
-            info!(shard = index, "queue flush: {retried} deferred message(s) retried now");
-        }
-    }
-    // Stop accepting: cancelling the accept loops drops (closes) this shard's listening sockets.
-    drop(accept_tasks);
-    shard.advance(Stage::Draining);
-    let deadline = config.server.shutdown_timeout.0;
-    let drained = glommio::timer::timeout(deadline, async {
-        AllGone { shard: &shard }.await;
-        Ok(())
-    })
-    .await
-    .is_ok();
-    if !drained {
-        warn!(
-            shard = index,
-            "shutdown timeout: closing {} session(s) with 421",
-            shard.sessions.borrow().len()
-        );
-        shard.advance(Stage::Forced);
-        let _ = glommio::timer::timeout(FORCED_CLOSE_GRACE, async {
-            AllGone { shard: &shard }.await;
-            Ok(())
-        })
-        .await;
-    }
-    // Every acknowledged message was already durable when it was acknowledged; what is left is
-    // delivery state, written now so that a clean stop never repeats a delivery.
-    shard.deliverer.flush_state().await;
-    let queued = shard.deliverer.queued();
-    info!(shard = index, "stopped with {queued} message(s) spooled");
-    Ok(())
 }
 
 #[cfg(test)]

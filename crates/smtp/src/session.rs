@@ -292,6 +292,11 @@ impl Session {
         self.phase = Phase::Greeted;
     }
 
+    /// The client's address.
+    pub fn client_ip(&self) -> IpAddr {
+        self.client_ip
+    }
+
     /// The TLS the session runs over, if any.
     pub fn tls(&self) -> Option<&TlsSummary> {
         self.tls.as_ref()
