@@ -89,7 +89,7 @@ impl ReplyParser {
                 Some(b'-') => (false, &line[4..]),
                 Some(_) => return Err(ReplyError::Malformed),
             };
-            self.lines.push(String::from_utf8_lossy(text).into_owned());
+            self.lines.push(reply_text(text));
             pos += lf + 1;
             if self.lines.len() > REPLY_LINES_MAX {
                 return Err(ReplyError::TooLong);
@@ -104,6 +104,22 @@ impl ReplyParser {
             }
         }
     }
+}
+
+/// A reply line's text as a string of at most [`REPLY_LINE_BYTES_MAX`] bytes: invalid UTF-8
+/// becomes U+FFFD, which is three bytes for one, so the result is cut at a character boundary
+/// to keep the line limit a limit on memory too (found by the `reply_parser` fuzz target).
+fn reply_text(text: &[u8]) -> String {
+    let mut s = String::from_utf8_lossy(text).into_owned();
+    if s.len() > REPLY_LINE_BYTES_MAX {
+        let mut end = REPLY_LINE_BYTES_MAX;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    debug_assert!(s.len() <= REPLY_LINE_BYTES_MAX);
+    s
 }
 
 /// What the server offered in its EHLO reply.
@@ -454,6 +470,18 @@ mod tests {
 
     fn reply(code: u16, text: &str) -> ServerReply {
         ServerReply::new(code, text)
+    }
+
+    #[test]
+    fn a_line_of_invalid_utf8_stays_within_the_line_limit() {
+        let mut input = b"250 ".to_vec();
+        input.extend(std::iter::repeat_n(0xff, REPLY_LINE_BYTES_MAX - 4));
+        input.extend_from_slice(b"\r\n");
+        let (reply, used) = ReplyParser::default().parse(&input).unwrap();
+        assert_eq!(used, input.len());
+        let reply = reply.unwrap();
+        assert!(reply.lines[0].len() <= REPLY_LINE_BYTES_MAX, "{}", reply.lines[0].len());
+        assert!(reply.lines[0].starts_with('\u{fffd}'));
     }
 
     #[test]
