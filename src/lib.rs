@@ -9,10 +9,12 @@
 //! - [`queue`]: the in-memory index of what each shard has spooled.
 //! - [`server`]: the glommio shell (executors, listeners, connections, shutdown).
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod dns;
+pub mod metrics;
 
 pub mod rate;
 pub mod server;

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gannet::config::Config;
+use gannet::admin::client::{self, CallError};
+use gannet::admin::protocol::Selector;
+use gannet::config::{Config, LogFormat};
 use gannet::queue::QueueIndex;
 use gannet::spool::recovery::{list_segments, read_message, read_segment, scan_segment, Damage};
 use gannet::spool::MessageId;
@@ -58,18 +60,80 @@ enum Command {
 
 #[derive(Subcommand)]
 enum QueueCommand {
-    /// List every message in the spool (reads the spool files; safe while the server runs).
-    List,
-    /// Print one message exactly as spooled (our Received header, then the client's bytes).
+    /// List queued messages: from the running server's admin API, or from the spool files when
+    /// the server does not answer (then without filters).
+    List {
+        #[command(flatten)]
+        filter: Filter,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Read the spool files even if the server answers.
+        #[arg(long)]
+        spool: bool,
+    },
+    /// Print one message exactly as spooled (our Received header, then the client's bytes), read
+    /// from the spool files; --json asks the server for its state, recipients and headers.
     Show {
         /// The id from `queue list` or the `250 ... queued as` reply.
         id: String,
         /// Print the envelope instead of the message.
         #[arg(long)]
         envelope: bool,
+        /// Print the server's JSON view of the message.
+        #[arg(long)]
+        json: bool,
     },
-    /// Ask the running server (SIGUSR1) to retry all deferred mail now, whatever its schedule.
-    Flush,
+    /// The queue's shape: pending recipients by destination domain and age (from the server).
+    Summary {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retry deferred mail now, whatever its schedule: what the filter selects, or everything.
+    Flush {
+        #[command(flatten)]
+        filter: Filter,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which messages a queue command applies to; every option given must match.
+#[derive(clap::Args, Default)]
+struct Filter {
+    /// One message id.
+    #[arg(long)]
+    id: Option<String>,
+    /// The envelope sender (`<>` for bounces).
+    #[arg(long)]
+    sender: Option<String>,
+    /// A pending recipient.
+    #[arg(long)]
+    recipient: Option<String>,
+    /// A pending recipient's domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// ready, deferred or delivering.
+    #[arg(long)]
+    state: Option<String>,
+    /// Received at least this many seconds ago.
+    #[arg(long, value_name = "SECONDS")]
+    min_age: Option<u64>,
+}
+
+impl Filter {
+    fn selector(self) -> Selector {
+        Selector {
+            id: self.id,
+            sender: self.sender,
+            recipient: self.recipient,
+            domain: self.domain,
+            state: self.state,
+            min_age_s: self.min_age,
+        }
+    }
 }
 
 fn load(path: Option<&Path>) -> Result<(Config, String), String> {
@@ -157,7 +221,10 @@ const LOG_BACKLOG_LINES_MAX: usize = 16_384;
 
 /// Logs go through a lock-free channel to one writer thread, so shards never wait on each other
 /// for the stderr lock. The guard flushes what is queued when dropped at exit.
-fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs to stderr in `format` (`[log] format`): text, logfmt or JSON lines.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("GANNET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     // 16,384 lines of backlog (the default of 128,000 preallocates 4 MB): past it lines are
@@ -165,12 +232,36 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(LOG_BACKLOG_LINES_MAX)
         .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_target(false),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(writer)
+                    .with_target(false),
+            )
+            .init(),
+        LogFormat::Logfmt => registry
+            .with(
+                tracing_logfmt::builder()
+                    .with_target(false)
+                    .with_span_name(false)
+                    .with_span_path(false)
+                    .layer()
+                    .with_writer(writer),
+            )
+            .init(),
+    }
     guard
 }
 
@@ -187,30 +278,65 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Some(Command::Passwd { user, addresses }) => passwd(&user, addresses.as_deref()),
-        Some(Command::Queue {
-            command: QueueCommand::List,
-        }) => {
+        Some(Command::Queue { command }) => {
             let (config, _) = load(cli.config.as_deref())?;
-            queue_list(&config)
-        }
-        Some(Command::Queue {
-            command: QueueCommand::Flush,
-        }) => {
-            let (config, _) = load(cli.config.as_deref())?;
-            queue_flush(&config)
-        }
-        Some(Command::Queue {
-            command: QueueCommand::Show { id, envelope },
-        }) => {
-            let (config, _) = load(cli.config.as_deref())?;
-            queue_show(&config, &id, envelope)
+            queue(&config, command)
         }
         None => {
-            let _log_guard = init_logging();
             let (config, name) = load(cli.config.as_deref())?;
+            let _log_guard = init_logging(config.log.format);
             gannet::server::serve(config, &name)
         }
     }
+}
+
+/// `gannet queue ...`: through the admin API, falling back to the spool files (list, show) or
+/// to SIGUSR1 (a flush of everything) when the server's API does not answer.
+fn queue(config: &Config, command: QueueCommand) -> Result<(), String> {
+    let client = client::Client::new(config);
+    let answer = match command {
+        QueueCommand::List { filter, json, spool } => {
+            let selector = filter.selector();
+            let page = config.admin.page_size_max;
+            match client.and_then(|c| {
+                if spool {
+                    Err(CallError::Unreachable("--spool".into()))
+                } else {
+                    client::list(&c, &selector, page, json)
+                }
+            }) {
+                Ok(text) => text,
+                Err(CallError::Unreachable(why)) => {
+                    if !selector.is_all() || json {
+                        return Err(format!("{why}; filters and --json need the running server (without them, the spool files are listed)"));
+                    }
+                    return queue_list(config);
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        QueueCommand::Show {
+            id,
+            envelope,
+            json: false,
+        } => return queue_show(config, &id, envelope),
+        QueueCommand::Show { id, json: true, .. } => client
+            .and_then(|c| client::show(&c, &id, true))
+            .map_err(|e| e.to_string())?,
+        QueueCommand::Summary { json } => client
+            .and_then(|c| client::summary(&c, json))
+            .map_err(|e| e.to_string())?,
+        QueueCommand::Flush { filter, json } => {
+            let selector = filter.selector();
+            match client.and_then(|c| client::flush(&c, &selector, json)) {
+                Ok(text) => text,
+                Err(CallError::Unreachable(_)) if selector.is_all() && !json => return queue_flush(config),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    print!("{answer}");
+    Ok(())
 }
 
 fn queue_flush(config: &Config) -> Result<(), String> {

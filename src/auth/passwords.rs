@@ -164,6 +164,7 @@ mod tests {
 
     fn creds(user: &str, password: &str) -> Credentials {
         Credentials {
+            mechanism: "PLAIN",
             user: user.into(),
             password: password.as_bytes().to_vec(),
         }

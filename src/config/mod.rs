@@ -4,6 +4,7 @@
 //! impossible combinations are refused before anything starts, with the file, the line, the key,
 //! and what to write instead. `docs/config.md` is the reference.
 
+mod admin;
 mod auth;
 mod delivery;
 mod dns;
@@ -29,6 +30,7 @@ use error::line_of;
 use gannet_sched::backoff::RetrySchedule;
 use gannet_sched::{Route as SchedRoute, RouteTarget as SchedTarget, SchedConfig, SiteRule};
 
+pub use admin::{Admin, Log, LogFormat};
 pub use auth::Auth;
 pub use delivery::{Delivery, DestinationLimits, Route, RouteTarget};
 pub use dns::{system_dns_servers, Dns};
@@ -73,6 +75,10 @@ pub struct Config {
     /// Receiver-specific limits: the first matching rule applies to a destination.
     #[serde(default, rename = "destination")]
     pub destinations: Vec<DestinationLimits>,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub log: Log,
 }
 
 impl Config {
@@ -150,7 +156,8 @@ impl Config {
         delivery::validate_routes(&self.routes, &fail)?;
         dns::validate(&self.dns, &fail)?;
         delivery::validate_destinations(&self.destinations, &fail)?;
-        relay::validate(&self.relay, &fail)
+        relay::validate(&self.relay, &fail)?;
+        admin::validate(&self.admin, &fail)
     }
 
     /// Checks that need the shard count (known only on the machine that runs the server).

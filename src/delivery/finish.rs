@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use super::store::Loaded;
 use super::Deliverer;
+use crate::metrics;
 use crate::smtp::session::MessageSink;
 
 impl Deliverer {
@@ -39,6 +40,13 @@ impl Deliverer {
             (message.envelope.view().to_stored(), message.record_bytes)
         };
         self.log_results(id, &envelope, &results, &classified.verdicts, relay);
+        count_verdicts(&classified.verdicts);
+        if let Some((_, RecipientResult::Deferred(r) | RecipientResult::Failed(r))) = results
+            .iter()
+            .find(|(_, r)| !matches!(r, RecipientResult::Delivered(_)))
+        {
+            self.remember_reply(id, &r.text());
+        }
         let notice = |indexes: &[u32], expired: bool| -> Vec<FailedRecipient> {
             indexes
                 .iter()
@@ -69,19 +77,48 @@ impl Deliverer {
             let bounce = notice(&classified.bounce, true);
             if !bounce.is_empty() && self.spool_notice(id, &envelope, content, &bounce, "failed").await {
                 done.extend(classified.bounce.iter().copied());
+                count_bounces(&classified.bounce, &classified.verdicts);
             }
             if !classified.delayed.is_empty() {
                 let delayed = notice(&classified.delayed, false);
                 delay_notified = self.spool_notice(id, &envelope, content, &delayed, "delayed").await;
             }
         }
-        let completed = self.sched.borrow_mut().complete(id, &done, delay_notified, Now::read());
+        let now = Now::read();
+        let completed = self.sched.borrow_mut().complete(id, &done, delay_notified, now);
         if matches!(completed, Some(Completed::Finished | Completed::Retry { .. })) {
             self.store.forget(&id);
         }
+        if matches!(completed, Some(Completed::Finished)) {
+            let queued_s = now.unix_s.saturating_sub(envelope.received_unix_s);
+            metrics::with(|m| m.queue_time.observe(queued_s as f64));
+        }
         self.flush_state_soon();
     }
+}
 
+/// Expired recipients, for `gannet_expired_total`.
+fn count_verdicts(verdicts: &[(u32, Verdict)]) {
+    let expired = verdicts.iter().filter(|(_, v)| *v == Verdict::Expired).count() as u64;
+    if expired > 0 {
+        metrics::with(|m| m.expired += expired);
+    }
+}
+
+/// Recipients whose failure notice is now spooled, by reason (`failed` or `expired`).
+fn count_bounces(bounced: &[u32], verdicts: &[(u32, Verdict)]) {
+    metrics::with(|m| {
+        for index in bounced {
+            let reason = match verdicts.iter().find(|(i, _)| i == index) {
+                Some((_, Verdict::Expired)) => "expired",
+                _ => "failed",
+            };
+            m.bounces.add(reason, 1);
+        }
+    });
+}
+
+impl Deliverer {
     fn log_results(
         &self,
         id: MessageId,

@@ -26,6 +26,7 @@ use crate::dns::resolver::Resolver;
 use crate::spool::appender::{Appender, WrittenRecord};
 
 pub use gannet_smtp::client;
+pub mod control;
 pub mod finish;
 pub mod ipcap;
 pub mod outbound;
@@ -59,6 +60,8 @@ pub struct Deliverer {
     /// Syncs the committer has announced, and the state gatherer waiting for the next.
     commits: Cell<u64>,
     gather_waker: RefCell<Option<std::task::Waker>>,
+    /// The last reply recent messages got, for the admin API (bounded).
+    last_replies: control::SharedLastReplies,
 }
 
 impl Deliverer {
@@ -86,6 +89,7 @@ impl Deliverer {
             sites_full_said: Cell::new(false),
             commits: Cell::new(0),
             gather_waker: RefCell::new(None),
+            last_replies: RefCell::new(control::LastReplies::default()),
         })
     }
 

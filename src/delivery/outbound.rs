@@ -12,6 +12,8 @@ use tracing::{info, warn};
 
 use super::ipcap::IpSlot;
 use crate::config::Config;
+use crate::metrics;
+use gannet_metrics::Slot;
 use gannet_sched::Job;
 use gannet_smtp::client::{Capabilities, ReplyParser, ServerReply, Transaction};
 
@@ -60,9 +62,25 @@ pub struct OutboundConnection {
     pub ahead: Option<(Job, Transaction)>,
     /// This connection's place under the per-address cap, given back when it closes.
     _slot: Rc<IpSlot>,
+    /// Where `gannet_outbound_connections_active` counts this connection, once it is counted.
+    metrics_slot: Option<Slot>,
+}
+
+impl Drop for OutboundConnection {
+    fn drop(&mut self) {
+        if let Some(slot) = self.metrics_slot.take() {
+            metrics::with(|m| m.destinations.closed(slot));
+        }
+    }
 }
 
 impl OutboundConnection {
+    /// Counts this connection as open to `destination` (a site's metrics label) until dropped.
+    pub fn count_as_open(&mut self, destination: &str) {
+        debug_assert!(self.metrics_slot.is_none());
+        metrics::with(|m| self.metrics_slot = Some(m.destinations.opened(destination)));
+    }
+
     /// Connects, reads the greeting, says EHLO (falling back to HELO), and does STARTTLS as
     /// `policy` says. An opportunistic handshake that fails is retried once in plaintext.
     pub async fn open(
@@ -114,6 +132,7 @@ impl OutboundConnection {
             ahead: None,
             tls: None,
             _slot: slot,
+            metrics_slot: None,
         };
         let greeting = conn.read_reply(d.reply_timeout.0).await.map_err(OpenError::Other)?;
         if greeting.code != 220 {
@@ -146,10 +165,25 @@ impl OutboundConnection {
         let connector = futures_rustls::TlsConnector::from(super::tls::opportunistic_client_config());
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let handshake = async { connector.connect(name, tcp).await.map_err(glommio::GlommioError::from) };
-        let tls = glommio::timer::timeout(d.reply_timeout.0, handshake)
-            .await
-            .map_err(|e| OpenError::Tls(format!("TLS handshake with {addr} failed: {e}")))?;
+        let tls = glommio::timer::timeout(d.reply_timeout.0, handshake).await;
+        let tls = match tls {
+            Ok(tls) => tls,
+            Err(e) => {
+                let result = match e {
+                    glommio::GlommioError::TimedOut(_) => "timeout",
+                    _ => "failed",
+                };
+                metrics::with(|m| m.tls_handshakes.add(("outbound", "none", result), 1));
+                return Err(OpenError::Tls(format!("TLS handshake with {addr} failed: {e}")));
+            }
+        };
         let session = tls.get_ref().1;
+        let version = match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "other",
+        };
+        metrics::with(|m| m.tls_handshakes.add(("outbound", version, "ok"), 1));
         conn.tls = Some(format!(
             "{:?} {:?}",
             session
@@ -229,6 +263,7 @@ impl OutboundConnection {
                 .map_err(|e| format!("bad reply from server: {e:?}"))?;
             self.start += used;
             if let Some(reply) = reply {
+                metrics::with(|m| m.count_outbound_reply(reply.code, reply.lines.first().map_or("", String::as_str)));
                 return Ok(reply);
             }
             if self.start > 0 {

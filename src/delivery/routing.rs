@@ -220,7 +220,10 @@ impl Deliverer {
                     SiteKey::Mx(_) => None,
                 };
                 match OutboundConnection::open(slot, addr, &self.config, policy, auth).await {
-                    Ok(c) => return Ok(c),
+                    Ok(mut c) => {
+                        c.count_as_open(&destination_label(key));
+                        return Ok(c);
+                    }
                     Err(why) => {
                         info!(shard = self.shard, destination = %key, "{why}; trying the next address");
                         last = Some(why);
@@ -251,6 +254,14 @@ impl Deliverer {
                 return Err(NoConnection::AtCap);
             }
         }
+    }
+}
+
+/// A site's `destination` label in the metrics: the smarthost's address, or its MX hosts.
+pub(super) fn destination_label(key: &SiteKey) -> String {
+    match key {
+        SiteKey::Smarthost(addr) => addr.to_string(),
+        SiteKey::Mx(hosts) => hosts.join(","),
     }
 }
 

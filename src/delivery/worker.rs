@@ -6,9 +6,9 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use gannet_sched::{Job, SiteKey};
+use gannet_sched::{Job, Lane, SiteKey};
 use gannet_smtp::client::{OutboundEnvelope, RecipientResult, ServerReply, Transaction, TxStep, Unsendable};
 use gannet_smtp::data::dot_stuff;
 use gannet_smtp::envelope::BodyType;
@@ -16,9 +16,10 @@ use gannet_spool::record::EnvelopeView;
 use tracing::warn;
 
 use super::outbound::OutboundConnection;
-use super::routing::{NoConnection, Unreachable};
+use super::routing::{destination_label, NoConnection, Unreachable};
 use super::store::Loaded;
 use super::Deliverer;
+use crate::metrics;
 
 /// A job's transaction envelope: its recipients of `envelope`, and the content's size.
 pub fn outbound_envelope<'a>(job: &Job, envelope: &EnvelopeView<'a>, content_bytes: u64) -> OutboundEnvelope<'a> {
@@ -80,8 +81,30 @@ struct Outcome {
     original: Option<Rc<Loaded>>,
 }
 
+/// Counts one attempt's recipients by result for the destination, the attempt's duration (if it
+/// reached a server) and whether it was a retry.
+fn count_attempt(destination: &str, job: &Job, results: &[(u32, RecipientResult)], took: Option<Duration>) {
+    metrics::with(|m| {
+        for (_, result) in results {
+            let label = match result {
+                RecipientResult::Delivered(_) => "delivered",
+                RecipientResult::Deferred(_) => "deferred",
+                RecipientResult::Failed(_) => "failed",
+            };
+            m.destinations.attempt(destination, label);
+        }
+        if let Some(took) = took {
+            m.delivery_duration.observe(took.as_secs_f64());
+        }
+        if job.lane == Lane::Retry {
+            m.retries += 1;
+        }
+    });
+}
+
 impl Deliverer {
     pub(super) async fn worker(self: Rc<Self>, key: SiteKey) {
+        let destination = destination_label(&key);
         let mut connection: Option<OutboundConnection> = None;
         // The connection came from the pool and has not carried a message since: the server
         // may have closed it meanwhile.
@@ -103,7 +126,7 @@ impl Deliverer {
                 match self.connect(&key).await {
                     Ok(c) => connection = Some(c),
                     Err(NoConnection::Unreachable(failure)) => {
-                        self.unreachable(&key, job, failure).await;
+                        self.unreachable(&key, &destination, job, failure).await;
                         break;
                     }
                     Err(NoConnection::AtCap) => {
@@ -119,7 +142,9 @@ impl Deliverer {
             }
             let conn = connection.as_mut().expect("a connection");
             let peer = conn.peer;
+            let started = Instant::now();
             let outcome = self.deliver(conn, &job, &key).await;
+            count_attempt(&destination, &job, &outcome.results, Some(started.elapsed()));
             if !outcome.healthy {
                 // A job sent ahead on a connection that is going away goes back to the queue.
                 if let Some((ahead, _)) = conn.ahead.take() {
@@ -172,7 +197,7 @@ impl Deliverer {
 
     /// The site cannot be reached: this job and everything queued for it fail or defer at once,
     /// so that a dead host costs one connection attempt, not one per message.
-    async fn unreachable(self: &Rc<Self>, key: &SiteKey, job: Job, failure: Unreachable) {
+    async fn unreachable(self: &Rc<Self>, key: &SiteKey, destination: &str, job: Job, failure: Unreachable) {
         let Unreachable { reply, permanent } = failure;
         warn!(shard = self.shard, destination = %key, "cannot deliver: {}; {} what is queued for it", reply.text(), if permanent { "failing" } else { "deferring" });
         let mut jobs = vec![job];
@@ -182,6 +207,7 @@ impl Deliverer {
                 true => RecipientResult::Failed(reply.clone()),
                 false => RecipientResult::Deferred(reply.clone()),
             });
+            count_attempt(destination, &job, &results, None);
             self.finish_job(job.id, results, None, None).await;
         }
     }

@@ -3,6 +3,7 @@
 //! truncated, retries across servers, and shares answers with every shard through the cache.
 //! Lookups for the same name on one shard share one query.
 
+use crate::metrics;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,6 +55,16 @@ impl Future for Settled<'_> {
     }
 }
 
+/// Counts a lookup the cache answered: `hit` with records, `negative` without (NODATA,
+/// NXDOMAIN, a remembered failure).
+fn count_hit(answer: &Answer) {
+    let result = match answer {
+        Answer::Mx(_) | Answer::Addresses(_) => "hit",
+        _ => "negative",
+    };
+    metrics::with(|m| m.dns_lookups.add(result, 1));
+}
+
 impl Resolver {
     pub fn new(
         servers: Vec<SocketAddr>,
@@ -91,7 +102,11 @@ impl Resolver {
     /// The answer for `name` and `rtype` if the cache has it (no query).
     pub fn cached(&self, name: &str, rtype: RecordType) -> Option<Arc<Answer>> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        self.cache.get(&name, rtype, Instant::now())
+        let answer = self.cache.get(&name, rtype, Instant::now());
+        if let Some(answer) = &answer {
+            count_hit(answer);
+        }
+        answer
     }
 
     /// The answer for `name` and `rtype`, from the cache or the servers.
@@ -100,6 +115,7 @@ impl Resolver {
         let key = (name.clone(), u16::from(rtype));
         loop {
             if let Some(answer) = self.cache.get(&name, rtype, Instant::now()) {
+                count_hit(&answer);
                 return answer;
             }
             if self.inflight.borrow().contains_key(&key) {
@@ -111,7 +127,13 @@ impl Resolver {
                 continue;
             }
             self.inflight.borrow_mut().insert(key.clone(), Vec::new());
+            let started = Instant::now();
             let parsed = self.query(&name, rtype).await;
+            let took = started.elapsed().as_secs_f64();
+            metrics::with(|m| {
+                m.dns_lookups.add("miss", 1);
+                m.dns_query.observe(took);
+            });
             let answer = Arc::new(parsed.answer.clone());
             self.cache
                 .insert(&name, rtype, parsed.answer, parsed.ttl_s, Instant::now());

@@ -21,10 +21,11 @@ use tracing::{debug, info};
 use super::shard::{Refusal, SessionGuard, Shard, ShardSignal, Stage};
 use super::tls::summarize;
 use crate::config::{Listener, ListenerKind};
+use crate::metrics;
 use crate::smtp::deadline::Now;
 use crate::smtp::received::TlsSummary;
 use crate::smtp::reply;
-use crate::smtp::session::{ListenerRules, MessageGate, MessageSink, Next, Session};
+use crate::smtp::session::{ListenerRules, MessageGate, MessageSink, Next, Session, REJECTION_REASONS};
 use crate::spool::buffer::MessageBuffer;
 use crate::transport::Transport;
 
@@ -69,6 +70,7 @@ async fn write_all(stream: &mut Stream, out: &mut Vec<u8>) -> bool {
     if out.is_empty() {
         return true;
     }
+    metrics::with(|m| m.count_inbound_replies(out));
     let ok = stream.write_all(out).await.is_ok();
     out.clear();
     ok
@@ -84,7 +86,7 @@ async fn handshake(stream: &mut Stream, shard: &Shard, timeout: Duration) -> Res
         None
     })
     .await;
-    match result {
+    let outcome = match result {
         Some(Ok(tls)) => {
             let summary = summarize(tls.get_ref().1);
             *stream = Transport::Tls(Box::new(tls));
@@ -92,11 +94,19 @@ async fn handshake(stream: &mut Stream, shard: &Shard, timeout: Duration) -> Res
         }
         Some(Err(e)) => Err(HandshakeError::Failed(e)),
         None => Err(HandshakeError::TimedOut(timeout)),
-    }
+    };
+    let (version, result) = match &outcome {
+        Ok(summary) => (metrics::tls_version_label(&summary.version), "ok"),
+        Err(HandshakeError::TimedOut(_)) => ("none", "timeout"),
+        Err(_) => ("none", "failed"),
+    };
+    metrics::with(|m| m.tls_handshakes.add(("inbound", version, result), 1));
+    outcome
 }
 
-/// Serves one accepted connection to its end.
-pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
+/// Serves one accepted connection to its end. `listener_index` is the listener's place in the
+/// configuration (its metrics).
+pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener, listener_index: usize) {
     let Ok(peer) = tcp.peer_addr() else {
         return;
     };
@@ -106,13 +116,40 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener) {
     let ip = peer.ip().to_canonical();
     let guard = match shard.admit(ip) {
         Ok(guard) => guard,
-        Err(refusal) => return refuse(&mut stream, &shard, listener.kind, ip, refusal).await,
+        Err(refusal) => {
+            metrics::with(|m| {
+                m.listener(listener_index).connections.add(refusal.result_label(), 1);
+                m.rate_limited.add(refusal.limit_label(), 1);
+            });
+            return refuse(&mut stream, &shard, listener.kind, ip, refusal).await;
+        }
     };
     debug!(shard = shard.index, client = %peer, kind = ?listener.kind, "connected");
-    let Some(conn) = Conn::open(stream, shard, &listener, peer, guard).await else {
+    let _active = ActiveSession::open(listener_index);
+    let Some(conn) = Conn::open(stream, shard, &listener, listener_index, peer, guard).await else {
         return;
     };
     conn.run().await;
+}
+
+/// Counts a session as accepted and active for as long as it lives.
+struct ActiveSession(usize);
+
+impl ActiveSession {
+    fn open(listener: usize) -> ActiveSession {
+        metrics::with(|m| {
+            let l = m.listener(listener);
+            l.connections.add("accepted", 1);
+            l.connections_active += 1;
+        });
+        ActiveSession(listener)
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        metrics::with(|m| m.listener(self.0).connections_active -= 1);
+    }
 }
 
 /// Answers a connection the shard's limits turn away, then closes it.
@@ -140,6 +177,7 @@ async fn refuse(stream: &mut Stream, shard: &Shard, kind: ListenerKind, ip: IpAd
 /// A session in progress: the socket, the session, the message buffer, the read buffer.
 struct Conn {
     shard: Rc<Shard>,
+    listener: usize,
     guard: SessionGuard,
     peer: SocketAddr,
     stream: Stream,
@@ -161,6 +199,7 @@ impl Conn {
         mut stream: Stream,
         shard: Rc<Shard>,
         listener: &Listener,
+        listener_index: usize,
         peer: SocketAddr,
         guard: SessionGuard,
     ) -> Option<Conn> {
@@ -189,6 +228,7 @@ impl Conn {
             sink: shard.appender.message_buffer(),
             stress_entries_seen: shard.stress_entries(),
             shard,
+            listener: listener_index,
             guard,
             peer,
             stream,
@@ -233,6 +273,7 @@ impl Conn {
                 .session
                 .receive(&self.buf[self.start..self.end], now, &mut self.sink, &mut self.out);
             self.start += step.consumed;
+            self.count_rejections();
             match step.next {
                 Next::NeedInput => return Ok(()),
                 Next::Close => {
@@ -249,7 +290,10 @@ impl Conn {
                         .authenticated(outcome, Instant::now(), &mut self.sink, &mut self.out);
                 }
                 Next::Commit => {
-                    let result = self.shard.commit_and_enqueue(&self.session, &mut self.sink).await;
+                    let result = self
+                        .shard
+                        .commit_and_enqueue(&self.session, &mut self.sink, self.listener)
+                        .await;
                     let id = result.map(|id| id.to_string());
                     self.session
                         .committed(id.as_deref().map_err(|e| *e), Instant::now(), &mut self.out);
@@ -344,6 +388,22 @@ impl Conn {
                 Err(Closed)
             }
         }
+    }
+
+    /// Adds the transaction steps the session refused to the listener's metrics.
+    fn count_rejections(&mut self) {
+        let rejected = self.session.take_rejections();
+        if rejected.iter().all(|&n| n == 0) {
+            return;
+        }
+        metrics::with(|m| {
+            let listener = m.listener(self.listener);
+            for (reason, &n) in REJECTION_REASONS.iter().zip(&rejected) {
+                if n > 0 {
+                    listener.messages_rejected.add(reason, u64::from(n));
+                }
+            }
+        });
     }
 
     fn ip(&self) -> IpAddr {

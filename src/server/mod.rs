@@ -7,6 +7,7 @@
 //! spool, adopts its sockets and reports ready; once all have, the server logs `ready`.
 
 pub mod connection;
+pub mod control;
 pub mod lock;
 pub mod reloadable;
 pub mod run;
@@ -178,9 +179,17 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         failure_ttl: config.dns.failure_ttl.0,
     });
     let config = Arc::new(config);
+    let mut control_ends: Vec<Option<crate::admin::ShardEnd>> = (0..shards).map(|_| None).collect();
+    let _admin = if config.admin.enabled {
+        let (shard_ends, admin_ends) = crate::admin::channels(shards);
+        control_ends = shard_ends.into_iter().map(Some).collect();
+        Some(crate::admin::start(config.clone(), admin_ends)?)
+    } else {
+        None
+    };
     let (ready_tx, ready_rx) = mpsc::channel::<Result<u16, String>>();
     let mut handles = Vec::with_capacity(shards);
-    for (index, fds) in shard_fds.into_iter().enumerate() {
+    for ((index, fds), control) in shard_fds.into_iter().enumerate().zip(control_ends) {
         let config = config.clone();
         let dns_cache = dns_cache.clone();
         let reloadable = reloadable.clone();
@@ -208,6 +217,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
                         listener_fds: fds,
                         dns_cache,
                         reloadable,
+                        control,
                     },
                     ready_tx.clone(),
                 )

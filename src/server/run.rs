@@ -157,6 +157,8 @@ pub struct ShardSetup {
     pub listener_fds: Vec<RawFd>,
     pub dns_cache: Arc<DnsCache>,
     pub reloadable: Arc<Reloadable>,
+    /// This shard's end of the admin API's channels, when the admin API is on.
+    pub control: Option<crate::admin::ShardEnd>,
 }
 
 /// Runs a shard until shutdown.
@@ -168,7 +170,15 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
         listener_fds,
         dns_cache,
         reloadable,
+        control,
     } = setup;
+    crate::metrics::install(
+        config.listeners.len(),
+        gannet_metrics::MetricsLimits {
+            destinations_max: config.admin.metrics_destinations_max,
+            destination_label_after_attempts: config.admin.metrics_destination_attempts_min,
+        },
+    );
     let (appender, sched) = open_spool(&config, index, shard_count).await?;
     let dns_servers = if config.dns.servers.is_empty() {
         system_dns_servers()
@@ -180,11 +190,13 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
     deliverer.start();
     let shard = Shard::new(index, config.clone(), appender, deliverer, reloadable);
     let accept_tasks = accept_loops(&shard, listener_fds, &config);
+    let control_task = control.map(|end| glommio::spawn_local(super::control::serve(end, shard.clone())));
     let _ = ready.send(Ok(index));
     serve_until_shutdown(&shard).await;
     // Stop accepting: cancelling the accept loops drops (closes) this shard's listening sockets.
     drop(accept_tasks);
     drain(&shard).await;
+    drop(control_task);
     Ok(())
 }
 
@@ -237,7 +249,7 @@ async fn open_spool(
 /// One accept loop per listener, each connection served by a task of its own.
 fn accept_loops(shard: &Rc<Shard>, listener_fds: Vec<RawFd>, config: &Config) -> Vec<glommio::Task<()>> {
     let mut tasks = Vec::with_capacity(listener_fds.len());
-    for (fd, listener_config) in listener_fds.into_iter().zip(&config.listeners) {
+    for (listener_index, (fd, listener_config)) in listener_fds.into_iter().zip(&config.listeners).enumerate() {
         // SAFETY: `fd` is a bound, listening TCP socket created for this shard alone by
         // `server::serve`, which gave up ownership with into_raw_fd; nothing else closes it.
         let listener = unsafe { TcpListener::from_raw_fd(fd) };
@@ -247,8 +259,13 @@ fn accept_loops(shard: &Rc<Shard>, listener_fds: Vec<RawFd>, config: &Config) ->
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
-                        glommio::spawn_local(connection::serve(stream, shard.clone(), listener_config.clone()))
-                            .detach();
+                        glommio::spawn_local(connection::serve(
+                            stream,
+                            shard.clone(),
+                            listener_config.clone(),
+                            listener_index,
+                        ))
+                        .detach();
                     }
                     Err(e) => {
                         warn!(shard = shard.index, "accept failed: {e}");

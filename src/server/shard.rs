@@ -20,6 +20,7 @@ use super::reloadable::Reloadable;
 use crate::auth::throttle::{AfterFailure, AuthThrottle, ThrottleLimits};
 use crate::config::Config;
 use crate::delivery::Deliverer;
+use crate::metrics;
 use crate::rate::RateLimiter;
 use crate::smtp::sasl::Credentials;
 use crate::smtp::session::{AuthOutcome, CommitError, MessageGate, Session, SessionConfig};
@@ -107,6 +108,28 @@ pub enum Refusal {
     ConnectionRate,
     /// Blocked after too many AUTH failures.
     AuthBlocked,
+}
+
+impl Refusal {
+    /// The `result` label of `gannet_connections_total`.
+    pub fn result_label(self) -> &'static str {
+        match self {
+            Refusal::ShardFull => "refused_shard_full",
+            Refusal::IpFull => "refused_per_ip",
+            Refusal::ConnectionRate => "refused_rate",
+            Refusal::AuthBlocked => "refused_auth_blocked",
+        }
+    }
+
+    /// The `limit` label of `gannet_rate_limited_total`.
+    pub fn limit_label(self) -> &'static str {
+        match self {
+            Refusal::ShardFull => "sessions_per_shard",
+            Refusal::IpFull => "sessions_per_ip",
+            Refusal::ConnectionRate => "connections_per_ip_per_minute",
+            Refusal::AuthBlocked => "auth_failures",
+        }
+    }
 }
 
 /// A session's registration; dropping it frees the session's place.
@@ -245,6 +268,19 @@ impl Shard {
     /// Checks credentials off the event loop (argon2 takes tens of milliseconds of CPU), with
     /// the per-address failure delay and block.
     pub async fn check_credentials(&self, ip: IpAddr, credentials: Credentials) -> AuthOutcome {
+        let mechanism = credentials.mechanism;
+        let outcome = self.verify_credentials(ip, credentials).await;
+        let result = match outcome {
+            AuthOutcome::Success(_) => "success",
+            AuthOutcome::Invalid => "invalid",
+            AuthOutcome::Blocked => "blocked",
+            AuthOutcome::Unavailable => "unavailable",
+        };
+        metrics::with(|m| m.auth.add((mechanism, result), 1));
+        outcome
+    }
+
+    async fn verify_credentials(&self, ip: IpAddr, credentials: Credentials) -> AuthOutcome {
         if self.guards.borrow().auth_failures.is_blocked(ip, Instant::now()) {
             return AuthOutcome::Blocked;
         }
@@ -335,6 +371,7 @@ impl Shard {
         &self,
         session: &Session,
         sink: &mut MessageBuffer,
+        listener: usize,
     ) -> Result<MessageId, CommitError> {
         let message = sink.take();
         let content_bytes = message.content_bytes;
@@ -344,9 +381,19 @@ impl Shard {
             Ok(done) => done,
             Err(e) => {
                 warn!(shard = self.index, client = %session.client_ip(), "message refused by the spool: {e:?}");
+                let reason = match e {
+                    CommitError::NoSpace => "spool_full",
+                    CommitError::Io => "spool_error",
+                };
+                metrics::with(|m| m.listener(listener).messages_rejected.add(reason, 1));
                 return Err(e);
             }
         };
+        metrics::with(|m| {
+            let l = m.listener(listener);
+            l.messages_received += 1;
+            l.received_bytes += content_bytes;
+        });
         let env = session.envelope();
         info!(
             shard = self.index,
@@ -373,11 +420,13 @@ impl MessageGate for Shard {
         if let Some(user) = user {
             if !guards.messages_per_user.is_unlimited() && !guards.messages_per_user.admit(&user.to_string(), now) {
                 info!(shard = self.index, client = %client_ip, user, "message rate limit reached for the user");
+                metrics::with(|m| m.rate_limited.add("messages_per_user_per_minute", 1));
                 return false;
             }
         }
         if !self.is_trusted(client_ip) && !guards.messages_per_ip.admit(&client_ip, now) {
             info!(shard = self.index, client = %client_ip, "message rate limit reached for the address");
+            metrics::with(|m| m.rate_limited.add("messages_per_ip_per_minute", 1));
             return false;
         }
         true

@@ -35,6 +35,7 @@ pub use gannet_spool::commit::ExistingSegment;
 use super::buffer::{Budget, FinishedMessage, MessageBuffer};
 use super::record::{self, build_deferral_record, build_state_record, Deferral, Kind, StateEntry};
 use super::{align_up, segment_file_name, Durability, MessageId};
+use crate::metrics;
 use crate::smtp::session::CommitError;
 
 /// Entries per state record: keeps one record far below the smallest segment.
@@ -105,6 +106,10 @@ pub struct Appender {
     directory: Directory,
     budget: Rc<Budget>,
     policy: RefCell<CommitPolicy>,
+    /// Message records written so far, and as of the last group commit's start (for
+    /// `gannet_commit_batch_messages`).
+    messages_written: Cell<u64>,
+    messages_at_last_sync: Cell<u64>,
     /// Write handles of the segments written since start (write-only: see FIELD-NOTES on the
     /// IOPOLL pitfall).
     files: RefCell<HashMap<u64, Rc<DmaFile>>>,
@@ -175,6 +180,8 @@ impl Appender {
             directory,
             budget: Budget::new(config.inflight_bytes_max),
             policy: RefCell::new(policy),
+            messages_written: Cell::new(0),
+            messages_at_last_sync: Cell::new(0),
             files: RefCell::new(HashMap::new()),
             live,
             space: Cell::new(Space::Room),
@@ -236,6 +243,9 @@ impl Appender {
             kept.extend(chunks.iter().cloned());
         }
         let written = self.write_chunks(&placement, chunks).await;
+        if written {
+            self.messages_written.set(self.messages_written.get() + 1);
+        }
         drop(charge);
         self.complete(&placement, written);
         let ack = if written {
@@ -645,9 +655,18 @@ impl Appender {
             )
             .await;
             let plan = self.policy.borrow_mut().begin_sync();
+            let batch = self.messages_written.get() - self.messages_at_last_sync.get();
+            self.messages_at_last_sync.set(self.messages_written.get());
+            if batch > 0 {
+                metrics::with(|m| m.commit_batch.observe(batch as f64));
+            }
             let mut failed = Vec::new();
             for &seq in &plan.segments {
-                if let Err(e) = self.file(seq).fdatasync().await {
+                let started = std::time::Instant::now();
+                let synced = self.file(seq).fdatasync().await;
+                let took = started.elapsed().as_secs_f64();
+                metrics::with(|m| m.fdatasync.observe(took));
+                if let Err(e) = synced {
                     error!(
                         shard = self.config.shard,
                         segment = seq,

@@ -52,6 +52,7 @@ pub struct Setup {
     pub mx_port: u16,
     pub submission_port: u16,
     pub smtps_port: u16,
+    pub admin_port: u16,
     /// Files the configuration names (password file, certificates), kept while the setup lives.
     pub files: Arc<tempfile::TempDir>,
     /// Extra environment for the server process.
@@ -73,6 +74,7 @@ impl Setup {
             mx_port: free_port(),
             submission_port: free_port(),
             smtps_port: free_port(),
+            admin_port: free_port(),
             files: Arc::new(tempfile::tempdir().unwrap()),
             env: Vec::new(),
         };
@@ -85,6 +87,8 @@ impl Setup {
         s.set("spool", "min_free", "\"0B\"");
         s.set("spool", "memory_max", "\"16MiB\"");
         s.set("limits", "message_size_max", "\"1MiB\"");
+        let admin = format!("\"127.0.0.1:{}\"", s.admin_port);
+        s.set("admin", "address", &admin);
         s
     }
 
@@ -286,6 +290,30 @@ impl Gannet {
 
     pub fn smtps(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.setup.smtps_port))
+    }
+
+    /// The admin API's base URL.
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.setup.admin_port)
+    }
+
+    /// An HTTP request to the admin API with curl: (status, body). `extra`: more curl arguments.
+    pub fn http(&self, method: &str, path: &str, body: Option<&str>, extra: &[&str]) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "30", "-X", method, "-w", "\n%{http_code}"]);
+        if let Some(body) = body {
+            cmd.args(["-H", "Content-Type: application/json", "--data-binary", body]);
+        }
+        cmd.args(extra).arg(format!("{}{path}", self.admin_url()));
+        let out = cmd.output().expect("curl");
+        assert!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, status) = text.rsplit_once('\n').unwrap();
+        (status.trim().parse().unwrap(), body.to_string())
     }
 
     pub fn pid(&self) -> i32 {

@@ -303,6 +303,11 @@ impl QueueIndex {
     }
 
     /// Every message, oldest first.
+    /// Every unfinished message, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &QueuedMessage> + '_ {
+        self.messages.values()
+    }
+
     pub fn sorted(&self) -> Vec<&QueuedMessage> {
         let mut all: Vec<&QueuedMessage> = self.messages.values().collect();
         all.sort_by_key(|m| m.id);

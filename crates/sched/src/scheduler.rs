@@ -252,6 +252,21 @@ impl Scheduler {
             .collect()
     }
 
+    /// Those of `ids` that wait for a retry, taken out of the retry timers to be tried now
+    /// (an operator's flush of a selection). One pass over the timers.
+    pub fn retry_now(&mut self, ids: &[MessageId]) -> Vec<MessageId> {
+        let wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+        let mut taken = Vec::new();
+        self.retries.retain(|(_, id)| {
+            let take = wanted.contains(id);
+            if take {
+                taken.push(*id);
+            }
+            !take
+        });
+        taken
+    }
+
     /// Takes a message out of the retry timers (to copy it forward); its due time.
     pub fn take_retry(&mut self, id: MessageId) -> Option<Instant> {
         let entry = self.retries.iter().find(|(_, i)| *i == id).copied()?;
@@ -781,6 +796,21 @@ mod tests {
             at,
         );
         id
+    }
+
+    #[test]
+    fn retry_now_takes_only_the_chosen_messages_out_of_the_timers() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        let ids: Vec<MessageId> = (1..=3).map(|n| message(n, "a@x", &["b@relay.test"]).id).collect();
+        for (i, id) in ids.iter().enumerate() {
+            s.put_retry(*id, t0 + Duration::from_secs(3600 + i as u64));
+        }
+        let unknown = message(9, "a@x", &["b@relay.test"]).id;
+        assert_eq!(s.retry_now(&[ids[1], unknown]), vec![ids[1]]);
+        assert_eq!(s.retries_len(), 2);
+        assert!(s.retry_now(&[ids[1]]).is_empty(), "already taken");
+        assert_eq!(s.retry_all_now(), vec![ids[0], ids[2]]);
     }
 
     #[test]

@@ -41,6 +41,8 @@ impl Mechanism {
 /// A user name and password as the client sent them.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
+    /// "PLAIN" or "LOGIN": the SASL mechanism they came by.
+    pub mechanism: &'static str,
     pub user: String,
     pub password: Vec<u8>,
 }
@@ -102,6 +104,7 @@ pub fn plain(line: &[u8]) -> Result<Credentials, SaslError> {
         return Err(SaslError::ForeignAuthzid);
     }
     Ok(Credentials {
+        mechanism: "PLAIN",
         user,
         password: password_bytes(password)?,
     })
@@ -176,6 +179,7 @@ mod tests {
     #[test]
     fn debug_output_hides_the_password() {
         let c = Credentials {
+            mechanism: "PLAIN",
             user: "alice".into(),
             password: b"hunter2".to_vec(),
         };

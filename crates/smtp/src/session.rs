@@ -124,6 +124,46 @@ pub enum CommitError {
     Io,
 }
 
+/// Why a transaction step was refused: the `reason` label of the shell's
+/// `gannet_messages_rejected_total`, derived from the refusal's enhanced status code.
+pub const REJECTION_REASONS: [&str; 10] = [
+    "relay_denied",
+    "auth_required",
+    "rate_limited",
+    "address",
+    "too_many_recipients",
+    "size",
+    "storage",
+    "content",
+    "protocol",
+    "other",
+];
+
+/// Counts of refusals by [`REJECTION_REASONS`] index.
+pub type Rejections = [u32; REJECTION_REASONS.len()];
+
+/// The [`REJECTION_REASONS`] index for a refusal with this enhanced status code.
+pub fn rejection_reason(enhanced: &str) -> usize {
+    let mut parts = enhanced.splitn(3, '.');
+    let (class, subject, detail) = (parts.next(), parts.next(), parts.next());
+    let reason = match (class, subject, detail) {
+        (Some("5"), Some("7"), Some("1")) => "relay_denied",
+        (_, Some("7"), Some("0" | "8" | "57")) => "auth_required",
+        (Some("4"), Some("7"), _) => "rate_limited",
+        (_, Some("5"), Some("3")) => "too_many_recipients",
+        (_, Some("1"), _) => "address",
+        (_, Some("3"), Some("4")) | (_, Some("2"), Some("3")) => "size",
+        (_, Some("3"), Some("0" | "1")) => "storage",
+        (_, Some("6"), _) => "content",
+        (_, Some("5"), _) => "protocol",
+        _ => "other",
+    };
+    REJECTION_REASONS
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or(REJECTION_REASONS.len() - 1)
+}
+
 /// What the shell must do after [`Session::receive`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -233,6 +273,11 @@ pub struct Session {
     deadlines: Deadlines,
     /// NOOP, RSET, VRFY and HELP since the last accepted message.
     junk_commands: u32,
+    /// The command being answered is MAIL, RCPT, DATA or BDAT (or the content's end): its
+    /// refusals count as rejections.
+    transaction_step: bool,
+    /// Refusals of transaction steps since the shell last took them.
+    rejections: Rejections,
 }
 
 impl Session {
@@ -264,6 +309,8 @@ impl Session {
             now,
             deadlines: Deadlines::new(now.instant),
             junk_commands: 0,
+            transaction_step: false,
+            rejections: [0; REJECTION_REASONS.len()],
         }
     }
 
@@ -440,6 +487,7 @@ impl Session {
                 let text = format!("Ok: queued as {id}");
                 write_line(out, 250, ' ', "2.0.0", text.as_bytes());
             }
+            // The shell counts these itself (it knows the spool's reason).
             Err(CommitError::NoSpace) => reply::NO_STORAGE.write(out),
             Err(CommitError::Io) => reply::SPOOL_ERROR.write(out),
         }
@@ -578,12 +626,26 @@ impl Session {
     fn error(&mut self, reply: Reply, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
         debug_assert!(reply.is_error());
         reply.write(out);
+        self.note_rejection(reply.enhanced);
         self.count_error(sink, out);
     }
 
     fn error_text(&mut self, code: u16, enhanced: &str, text: &str, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
         write_line(out, code, ' ', enhanced, text.as_bytes());
+        self.note_rejection(enhanced);
         self.count_error(sink, out);
+    }
+
+    fn note_rejection(&mut self, enhanced: &str) {
+        if self.transaction_step {
+            let slot = &mut self.rejections[rejection_reason(enhanced)];
+            *slot = slot.saturating_add(1);
+        }
+    }
+
+    /// Transaction steps refused since the last call, by [`REJECTION_REASONS`] index.
+    pub fn take_rejections(&mut self) -> Rejections {
+        std::mem::take(&mut self.rejections)
     }
 
     fn count_error(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) {
@@ -598,7 +660,16 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8], sink: &mut impl MessageSink, out: &mut Vec<u8>) {
-        let command = match parse_command(line) {
+        let command = parse_command(line);
+        self.transaction_step = matches!(
+            command,
+            Ok(Command::Mail { .. } | Command::Rcpt { .. } | Command::Data | Command::Bdat { .. })
+                | Err(ParseError::MailSyntax
+                    | ParseError::RcptSyntax
+                    | ParseError::Sender(_)
+                    | ParseError::Recipient(_))
+        );
+        let command = match command {
             Ok(command) => command,
             Err(e) => return self.parse_error(e, sink, out),
         };
@@ -1023,7 +1094,11 @@ impl Session {
                 Err(e) => self.sasl_error(e, sink, out),
             },
             AuthStep::LoginPassword { user } => {
-                let result = sasl::login_password(line).map(|password| Credentials { user, password });
+                let result = sasl::login_password(line).map(|password| Credentials {
+                    mechanism: "LOGIN",
+                    user,
+                    password,
+                });
                 self.sasl_result(result, sink, out);
             }
         }
@@ -1148,6 +1223,7 @@ impl Session {
     /// The end of the content: refuse or hand over for commit. Returns `Some(Next::Commit)` when
     /// the shell must commit, `Some(Next::Close)` when the session closed, `None` to carry on.
     fn finish_message(&mut self, sink: &mut impl MessageSink, out: &mut Vec<u8>) -> Option<Next> {
+        self.transaction_step = true;
         let refusal = if self.content.bare_line_ending && self.config.bare_line_endings == BareLineEndings::Reject {
             Some(reply::BARE_LINE_ENDING)
         } else if self.content.too_big {

@@ -1,0 +1,185 @@
+//! The admin listener: HTTP beside the shards, for `GET /metrics` (Prometheus) and the queue API
+//! (docs/admin.md). It runs on a thread of its own (a glommio executor that is not pinned) and
+//! asks each shard for its part: each shard owns its queue and its metrics, so nothing is
+//! shared. Requests and replies cross threads through glommio's bounded shared channels, one
+//! pair per shard: they wake the shard's parked executor, which a crossbeam queue could not
+//! without the shard polling it (docs/admin.md says more on that choice).
+//!
+//! - [`protocol`]: what crosses the channels (and the API's JSON);
+//! - `http`: hyper over glommio, limits, the bearer token;
+//! - `routes`: the URL space;
+//! - [`client`]: `gannet queue ...` talking to the API.
+
+pub mod client;
+mod http;
+pub mod protocol;
+mod routes;
+
+use std::cell::Cell;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
+use glommio::sync::Semaphore;
+use glommio::{LocalExecutorBuilder, Placement};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use protocol::{Answered, Asked, Reply, Request};
+
+/// Requests or replies in flight per shard and direction (one is asked at a time).
+const CHANNEL_SLOTS: usize = 4;
+/// How long the admin thread waits for a shard's answer.
+const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// io_uring registered memory of the admin executor (it moves little data).
+const ADMIN_IO_MEMORY_BYTES: usize = 64 * 1024;
+
+/// A shard's ends of its channels with the admin thread.
+pub struct ShardEnd {
+    pub requests: SharedReceiver<Asked>,
+    pub replies: SharedSender<Answered>,
+}
+
+/// The admin thread's ends of one shard's channels.
+pub struct AdminEnd {
+    requests: SharedSender<Asked>,
+    replies: SharedReceiver<Answered>,
+}
+
+/// One channel pair per shard.
+pub fn channels(shards: usize) -> (Vec<ShardEnd>, Vec<AdminEnd>) {
+    (0..shards)
+        .map(|_| {
+            let (req_tx, req_rx) = shared_channel::new_bounded(CHANNEL_SLOTS);
+            let (rep_tx, rep_rx) = shared_channel::new_bounded(CHANNEL_SLOTS);
+            (
+                ShardEnd {
+                    requests: req_rx,
+                    replies: rep_tx,
+                },
+                AdminEnd {
+                    requests: req_tx,
+                    replies: rep_rx,
+                },
+            )
+        })
+        .unzip()
+}
+
+/// A shard as the admin thread reaches it: one request at a time, each numbered.
+struct ShardLink {
+    requests: ConnectedSender<Asked>,
+    replies: ConnectedReceiver<Answered>,
+    turn: Semaphore,
+    serial: Cell<u64>,
+}
+
+impl ShardLink {
+    async fn ask(&self, request: Request) -> Reply {
+        let Ok(_turn) = self.turn.acquire_permit(1).await else {
+            return Reply::Unavailable;
+        };
+        let serial = self.serial.get() + 1;
+        self.serial.set(serial);
+        if self.requests.send(Asked { serial, request }).await.is_err() {
+            return Reply::Unavailable;
+        }
+        let deadline = std::time::Instant::now() + SHARD_ANSWER_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let answer = glommio::timer::timeout(left, async { Ok(self.replies.recv().await) }).await;
+            match answer {
+                // A late answer to a request that timed out: not ours.
+                Ok(Some(a)) if a.serial != serial => continue,
+                Ok(Some(a)) => return a.reply,
+                Ok(None) | Err(_) => return Reply::Unavailable,
+            }
+        }
+    }
+}
+
+/// What the routes work with.
+pub struct AdminState {
+    config: Arc<Config>,
+    shards: Vec<ShardLink>,
+}
+
+impl AdminState {
+    /// Asks every shard, in turn, the request `make` builds; their replies in shard order.
+    async fn ask_all(&self, make: impl Fn() -> Request) -> Vec<Reply> {
+        let mut replies = Vec::with_capacity(self.shards.len());
+        for link in &self.shards {
+            replies.push(link.ask(make()).await);
+        }
+        replies
+    }
+}
+
+/// The bearer token from `admin.token_file`: its first line, which must not be empty.
+pub fn read_token(config: &Config) -> Result<Option<String>, String> {
+    let Some(path) = &config.admin.token_file else {
+        return Ok(None);
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read admin.token_file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.len() < 16 {
+        return Err(format!(
+            "admin.token_file {}: the token (its first line) must be at least 16 characters",
+            path.display()
+        ));
+    }
+    Ok(Some(token))
+}
+
+/// Binds the admin address (before the shards start, so a clash stops start-up with a clear
+/// error) and starts the admin thread.
+pub fn start(config: Arc<Config>, ends: Vec<AdminEnd>) -> Result<glommio::ExecutorJoinHandle<()>, String> {
+    let token = read_token(&config)?;
+    let address = config.admin.address;
+    let listener = std::net::TcpListener::bind(address)
+        .map_err(|e| format!("cannot listen on {address} (admin.address): {e}; is another server running there?"))?;
+    let fd = listener.into_raw_fd();
+    let handle = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("admin")
+        .io_memory(ADMIN_IO_MEMORY_BYTES)
+        .spawn(move || async move {
+            // SAFETY: `fd` is the listening socket bound above, whose ownership into_raw_fd gave
+            // up; only this executor uses it. Every test that starts the server reaches it.
+            let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+            let mut shards = Vec::with_capacity(ends.len());
+            for end in ends {
+                shards.push(ShardLink {
+                    requests: end.requests.connect().await,
+                    replies: end.replies.connect().await,
+                    turn: Semaphore::new(1),
+                    serial: Cell::new(0),
+                });
+            }
+            let limits = http::HttpLimits {
+                connections_max: config.admin.connections_max,
+                request_bytes_max: config.admin.request_size_max.0 as usize,
+                connection_timeout: config.admin.connection_timeout.0,
+            };
+            let state = Rc::new(AdminState { config, shards });
+            info!("admin API listening on http://{address}");
+            let token: Option<Rc<str>> = token.map(Rc::from);
+            let serving = glommio::spawn_local(http::serve(listener, limits, token, move |req| {
+                let state = state.clone();
+                async move { routes::route(&state, req).await }
+            }));
+            while !crate::server::signals::shutdown_requested() {
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+            drop(serving);
+        })
+        .map_err(|e| format!("cannot start the admin thread: {e}"))?;
+    Ok(handle)
+}
+
+/// Logs and swallows a shard that could not answer.
+fn note_unavailable(what: &str) {
+    warn!("admin: a shard did not answer {what} in time");
+}

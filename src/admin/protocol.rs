@@ -1,0 +1,136 @@
+//! What the admin thread asks a shard and what the shard answers. Both cross threads through
+//! glommio's shared channels (`server::control`), so everything here is `Send` and owned. The
+//! reply types are also the API's JSON (serde).
+
+use gannet_metrics::ShardMetrics;
+use serde::{Deserialize, Serialize};
+
+/// Which messages an action or a listing applies to. Every field that is set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selector {
+    /// One message id (as `gannet queue list` prints it).
+    pub id: Option<String>,
+    /// The envelope sender, exactly (case-insensitive); `<>` for bounces.
+    pub sender: Option<String>,
+    /// A recipient, exactly (case-insensitive).
+    pub recipient: Option<String>,
+    /// A recipient domain, exactly (case-insensitive).
+    pub domain: Option<String>,
+    /// ready, deferred or delivering.
+    pub state: Option<String>,
+    /// Received at least this many seconds ago.
+    pub min_age_s: Option<u64>,
+}
+
+impl Selector {
+    /// Nothing set: every message.
+    pub fn is_all(&self) -> bool {
+        *self == Selector::default()
+    }
+}
+
+/// A listing request: the messages `selector` matches, oldest first, `offset..offset+limit`.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub selector: Selector,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// One queued message, as listings show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageSummary {
+    pub id: String,
+    pub shard: u16,
+    pub sender: String,
+    pub size_bytes: u64,
+    pub received_unix_s: u64,
+    pub received: String,
+    pub state: String,
+    pub recipients_total: usize,
+    pub recipients_pending: usize,
+    pub attempts: u32,
+    pub next_attempt: Option<String>,
+}
+
+/// One recipient of a shown message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecipientDetail {
+    pub address: String,
+    /// pending or done (delivered, or failed with its notice spooled).
+    pub state: String,
+}
+
+/// Everything about one message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageDetail {
+    #[serde(flatten)]
+    pub summary: MessageSummary,
+    pub client_ip: String,
+    pub helo: String,
+    pub recipients: Vec<RecipientDetail>,
+    /// The last reply a server gave for it, while this process remembers it.
+    pub last_reply: Option<String>,
+    /// The message's header section, as spooled (none if it cannot be read now).
+    pub headers: Option<String>,
+}
+
+/// One row of the queue's shape: messages to a destination domain by age.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SummaryRow {
+    pub domain: String,
+    pub total: u64,
+    /// Counts by age bucket, in the order of [`AGE_BUCKETS`].
+    pub by_age: Vec<u64>,
+}
+
+/// Age buckets of the queue summary (upper bounds in seconds; the last one is open-ended).
+pub const AGE_BUCKETS: [(&str, u64); 8] = [
+    ("5m", 300),
+    ("10m", 600),
+    ("20m", 1200),
+    ("40m", 2400),
+    ("80m", 4800),
+    ("160m", 9600),
+    ("320m", 19200),
+    ("older", u64::MAX),
+];
+
+#[derive(Debug)]
+pub enum Request {
+    Metrics,
+    List(Listing),
+    Show(String),
+    Summary,
+    Flush(Selector),
+}
+
+#[derive(Debug)]
+pub enum Reply {
+    Metrics(Box<ShardMetrics>),
+    /// Messages that match in all (`matched`) and the first `offset + limit` of them.
+    List {
+        matched: usize,
+        messages: Vec<MessageSummary>,
+    },
+    Show(Option<Box<MessageDetail>>),
+    Summary(Vec<SummaryRow>),
+    /// The ids an action touched.
+    Touched(Vec<String>),
+    /// The shard could not answer (it is stopping).
+    Unavailable,
+}
+
+/// A request with the number the reply must carry back.
+#[derive(Debug)]
+pub struct Asked {
+    pub serial: u64,
+    pub request: Request,
+}
+
+/// A reply with the number of the request it answers.
+#[derive(Debug)]
+pub struct Answered {
+    pub serial: u64,
+    pub reply: Reply,
+}

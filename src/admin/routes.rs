@@ -1,0 +1,312 @@
+//! The admin API's URL space (docs/admin.md):
+//!
+//! - `GET /metrics`: Prometheus text exposition of every shard's numbers, merged;
+//! - `GET /api/queue`: queued messages, filtered and paged;
+//! - `GET /api/queue/summary`: the queue's shape by destination domain and age;
+//! - `GET /api/queue/{id}`: one message in full;
+//! - `POST /api/queue/flush`: retry deferred mail now (JSON selector body).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gannet_metrics::{Exposition, ShardMetrics};
+use hyper::{Method, StatusCode};
+use serde::Serialize;
+
+use super::http::{error, respond, AdminRequest, AdminResponse};
+use super::protocol::{Listing, MessageSummary, Reply, Request, Selector, SummaryRow, AGE_BUCKETS};
+use super::{note_unavailable, AdminState};
+
+/// Deepest page offset a listing accepts (a listing holds `offset + limit` entries per shard).
+const OFFSET_MAX: usize = 100_000;
+
+fn unix_now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> AdminResponse {
+    match serde_json::to_string_pretty(value) {
+        Ok(body) => respond(status, "application/json", body + "\n"),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode the answer: {e}"),
+        ),
+    }
+}
+
+pub async fn route(state: &AdminState, req: AdminRequest) -> AdminResponse {
+    let path = req.path.trim_end_matches('/');
+    match (&req.method, path) {
+        (&Method::GET, "/metrics") => metrics(state).await,
+        (&Method::GET, "/api/queue") => list(state, &req.query).await,
+        (&Method::GET, "/api/queue/summary") => summary(state).await,
+        (&Method::POST, "/api/queue/flush") => flush(state, &req).await,
+        (&Method::GET, p) if p.starts_with("/api/queue/") => show(state, &p["/api/queue/".len()..]).await,
+        (_, "/metrics" | "/api/queue" | "/api/queue/summary" | "/api/queue/flush") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint; see docs/admin.md"),
+    }
+}
+
+async fn metrics(state: &AdminState) -> AdminResponse {
+    let config = &state.config;
+    let mut merged: Option<ShardMetrics> = None;
+    for reply in state.ask_all(|| Request::Metrics).await {
+        match reply {
+            Reply::Metrics(m) => match &mut merged {
+                Some(all) => all.merge(&m),
+                None => merged = Some(*m),
+            },
+            _ => note_unavailable("a scrape"),
+        }
+    }
+    let Some(metrics) = merged else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no shard answered");
+    };
+    let exposition = Exposition {
+        metrics,
+        listener_names: config.listeners.iter().map(|l| l.address.to_string()).collect(),
+        shards: state.shards.len(),
+        now_unix_s: unix_now_s(),
+    };
+    match gannet_metrics::encode(exposition) {
+        Ok(text) => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the metrics"),
+    }
+}
+
+/// A selector from query parameters (`sender`, `recipient`, `domain`, `state`, `min_age` in
+/// seconds, `id`).
+fn selector_from_query(query: &str) -> Result<(Selector, Vec<(String, String)>), String> {
+    let mut selector = Selector::default();
+    let mut rest = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let value = value.into_owned();
+        match key.as_ref() {
+            "id" => selector.id = Some(value),
+            "sender" => selector.sender = Some(value),
+            "recipient" => selector.recipient = Some(value),
+            "domain" => selector.domain = Some(value),
+            "state" => {
+                if !["ready", "deferred", "delivering"].contains(&value.as_str()) {
+                    return Err(format!("state must be ready, deferred or delivering, not {value:?}"));
+                }
+                selector.state = Some(value);
+            }
+            "min_age" => {
+                let age = value
+                    .parse()
+                    .map_err(|_| format!("min_age must be a number of seconds, not {value:?}"))?;
+                selector.min_age_s = Some(age);
+            }
+            other => rest.push((other.to_string(), value)),
+        }
+    }
+    Ok((selector, rest))
+}
+
+fn number(params: &[(String, String)], key: &str, default: usize) -> Result<usize, String> {
+    match params.iter().find(|(k, _)| k == key) {
+        Some((_, v)) => v.parse().map_err(|_| format!("{key} must be a number, not {v:?}")),
+        None => Ok(default),
+    }
+}
+
+#[derive(Serialize)]
+struct Page {
+    matched: usize,
+    offset: usize,
+    limit: usize,
+    messages: Vec<MessageSummary>,
+}
+
+async fn list(state: &AdminState, query: &str) -> AdminResponse {
+    let page_max = state.config.admin.page_size_max;
+    let parsed = selector_from_query(query).and_then(|(selector, rest)| {
+        if let Some((k, _)) = rest.iter().find(|(k, _)| k != "offset" && k != "limit") {
+            return Err(format!("unknown parameter {k:?}"));
+        }
+        let offset = number(&rest, "offset", 0)?;
+        let limit = number(&rest, "limit", page_max.min(100))?;
+        if offset > OFFSET_MAX {
+            return Err(format!(
+                "offset must be at most {OFFSET_MAX}; narrow the filter instead"
+            ));
+        }
+        if limit == 0 || limit > page_max {
+            return Err(format!("limit must be between 1 and {page_max} (admin.page_size_max)"));
+        }
+        Ok(Listing {
+            selector,
+            offset,
+            limit,
+        })
+    });
+    let listing = match parsed {
+        Ok(l) => l,
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+    };
+    let mut matched = 0;
+    let mut messages = Vec::new();
+    for reply in state.ask_all(|| Request::List(listing.clone())).await {
+        match reply {
+            Reply::List {
+                matched: m,
+                messages: found,
+            } => {
+                matched += m;
+                messages.extend(found);
+            }
+            _ => return error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not answer"),
+        }
+    }
+    messages.sort_by(|a, b| (a.received_unix_s, &a.id).cmp(&(b.received_unix_s, &b.id)));
+    let page: Vec<MessageSummary> = messages.into_iter().skip(listing.offset).take(listing.limit).collect();
+    json(
+        StatusCode::OK,
+        &Page {
+            matched,
+            offset: listing.offset,
+            limit: listing.limit,
+            messages: page,
+        },
+    )
+}
+
+async fn show(state: &AdminState, id: &str) -> AdminResponse {
+    if id.is_empty() || id.len() > 64 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a message id is wanted, as gannet queue list prints it",
+        );
+    }
+    for reply in state.ask_all(|| Request::Show(id.to_string())).await {
+        if let Reply::Show(Some(detail)) = reply {
+            return json(StatusCode::OK, &detail);
+        }
+    }
+    error(StatusCode::NOT_FOUND, &format!("no queued message {id}"))
+}
+
+#[derive(Serialize)]
+struct Shape {
+    buckets: Vec<&'static str>,
+    destinations: Vec<SummaryRow>,
+}
+
+async fn summary(state: &AdminState) -> AdminResponse {
+    let mut rows: Vec<SummaryRow> = Vec::new();
+    for reply in state.ask_all(|| Request::Summary).await {
+        let Reply::Summary(found) = reply else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not answer");
+        };
+        for row in found {
+            match rows.iter_mut().find(|r| r.domain == row.domain) {
+                Some(mine) => {
+                    mine.total += row.total;
+                    for (a, b) in mine.by_age.iter_mut().zip(&row.by_age) {
+                        *a += b;
+                    }
+                }
+                None => rows.push(row),
+            }
+        }
+    }
+    rows.sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.domain.cmp(&b.domain)));
+    json(
+        StatusCode::OK,
+        &Shape {
+            buckets: AGE_BUCKETS.iter().map(|(name, _)| *name).collect(),
+            destinations: rows,
+        },
+    )
+}
+
+/// An action's JSON body: a selector, and `all` to act on everything.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    id: Option<String>,
+    sender: Option<String>,
+    recipient: Option<String>,
+    domain: Option<String>,
+    state: Option<String>,
+    min_age_s: Option<u64>,
+    /// Required to act on every message (an empty selector).
+    #[serde(default)]
+    all: bool,
+}
+
+impl ActionBody {
+    fn selector(&self) -> Selector {
+        Selector {
+            id: self.id.clone(),
+            sender: self.sender.clone(),
+            recipient: self.recipient.clone(),
+            domain: self.domain.clone(),
+            state: self.state.clone(),
+            min_age_s: self.min_age_s,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Touched {
+    action: &'static str,
+    count: usize,
+    ids: Vec<String>,
+}
+
+async fn flush(state: &AdminState, req: &AdminRequest) -> AdminResponse {
+    let body: ActionBody = if req.body.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a JSON selector is wanted, such as {\"domain\": \"example.com\"} or {\"all\": true}",
+        );
+    } else {
+        match serde_json::from_slice(&req.body) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad selector: {e}")),
+        }
+    };
+    let selector = body.selector();
+    if selector.is_all() && !body.all {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "an empty selector would flush everything; send {\"all\": true} for that",
+        );
+    }
+    let mut ids = Vec::new();
+    for reply in state.ask_all(|| Request::Flush(selector.clone())).await {
+        match reply {
+            Reply::Touched(found) => ids.extend(found),
+            _ => return error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not answer"),
+        }
+    }
+    tracing::info!(?selector, "admin: flush of {} message(s)", ids.len());
+    json(
+        StatusCode::OK,
+        &Touched {
+            action: "flush",
+            count: ids.len(),
+            ids,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_make_a_selector() {
+        let (s, rest) =
+            selector_from_query("sender=a%40b.test&domain=x.test&state=deferred&min_age=60&limit=5").unwrap();
+        assert_eq!(s.sender.as_deref(), Some("a@b.test"));
+        assert_eq!(s.domain.as_deref(), Some("x.test"));
+        assert_eq!(s.min_age_s, Some(60));
+        assert_eq!(rest, vec![("limit".to_string(), "5".to_string())]);
+        assert!(selector_from_query("state=lost").is_err());
+        assert!(selector_from_query("min_age=soon").is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! What the admin API asks of a shard's queue: gauges for the metrics, listings, one message in
+//! full, the queue's shape by domain and age, and flushes. Reads the scheduler's queue index;
+//! a flush moves matching messages from the retry timers to now.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use gannet_metrics::QueueGauges;
+use gannet_sched::QueuedMessage;
+use gannet_spool::MessageId;
+use tracing::info;
+
+use super::Deliverer;
+use crate::admin::protocol::{
+    Listing, MessageDetail, MessageSummary, RecipientDetail, Selector, SummaryRow, AGE_BUCKETS,
+};
+use crate::queue::rfc3339;
+
+/// Last replies remembered per shard (for `GET /api/queue/{id}`); the oldest are forgotten.
+const LAST_REPLIES_MAX: usize = 10_000;
+/// Longest reply text remembered.
+const LAST_REPLY_BYTES_MAX: usize = 512;
+/// Destination domains a summary reports per shard; the rest are summed as "other".
+const SUMMARY_DOMAINS_MAX: usize = 1_000;
+
+/// The last reply each recently attempted message got, bounded: first in, first out.
+#[derive(Default)]
+pub struct LastReplies {
+    order: VecDeque<MessageId>,
+    text: HashMap<MessageId, String>,
+}
+
+impl LastReplies {
+    pub fn remember(&mut self, id: MessageId, reply: &str) {
+        let mut text = reply.to_owned();
+        if text.len() > LAST_REPLY_BYTES_MAX {
+            let mut end = LAST_REPLY_BYTES_MAX;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        if self.text.insert(id, text).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > LAST_REPLIES_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.text.remove(&old);
+            }
+        }
+        debug_assert!(self.text.len() <= LAST_REPLIES_MAX);
+    }
+
+    pub fn get(&self, id: &MessageId) -> Option<&String> {
+        self.text.get(id)
+    }
+}
+
+/// A message's state as the API names it.
+fn state(m: &QueuedMessage) -> &'static str {
+    if m.jobs_outstanding > 0 {
+        "delivering"
+    } else if m.next_attempt_unix_s.is_some() {
+        "deferred"
+    } else {
+        "ready"
+    }
+}
+
+fn sender_text(sender: &[u8]) -> String {
+    if sender.is_empty() {
+        "<>".into()
+    } else {
+        String::from_utf8_lossy(sender).into_owned()
+    }
+}
+
+fn domain_of(address: &[u8]) -> &[u8] {
+    address.rsplit(|&b| b == b'@').next().unwrap_or(address)
+}
+
+fn matches(selector: &Selector, m: &QueuedMessage, now_unix_s: u64) -> bool {
+    let view = m.envelope.view();
+    if selector.id.as_deref().is_some_and(|id| id != m.id.to_string()) {
+        return false;
+    }
+    if let Some(sender) = &selector.sender {
+        let wanted = if sender == "<>" { "" } else { sender.as_str() };
+        if !view.sender.eq_ignore_ascii_case(wanted.as_bytes()) {
+            return false;
+        }
+    }
+    let recipient_matches = |f: &dyn Fn(&[u8]) -> bool| {
+        view.recipients()
+            .enumerate()
+            .any(|(i, r)| !m.done.contains(i) && f(r.address))
+    };
+    if let Some(rcpt) = &selector.recipient {
+        if !recipient_matches(&|a| a.eq_ignore_ascii_case(rcpt.as_bytes())) {
+            return false;
+        }
+    }
+    if let Some(domain) = &selector.domain {
+        if !recipient_matches(&|a| domain_of(a).eq_ignore_ascii_case(domain.as_bytes())) {
+            return false;
+        }
+    }
+    if selector.state.as_deref().is_some_and(|s| s != state(m)) {
+        return false;
+    }
+    if selector
+        .min_age_s
+        .is_some_and(|age| now_unix_s.saturating_sub(view.received_unix_s) < age)
+    {
+        return false;
+    }
+    true
+}
+
+fn summary(m: &QueuedMessage) -> MessageSummary {
+    let view = m.envelope.view();
+    MessageSummary {
+        id: m.id.to_string(),
+        shard: m.id.shard,
+        sender: sender_text(view.sender),
+        size_bytes: m.content_bytes,
+        received_unix_s: view.received_unix_s,
+        received: rfc3339(view.received_unix_s),
+        state: state(m).into(),
+        recipients_total: m.done.len(),
+        recipients_pending: m.pending_recipients(),
+        attempts: m.attempts,
+        next_attempt: m.next_attempt_unix_s.map(rfc3339),
+    }
+}
+
+impl Deliverer {
+    /// The queue's gauges for the metrics: messages and pending recipients by state, and
+    /// the oldest message's reception time. One pass over the queue index.
+    pub fn queue_gauges(&self) -> QueueGauges {
+        let mut g = QueueGauges::default();
+        let sched = self.sched.borrow();
+        for m in sched.queue().iter() {
+            let slot = match state(m) {
+                "ready" => 0,
+                "deferred" => 1,
+                _ => 3,
+            };
+            g.messages[slot] += 1;
+            g.recipients[slot] += m.pending_recipients() as u64;
+            let received = m.envelope.view().received_unix_s;
+            g.oldest_received_unix_s = Some(g.oldest_received_unix_s.map_or(received, |o| o.min(received)));
+        }
+        g
+    }
+
+    /// The messages `listing` selects, oldest first: how many match, and the first
+    /// `offset + limit` of them (the admin thread merges the shards' and cuts the page).
+    pub fn list(&self, listing: &Listing, now_unix_s: u64) -> (usize, Vec<MessageSummary>) {
+        let sched = self.sched.borrow();
+        let mut found: Vec<&QueuedMessage> = sched
+            .queue()
+            .iter()
+            .filter(|m| matches(&listing.selector, m, now_unix_s))
+            .collect();
+        let matched = found.len();
+        let keep = listing.offset.saturating_add(listing.limit);
+        found.sort_by_key(|m| (m.envelope.view().received_unix_s, m.id));
+        found.truncate(keep);
+        (matched, found.into_iter().map(summary).collect())
+    }
+
+    /// One message in full, if this shard has it.
+    pub async fn show(self: &Rc<Self>, id: &str) -> Option<MessageDetail> {
+        let id: MessageId = id.parse().ok()?;
+        let (mut detail, record_bytes) = {
+            let sched = self.sched.borrow();
+            let m = sched.queue().get(&id)?;
+            let view = m.envelope.view();
+            let recipients = view
+                .recipients()
+                .enumerate()
+                .map(|(i, r)| RecipientDetail {
+                    address: String::from_utf8_lossy(r.address).into_owned(),
+                    state: if m.done.contains(i) { "done" } else { "pending" }.into(),
+                })
+                .collect();
+            let detail = MessageDetail {
+                summary: summary(m),
+                client_ip: view.client_ip.to_string(),
+                helo: String::from_utf8_lossy(view.helo).into_owned(),
+                recipients,
+                last_reply: self.last_replies.borrow().get(&id).cloned(),
+                headers: None,
+            };
+            (detail, m.record_bytes)
+        };
+        if let Ok(loaded) = self.store.load(id, record_bytes).await {
+            let content = loaded.content();
+            let end = memchr::memmem::find(content, b"\r\n\r\n").map_or(content.len(), |i| i + 2);
+            detail.headers = Some(String::from_utf8_lossy(&content[..end]).into_owned());
+        }
+        Some(detail)
+    }
+
+    /// The queue's shape: pending recipients' domains by message age (Postfix's qshape).
+    pub fn summary(&self, now_unix_s: u64) -> Vec<SummaryRow> {
+        let sched = self.sched.borrow();
+        let mut rows: HashMap<Vec<u8>, SummaryRow> = HashMap::new();
+        let mut other = SummaryRow {
+            domain: "other".into(),
+            by_age: vec![0; AGE_BUCKETS.len()],
+            ..SummaryRow::default()
+        };
+        for m in sched.queue().iter() {
+            let view = m.envelope.view();
+            let age = now_unix_s.saturating_sub(view.received_unix_s);
+            let bucket = AGE_BUCKETS
+                .iter()
+                .position(|(_, max)| age <= *max)
+                .unwrap_or(AGE_BUCKETS.len() - 1);
+            for (i, r) in view.recipients().enumerate() {
+                if m.done.contains(i) {
+                    continue;
+                }
+                let domain = domain_of(r.address).to_ascii_lowercase();
+                let full = rows.len() >= SUMMARY_DOMAINS_MAX && !rows.contains_key(&domain);
+                let row = if full {
+                    &mut other
+                } else {
+                    rows.entry(domain).or_insert_with_key(|d| SummaryRow {
+                        domain: String::from_utf8_lossy(d).into_owned(),
+                        total: 0,
+                        by_age: vec![0; AGE_BUCKETS.len()],
+                    })
+                };
+                row.total += 1;
+                row.by_age[bucket] += 1;
+            }
+        }
+        let mut out: Vec<SummaryRow> = rows.into_values().collect();
+        if other.total > 0 {
+            out.push(other);
+        }
+        out
+    }
+
+    /// Retries the deferred messages `selector` matches now; their ids.
+    pub fn flush(self: &Rc<Self>, selector: &Selector, now_unix_s: u64) -> Vec<String> {
+        let ids = {
+            let mut sched = self.sched.borrow_mut();
+            let wanted: Vec<MessageId> = sched
+                .queue()
+                .iter()
+                .filter(|m| matches(selector, m, now_unix_s))
+                .map(|m| m.id)
+                .collect();
+            sched.retry_now(&wanted)
+        };
+        for &id in &ids {
+            self.schedule(id);
+        }
+        info!(
+            shard = self.shard,
+            "queue flush: {} deferred message(s) retried now",
+            ids.len()
+        );
+        ids.iter().map(MessageId::to_string).collect()
+    }
+
+    pub fn remember_reply(&self, id: MessageId, reply: &str) {
+        self.last_replies.borrow_mut().remember(id, reply);
+    }
+}
+
+/// The last replies' store, shared by a shard's deliverer.
+pub type SharedLastReplies = RefCell<LastReplies>;

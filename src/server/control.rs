@@ -1,0 +1,57 @@
+//! A shard's side of the admin API: a task that answers the admin thread's requests (metrics,
+//! queue listings, flushes) from the shard's own state, on the shard's own thread, between its
+//! other work. See `admin` for the other side.
+
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::shard::Shard;
+use crate::admin::protocol::{Answered, Reply, Request};
+use crate::admin::ShardEnd;
+use crate::metrics;
+
+fn unix_now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Answers requests until the admin thread goes away.
+pub async fn serve(end: ShardEnd, shard: Rc<Shard>) {
+    let requests = end.requests.connect().await;
+    let replies = end.replies.connect().await;
+    while let Some(asked) = requests.recv().await {
+        let reply = answer(&shard, asked.request).await;
+        if replies
+            .send(Answered {
+                serial: asked.serial,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
+    let deliverer = &shard.deliverer;
+    match request {
+        Request::Metrics => {
+            let Some(mut m) = metrics::snapshot() else {
+                return Reply::Unavailable;
+            };
+            m.queue = deliverer.queue_gauges();
+            let segments = shard.appender.segment_count() as u64;
+            m.spool_segments = segments;
+            m.spool_bytes = segments * shard.config.spool.segment_size.0;
+            Reply::Metrics(Box::new(m))
+        }
+        Request::List(listing) => {
+            let (matched, messages) = deliverer.list(&listing, unix_now_s());
+            Reply::List { matched, messages }
+        }
+        Request::Show(id) => Reply::Show(deliverer.show(&id).await.map(Box::new)),
+        Request::Summary => Reply::Summary(deliverer.summary(unix_now_s())),
+        Request::Flush(selector) => Reply::Touched(deliverer.flush(&selector, unix_now_s())),
+    }
+}

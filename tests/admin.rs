@@ -1,0 +1,446 @@
+//! The admin API against the real binary: `/metrics` counted from known traffic (linted by
+//! promtool, parsed by Python's prometheus_client), the queue API and `gannet queue` through it,
+//! the bearer token, and the refusal of a non-loopback address without one.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::sink::CaptureSink;
+use common::{tool, Gannet, Raw, Setup, BIN};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Prints every sample of a Prometheus text exposition as `name{k="v",...} value`, labels
+/// sorted, as Python's prometheus_client parser reads it.
+const PARSE_METRICS: &str = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join('%s="%s"' % (k, v) for k, v in sorted(s.labels.items()))
+        print("%s{%s} %r" % (s.name, labels, s.value))
+"#;
+
+/// The samples of a scrape, keyed `name{labels}` (labels sorted), parsed by prometheus_client.
+fn scrape(g: &Gannet) -> HashMap<String, f64> {
+    let (status, text) = g.http("GET", "/metrics", None, &[]);
+    assert_eq!(status, 200, "{text}");
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package)");
+    lint.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let linted = lint.wait_with_output().unwrap();
+    assert!(
+        linted.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&linted.stdout),
+        String::from_utf8_lossy(&linted.stderr)
+    );
+    let mut parse = Command::new("/usr/bin/python3")
+        .args(["-c", PARSE_METRICS])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with prometheus_client (python3-prometheus-client)");
+    parse.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let parsed = parse.wait_with_output().unwrap();
+    assert!(parsed.status.success(), "prometheus_client could not parse:\n{text}");
+    String::from_utf8(parsed.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (key, value) = l.rsplit_once(' ').unwrap();
+            (key.to_string(), value.parse::<f64>().unwrap())
+        })
+        .collect()
+}
+
+fn sample(samples: &HashMap<String, f64>, key: &str) -> f64 {
+    samples.get(key).copied().unwrap_or_else(|| {
+        let mut names: Vec<_> = samples
+            .keys()
+            .filter(|k| k.starts_with(key.split('{').next().unwrap()))
+            .collect();
+        names.sort();
+        panic!("no sample {key}; the family has {names:?}")
+    })
+}
+
+fn smtp_sink(port: u16) -> std::process::Child {
+    let mut cmd = Command::new(tool("smtp-sink"));
+    // SAFETY (test): geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.args(["-u", "nobody"]);
+    }
+    cmd.arg(format!("127.0.0.1:{port}"))
+        .arg("100")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends with Python's smtplib: `count` messages from `from` to `to`; refused recipients are
+/// allowed (smtplib raises only when all are refused).
+const SMTPLIB_SEND: &str = r#"
+import smtplib, sys
+port, count, sender = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+rcpts = sys.argv[4:]
+with smtplib.SMTP("127.0.0.1", port) as s:
+    for i in range(count):
+        s.sendmail(sender, rcpts, "Subject: m%d\r\n\r\nbody %d\r\n" % (i, i))
+"#;
+
+#[test]
+fn metrics_count_known_traffic_exactly() {
+    let sink_port = common::free_port();
+    let mut sink = smtp_sink(sink_port);
+    let capture = CaptureSink::start();
+    capture.behaviour.defer_data.store(1, Ordering::Release);
+    *capture.behaviour.reject_rcpt.lock().unwrap() = Some("refuse".into());
+    let mut setup = Setup::new();
+    setup
+        .route("sink.test", format!("127.0.0.1:{sink_port}").parse().unwrap())
+        .route("capture.test", capture.addr)
+        .set("delivery", "retry_first", "\"1h\"")
+        .set("admin", "metrics_destination_attempts_min", "1");
+    let g = Gannet::start(&setup);
+    let port = g.mx().port().to_string();
+    common::python(SMTPLIB_SEND, &[&port, "5", "s@sink.test", "a@sink.test"]);
+    // One message, two recipients: one refused at RCPT by the receiver (failed, bounced to
+    // s@sink.test), one deferred by a 451 after the dot.
+    common::python(
+        SMTPLIB_SEND,
+        &[&port, "1", "s@sink.test", "ok@capture.test", "refuse@capture.test"],
+    );
+    // One recipient refused here: bad syntax (501 5.1.3).
+    let mut raw = Raw::connect(g.mx());
+    raw.hello();
+    assert!(raw.cmd("MAIL FROM:<s@sink.test>").starts_with("250"));
+    assert!(raw.cmd("RCPT TO:<not an address>").starts_with("501 5.1.3"));
+    raw.cmd("QUIT");
+    // 5 to the sink, 1 bounce to the sink.
+    assert!(g.wait_for_log_count("delivered: ", 6, WAIT), "{}", g.log_text());
+    assert!(g.wait_for_log("deferred: ", WAIT), "{}", g.log_text());
+    assert!(g.wait_for_log("failed for good: ", WAIT), "{}", g.log_text());
+
+    let m = scrape(&g);
+    let mx = format!("listener=\"{}\"", g.mx());
+    let sink_dest = format!("destination=\"127.0.0.1:{sink_port}\"");
+    let capture_dest = format!("destination=\"{}\"", capture.addr);
+    assert_eq!(sample(&m, &format!("gannet_messages_received_total{{{mx}}}")), 6.0);
+    assert_eq!(
+        sample(&m, &format!("gannet_connections_total{{{mx},result=\"accepted\"}}")),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!("gannet_messages_rejected_total{{{mx},reason=\"address\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!("gannet_delivery_attempts_total{{{sink_dest},result=\"delivered\"}}")
+        ),
+        6.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!("gannet_delivery_attempts_total{{{capture_dest},result=\"deferred\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!("gannet_delivery_attempts_total{{{capture_dest},result=\"failed\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(sample(&m, "gannet_bounces_total{reason=\"failed\"}"), 1.0);
+    assert_eq!(sample(&m, "gannet_retries_total{}"), 0.0);
+    // Our replies: six "250 2.0.0 Ok: queued", one 501 5.1.3.
+    assert_eq!(
+        sample(
+            &m,
+            "gannet_smtp_replies_total{code=\"250\",direction=\"inbound\",enhanced=\"2.0.0\"}"
+        ),
+        6.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "gannet_smtp_replies_total{code=\"501\",direction=\"inbound\",enhanced=\"5.1.3\"}"
+        ),
+        1.0
+    );
+    // The receivers' replies: the capture sink's 550 5.1.1 and 451 4.3.0.
+    assert_eq!(
+        sample(
+            &m,
+            "gannet_smtp_replies_total{code=\"550\",direction=\"outbound\",enhanced=\"5.1.1\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "gannet_smtp_replies_total{code=\"451\",direction=\"outbound\",enhanced=\"4.3.0\"}"
+        ),
+        1.0
+    );
+    // The deferred message waits; everything else is finished.
+    assert_eq!(sample(&m, "gannet_queue_messages{state=\"deferred\"}"), 1.0);
+    assert_eq!(sample(&m, "gannet_queue_recipients{state=\"deferred\"}"), 1.0);
+    assert_eq!(sample(&m, "gannet_queue_time_seconds_count{}"), 6.0);
+    assert_eq!(sample(&m, "gannet_delivery_duration_seconds_count{}"), 7.0);
+    assert!(sample(&m, "gannet_fdatasync_seconds_count{}") >= 1.0);
+    assert!(
+        sample(&m, "gannet_commit_batch_messages_sum{}") >= 7.0,
+        "6 received and 1 bounce"
+    );
+    assert!(sample(&m, "gannet_spool_segments{}") >= 1.0);
+    let _ = sink.kill();
+    let _ = sink.wait();
+}
+
+/// A queued message's id from `gannet queue list`.
+fn listed_ids(g: &Gannet, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["queue", "list"];
+    all.extend_from_slice(args);
+    let out = g.command(&all);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn the_queue_api_lists_shows_summarizes_and_flushes_by_selection() {
+    let deferring = CaptureSink::start();
+    deferring.behaviour.defer_data.store(2, Ordering::Release);
+    let mut setup = Setup::new();
+    setup
+        .route("a.test", deferring.addr)
+        .route("b.test", deferring.addr)
+        .set("delivery", "retry_first", "\"1h\"");
+    let g = Gannet::start(&setup);
+    let first = common::send_message(g.mx(), "s@src.test", &["x@a.test"], "Subject: a\r\n\r\nfor a\r\n");
+    let second = common::send_message(g.mx(), "t@src.test", &["y@b.test"], "Subject: b\r\n\r\nfor b\r\n");
+    assert!(g.wait_for_log_count("deferred: ", 2, WAIT), "{}", g.log_text());
+
+    // Listing, filtered, through the API (curl) and the CLI.
+    let (status, body) = g.http("GET", "/api/queue?domain=a.test", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["matched"], 1);
+    assert_eq!(page["messages"][0]["id"], first.as_str());
+    assert_eq!(page["messages"][0]["state"], "deferred");
+    assert_eq!(listed_ids(&g, &["--sender", "t@src.test"]), vec![second.clone()]);
+    let mut both = listed_ids(&g, &[]);
+    both.sort();
+    let mut expected = vec![first.clone(), second.clone()];
+    expected.sort();
+    assert_eq!(both, expected);
+    let (status, body) = g.http("GET", "/api/queue?state=lost", None, &[]);
+    assert_eq!(status, 400, "{body}");
+
+    // One message in full: its recipient, the receiver's last reply, its headers.
+    let (status, body) = g.http("GET", &format!("/api/queue/{first}"), None, &[]);
+    assert_eq!(status, 200, "{body}");
+    let detail: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(detail["recipients"][0]["address"], "x@a.test");
+    assert_eq!(detail["recipients"][0]["state"], "pending");
+    assert!(
+        detail["last_reply"].as_str().unwrap().contains("try again later"),
+        "{body}"
+    );
+    assert!(detail["headers"].as_str().unwrap().contains("Subject: a"), "{body}");
+    let shown = g.command(&["queue", "show", &first, "--json"]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("\"x@a.test\""));
+    let (status, _) = g.http("GET", "/api/queue/01A2278EF947-00-000000", None, &[]);
+    assert_eq!(status, 404);
+
+    // The shape by domain.
+    let out = g.command(&["queue", "summary", "--json"]);
+    let shape: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let domains: Vec<&str> = shape["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["domain"].as_str().unwrap())
+        .collect();
+    assert!(domains.contains(&"a.test") && domains.contains(&"b.test"), "{shape}");
+
+    // A flush of one domain retries only that message; an empty selector is refused.
+    let (status, _) = g.http("POST", "/api/queue/flush", Some("{}"), &[]);
+    assert_eq!(status, 400);
+    let out = g.command(&["queue", "flush", "--domain", "a.test"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("1 deferred message(s) retried now"));
+    let got = deferring.wait_for(1, WAIT);
+    assert_eq!(got[0].recipients, vec!["x@a.test".to_string()]);
+    assert!(g.wait_for_log("delivered: ", WAIT), "{}", g.log_text());
+    assert_eq!(listed_ids(&g, &[]), vec![second]);
+}
+
+#[test]
+fn a_token_guards_the_api_and_a_public_address_needs_one() {
+    let mut setup = Setup::new();
+    let token_path = setup.files.path().join("admin.token");
+    std::fs::write(&token_path, "s3cret-token-of-enough-length\n").unwrap();
+    setup.set(
+        "admin",
+        "token_file",
+        &format!("{:?}", token_path.display().to_string()),
+    );
+    let g = Gannet::start(&setup);
+    let (status, _) = g.http("GET", "/metrics", None, &[]);
+    assert_eq!(status, 401);
+    let (status, _) = g.http(
+        "GET",
+        "/api/queue",
+        None,
+        &["-H", "Authorization: Bearer wrong-token-of-some-length"],
+    );
+    assert_eq!(status, 401);
+    let (status, body) = g.http(
+        "GET",
+        "/metrics",
+        None,
+        &["-H", "Authorization: Bearer s3cret-token-of-enough-length"],
+    );
+    assert_eq!(status, 200, "{body}");
+    // The CLI reads the same token file.
+    let out = g.command(&["queue", "summary"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("public.toml");
+    std::fs::write(&config, "[admin]\naddress = \"0.0.0.0:2580\"\n").unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin.token_file") && err.contains(":2: admin.address"),
+        "{err}"
+    );
+}
+
+#[test]
+fn oversized_requests_and_unknown_paths_get_clear_errors() {
+    let g = Gannet::start(&Setup::new());
+    let big = format!("{{\"sender\": \"{}\"}}", "x".repeat(70 * 1024));
+    let (status, _) = g.http("POST", "/api/queue/flush", Some(&big), &[]);
+    assert_eq!(status, 413);
+    let (status, body) = g.http("GET", "/api/nothing", None, &[]);
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = g.http("DELETE", "/metrics", None, &[]);
+    assert_eq!(status, 405);
+}
+
+/// Every `gannet_*` name in an expression, as written.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("gannet_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+fn expressions(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => expressions(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| expressions(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_dashboard_query_uses_families_that_metrics_exposes() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/gannet.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    expressions(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 20, "the dashboard has {} queries", exprs.len());
+    let g = Gannet::start(&Setup::new());
+    let (status, text) = g.http("GET", "/metrics", None, &[]);
+    assert_eq!(status, 200);
+    let types: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| types.contains(f)))
+                .unwrap_or(&name);
+            assert!(
+                types.contains(&family),
+                "{name} (in {expr:?}) is not a family /metrics exposes"
+            );
+        }
+    }
+}
+
+#[test]
+fn logs_can_be_json_or_logfmt_and_carry_the_message_id() {
+    for format in ["json", "logfmt"] {
+        let mut setup = Setup::new();
+        setup.set("log", "format", &format!("\"{format}\""));
+        let g = Gannet::start(&setup);
+        let id = common::send_message(g.mx(), "s@src.test", &["r@dst.test"], "Subject: log\r\n\r\nx\r\n");
+        assert!(g.wait_for_log("queued", WAIT));
+        let text = g.log_text();
+        let line = text
+            .lines()
+            .find(|l| l.contains("queued") && l.contains(&id))
+            .unwrap_or_else(|| panic!("{text}"));
+        match format {
+            "json" => {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                assert_eq!(v["message"], "queued", "{line}");
+                assert_eq!(v["id"], id.as_str(), "{line}");
+                assert_eq!(v["from"], "s@src.test", "{line}");
+                assert_eq!(v["level"], "INFO", "{line}");
+            }
+            _ => {
+                assert!(line.contains(&format!("id={id}")), "{line}");
+                assert!(line.contains("level=info"), "{line}");
+                assert!(line.contains("from=s@src.test"), "{line}");
+            }
+        }
+    }
+}
