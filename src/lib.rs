@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod dns;
+pub mod events;
 pub mod metrics;
 
 pub mod rate;

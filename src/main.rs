@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gannet::admin::client::{self, CallError};
-use gannet::admin::protocol::Selector;
+use gannet::admin::protocol::{Action, Selector};
 use gannet::config::{Config, LogFormat};
 use gannet::queue::QueueIndex;
 use gannet::spool::recovery::{list_segments, read_message, read_segment, scan_segment, Damage};
@@ -98,6 +98,63 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Hold what the filter selects: never attempted until released (survives restarts).
+    Hold {
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release held mail: attempted at once.
+    Release {
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete what the filter selects, without telling the sender.
+    Delete {
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop delivery to a recipient domain (for all shards, surviving restarts) until resumed or
+    /// until the time is up; its mail waits without adding to its backoff.
+    Suspend {
+        /// The recipient domain.
+        domain: String,
+        /// Why (logged, and listed by `queue suspended`).
+        #[arg(long)]
+        reason: String,
+        /// How long, in seconds (at most 30 days).
+        #[arg(long = "for", value_name = "SECONDS", default_value_t = 3600)]
+        duration_s: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a suspension: the domain's waiting mail goes at once.
+    Resume {
+        domain: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The suspended destinations.
+    Suspended {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Return what the filter selects to its senders with a failure notice (RFC 3464) giving
+    /// REASON, then delete it.
+    Bounce {
+        #[command(flatten)]
+        filter: Filter,
+        /// Why, for the sender's notice.
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Which messages a queue command applies to; every option given must match.
@@ -115,7 +172,7 @@ struct Filter {
     /// A pending recipient's domain.
     #[arg(long)]
     domain: Option<String>,
-    /// ready, deferred or delivering.
+    /// ready, deferred, held or delivering.
     #[arg(long)]
     state: Option<String>,
     /// Received at least this many seconds ago.
@@ -328,15 +385,46 @@ fn queue(config: &Config, command: QueueCommand) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
         QueueCommand::Flush { filter, json } => {
             let selector = filter.selector();
-            match client.and_then(|c| client::flush(&c, &selector, json)) {
+            match client.and_then(|c| client::act(&c, Action::Flush, &selector, None, json)) {
                 Ok(text) => text,
                 Err(CallError::Unreachable(_)) if selector.is_all() && !json => return queue_flush(config),
                 Err(e) => return Err(e.to_string()),
             }
         }
+        QueueCommand::Hold { filter, json } => act(client, Action::Hold, filter, None, json)?,
+        QueueCommand::Release { filter, json } => act(client, Action::Release, filter, None, json)?,
+        QueueCommand::Delete { filter, json } => act(client, Action::Delete, filter, None, json)?,
+        QueueCommand::Bounce { filter, reason, json } => act(client, Action::Bounce, filter, Some(&reason), json)?,
+        QueueCommand::Suspend {
+            domain,
+            reason,
+            duration_s,
+            json,
+        } => client
+            .and_then(|c| client::suspend(&c, &domain, &reason, duration_s, json))
+            .map_err(|e| e.to_string())?,
+        QueueCommand::Resume { domain, json } => client
+            .and_then(|c| client::resume(&c, &domain, json))
+            .map_err(|e| e.to_string())?,
+        QueueCommand::Suspended { json } => client
+            .and_then(|c| client::suspended(&c, json))
+            .map_err(|e| e.to_string())?,
     };
     print!("{answer}");
     Ok(())
+}
+
+/// An action through the API (these need the running server).
+fn act(
+    client: Result<client::Client, CallError>,
+    action: Action,
+    filter: Filter,
+    reason: Option<&str>,
+    json: bool,
+) -> Result<String, String> {
+    client
+        .and_then(|c| client::act(&c, action, &filter.selector(), reason, json))
+        .map_err(|e| e.to_string())
 }
 
 fn queue_flush(config: &Config) -> Result<(), String> {

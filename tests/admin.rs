@@ -444,3 +444,258 @@ fn logs_can_be_json_or_logfmt_and_carry_the_message_id() {
         }
     }
 }
+
+fn run_ok(g: &Gannet, args: &[&str]) -> String {
+    let out = g.command(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn holds_survive_sigkill_and_deletes_and_bounces_are_for_good() {
+    let receiver = CaptureSink::start();
+    receiver.behaviour.defer_data.store(usize::MAX, Ordering::Release);
+    let senders = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup
+        .route("a.test", receiver.addr)
+        .route("b.test", receiver.addr)
+        .route("c.test", receiver.addr)
+        .route("src.test", senders.addr)
+        .set("delivery", "retry_first", "\"1h\"");
+    let g = Gannet::start(&setup);
+    let held = common::send_message(g.mx(), "s@src.test", &["x@a.test"], "Subject: hold me\r\n\r\nx\r\n");
+    let deleted = common::send_message(g.mx(), "s@src.test", &["y@b.test"], "Subject: delete me\r\n\r\ny\r\n");
+    let bounced = common::send_message(g.mx(), "s@src.test", &["z@c.test"], "Subject: bounce me\r\n\r\nz\r\n");
+    assert!(g.wait_for_log_count("deferred: ", 3, WAIT), "{}", g.log_text());
+
+    assert!(run_ok(&g, &["queue", "hold", "--domain", "a.test"]).starts_with("1 message(s) held"));
+    let (status, body) = g.http("POST", "/api/queue/delete", Some(r#"{"domain": "b.test"}"#), &[]);
+    assert_eq!(status, 200, "{body}");
+    let deleted_ids: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(deleted_ids["ids"][0], deleted.as_str());
+    let (status, _) = g.http("POST", "/api/queue/bounce", Some(r#"{"domain": "c.test"}"#), &[]);
+    assert_eq!(status, 400, "a bounce needs a reason");
+    let out = run_ok(
+        &g,
+        &["queue", "bounce", "--domain", "c.test", "--reason", "spam run reported"],
+    );
+    assert!(out.starts_with("1 message(s) returned to their senders"), "{out}");
+    assert!(out.contains(&bounced), "{out}");
+    // The sender gets an RFC 3464 report naming the operator's reason.
+    let notice = senders.wait_for(1, WAIT);
+    let text = String::from_utf8_lossy(&notice[0].content);
+    assert_eq!(notice[0].from, "", "from the null sender");
+    assert!(text.contains("report-type=delivery-status"), "{text}");
+    assert!(text.contains("spam run reported"), "{text}");
+    assert!(text.contains("Subject: bounce me"), "{text}");
+
+    // SIGKILL: the hold, the delete and the bounce were durable when they were reported.
+    let g = g.restart();
+    // (The notice may be back too: its delivery's state record is not waited for, and a crash
+    // repeats such a delivery, at least once. It is from the null sender.)
+    assert_eq!(listed_ids(&g, &["--sender", "s@src.test"]), vec![held.clone()]);
+    assert_eq!(listed_ids(&g, &["--state", "held"]), vec![held.clone()]);
+    receiver.behaviour.defer_data.store(0, Ordering::Release);
+    // A flush of everything leaves held mail alone.
+    assert!(run_ok(&g, &["queue", "flush", "--sender", "s@src.test"]).starts_with("0 deferred message(s) retried now"));
+    let (status, body) = g.http("GET", "/metrics", None, &[]);
+    assert_eq!(status, 200);
+    assert!(
+        body.lines().any(|l| l == "gannet_queue_messages{state=\"held\"} 1"),
+        "{body}"
+    );
+    // Released, it goes at once, and nothing deleted or bounced ever reaches the receiver.
+    assert!(run_ok(&g, &["queue", "release", "--id", &held]).starts_with("1 message(s) released"));
+    let got = receiver.wait_for(1, WAIT);
+    assert_eq!(got[0].recipients, vec!["x@a.test".to_string()]);
+    assert!(g.wait_for_log("delivered: ", WAIT), "{}", g.log_text());
+    assert!(listed_ids(&g, &["--sender", "s@src.test"]).is_empty());
+    assert_eq!(receiver.wait_for(1, Duration::from_millis(1)).len(), 1);
+}
+
+/// An HTTP receiver for the event webhook: answers 500 to the first N posts, then prints every
+/// event of every batch as a JSON line.
+const EVENT_RECEIVER: &str = r#"
+import http.server, json, sys
+port, fails = int(sys.argv[1]), [int(sys.argv[2])]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if fails[0] > 0:
+            fails[0] -= 1
+            self.send_response(500); self.end_headers()
+            print("FAILED", flush=True)
+            return
+        for e in json.loads(body)["events"]:
+            print(json.dumps(e), flush=True)
+        self.send_response(204); self.end_headers()
+    def log_message(self, *args):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", port), H)
+print("READY", flush=True)
+srv.serve_forever()
+"#;
+
+#[test]
+fn the_event_webhook_gets_every_event_at_least_once_with_unique_ids() {
+    use std::io::BufRead;
+    let port = common::free_port();
+    let mut receiver = Command::new("python3")
+        .args(["-c", EVENT_RECEIVER, &port.to_string(), "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = receiver.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), "READY");
+    let sink = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup
+        .route("sink.test", sink.addr)
+        .set("events", "url", &format!("\"http://127.0.0.1:{port}/hook\""))
+        .set("events", "batch_events_max", "3")
+        .set("events", "retry_first", "\"100ms\"")
+        .set("events", "retry_max", "\"200ms\"");
+    let g = Gannet::start(&setup);
+    let ids: Vec<String> = (0..4)
+        .map(|i| {
+            common::send_message(
+                g.mx(),
+                "s@src.test",
+                &["r@sink.test"],
+                &format!("Subject: {i}\r\n\r\nx\r\n"),
+            )
+        })
+        .collect();
+    let mut failed = 0;
+    let mut seen: HashMap<String, serde_json::Value> = HashMap::new();
+    let mut copies = 0;
+    while seen.len() < 8 {
+        let line = rx.recv_timeout(WAIT).expect("events stopped coming");
+        if line == "FAILED" {
+            failed += 1;
+            continue;
+        }
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        copies += 1;
+        seen.insert(event["id"].as_str().unwrap().to_string(), event);
+    }
+    assert_eq!(failed, 2, "the receiver refused two posts, which were retried");
+    assert!(copies >= 8);
+    for id in &ids {
+        for kind in ["received", "delivered"] {
+            let found = seen
+                .values()
+                .filter(|e| e["message_id"] == id.as_str() && e["kind"] == kind)
+                .count();
+            assert_eq!(found, 1, "{kind} event of {id}: {seen:?}");
+        }
+    }
+    let delivered = seen.values().find(|e| e["kind"] == "delivered").unwrap();
+    assert_eq!(delivered["recipient"], "r@sink.test");
+    assert_eq!(delivered["sender"], "s@src.test");
+    let m = scrape(&g);
+    assert_eq!(sample(&m, "gannet_events_failed_posts_total{}"), 2.0);
+    assert_eq!(sample(&m, "gannet_events_dropped_total{}"), 0.0);
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}
+
+#[test]
+fn check_config_names_a_webhook_url_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    for (url, says) in [
+        ("https://hooks.example/x", "https is not supported yet"),
+        ("ftp://x", "must be an http:// URL"),
+    ] {
+        let config = dir.path().join("events.toml");
+        std::fs::write(&config, format!("[events]\nurl = \"{url}\"\n")).unwrap();
+        let out = Command::new(BIN).arg("check-config").arg(&config).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(":2: events.url") && err.contains(says), "{err}");
+    }
+}
+
+#[test]
+fn a_suspended_destination_gets_nothing_until_resumed_or_expired_even_across_a_crash() {
+    let receiver = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup.route("a.test", receiver.addr).route("b.test", receiver.addr);
+    let g = Gannet::start(&setup);
+    let out = run_ok(
+        &g,
+        &[
+            "queue",
+            "suspend",
+            "a.test",
+            "--reason",
+            "the provider asked us to pause",
+            "--for",
+            "3600",
+        ],
+    );
+    assert!(out.starts_with("a.test suspended until"), "{out}");
+    let waiting = common::send_message(g.mx(), "s@src.test", &["x@a.test"], "Subject: wait\r\n\r\nx\r\n");
+    common::send_message(g.mx(), "s@src.test", &["y@b.test"], "Subject: go\r\n\r\ny\r\n");
+    let got = receiver.wait_for(1, WAIT);
+    assert_eq!(got[0].recipients, vec!["y@b.test".to_string()]);
+    let (status, body) = g.http("GET", "/api/queue?state=suspended", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["messages"][0]["id"], waiting.as_str(), "{body}");
+    assert_eq!(
+        page["messages"][0]["attempts"], 0,
+        "a suspension is not an attempt: {body}"
+    );
+
+    // SIGKILL and restart: the suspension holds, the message waits again.
+    let g = g.restart();
+    assert!(run_ok(&g, &["queue", "suspended"]).contains("a.test"));
+    assert_eq!(listed_ids(&g, &["--state", "suspended"]), vec![waiting.clone()]);
+    assert_eq!(receiver.wait_for(1, Duration::from_millis(1)).len(), 1);
+
+    let (status, body) = g.http("POST", "/api/destinations/resume", Some(r#"{"domain": "a.test"}"#), &[]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"released\": 1"), "{body}");
+    let got = receiver.wait_for(2, WAIT);
+    assert_eq!(got[1].recipients, vec!["x@a.test".to_string()]);
+    let (status, _) = g.http("POST", "/api/destinations/resume", Some(r#"{"domain": "a.test"}"#), &[]);
+    assert_eq!(status, 404);
+
+    // A suspension that expires lets the mail go by itself.
+    let (status, body) = g.http(
+        "POST",
+        "/api/destinations/suspend",
+        Some(r#"{"domain": "b.test", "duration_s": 1}"#),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    common::send_message(g.mx(), "s@src.test", &["z@b.test"], "Subject: later\r\n\r\nz\r\n");
+    assert!(
+        g.wait_for_log("a suspension expired: 1 message(s) go now", WAIT),
+        "{}",
+        g.log_text()
+    );
+    let got = receiver.wait_for(3, WAIT);
+    assert_eq!(got[2].recipients, vec!["z@b.test".to_string()]);
+    let (status, _) = g.http(
+        "POST",
+        "/api/destinations/suspend",
+        Some(r#"{"domain": "not a domain"}"#),
+        &[],
+    );
+    assert_eq!(status, 400);
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::protocol::{MessageDetail, MessageSummary, Selector, SummaryRow};
+use super::protocol::{Action, MessageDetail, MessageSummary, Selector, SummaryRow};
+use super::suspensions::SuspensionRecord;
 use crate::config::Config;
 use crate::queue::rfc3339;
 
@@ -163,8 +164,10 @@ pub fn list(client: &Client, selector: &Selector, page_size: usize, json: bool) 
             rfc3339(m.received_unix_s),
             m.state
         ));
-        if let Some(next) = &m.next_attempt {
-            out.push_str(&format!("  attempts {}  next {next}", m.attempts));
+        match &m.next_attempt {
+            Some(_) if m.state == "held" => out.push_str(&format!("  attempts {}", m.attempts)),
+            Some(next) => out.push_str(&format!("  attempts {}  next {next}", m.attempts)),
+            None => {}
         }
         out.push('\n');
     }
@@ -234,26 +237,99 @@ pub fn summary(client: &Client, json: bool) -> Result<String, CallError> {
 struct Touched {
     count: usize,
     ids: Vec<String>,
+    busy: Vec<String>,
 }
 
-/// Retries what `selector` matches now (everything when it is empty).
-pub fn flush(client: &Client, selector: &Selector, json: bool) -> Result<String, CallError> {
+/// Applies `action` (flush, hold, release, delete, bounce) to what `selector` matches
+/// (everything when it is empty); `reason` goes with bounces.
+pub fn act(
+    client: &Client,
+    action: Action,
+    selector: &Selector,
+    reason: Option<&str>,
+    json: bool,
+) -> Result<String, CallError> {
     let mut body = serde_json::to_value(selector).map_err(|e| CallError::BadAnswer(e.to_string()))?;
     if let Some(map) = body.as_object_mut() {
         map.retain(|_, v| !v.is_null());
         if map.is_empty() {
             map.insert("all".into(), serde_json::Value::Bool(true));
         }
+        if let Some(reason) = reason {
+            map.insert("reason".into(), serde_json::Value::String(reason.to_string()));
+        }
     }
-    let text = client.post("/api/queue/flush", &body)?;
+    let text = client.post(&format!("/api/queue/{}", action.name()), &body)?;
     if json {
         return Ok(text);
     }
     let touched: Touched = parse(&text)?;
-    let mut out = format!("{} deferred message(s) retried now\n", touched.count);
+    let verb = match action {
+        Action::Flush => "deferred message(s) retried now",
+        Action::Hold => "message(s) held",
+        Action::Release => "message(s) released",
+        Action::Delete => "message(s) deleted",
+        Action::Bounce => "message(s) returned to their senders",
+    };
+    let mut out = format!("{} {verb}\n", touched.count);
     for id in touched.ids {
         out.push_str(&id);
         out.push('\n');
+    }
+    if !touched.busy.is_empty() {
+        out.push_str(&format!(
+            "{} being delivered right now, not touched (try again): {}\n",
+            touched.busy.len(),
+            touched.busy.join(" ")
+        ));
+    }
+    Ok(out)
+}
+
+/// Suspends delivery to `domain` for `duration_s` seconds.
+pub fn suspend(client: &Client, domain: &str, reason: &str, duration_s: u64, json: bool) -> Result<String, CallError> {
+    let body = serde_json::json!({ "domain": domain, "reason": reason, "duration_s": duration_s });
+    let text = client.post("/api/destinations/suspend", &body)?;
+    if json {
+        return Ok(text);
+    }
+    let record: SuspensionRecord = parse(&text)?;
+    Ok(format!(
+        "{} suspended until {}\n",
+        record.domain,
+        rfc3339(record.until_unix_s)
+    ))
+}
+
+/// Ends the suspension of `domain`.
+pub fn resume(client: &Client, domain: &str, json: bool) -> Result<String, CallError> {
+    let text = client.post("/api/destinations/resume", &serde_json::json!({ "domain": domain }))?;
+    if json {
+        return Ok(text);
+    }
+    let v: serde_json::Value = parse(&text)?;
+    Ok(format!("{domain} resumed: {} message(s) go now\n", v["released"]))
+}
+
+/// The suspensions in force.
+pub fn suspended(client: &Client, json: bool) -> Result<String, CallError> {
+    let text = client.get("/api/destinations")?;
+    if json {
+        return Ok(text);
+    }
+    #[derive(Deserialize)]
+    struct List {
+        suspended: Vec<SuspensionRecord>,
+    }
+    let list: List = parse(&text)?;
+    let mut out = String::new();
+    for s in list.suspended {
+        out.push_str(&format!(
+            "{}  until {}  {}\n",
+            s.domain,
+            rfc3339(s.until_unix_s),
+            s.reason
+        ));
     }
     Ok(out)
 }

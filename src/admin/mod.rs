@@ -14,6 +14,7 @@ pub mod client;
 mod http;
 pub mod protocol;
 mod routes;
+pub mod suspensions;
 
 use std::cell::Cell;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -104,6 +105,8 @@ impl ShardLink {
 pub struct AdminState {
     config: Arc<Config>,
     shards: Vec<ShardLink>,
+    /// The suspensions in force, as in the spool's file (this thread is its only writer).
+    suspended: std::cell::RefCell<Vec<suspensions::SuspensionRecord>>,
 }
 
 impl AdminState {
@@ -136,7 +139,11 @@ pub fn read_token(config: &Config) -> Result<Option<String>, String> {
 
 /// Binds the admin address (before the shards start, so a clash stops start-up with a clear
 /// error) and starts the admin thread.
-pub fn start(config: Arc<Config>, ends: Vec<AdminEnd>) -> Result<glommio::ExecutorJoinHandle<()>, String> {
+pub fn start(
+    config: Arc<Config>,
+    ends: Vec<AdminEnd>,
+    suspended: Vec<suspensions::SuspensionRecord>,
+) -> Result<glommio::ExecutorJoinHandle<()>, String> {
     let token = read_token(&config)?;
     let address = config.admin.address;
     let listener = std::net::TcpListener::bind(address)
@@ -163,7 +170,11 @@ pub fn start(config: Arc<Config>, ends: Vec<AdminEnd>) -> Result<glommio::Execut
                 request_bytes_max: config.admin.request_size_max.0 as usize,
                 connection_timeout: config.admin.connection_timeout.0,
             };
-            let state = Rc::new(AdminState { config, shards });
+            let state = Rc::new(AdminState {
+                config,
+                shards,
+                suspended: std::cell::RefCell::new(suspended),
+            });
             info!("admin API listening on http://{address}");
             let token: Option<Rc<str>> = token.map(Rc::from);
             let serving = glommio::spawn_local(http::serve(listener, limits, token, move |req| {

@@ -16,7 +16,7 @@ pub struct Selector {
     pub recipient: Option<String>,
     /// A recipient domain, exactly (case-insensitive).
     pub domain: Option<String>,
-    /// ready, deferred or delivering.
+    /// ready, deferred, held or delivering.
     pub state: Option<String>,
     /// Received at least this many seconds ago.
     pub min_age_s: Option<u64>,
@@ -96,13 +96,63 @@ pub const AGE_BUCKETS: [(&str, u64); 8] = [
     ("older", u64::MAX),
 ];
 
+/// An operator's action on the messages a selector matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Retry deferred mail now.
+    Flush,
+    /// Never attempt until released (persisted).
+    Hold,
+    Release,
+    /// Drop without a notice.
+    Delete,
+    /// Return to the sender with a failure notice giving the operator's reason, then drop.
+    Bounce,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Flush => "flush",
+            Action::Hold => "hold",
+            Action::Release => "release",
+            Action::Delete => "delete",
+            Action::Bounce => "bounce",
+        }
+    }
+}
+
+/// What one shard did for an action.
+#[derive(Debug, Default)]
+pub struct Acted {
+    /// Messages the action applied to.
+    pub touched: Vec<String>,
+    /// Messages it could not apply to now (a delivery attempt is under way); try again.
+    pub busy: Vec<String>,
+    /// Set when the action could not be recorded durably.
+    pub error: Option<String>,
+}
+
 #[derive(Debug)]
 pub enum Request {
     Metrics,
     List(Listing),
     Show(String),
     Summary,
-    Flush(Selector),
+    Act {
+        action: Action,
+        selector: Selector,
+        /// The operator's reason (bounces).
+        reason: String,
+    },
+    /// Stop delivery to a recipient domain until then.
+    Suspend {
+        domain: String,
+        until_unix_s: u64,
+    },
+    Resume {
+        domain: String,
+    },
 }
 
 #[derive(Debug)]
@@ -115,8 +165,11 @@ pub enum Reply {
     },
     Show(Option<Box<MessageDetail>>),
     Summary(Vec<SummaryRow>),
-    /// The ids an action touched.
-    Touched(Vec<String>),
+    Acted(Acted),
+    /// A suspension is in force (true), or could not be (the shard's table is full).
+    Suspended(bool),
+    /// Messages a resume lets go.
+    Resumed(usize),
     /// The shard could not answer (it is stopping).
     Unavailable,
 }

@@ -4,17 +4,22 @@
 //! - `GET /api/queue`: queued messages, filtered and paged;
 //! - `GET /api/queue/summary`: the queue's shape by destination domain and age;
 //! - `GET /api/queue/{id}`: one message in full;
-//! - `POST /api/queue/flush`: retry deferred mail now (JSON selector body).
+//! - `POST /api/queue/{flush,hold,release,delete,bounce}`: operator actions on what a JSON
+//!   selector matches;
+//! - `GET /api/destinations`, `POST /api/destinations/{suspend,resume}`: suspended
+//!   destinations.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use gannet_metrics::{Exposition, ShardMetrics};
+use gannet_metrics::{EventCounts, Exposition, ShardMetrics};
 use hyper::{Method, StatusCode};
 use serde::Serialize;
 
 use super::http::{error, respond, AdminRequest, AdminResponse};
-use super::protocol::{Listing, MessageSummary, Reply, Request, Selector, SummaryRow, AGE_BUCKETS};
+use super::protocol::{Action, Listing, MessageSummary, Reply, Request, Selector, SummaryRow, AGE_BUCKETS};
+use super::suspensions::{self, SuspensionRecord};
 use super::{note_unavailable, AdminState};
+use gannet_sched::suspend::SUSPENSIONS_MAX;
 
 /// Deepest page offset a listing accepts (a listing holds `offset + limit` entries per shard).
 const OFFSET_MAX: usize = 100_000;
@@ -39,11 +44,20 @@ pub async fn route(state: &AdminState, req: AdminRequest) -> AdminResponse {
         (&Method::GET, "/metrics") => metrics(state).await,
         (&Method::GET, "/api/queue") => list(state, &req.query).await,
         (&Method::GET, "/api/queue/summary") => summary(state).await,
-        (&Method::POST, "/api/queue/flush") => flush(state, &req).await,
+        (&Method::POST, "/api/queue/flush") => act(state, &req, Action::Flush).await,
+        (&Method::POST, "/api/queue/hold") => act(state, &req, Action::Hold).await,
+        (&Method::POST, "/api/queue/release") => act(state, &req, Action::Release).await,
+        (&Method::POST, "/api/queue/delete") => act(state, &req, Action::Delete).await,
+        (&Method::POST, "/api/queue/bounce") => act(state, &req, Action::Bounce).await,
+        (&Method::GET, "/api/destinations") => suspended(state),
+        (&Method::POST, "/api/destinations/suspend") => suspend(state, &req).await,
+        (&Method::POST, "/api/destinations/resume") => resume(state, &req).await,
         (&Method::GET, p) if p.starts_with("/api/queue/") => show(state, &p["/api/queue/".len()..]).await,
-        (_, "/metrics" | "/api/queue" | "/api/queue/summary" | "/api/queue/flush") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
-        }
+        (_, "/metrics" | "/api/queue" | "/api/queue/summary")
+        | (
+            _,
+            "/api/queue/flush" | "/api/queue/hold" | "/api/queue/release" | "/api/queue/delete" | "/api/queue/bounce",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint; see docs/admin.md"),
     }
 }
@@ -68,6 +82,7 @@ async fn metrics(state: &AdminState) -> AdminResponse {
         listener_names: config.listeners.iter().map(|l| l.address.to_string()).collect(),
         shards: state.shards.len(),
         now_unix_s: unix_now_s(),
+        events: crate::events::queue().map_or_else(EventCounts::default, |q| q.counts()),
     };
     match gannet_metrics::encode(exposition) {
         Ok(text) => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
@@ -88,8 +103,10 @@ fn selector_from_query(query: &str) -> Result<(Selector, Vec<(String, String)>),
             "recipient" => selector.recipient = Some(value),
             "domain" => selector.domain = Some(value),
             "state" => {
-                if !["ready", "deferred", "delivering"].contains(&value.as_str()) {
-                    return Err(format!("state must be ready, deferred or delivering, not {value:?}"));
+                if !["ready", "deferred", "held", "delivering", "suspended"].contains(&value.as_str()) {
+                    return Err(format!(
+                        "state must be ready, deferred, held, delivering or suspended, not {value:?}"
+                    ));
                 }
                 selector.state = Some(value);
             }
@@ -235,6 +252,8 @@ struct ActionBody {
     /// Required to act on every message (an empty selector).
     #[serde(default)]
     all: bool,
+    /// Why (bounces: it goes into the notice; logged for every action).
+    reason: Option<String>,
 }
 
 impl ActionBody {
@@ -255,42 +274,244 @@ struct Touched {
     action: &'static str,
     count: usize,
     ids: Vec<String>,
+    /// Matched, but a delivery attempt is under way: not touched; try again.
+    busy: Vec<String>,
 }
 
-async fn flush(state: &AdminState, req: &AdminRequest) -> AdminResponse {
-    let body: ActionBody = if req.body.is_empty() {
+/// Longest operator reason accepted (it goes into a failure notice and the log).
+const REASON_BYTES_MAX: usize = 256;
+
+async fn act(state: &AdminState, req: &AdminRequest, action: Action) -> AdminResponse {
+    if req.body.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
             "a JSON selector is wanted, such as {\"domain\": \"example.com\"} or {\"all\": true}",
         );
-    } else {
-        match serde_json::from_slice(&req.body) {
-            Ok(b) => b,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad selector: {e}")),
-        }
+    }
+    let body: ActionBody = match serde_json::from_slice(&req.body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad selector: {e}")),
     };
     let selector = body.selector();
     if selector.is_all() && !body.all {
         return error(
             StatusCode::BAD_REQUEST,
-            "an empty selector would flush everything; send {\"all\": true} for that",
+            "an empty selector would act on everything; send {\"all\": true} for that",
         );
     }
-    let mut ids = Vec::new();
-    for reply in state.ask_all(|| Request::Flush(selector.clone())).await {
+    let reason = body.reason.clone().unwrap_or_default();
+    if action == Action::Bounce && reason.trim().is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a bounce needs a \"reason\" for the sender's notice",
+        );
+    }
+    if reason.len() > REASON_BYTES_MAX || reason.chars().any(char::is_control) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("the reason must be one line of at most {REASON_BYTES_MAX} bytes"),
+        );
+    }
+    let (mut ids, mut busy) = (Vec::new(), Vec::new());
+    let mut failure = None;
+    let replies = state
+        .ask_all(|| Request::Act {
+            action,
+            selector: selector.clone(),
+            reason: reason.clone(),
+        })
+        .await;
+    for reply in replies {
         match reply {
-            Reply::Touched(found) => ids.extend(found),
+            Reply::Acted(acted) => {
+                ids.extend(acted.touched);
+                busy.extend(acted.busy);
+                failure = failure.or(acted.error);
+            }
             _ => return error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not answer"),
         }
     }
-    tracing::info!(?selector, "admin: flush of {} message(s)", ids.len());
+    tracing::info!(
+        ?selector,
+        reason,
+        "admin: {} of {} message(s)",
+        action.name(),
+        ids.len()
+    );
+    if let Some(why) = failure {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, &why);
+    }
     json(
         StatusCode::OK,
         &Touched {
-            action: "flush",
+            action: action.name(),
             count: ids.len(),
             ids,
+            busy,
         },
+    )
+}
+
+/// Longest suspension accepted.
+const SUSPENSION_S_MAX: u64 = 30 * 86_400;
+/// Suspension when none is given.
+const SUSPENSION_S_DEFAULT: u64 = 3600;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuspendBody {
+    domain: String,
+    reason: Option<String>,
+    /// How long, in seconds (default an hour, at most 30 days).
+    duration_s: Option<u64>,
+}
+
+fn valid_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && domain.len() <= 255
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+fn suspended(state: &AdminState) -> AdminResponse {
+    let now = unix_now_s();
+    let list: Vec<_> = state
+        .suspended
+        .borrow()
+        .iter()
+        .filter(|s| s.until_unix_s > now)
+        .cloned()
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "suspended": list }))
+}
+
+async fn suspend(state: &AdminState, req: &AdminRequest) -> AdminResponse {
+    let body: SuspendBody = match serde_json::from_slice(&req.body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("want {{\"domain\": ..., \"reason\": ..., \"duration_s\": ...}}: {e}"),
+            )
+        }
+    };
+    let domain = body.domain.trim().to_ascii_lowercase();
+    if !valid_domain(&domain) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "domain must be a domain name, such as example.com",
+        );
+    }
+    let reason = body.reason.unwrap_or_default();
+    if reason.len() > REASON_BYTES_MAX || reason.chars().any(char::is_control) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("the reason must be one line of at most {REASON_BYTES_MAX} bytes"),
+        );
+    }
+    let duration_s = body.duration_s.unwrap_or(SUSPENSION_S_DEFAULT);
+    if duration_s == 0 || duration_s > SUSPENSION_S_MAX {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("duration_s must be between 1 and {SUSPENSION_S_MAX}"),
+        );
+    }
+    let now = unix_now_s();
+    let record = SuspensionRecord {
+        domain: domain.clone(),
+        reason,
+        since_unix_s: now,
+        until_unix_s: now + duration_s,
+    };
+    let mut all: Vec<SuspensionRecord> = state
+        .suspended
+        .borrow()
+        .iter()
+        .filter(|s| s.until_unix_s > now && s.domain != domain)
+        .cloned()
+        .collect();
+    if all.len() >= SUSPENSIONS_MAX {
+        return error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            &format!("at most {SUSPENSIONS_MAX} suspensions"),
+        );
+    }
+    all.push(record.clone());
+    if let Err(e) = suspensions::save(&state.config.spool.directory, &all) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot write the suspensions file: {e}"),
+        );
+    }
+    *state.suspended.borrow_mut() = all;
+    for reply in state
+        .ask_all(|| Request::Suspend {
+            domain: domain.clone(),
+            until_unix_s: record.until_unix_s,
+        })
+        .await
+    {
+        if !matches!(reply, Reply::Suspended(true)) {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not take the suspension");
+        }
+    }
+    tracing::info!(
+        domain,
+        reason = record.reason,
+        "admin: destination suspended for {duration_s} s"
+    );
+    json(StatusCode::OK, &record)
+}
+
+async fn resume(state: &AdminState, req: &AdminRequest) -> AdminResponse {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ResumeBody {
+        domain: String,
+    }
+    let body: ResumeBody = match serde_json::from_slice(&req.body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("want {{\"domain\": ...}}: {e}")),
+    };
+    let domain = body.domain.trim().to_ascii_lowercase();
+    let now = unix_now_s();
+    let in_force = |s: &&SuspensionRecord| s.until_unix_s > now;
+    if !state
+        .suspended
+        .borrow()
+        .iter()
+        .filter(in_force)
+        .any(|s| s.domain == domain)
+    {
+        return error(StatusCode::NOT_FOUND, &format!("{domain} is not suspended"));
+    }
+    let all: Vec<SuspensionRecord> = state
+        .suspended
+        .borrow()
+        .iter()
+        .filter(in_force)
+        .filter(|s| s.domain != domain)
+        .cloned()
+        .collect();
+    if let Err(e) = suspensions::save(&state.config.spool.directory, &all) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot write the suspensions file: {e}"),
+        );
+    }
+    *state.suspended.borrow_mut() = all;
+    let mut released = 0;
+    for reply in state.ask_all(|| Request::Resume { domain: domain.clone() }).await {
+        match reply {
+            Reply::Resumed(n) => released += n,
+            _ => return error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not answer"),
+        }
+    }
+    tracing::info!(domain, "admin: destination resumed; {released} message(s) go now");
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "domain": domain, "released": released }),
     )
 }
 

@@ -9,6 +9,7 @@ mod auth;
 mod delivery;
 mod dns;
 mod error;
+mod events;
 mod limits;
 mod listener;
 mod relay;
@@ -35,6 +36,7 @@ pub use auth::Auth;
 pub use delivery::{Delivery, DestinationLimits, Route, RouteTarget};
 pub use dns::{system_dns_servers, Dns};
 pub use error::ConfigError;
+pub use events::Events;
 pub use limits::Limits;
 pub use listener::{Listener, ListenerKind};
 pub use relay::{NetworkText, Relay};
@@ -79,6 +81,8 @@ pub struct Config {
     pub admin: Admin,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub events: Events,
 }
 
 impl Config {
@@ -157,7 +161,8 @@ impl Config {
         dns::validate(&self.dns, &fail)?;
         delivery::validate_destinations(&self.destinations, &fail)?;
         relay::validate(&self.relay, &fail)?;
-        admin::validate(&self.admin, &fail)
+        admin::validate(&self.admin, &fail)?;
+        events::validate(&self.events, &fail)
     }
 
     /// Checks that need the shard count (known only on the machine that runs the server).

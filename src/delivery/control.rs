@@ -7,14 +7,18 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use gannet_metrics::QueueGauges;
-use gannet_sched::QueuedMessage;
+use gannet_sched::{QueuedMessage, Scheduler};
 use gannet_spool::MessageId;
 use tracing::info;
 
 use super::Deliverer;
+use gannet_smtp::deadline::Now;
+use gannet_smtp::dsn::FailedRecipient;
+
 use crate::admin::protocol::{
-    Listing, MessageDetail, MessageSummary, RecipientDetail, Selector, SummaryRow, AGE_BUCKETS,
+    Acted, Action, Listing, MessageDetail, MessageSummary, RecipientDetail, Selector, SummaryRow, AGE_BUCKETS,
 };
+use crate::metrics;
 use crate::queue::rfc3339;
 
 /// Last replies remembered per shard (for `GET /api/queue/{id}`); the oldest are forgotten.
@@ -58,8 +62,12 @@ impl LastReplies {
 }
 
 /// A message's state as the API names it.
-fn state(m: &QueuedMessage) -> &'static str {
-    if m.jobs_outstanding > 0 {
+fn state(m: &QueuedMessage, sched: &Scheduler) -> &'static str {
+    if m.held && m.jobs_outstanding == 0 {
+        "held"
+    } else if sched.is_parked(&m.id) {
+        "suspended"
+    } else if m.jobs_outstanding > 0 {
         "delivering"
     } else if m.next_attempt_unix_s.is_some() {
         "deferred"
@@ -80,7 +88,7 @@ fn domain_of(address: &[u8]) -> &[u8] {
     address.rsplit(|&b| b == b'@').next().unwrap_or(address)
 }
 
-fn matches(selector: &Selector, m: &QueuedMessage, now_unix_s: u64) -> bool {
+fn matches(selector: &Selector, m: &QueuedMessage, sched: &Scheduler, now_unix_s: u64) -> bool {
     let view = m.envelope.view();
     if selector.id.as_deref().is_some_and(|id| id != m.id.to_string()) {
         return false;
@@ -106,7 +114,7 @@ fn matches(selector: &Selector, m: &QueuedMessage, now_unix_s: u64) -> bool {
             return false;
         }
     }
-    if selector.state.as_deref().is_some_and(|s| s != state(m)) {
+    if selector.state.as_deref().is_some_and(|s| s != state(m, sched)) {
         return false;
     }
     if selector
@@ -118,7 +126,7 @@ fn matches(selector: &Selector, m: &QueuedMessage, now_unix_s: u64) -> bool {
     true
 }
 
-fn summary(m: &QueuedMessage) -> MessageSummary {
+fn summary(m: &QueuedMessage, sched: &Scheduler) -> MessageSummary {
     let view = m.envelope.view();
     MessageSummary {
         id: m.id.to_string(),
@@ -127,7 +135,7 @@ fn summary(m: &QueuedMessage) -> MessageSummary {
         size_bytes: m.content_bytes,
         received_unix_s: view.received_unix_s,
         received: rfc3339(view.received_unix_s),
-        state: state(m).into(),
+        state: state(m, sched).into(),
         recipients_total: m.done.len(),
         recipients_pending: m.pending_recipients(),
         attempts: m.attempts,
@@ -142,10 +150,12 @@ impl Deliverer {
         let mut g = QueueGauges::default();
         let sched = self.sched.borrow();
         for m in sched.queue().iter() {
-            let slot = match state(m) {
+            let slot = match state(m, &sched) {
                 "ready" => 0,
                 "deferred" => 1,
-                _ => 3,
+                "held" => 2,
+                "delivering" => 3,
+                _ => 4,
             };
             g.messages[slot] += 1;
             g.recipients[slot] += m.pending_recipients() as u64;
@@ -162,13 +172,13 @@ impl Deliverer {
         let mut found: Vec<&QueuedMessage> = sched
             .queue()
             .iter()
-            .filter(|m| matches(&listing.selector, m, now_unix_s))
+            .filter(|m| matches(&listing.selector, m, &sched, now_unix_s))
             .collect();
         let matched = found.len();
         let keep = listing.offset.saturating_add(listing.limit);
         found.sort_by_key(|m| (m.envelope.view().received_unix_s, m.id));
         found.truncate(keep);
-        (matched, found.into_iter().map(summary).collect())
+        (matched, found.into_iter().map(|m| summary(m, &sched)).collect())
     }
 
     /// One message in full, if this shard has it.
@@ -187,7 +197,7 @@ impl Deliverer {
                 })
                 .collect();
             let detail = MessageDetail {
-                summary: summary(m),
+                summary: summary(m, &sched),
                 client_ip: view.client_ip.to_string(),
                 helo: String::from_utf8_lossy(view.helo).into_owned(),
                 recipients,
@@ -246,27 +256,208 @@ impl Deliverer {
         out
     }
 
-    /// Retries the deferred messages `selector` matches now; their ids.
-    pub fn flush(self: &Rc<Self>, selector: &Selector, now_unix_s: u64) -> Vec<String> {
-        let ids = {
-            let mut sched = self.sched.borrow_mut();
-            let wanted: Vec<MessageId> = sched
-                .queue()
-                .iter()
-                .filter(|m| matches(selector, m, now_unix_s))
-                .map(|m| m.id)
-                .collect();
-            sched.retry_now(&wanted)
+    /// The ids of the messages `selector` matches.
+    fn selected(&self, selector: &Selector) -> Vec<MessageId> {
+        let now_unix_s = Now::read().unix_s;
+        let sched = self.sched.borrow();
+        sched
+            .queue()
+            .iter()
+            .filter(|m| matches(selector, m, &sched, now_unix_s))
+            .map(|m| m.id)
+            .collect()
+    }
+
+    /// Applies an operator's action to what `selector` matches; logs it per message.
+    pub async fn act(self: &Rc<Self>, action: Action, selector: &Selector, reason: &str) -> Acted {
+        let ids = self.selected(selector);
+        let acted = match action {
+            Action::Flush => self.flush(&ids),
+            Action::Hold => self.hold(&ids).await,
+            Action::Release => self.release(&ids).await,
+            Action::Delete => self.delete(&ids, None).await,
+            Action::Bounce => self.delete(&ids, Some(reason)).await,
         };
-        for &id in &ids {
+        for id in &acted.touched {
+            info!(shard = self.shard, %id, action = action.name(), reason, "operator action: {}", action.name());
+        }
+        acted
+    }
+
+    /// Retries the deferred messages of `ids` now.
+    fn flush(self: &Rc<Self>, ids: &[MessageId]) -> Acted {
+        let due = self.sched.borrow_mut().retry_now(ids);
+        for &id in &due {
             self.schedule(id);
         }
         info!(
             shard = self.shard,
             "queue flush: {} deferred message(s) retried now",
+            due.len()
+        );
+        Acted {
+            touched: due.iter().map(MessageId::to_string).collect(),
+            ..Acted::default()
+        }
+    }
+
+    /// Holds `ids`: recorded durably before it is reported.
+    async fn hold(self: &Rc<Self>, ids: &[MessageId]) -> Acted {
+        let entries = self.sched.borrow_mut().hold(ids, Now::read());
+        let mut acted = Acted {
+            touched: entries.iter().map(|e| e.id.to_string()).collect(),
+            ..Acted::default()
+        };
+        if let Err(e) = self.appender.append_deferrals_durably(&entries).await {
+            acted.error = Some(format!(
+                "the hold is in force but could not be written to the spool ({e:?}); a restart would undo it"
+            ));
+        }
+        acted
+    }
+
+    /// Releases held `ids` (recorded durably), due at once.
+    async fn release(self: &Rc<Self>, ids: &[MessageId]) -> Acted {
+        let (entries, due) = self.sched.borrow_mut().release(ids, Now::read());
+        let mut acted = Acted {
+            touched: entries.iter().map(|e| e.id.to_string()).collect(),
+            ..Acted::default()
+        };
+        if let Err(e) = self.appender.append_deferrals_durably(&entries).await {
+            acted.error = Some(format!(
+                "released, but the release could not be written to the spool ({e:?}); a restart would hold them again"
+            ));
+        }
+        for id in due {
+            self.schedule(id);
+        }
+        acted
+    }
+
+    /// Deletes `ids` (no notice), or with `bounce_reason`, returns them to their senders with a
+    /// failure notice first (never for the null sender). Messages being delivered are busy.
+    async fn delete(self: &Rc<Self>, ids: &[MessageId], bounce_reason: Option<&str>) -> Acted {
+        let mut acted = Acted::default();
+        let mut gone = Vec::new();
+        for &id in ids {
+            let idle = self
+                .sched
+                .borrow()
+                .queue()
+                .get(&id)
+                .is_some_and(|m| m.jobs_outstanding == 0);
+            if !idle {
+                acted.busy.push(id.to_string());
+                continue;
+            }
+            if let Some(reason) = bounce_reason {
+                if !self.bounce_one(id, reason).await {
+                    acted.error = Some("a failure notice could not be spooled; those messages stay queued".into());
+                    continue;
+                }
+            }
+            gone.extend(self.sched.borrow_mut().remove(&[id]));
+            self.store.forget(&id);
+        }
+        acted.touched = gone.iter().map(|e| e.id.to_string()).collect();
+        if let Err(e) = self.appender.append_tombstones_durably(&gone).await {
+            acted.error = Some(format!(
+                "removed, but the removal could not be written to the spool ({e:?}); a restart would bring them back"
+            ));
+        }
+        acted
+    }
+
+    /// Spools the failure notice of an operator's bounce for `id`'s pending recipients. True
+    /// when it is durable or none is due (a bounce is never bounced). The message is held in
+    /// memory meanwhile, so that no attempt starts while the notice is written; if the notice
+    /// fails, it is released again unless it was held before.
+    async fn bounce_one(self: &Rc<Self>, id: MessageId, reason: &str) -> bool {
+        let (envelope, pending, record_bytes, was_held) = {
+            let sched = self.sched.borrow();
+            let Some(m) = sched.queue().get(&id) else {
+                return false;
+            };
+            let pending: Vec<u32> = (0..m.done.len())
+                .filter(|&i| !m.done.contains(i))
+                .map(|i| i as u32)
+                .collect();
+            (m.envelope.view().to_stored(), pending, m.record_bytes, m.held)
+        };
+        if envelope.sender.is_empty() {
+            return true;
+        }
+        self.sched.borrow_mut().hold(&[id], Now::read());
+        let spooled = match self.store.load(id, record_bytes).await {
+            Ok(loaded) => {
+                let failed: Vec<FailedRecipient> = pending
+                    .into_iter()
+                    .map(|index| FailedRecipient {
+                        index,
+                        diagnostic: format!("550 5.0.0 returned by the operator: {reason}"),
+                        remote_mta: None,
+                    })
+                    .collect();
+                let spooled = self
+                    .spool_notice(id, &envelope, loaded.content(), &failed, "failed")
+                    .await;
+                if spooled {
+                    metrics::with(|m| m.bounces.add("operator", failed.len() as u64));
+                }
+                spooled
+            }
+            Err(_) => false,
+        };
+        if !spooled && !was_held {
+            let (_, due) = self.sched.borrow_mut().release(&[id], Now::read());
+            due.into_iter().for_each(|id| self.schedule(id));
+        }
+        spooled
+    }
+
+    /// Stops delivery to `domain` until `until_unix_s` (messages already on a connection
+    /// finish their attempt). False when the table of suspensions is full.
+    pub fn suspend(&self, domain: &str, until_unix_s: u64) -> bool {
+        let done = self.sched.borrow_mut().suspend(domain, until_unix_s);
+        if done {
+            info!(
+                shard = self.shard,
+                domain,
+                "destination suspended until {}",
+                rfc3339(until_unix_s)
+            );
+        }
+        done
+    }
+
+    /// Ends the suspension of `domain`: its parked mail is planned at once. How many.
+    pub fn resume(self: &Rc<Self>, domain: &str) -> usize {
+        let ids = self.sched.borrow_mut().resume(domain);
+        info!(
+            shard = self.shard,
+            domain,
+            "destination resumed: {} message(s) go now",
             ids.len()
         );
-        ids.iter().map(MessageId::to_string).collect()
+        for &id in &ids {
+            self.schedule(id);
+        }
+        ids.len()
+    }
+
+    /// Ends suspensions past their time (every tick).
+    pub(super) fn expire_suspensions(self: &Rc<Self>) {
+        let ids = self.sched.borrow_mut().expire_suspensions(Now::read().unix_s);
+        if !ids.is_empty() {
+            info!(
+                shard = self.shard,
+                "a suspension expired: {} message(s) go now",
+                ids.len()
+            );
+        }
+        for id in ids {
+            self.schedule(id);
+        }
     }
 
     pub fn remember_reply(&self, id: MessageId, reply: &str) {

@@ -136,6 +136,25 @@ impl Deliverer {
             let reply = match result {
                 RecipientResult::Delivered(r) | RecipientResult::Failed(r) | RecipientResult::Deferred(r) => r.text(),
             };
+            if crate::events::enabled() {
+                let kind = match verdict {
+                    Verdict::Delivered => "delivered",
+                    Verdict::Failed => "bounced",
+                    Verdict::Expired => "expired",
+                    Verdict::Deferred => "deferred",
+                };
+                crate::events::emit(crate::events::EventBody {
+                    kind,
+                    message_id: id.to_string(),
+                    sender: String::from_utf8_lossy(&envelope.sender).into_owned(),
+                    recipient: Some(to.clone()),
+                    recipients: None,
+                    size_bytes: None,
+                    client: None,
+                    relay: Some(relay.clone()),
+                    reply: Some(reply.clone()),
+                });
+            }
             match verdict {
                 Verdict::Delivered => info!(shard = self.shard, %id, %to, %relay, "delivered: {reply}"),
                 Verdict::Failed => warn!(shard = self.shard, %id, %to, %relay, "failed for good: {reply}"),
@@ -149,7 +168,7 @@ impl Deliverer {
 
     /// Spools a delivery status notification (`action`: "failed" or "delayed") to the original
     /// sender, from the null sender. True once it is durable.
-    async fn spool_notice(
+    pub(super) async fn spool_notice(
         self: &Rc<Self>,
         original_id: MessageId,
         envelope: &StoredEnvelope,

@@ -95,6 +95,14 @@ impl Deliverer {
 
     /// Starts the timer task and plans everything recovered from the spool (deferred messages
     /// keep their retry time across a restart; the rest go now).
+    /// Applies the suspensions in force at start, before anything recovered is planned.
+    pub fn start_suspended(&self, suspended: &[crate::admin::suspensions::SuspensionRecord]) {
+        let mut sched = self.sched.borrow_mut();
+        for s in suspended {
+            sched.suspend(&s.domain, s.until_unix_s);
+        }
+    }
+
     pub fn start(self: &Rc<Self>) {
         let weak = Rc::downgrade(self);
         self.appender.set_before_sync(Rc::new(move || {
@@ -178,6 +186,7 @@ impl Deliverer {
         for id in due {
             self.schedule(id);
         }
+        self.expire_suspensions();
         if self.copy_forward_wanted() {
             let me = self.clone();
             glommio::spawn_local(async move { me.copy_forward().await }).detach();

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::metrics;
 use gannet_metrics::Slot;
 use gannet_sched::Job;
-use gannet_smtp::client::{Capabilities, ReplyParser, ServerReply, Transaction};
+use gannet_smtp::client::{Capabilities, ReplyError, ReplyParser, ServerReply, Transaction};
 
 /// Read buffer for replies.
 const REPLY_BUFFER_BYTES: usize = 8 * 1024;
@@ -34,11 +34,84 @@ pub enum TlsPolicy {
     Off,
 }
 
+/// Why an outbound connection or exchange failed. Its text is the diagnostic that deferrals,
+/// failure notices and the log carry.
+#[derive(Debug)]
+pub enum LinkError {
+    Connect {
+        addr: SocketAddr,
+        source: glommio::GlommioError<()>,
+    },
+    Greeting {
+        addr: SocketAddr,
+        reply: String,
+    },
+    HelloRefused {
+        addr: SocketAddr,
+        reply: String,
+    },
+    NoStartTls {
+        addr: SocketAddr,
+    },
+    StartTlsRefused {
+        addr: SocketAddr,
+        reply: String,
+    },
+    /// Bytes after the 220 to STARTTLS (they could be injected into the encrypted session).
+    DataAfterStartTls {
+        addr: SocketAddr,
+    },
+    Handshake {
+        addr: SocketAddr,
+        source: glommio::GlommioError<()>,
+    },
+    NoTlsForAuth {
+        addr: SocketAddr,
+    },
+    NoAuthPlain {
+        addr: SocketAddr,
+    },
+    AuthRefused {
+        addr: SocketAddr,
+        reply: String,
+    },
+    Write(std::io::Error),
+    Read(std::io::Error),
+    BadReply(ReplyError),
+    /// No complete reply within the deadline.
+    Timeout(Duration),
+    Closed,
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Connect { addr, source } => write!(f, "connect to {addr}: {source}"),
+            LinkError::Greeting { addr, reply } => write!(f, "{addr} greeted with {reply}"),
+            LinkError::HelloRefused { addr, reply } => write!(f, "{addr} refused EHLO and HELO: {reply}"),
+            LinkError::NoStartTls { addr } => write!(f, "{addr} does not offer STARTTLS, which this route requires"),
+            LinkError::StartTlsRefused { addr, reply } => write!(f, "{addr} refused STARTTLS: {reply}"),
+            LinkError::DataAfterStartTls { addr } => write!(f, "{addr} sent data after its 220 to STARTTLS"),
+            LinkError::Handshake { addr, source } => write!(f, "TLS handshake with {addr} failed: {source}"),
+            LinkError::NoTlsForAuth { addr } => write!(f, "refusing to send credentials to {addr} without TLS"),
+            LinkError::NoAuthPlain { addr } => write!(f, "{addr} does not offer AUTH PLAIN"),
+            LinkError::AuthRefused { addr, reply } => write!(f, "{addr} refused our credentials: {reply}"),
+            LinkError::Write(e) => write!(f, "write failed: {e}"),
+            LinkError::Read(e) => write!(f, "read failed: {e}"),
+            LinkError::BadReply(e) => write!(f, "bad reply from server: {e:?}"),
+            LinkError::Timeout(t) => write!(f, "no complete reply within {t:?}"),
+            LinkError::Closed => write!(f, "connection closed by the server"),
+        }
+    }
+}
+
+impl std::error::Error for LinkError {}
+
 /// Why a connection could not be opened.
 enum OpenError {
     /// TLS was attempted and failed; a plaintext retry may follow if policy allows.
-    Tls(String),
-    Other(String),
+    Tls(LinkError),
+    Other(LinkError),
 }
 
 /// One outbound SMTP connection with its read buffer and the server's capabilities.
@@ -89,7 +162,7 @@ impl OutboundConnection {
         config: &Config,
         policy: TlsPolicy,
         auth: Option<(&str, &str)>,
-    ) -> Result<OutboundConnection, String> {
+    ) -> Result<OutboundConnection, LinkError> {
         let slot = Rc::new(slot);
         match OutboundConnection::open_once(slot.clone(), addr, config, policy, auth).await {
             Ok(c) => Ok(c),
@@ -115,7 +188,7 @@ impl OutboundConnection {
         let d = &config.delivery;
         let stream = TcpStream::connect_timeout(addr, d.connect_timeout.0)
             .await
-            .map_err(|e| OpenError::Other(format!("connect to {addr}: {e}")))?;
+            .map_err(|source| OpenError::Other(LinkError::Connect { addr, source }))?;
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(d.reply_timeout.0));
         let mut conn = OutboundConnection {
@@ -136,15 +209,16 @@ impl OutboundConnection {
         };
         let greeting = conn.read_reply(d.reply_timeout.0).await.map_err(OpenError::Other)?;
         if greeting.code != 220 {
-            return Err(OpenError::Other(format!("{addr} greeted with {}", greeting.text())));
+            return Err(OpenError::Other(LinkError::Greeting {
+                addr,
+                reply: greeting.text(),
+            }));
         }
         conn.hello(config).await.map_err(OpenError::Other)?;
         match (policy, conn.caps.starttls) {
             (TlsPolicy::Off, _) | (TlsPolicy::Opportunistic, false) => return Ok(conn),
             (TlsPolicy::Required, false) => {
-                return Err(OpenError::Other(format!(
-                    "{addr} does not offer STARTTLS, which this route requires"
-                )));
+                return Err(OpenError::Other(LinkError::NoStartTls { addr }));
             }
             (_, true) => {}
         }
@@ -153,11 +227,14 @@ impl OutboundConnection {
             .await
             .map_err(OpenError::Other)?;
         if reply.code != 220 {
-            return Err(OpenError::Tls(format!("{addr} refused STARTTLS: {}", reply.text())));
+            return Err(OpenError::Tls(LinkError::StartTlsRefused {
+                addr,
+                reply: reply.text(),
+            }));
         }
         // Mirror of the CVE-2011-0411 rule: nothing may follow the 220 in plaintext.
         if conn.start != conn.end {
-            return Err(OpenError::Tls(format!("{addr} sent data after its 220 to STARTTLS")));
+            return Err(OpenError::Tls(LinkError::DataAfterStartTls { addr }));
         }
         let Transport::Plain(tcp) = std::mem::replace(&mut conn.stream, Transport::Closed) else {
             unreachable!("STARTTLS on a plain connection");
@@ -174,7 +251,7 @@ impl OutboundConnection {
                     _ => "failed",
                 };
                 metrics::with(|m| m.tls_handshakes.add(("outbound", "none", result), 1));
-                return Err(OpenError::Tls(format!("TLS handshake with {addr} failed: {e}")));
+                return Err(OpenError::Tls(LinkError::Handshake { addr, source: e }));
             }
         };
         let session = tls.get_ref().1;
@@ -204,26 +281,29 @@ impl OutboundConnection {
     }
 
     /// AUTH PLAIN (RFC 4954, RFC 4616), only ever on an encrypted connection.
-    async fn authenticate(&mut self, user: &str, password: &str, timeout: Duration) -> Result<(), String> {
+    async fn authenticate(&mut self, user: &str, password: &str, timeout: Duration) -> Result<(), LinkError> {
         use base64::Engine;
         if self.tls.is_none() {
-            return Err(format!("refusing to send credentials to {} without TLS", self.peer));
+            return Err(LinkError::NoTlsForAuth { addr: self.peer });
         }
         if !self.caps.auth_plain {
-            return Err(format!("{} does not offer AUTH PLAIN", self.peer));
+            return Err(LinkError::NoAuthPlain { addr: self.peer });
         }
         let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         let reply = self
             .command(format!("AUTH PLAIN {token}\r\n").as_bytes(), timeout)
             .await?;
         if reply.code != 235 {
-            return Err(format!("{} refused our credentials: {}", self.peer, reply.text()));
+            return Err(LinkError::AuthRefused {
+                addr: self.peer,
+                reply: reply.text(),
+            });
         }
         Ok(())
     }
 
     /// EHLO, or HELO if EHLO is refused; records the server's capabilities.
-    async fn hello(&mut self, config: &Config) -> Result<(), String> {
+    async fn hello(&mut self, config: &Config) -> Result<(), LinkError> {
         let timeout = config.delivery.reply_timeout.0;
         let ehlo = format!("EHLO {}\r\n", config.helo_name());
         let reply = self.command(ehlo.as_bytes(), timeout).await?;
@@ -234,33 +314,33 @@ impl OutboundConnection {
         let helo = format!("HELO {}\r\n", config.helo_name());
         let reply = self.command(helo.as_bytes(), timeout).await?;
         if !reply.is_positive() {
-            return Err(format!("{} refused EHLO and HELO: {}", self.peer, reply.text()));
+            return Err(LinkError::HelloRefused {
+                addr: self.peer,
+                reply: reply.text(),
+            });
         }
         self.caps = Capabilities::default();
         Ok(())
     }
 
-    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.stream
-            .write_all(bytes)
-            .await
-            .map_err(|e| format!("write failed: {e}"))
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), LinkError> {
+        self.stream.write_all(bytes).await.map_err(LinkError::Write)
     }
 
-    pub async fn command(&mut self, line: &[u8], timeout: Duration) -> Result<ServerReply, String> {
+    pub async fn command(&mut self, line: &[u8], timeout: Duration) -> Result<ServerReply, LinkError> {
         self.send(line).await?;
         self.read_reply(timeout).await
     }
 
     /// Reads one whole reply, which must arrive within `timeout` however the server spreads
     /// its bytes (a deadline, not a per-read timeout that each byte would re-arm).
-    pub async fn read_reply(&mut self, timeout: Duration) -> Result<ServerReply, String> {
+    pub async fn read_reply(&mut self, timeout: Duration) -> Result<ServerReply, LinkError> {
         let deadline = Instant::now() + timeout;
         loop {
             let (reply, used) = self
                 .parser
                 .parse(&self.buf[self.start..self.end])
-                .map_err(|e| format!("bad reply from server: {e:?}"))?;
+                .map_err(LinkError::BadReply)?;
             self.start += used;
             if let Some(reply) = reply {
                 metrics::with(|m| m.count_outbound_reply(reply.code, reply.lines.first().map_or("", String::as_str)));
@@ -273,7 +353,7 @@ impl OutboundConnection {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("no complete reply within {timeout:?}"));
+                return Err(LinkError::Timeout(timeout));
             }
             let (stream, free) = (&mut self.stream, &mut self.buf[self.end..]);
             let read = async { Some(stream.read(free).await) };
@@ -282,11 +362,11 @@ impl OutboundConnection {
                 None
             };
             let n = match futures_lite::future::or(read, timer).await {
-                Some(result) => result.map_err(|e| format!("read failed: {e}"))?,
-                None => return Err(format!("no complete reply within {timeout:?}")),
+                Some(result) => result.map_err(LinkError::Read)?,
+                None => return Err(LinkError::Timeout(timeout)),
             };
             if n == 0 {
-                return Err("connection closed by the server".into());
+                return Err(LinkError::Closed);
             }
             self.end += n;
         }

@@ -232,7 +232,7 @@ impl Deliverer {
             }
             if let Some(why) = last {
                 return Err(NoConnection::Unreachable(Unreachable {
-                    reply: ServerReply::new(421, &why),
+                    reply: ServerReply::new(421, &why.to_string()),
                     permanent: false,
                 }));
             }

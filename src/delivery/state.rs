@@ -28,6 +28,31 @@ const STATE_GATHER: Duration = Duration::from_millis(10);
 /// (1/N) of a segment.
 const COPY_FORWARD_LIVE_FRACTION_MAX: u64 = 4;
 
+/// Why a message could not be copied forward (it stays where it is; the next pass tries again).
+#[derive(Debug)]
+enum CopyError {
+    /// Finished before the copy began.
+    Finished,
+    Read(super::store::LoadError),
+    NoMemory,
+    Commit(crate::smtp::session::CommitError),
+    /// Finished while the copy was written (cannot happen: nothing finishes a message waiting
+    /// for a retry); the copy is tombstoned.
+    FinishedWhileCopied,
+}
+
+impl std::fmt::Display for CopyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CopyError::Finished => write!(f, "finished meanwhile"),
+            CopyError::Read(e) => write!(f, "{e}"),
+            CopyError::NoMemory => write!(f, "no spool memory free"),
+            CopyError::Commit(e) => write!(f, "spool: {e:?}"),
+            CopyError::FinishedWhileCopied => write!(f, "finished while being copied"),
+        }
+    }
+}
+
 /// Ready once the committer announces a sync after `seen`.
 struct CommitComing<'a> {
     deliverer: &'a Deliverer,
@@ -186,13 +211,17 @@ impl Deliverer {
     }
 
     /// Writes a `Copy` record of `old_id` (durably), then the copy takes its place.
-    async fn copy_one(self: &Rc<Self>, old_id: MessageId) -> Result<MessageId, String> {
+    async fn copy_one(self: &Rc<Self>, old_id: MessageId) -> Result<MessageId, CopyError> {
         let (record_bytes, done) = {
             let sched = self.sched.borrow();
-            let m = sched.queue().get(&old_id).ok_or("finished meanwhile")?;
+            let m = sched.queue().get(&old_id).ok_or(CopyError::Finished)?;
             (m.record_bytes, m.done.flags())
         };
-        let (bytes, message_start) = self.store.read_record(old_id, record_bytes).await?;
+        let (bytes, message_start) = self
+            .store
+            .read_record(old_id, record_bytes)
+            .await
+            .map_err(CopyError::Read)?;
         let copy = CopyOf {
             moved_from: old_id,
             done,
@@ -201,20 +230,16 @@ impl Deliverer {
         buffer
             .begin_copy(&copy)
             .and_then(|()| buffer.append(&bytes[message_start..]))
-            .map_err(|_| "no spool memory free".to_string())?;
+            .map_err(|_| CopyError::NoMemory)?;
         let message = buffer.take();
         let new_record_bytes = message.record_len();
-        let new_id = self
-            .appender
-            .commit(message)
-            .await
-            .map_err(|e| format!("spool: {e:?}"))?;
+        let new_id = self.appender.commit(message).await.map_err(CopyError::Commit)?;
         // Durable: from here on recovery prefers the copy, whatever else survives a crash.
         self.store.forget(&old_id);
         if !self.sched.borrow_mut().moved(old_id, new_id, new_record_bytes) {
             // Cannot happen (nothing finishes a message waiting for a retry); the copy got a
             // tombstone so that it never brings a finished message back.
-            return Err("finished while being copied".into());
+            return Err(CopyError::FinishedWhileCopied);
         }
         Ok(new_id)
     }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use gannet_spool::record::{split_envelope, verify_message_record, EnvelopeView};
+use gannet_spool::record::{split_envelope, verify_message_record, DecodeError, EnvelopeView, RecordError};
 use gannet_spool::MessageId;
 use glommio::io::{DmaFile, OpenOptions, ReadResult};
 
@@ -27,6 +27,46 @@ enum Body {
 }
 
 /// A message read back: the record's bytes and where its `Message` payload starts.
+/// Why a message could not be read back from the spool.
+#[derive(Debug)]
+pub enum LoadError {
+    Open {
+        path: std::path::PathBuf,
+        source: glommio::GlommioError<()>,
+    },
+    Read {
+        id: MessageId,
+        source: glommio::GlommioError<()>,
+    },
+    ShortRead {
+        id: MessageId,
+    },
+    /// The record fails its checks (length, CRC, kind).
+    Record {
+        id: MessageId,
+        source: RecordError,
+    },
+    /// The payload's envelope does not decode.
+    Envelope {
+        id: MessageId,
+        source: DecodeError,
+    },
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Open { path, source } => write!(f, "cannot open {}: {source}", path.display()),
+            LoadError::Read { id, source } => write!(f, "cannot read message {id}: {source}"),
+            LoadError::ShortRead { id } => write!(f, "message {id}: short read"),
+            LoadError::Record { id, source } => write!(f, "message {id}: record fails its checks ({source:?})"),
+            LoadError::Envelope { id, source } => write!(f, "message {id}: {source:?}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
 pub struct Loaded {
     bytes: Body,
     /// Offsets of the envelope and of the content in `bytes`.
@@ -35,12 +75,13 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    fn new(bytes: Body, payload_offset: usize) -> Result<Loaded, String> {
+    fn new(id: MessageId, bytes: Body, payload_offset: usize) -> Result<Loaded, LoadError> {
         let all: &[u8] = match &bytes {
             Body::Read(r) => r,
             Body::Memory(v) => v,
         };
-        let (envelope, content) = split_envelope(&all[payload_offset..]).map_err(|e| format!("{e:?}"))?;
+        let (envelope, content) =
+            split_envelope(&all[payload_offset..]).map_err(|source| LoadError::Envelope { id, source })?;
         let start = payload_offset + 4;
         Ok(Loaded {
             envelope: start..start + envelope.len(),
@@ -103,40 +144,40 @@ impl MessageStore {
     }
 
     /// The message, from its kept record (taken: it serves one attempt) or its segment.
-    pub async fn load(&self, id: MessageId, record_bytes: u32) -> Result<Loaded, String> {
+    pub async fn load(&self, id: MessageId, record_bytes: u32) -> Result<Loaded, LoadError> {
         match self.forget(&id) {
             Some(record) => {
                 let bytes = record.to_vec();
                 let checked =
-                    verify_message_record(&bytes, id.segment_seq).map_err(|e| format!("message {id}: {e:?}"))?;
+                    verify_message_record(&bytes, id.segment_seq).map_err(|source| LoadError::Record { id, source })?;
                 let payload_offset = checked.payload_offset;
-                Loaded::new(Body::Memory(bytes), payload_offset)
+                Loaded::new(id, Body::Memory(bytes), payload_offset)
             }
             None => {
                 let (bytes, payload_offset) = self.read_record(id, record_bytes).await?;
-                Loaded::new(Body::Read(bytes), payload_offset).map_err(|e| format!("message {id}: {e}"))
+                Loaded::new(id, Body::Read(bytes), payload_offset)
             }
         }
     }
 
     /// Reads a record that holds a message (new or copied) and checks it. Returns the bytes and
     /// where the `Message` payload starts in them.
-    pub async fn read_record(&self, id: MessageId, record_bytes: u32) -> Result<(ReadResult, usize), String> {
+    pub async fn read_record(&self, id: MessageId, record_bytes: u32) -> Result<(ReadResult, usize), LoadError> {
         let file = self.reader(id).await?;
         let bytes = file
             .read_at(id.offset_bytes(), record_bytes as usize)
             .await
-            .map_err(|e| format!("cannot read message {id}: {e}"))?;
+            .map_err(|source| LoadError::Read { id, source })?;
         if bytes.len() != record_bytes as usize {
-            return Err(format!("message {id}: short read"));
+            return Err(LoadError::ShortRead { id });
         }
-        let checked = verify_message_record(&bytes, id.segment_seq)
-            .map_err(|e| format!("message {id}: record fails its checks ({e:?})"))?;
+        let checked =
+            verify_message_record(&bytes, id.segment_seq).map_err(|source| LoadError::Record { id, source })?;
         let offset = checked.payload_offset;
         Ok((bytes, offset))
     }
 
-    async fn reader(&self, id: MessageId) -> Result<Rc<DmaFile>, String> {
+    async fn reader(&self, id: MessageId) -> Result<Rc<DmaFile>, LoadError> {
         let key = (id.shard, id.segment_seq);
         if let Some(file) = self.readers.borrow().get(&key).cloned() {
             return Ok(file);
@@ -146,7 +187,10 @@ impl MessageStore {
             .read(true)
             .dma_open(&path)
             .await
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            .map_err(|source| LoadError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let file = Rc::new(file);
         self.readers.borrow_mut().insert(key, file.clone());
         Ok(file)

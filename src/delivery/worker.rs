@@ -232,6 +232,7 @@ impl Deliverer {
                 if sent_ahead {
                     conn.ahead = None;
                 }
+                let why = why.to_string();
                 let results = every_recipient(job, || RecipientResult::Deferred(ServerReply::new(451, &why)));
                 return Outcome {
                     results,
@@ -267,7 +268,7 @@ impl Deliverer {
         let resumed = conn.ahead.take_if(|(ahead, _)| ahead.id == job.id).map(|(_, tx)| tx);
         if resumed.is_none() && conn.needs_reset {
             if let Err(why) = conn.command(b"RSET\r\n", self.config.delivery.reply_timeout.0).await {
-                return (defer_all(&why), false);
+                return (defer_all(&why.to_string()), false);
             }
             conn.needs_reset = false;
         }
@@ -292,7 +293,7 @@ impl Deliverer {
         loop {
             if !out.is_empty() {
                 if let Err(why) = conn.send(out).await {
-                    tx.broken(&why);
+                    tx.broken(&why.to_string());
                     return (tx.results().to_vec(), false);
                 }
                 out.clear();
@@ -300,7 +301,7 @@ impl Deliverer {
             let reply = match conn.read_reply(timeout).await {
                 Ok(reply) => reply,
                 Err(why) => {
-                    if tx.broken(&why) {
+                    if tx.broken(&why.to_string()) {
                         warn!(shard = self.shard, id = %job.id, destination = %addr, "connection lost after the final dot ({why}); the retry may deliver a duplicate");
                     }
                     return (tx.results().to_vec(), false);

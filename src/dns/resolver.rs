@@ -55,6 +55,28 @@ impl Future for Settled<'_> {
     }
 }
 
+/// Why one query to one server gave no answer (the next server or round is tried).
+#[derive(Debug)]
+enum QueryError {
+    Socket(glommio::GlommioError<()>),
+    Send(glommio::GlommioError<()>),
+    TimedOut,
+    Tcp(glommio::GlommioError<()>),
+    BadTcpReply(gannet_dns::message::Rejected),
+}
+
+impl std::fmt::Display for QueryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueryError::Socket(e) => write!(f, "cannot open a UDP socket: {e}"),
+            QueryError::Send(e) => write!(f, "send failed: {e}"),
+            QueryError::TimedOut => write!(f, "timed out"),
+            QueryError::Tcp(e) => write!(f, "TCP query failed: {e}"),
+            QueryError::BadTcpReply(e) => write!(f, "bad TCP reply: {e:?}"),
+        }
+    }
+}
+
 /// Counts a lookup the cache answered: `hit` with records, `negative` without (NODATA,
 /// NXDOMAIN, a remembered failure).
 fn count_hit(answer: &Answer) {
@@ -189,23 +211,20 @@ impl Resolver {
         id: u16,
         qname: &str,
         rtype: RecordType,
-    ) -> Result<Parsed, String> {
+    ) -> Result<Parsed, QueryError> {
         let bind = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-        let socket = UdpSocket::bind(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-        socket
-            .send_to(query, server)
-            .await
-            .map_err(|e| format!("send failed: {e}"))?;
+        let socket = UdpSocket::bind(bind).map_err(QueryError::Socket)?;
+        socket.send_to(query, server).await.map_err(QueryError::Send)?;
         let deadline = Instant::now() + self.timeout;
         let mut buf = vec![0u8; UDP_REPLY_BYTES_MAX];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err("timed out".into());
+                return Err(QueryError::TimedOut);
             }
             let (n, from) = glommio::timer::timeout(left, async { socket.recv_from(&mut buf).await })
                 .await
-                .map_err(|_| "timed out".to_string())?;
+                .map_err(|_| QueryError::TimedOut)?;
             if from != server {
                 continue; // Not from the server we asked: ignore.
             }
@@ -223,7 +242,7 @@ impl Resolver {
         id: u16,
         qname: &str,
         rtype: RecordType,
-    ) -> Result<Parsed, String> {
+    ) -> Result<Parsed, QueryError> {
         let exchange = async {
             let mut stream = TcpStream::connect_timeout(server, self.timeout).await?;
             let mut framed = (query.len() as u16).to_be_bytes().to_vec();
@@ -238,7 +257,7 @@ impl Resolver {
         };
         let reply = glommio::timer::timeout(self.timeout, exchange)
             .await
-            .map_err(|e| format!("TCP query failed: {e}"))?;
-        parse_response(&reply, id, qname, rtype).map_err(|e| format!("bad TCP reply: {e:?}"))
+            .map_err(QueryError::Tcp)?;
+        parse_response(&reply, id, qname, rtype).map_err(QueryError::BadTcpReply)
     }
 }

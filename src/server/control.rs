@@ -52,6 +52,12 @@ async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
         }
         Request::Show(id) => Reply::Show(deliverer.show(&id).await.map(Box::new)),
         Request::Summary => Reply::Summary(deliverer.summary(unix_now_s())),
-        Request::Flush(selector) => Reply::Touched(deliverer.flush(&selector, unix_now_s())),
+        Request::Act {
+            action,
+            selector,
+            reason,
+        } => Reply::Acted(deliverer.act(action, &selector, &reason).await),
+        Request::Suspend { domain, until_unix_s } => Reply::Suspended(deliverer.suspend(&domain, until_unix_s)),
+        Request::Resume { domain } => Reply::Resumed(deliverer.resume(&domain)),
     }
 }

@@ -178,15 +178,21 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         negative_ttl_max: config.dns.negative_ttl_max.0,
         failure_ttl: config.dns.failure_ttl.0,
     });
+    crate::events::start(&config.events)?;
+    let now_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let suspended = crate::admin::suspensions::load(&config.spool.directory, now_unix_s)?;
     let config = Arc::new(config);
     let mut control_ends: Vec<Option<crate::admin::ShardEnd>> = (0..shards).map(|_| None).collect();
     let _admin = if config.admin.enabled {
         let (shard_ends, admin_ends) = crate::admin::channels(shards);
         control_ends = shard_ends.into_iter().map(Some).collect();
-        Some(crate::admin::start(config.clone(), admin_ends)?)
+        Some(crate::admin::start(config.clone(), admin_ends, suspended.clone())?)
     } else {
         None
     };
+    let suspended_shared = Arc::new(suspended);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<u16, String>>();
     let mut handles = Vec::with_capacity(shards);
     for ((index, fds), control) in shard_fds.into_iter().enumerate().zip(control_ends) {
@@ -194,6 +200,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         let dns_cache = dns_cache.clone();
         let reloadable = reloadable.clone();
         let ready_tx = ready_tx.clone();
+        let suspended = suspended_shared.clone();
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpus[index]))
             .name(&format!("shard-{index}"))
             .io_memory(io_memory);
@@ -218,6 +225,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
                         dns_cache,
                         reloadable,
                         control,
+                        suspended,
                     },
                     ready_tx.clone(),
                 )

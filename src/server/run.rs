@@ -159,6 +159,8 @@ pub struct ShardSetup {
     pub reloadable: Arc<Reloadable>,
     /// This shard's end of the admin API's channels, when the admin API is on.
     pub control: Option<crate::admin::ShardEnd>,
+    /// Destinations suspended when the server started.
+    pub suspended: Arc<Vec<crate::admin::suspensions::SuspensionRecord>>,
 }
 
 /// Runs a shard until shutdown.
@@ -171,6 +173,7 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
         dns_cache,
         reloadable,
         control,
+        suspended,
     } = setup;
     crate::metrics::install(
         config.listeners.len(),
@@ -187,6 +190,7 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
     };
     let resolver = Resolver::new(dns_servers, config.dns.timeout.0, config.dns.attempts, dns_cache, index);
     let deliverer = Deliverer::new(index, config.clone(), appender.clone(), sched, resolver);
+    deliverer.start_suspended(&suspended);
     deliverer.start();
     let shard = Shard::new(index, config.clone(), appender, deliverer, reloadable);
     let accept_tasks = accept_loops(&shard, listener_fds, &config);

@@ -406,6 +406,19 @@ impl Shard {
             user = %session.user().map_or("-", |u| u.user.as_str()),
             "queued"
         );
+        if crate::events::enabled() {
+            crate::events::emit(crate::events::EventBody {
+                kind: "received",
+                message_id: id.to_string(),
+                sender: String::from_utf8_lossy(env.sender()).into_owned(),
+                recipient: None,
+                recipients: Some(env.recipient_count()),
+                size_bytes: Some(content_bytes),
+                client: Some(session.client_ip().to_string()),
+                relay: None,
+                reply: None,
+            });
+        }
         let envelope = EnvelopeBytes::from_envelope(env, session.origin());
         self.deliverer
             .accept(QueuedMessage::new(id, record_bytes, content_bytes, envelope), written);

@@ -333,9 +333,41 @@ impl Appender {
         Ok(())
     }
 
+    /// Appends an operator's retry schedules (holds, releases) and waits until they are
+    /// durable: the API says an action is done only once a crash cannot undo it.
+    pub async fn append_deferrals_durably(self: &Rc<Self>, entries: &[Deferral]) -> Result<(), CommitError> {
+        for batch in entries.chunks(STATE_BATCH_ENTRIES_MAX) {
+            let len = align_up(record::deferral_record_bytes(batch.len()) as u64);
+            self.append_record(len, true, |seq| build_deferral_record(seq, batch))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Appends an operator's deletions (tombstones) and waits until they are durable.
+    pub async fn append_tombstones_durably(self: &Rc<Self>, entries: &[StateEntry]) -> Result<(), CommitError> {
+        for batch in entries.chunks(STATE_BATCH_ENTRIES_MAX) {
+            let len = align_up(record::state_record_bytes(batch.len()) as u64);
+            self.append_record(len, true, |seq| build_state_record(seq, Kind::Tombstone, batch))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Writes one record of `len` bytes (padded), built for its segment by `build`, without
     /// waiting for the fdatasync that will cover it.
     async fn append_unwaited(self: &Rc<Self>, len: u64, build: impl FnOnce(u64) -> Vec<u8>) -> Result<(), CommitError> {
+        self.append_record(len, false, build).await
+    }
+
+    /// Writes one record; with `wait_durable`, returns only once the fdatasync covering it is
+    /// done (or failed).
+    async fn append_record(
+        self: &Rc<Self>,
+        len: u64,
+        wait_durable: bool,
+        build: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<(), CommitError> {
         let placement = self.reserve(len).await?;
         let bytes = build(placement.seq);
         debug_assert_eq!(bytes.len() as u64, len);
@@ -343,8 +375,18 @@ impl Appender {
         buffer.as_bytes_mut().copy_from_slice(&bytes);
         let written = self.write_chunks(&placement, vec![Rc::new(buffer)]).await;
         self.complete(&placement, written);
+        let ok = if written && wait_durable {
+            let ack = WaitDurable {
+                appender: self,
+                placement,
+            }
+            .await;
+            ack == Ack::Durable
+        } else {
+            written
+        };
         self.policy.borrow_mut().release(&placement);
-        if written {
+        if ok {
             Ok(())
         } else {
             Err(CommitError::Io)

@@ -4,9 +4,11 @@
 //! attempts on this shard and one of the `named_max` labels is free; a label, once given, is
 //! kept for the life of the process, so every series stays monotonic. Everything else is counted
 //! under `other`. Sites still waiting for a label are counted in a map of at most
-//! `candidates_max` entries, cleared when it fills up (their attempts are in `other` meanwhile).
+//! `CANDIDATES_MAX` entries keyed by a 64-bit hash of the name (16 bytes an entry, whatever the
+//! name's length), cleared when it fills up (their attempts are in `other` meanwhile).
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 use crate::counts::{Counts, OTHER};
 
@@ -32,14 +34,36 @@ impl DestinationCounts {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Sites waiting for a label, at most (then the map starts over).
+const CANDIDATES_MAX: usize = 1024;
+
+#[derive(Debug)]
 pub struct Destinations {
     named_max: usize,
     label_after_attempts: u64,
-    candidates_max: usize,
     named: Vec<(String, DestinationCounts)>,
     other: DestinationCounts,
-    candidates: HashMap<String, u64>,
+    /// Attempts so far of sites without a label, by the hash of their name.
+    candidates: HashMap<u64, u64>,
+}
+
+/// A copy for a scrape: the counts, not the candidates.
+impl Clone for Destinations {
+    fn clone(&self) -> Destinations {
+        Destinations {
+            named_max: self.named_max,
+            label_after_attempts: self.label_after_attempts,
+            named: self.named.clone(),
+            other: self.other.clone(),
+            candidates: HashMap::new(),
+        }
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
 }
 
 impl Destinations {
@@ -47,7 +71,6 @@ impl Destinations {
         Destinations {
             named_max,
             label_after_attempts,
-            candidates_max: 4096,
             named: Vec::new(),
             other: DestinationCounts::default(),
             candidates: HashMap::new(),
@@ -75,23 +98,25 @@ impl Destinations {
         if self.named.len() >= self.named_max || name == OTHER {
             return Slot::Other;
         }
-        let seen = match self.candidates.get_mut(name) {
+        let key = name_hash(name);
+        let seen = match self.candidates.get_mut(&key) {
             Some(n) => {
                 *n += 1;
                 *n
             }
             None => {
-                if self.candidates.len() >= self.candidates_max {
+                if self.candidates.len() >= CANDIDATES_MAX {
                     self.candidates.clear();
                 }
-                self.candidates.insert(name.to_owned(), 1);
+                self.candidates.insert(key, 1);
                 1
             }
         };
+        debug_assert!(self.candidates.len() <= CANDIDATES_MAX);
         if seen < self.label_after_attempts {
             return Slot::Other;
         }
-        self.candidates.remove(name);
+        self.candidates.remove(&key);
         self.named.push((name.to_owned(), DestinationCounts::default()));
         Slot::Named(self.named.len() - 1)
     }

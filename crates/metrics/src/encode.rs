@@ -20,6 +20,16 @@ pub struct Exposition {
     pub listener_names: Vec<String>,
     pub shards: usize,
     pub now_unix_s: u64,
+    pub events: EventCounts,
+}
+
+/// The event webhook's counters (process-wide, not per shard); zeros when it is off.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventCounts {
+    pub posted: u64,
+    pub dropped: u64,
+    pub failed_posts: u64,
+    pub buffered: u64,
 }
 
 /// Renders the exposition as Prometheus text.
@@ -278,6 +288,31 @@ impl Exposition {
             "gannet_shards",
             "Shards (executors, one per core) serving.",
             [(vec![], self.shards as i64)],
+        )?;
+        let ev = &self.events;
+        counter_family(
+            e,
+            "gannet_events_posted",
+            "Delivery events the webhook took.",
+            [(vec![], ev.posted)],
+        )?;
+        counter_family(
+            e,
+            "gannet_events_dropped",
+            "Delivery events dropped because the buffer was full.",
+            [(vec![], ev.dropped)],
+        )?;
+        counter_family(
+            e,
+            "gannet_events_failed_posts",
+            "POSTs to the webhook that failed (and were retried).",
+            [(vec![], ev.failed_posts)],
+        )?;
+        gauge_family(
+            e,
+            "gannet_events_buffered",
+            "Delivery events waiting to be posted.",
+            [(vec![], ev.buffered as i64)],
         )
     }
 
@@ -327,6 +362,7 @@ mod tests {
             listener_names: vec!["127.0.0.1:2525".into()],
             shards: 2,
             now_unix_s: 100,
+            events: EventCounts::default(),
         })
         .unwrap()
     }

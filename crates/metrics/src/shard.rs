@@ -33,15 +33,15 @@ pub struct ListenerMetrics {
 }
 
 /// Where a message stands in the queue (the `state` label).
-pub const QUEUE_STATES: [&str; 4] = ["ready", "deferred", "held", "delivering"];
+pub const QUEUE_STATES: [&str; 5] = ["ready", "deferred", "held", "delivering", "suspended"];
 
 /// The queue's gauges, filled in when a copy is made.
 #[derive(Debug, Clone, Default)]
 pub struct QueueGauges {
     /// Messages by state, indexed like [`QUEUE_STATES`].
-    pub messages: [u64; 4],
+    pub messages: [u64; QUEUE_STATES.len()],
     /// Recipients not yet finished, by their message's state.
-    pub recipients: [u64; 4],
+    pub recipients: [u64; QUEUE_STATES.len()],
     /// When the oldest queued message was received.
     pub oldest_received_unix_s: Option<u64>,
 }

@@ -16,6 +16,7 @@ pub mod queue;
 pub mod rng;
 pub mod scheduler;
 pub mod site;
+pub mod suspend;
 
 pub use lanes::Lane;
 pub use queue::{QueueIndex, QueuedMessage, RecipientSet};

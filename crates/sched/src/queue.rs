@@ -109,6 +109,9 @@ pub struct QueuedMessage {
     pub jobs_outstanding: u32,
     /// A delay notice went out (kept across restarts by `Deferral` records).
     pub delay_notified: bool,
+    /// Held by an operator: not attempted until released (kept across restarts by `Deferral`
+    /// records).
+    pub held: bool,
 }
 
 impl QueuedMessage {
@@ -125,6 +128,7 @@ impl QueuedMessage {
             next_attempt_unix_s: None,
             jobs_outstanding: 0,
             delay_notified: false,
+            held: false,
         }
     }
 
@@ -248,6 +252,7 @@ impl QueueIndex {
                 message.attempts = d.attempts;
                 message.next_attempt_unix_s = Some(d.next_attempt_unix_s);
                 message.delay_notified = d.delay_notified;
+                message.held = d.held;
             }
         }
     }
@@ -383,6 +388,7 @@ mod tests {
             attempts,
             next_attempt_unix_s: next,
             delay_notified: attempts > 1,
+            held: false,
         };
         let index = QueueIndex::rebuild(vec![m], &[], &[], &[deferral(1, 100), deferral(2, 300)]);
         let q = index.get(&id).unwrap();

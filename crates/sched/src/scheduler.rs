@@ -33,6 +33,7 @@ use crate::lanes::Lane;
 use crate::queue::{QueueIndex, QueuedMessage};
 use crate::rng::Rng;
 use crate::site::{Site, SiteKey, SiteLimits, SiteRule};
+use crate::suspend::Suspensions;
 
 /// Where mail for a domain goes (`[[route]]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +166,7 @@ pub struct Scheduler {
     /// Sites evicted to make room, for the shell to close their pools (drained by
     /// [`Scheduler::take_evicted`]; at most one per new site).
     evicted: Vec<SiteKey>,
+    suspensions: Suspensions,
 }
 
 /// The domain of an address as stored (`local@domain`); empty for `<Postmaster>`.
@@ -188,6 +190,7 @@ impl Scheduler {
             workers_total: 0,
             state: PendingState::default(),
             evicted: Vec::new(),
+            suspensions: Suspensions::default(),
         }
     }
 
@@ -213,6 +216,9 @@ impl Scheduler {
             .map(|id| (id, self.queue.get(&id).and_then(|m| m.next_attempt_unix_s)))
             .collect();
         for (id, next) in waiting {
+            if self.queue.get(&id).is_some_and(|m| m.held) {
+                continue;
+            }
             match next {
                 Some(at) if at > now.unix_s => {
                     let due = now.instant + Duration::from_secs(at - now.unix_s);
@@ -267,6 +273,111 @@ impl Scheduler {
         taken
     }
 
+    /// Suspends delivery to a recipient domain until `until_unix_s`. False when the table of
+    /// suspensions is full.
+    pub fn suspend(&mut self, domain: &str, until_unix_s: u64) -> bool {
+        self.suspensions.suspend(domain, until_unix_s)
+    }
+
+    /// Ends a suspension; the parked messages to plan now.
+    pub fn resume(&mut self, domain: &str) -> Vec<MessageId> {
+        let ids = self.suspensions.resume(domain);
+        self.still_queued(ids)
+    }
+
+    /// Ends the suspensions past their time; the parked messages to plan now.
+    pub fn expire_suspensions(&mut self, now_unix_s: u64) -> Vec<MessageId> {
+        let ids = self.suspensions.expire(now_unix_s);
+        self.still_queued(ids)
+    }
+
+    fn still_queued(&self, ids: Vec<MessageId>) -> Vec<MessageId> {
+        ids.into_iter().filter(|id| self.queue.get(id).is_some()).collect()
+    }
+
+    /// Whether a message waits for a suspension to end.
+    pub fn is_parked(&self, id: &MessageId) -> bool {
+        self.suspensions.is_parked(id)
+    }
+
+    pub fn suspensions(&self) -> &Suspensions {
+        &self.suspensions
+    }
+
+    /// Holds the messages of `ids` that are not held yet: they leave the retry timers and are
+    /// not planned until released; one being delivered finishes its attempt first. Returns the
+    /// retry schedules (with the hold) that the shell must write, durably, before it says so.
+    pub fn hold(&mut self, ids: &[MessageId], now: Now) -> Vec<Deferral> {
+        let wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+        self.retries.retain(|(_, id)| !wanted.contains(id));
+        let mut entries = Vec::new();
+        for id in ids {
+            let Some(message) = self.queue.get_mut(id) else {
+                continue;
+            };
+            if message.held {
+                continue;
+            }
+            message.held = true;
+            let next = *message.next_attempt_unix_s.get_or_insert(now.unix_s);
+            entries.push(Deferral {
+                id: *id,
+                attempts: message.attempts,
+                next_attempt_unix_s: next,
+                delay_notified: message.delay_notified,
+                held: true,
+            });
+        }
+        entries
+    }
+
+    /// Releases the held messages of `ids`: due now. Returns their schedules to write durably
+    /// and the ids, which the shell plans at once.
+    pub fn release(&mut self, ids: &[MessageId], now: Now) -> (Vec<Deferral>, Vec<MessageId>) {
+        let mut entries = Vec::new();
+        let mut released = Vec::new();
+        for id in ids {
+            let Some(message) = self.queue.get_mut(id) else {
+                continue;
+            };
+            if !message.held {
+                continue;
+            }
+            message.held = false;
+            message.next_attempt_unix_s = Some(now.unix_s);
+            entries.push(Deferral {
+                id: *id,
+                attempts: message.attempts,
+                next_attempt_unix_s: now.unix_s,
+                delay_notified: message.delay_notified,
+                held: false,
+            });
+            if message.jobs_outstanding == 0 {
+                released.push(*id);
+            }
+        }
+        (entries, released)
+    }
+
+    /// Forgets the messages of `ids` that no delivery job holds now (an operator's delete or
+    /// bounce): out of the index and the timers. Returns the tombstones the shell must write
+    /// durably; ids with jobs out are left alone (the caller reports them as busy).
+    pub fn remove(&mut self, ids: &[MessageId]) -> Vec<StateEntry> {
+        let wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+        let mut gone = Vec::new();
+        for id in ids {
+            if self.queue.get(id).is_some_and(|m| m.jobs_outstanding == 0) {
+                self.queue.finish(*id);
+                self.suspensions.forget(id);
+                gone.push(StateEntry { id: *id, recipient: 0 });
+            }
+        }
+        let gone_ids: std::collections::HashSet<MessageId> = gone.iter().map(|e| e.id).collect();
+        self.retries
+            .retain(|(_, id)| !(wanted.contains(id) && gone_ids.contains(id)));
+        gone
+    }
+
     /// Takes a message out of the retry timers (to copy it forward); its due time.
     pub fn take_retry(&mut self, id: MessageId) -> Option<Instant> {
         let entry = self.retries.iter().find(|(_, i)| *i == id).copied()?;
@@ -288,7 +399,7 @@ impl Scheduler {
     /// out already.
     pub fn plan(&mut self, id: MessageId, now: Instant) -> Option<Plan> {
         let message = self.queue.get(&id)?;
-        if message.jobs_outstanding > 0 {
+        if message.jobs_outstanding > 0 || message.held {
             return None;
         }
         let lane = if message.is_bounce() {
@@ -301,11 +412,16 @@ impl Scheduler {
         let mut smarthost: Vec<(SocketAddr, Vec<u32>)> = Vec::new();
         let mut resolve: Vec<(String, Vec<u32>)> = Vec::new();
         let mut unrouted = Vec::new();
+        let mut stopped = 0;
         for (i, recipient) in message.envelope.view().recipients().enumerate() {
             if message.done.contains(i) {
                 continue;
             }
             let domain = domain_of(recipient.address);
+            if self.suspensions.stops(domain) {
+                stopped += 1;
+                continue;
+            }
             let i = i as u32;
             match self.route(domain) {
                 Some(RouteTarget::Smarthost(addr)) => match smarthost.iter_mut().find(|(a, _)| *a == addr) {
@@ -323,6 +439,11 @@ impl Scheduler {
             }
         }
         let jobs = smarthost.len() + resolve.len() + usize::from(!unrouted.is_empty());
+        if jobs == 0 && stopped > 0 {
+            // Everything it still has to deliver is suspended: it waits for the suspension.
+            self.suspensions.park(id);
+            return None;
+        }
         self.queue.get_mut(&id).expect("checked").jobs_outstanding = jobs as u32;
         for (addr, recipients) in smarthost {
             let key = SiteKey::Smarthost(addr);
@@ -634,8 +755,12 @@ impl Scheduler {
             attempts: message.attempts,
             next_attempt_unix_s: at_unix_s,
             delay_notified: message.delay_notified,
+            held: message.held,
         });
-        self.retries.insert((now.instant + delay, id));
+        // Held while it was being delivered: it waits for its release, not for a timer.
+        if !message.held {
+            self.retries.insert((now.instant + delay, id));
+        }
         Some(Completed::Retry { at_unix_s })
     }
 
@@ -667,6 +792,7 @@ impl Scheduler {
                 attempts: message.attempts,
                 next_attempt_unix_s,
                 delay_notified: message.delay_notified,
+                held: message.held,
             });
         }
         self.queue.insert(message);
@@ -796,6 +922,57 @@ mod tests {
             at,
         );
         id
+    }
+
+    #[test]
+    fn a_held_message_is_never_planned_until_released_and_survives_a_rebuild() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        let m = message(1, "a@x", &["b@relay.test"]);
+        let id = m.id;
+        s.insert(m);
+        s.put_retry(id, t0 + Duration::from_secs(60));
+        let entries = s.hold(&[id], now(t0, 0));
+        assert_eq!(entries.len(), 1);
+        assert!(entries[0].held);
+        assert!(s.hold(&[id], now(t0, 1)).is_empty(), "held once");
+        assert_eq!(s.retries_len(), 0, "out of the timers");
+        assert!(s.plan(id, t0).is_none());
+        assert!(s.due(t0 + Duration::from_secs(3600)).is_empty());
+        // What the records say after a restart: still held, not ready, not timed.
+        let mut index = QueueIndex::default();
+        index.insert(message(1, "a@x", &["b@relay.test"]));
+        index.apply_segment(gannet_spool::recovery::SegmentScan {
+            deferrals: entries.clone(),
+            ..Default::default()
+        });
+        let mut restarted = Scheduler::new(config(), index);
+        assert!(restarted.recovered(now(t0, 5)).is_empty());
+        assert_eq!(restarted.retries_len(), 0);
+        let (written, released) = restarted.release(&[id], now(t0, 6));
+        assert_eq!(released, vec![id]);
+        assert!(!written[0].held);
+        assert!(restarted.plan(id, t0).is_some());
+    }
+
+    #[test]
+    fn removal_skips_messages_with_jobs_out() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        let (a, b) = (
+            message(1, "a@x", &["b@relay.test"]),
+            message(2, "a@x", &["b@relay.test"]),
+        );
+        let (ida, idb) = (a.id, b.id);
+        s.insert(a);
+        s.insert(b);
+        s.put_retry(ida, t0 + Duration::from_secs(60));
+        assert!(s.plan(idb, t0).is_some(), "b has a job out now");
+        let gone = s.remove(&[ida, idb]);
+        assert_eq!(gone.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ida]);
+        assert!(s.queue().get(&ida).is_none());
+        assert!(s.queue().get(&idb).is_some());
+        assert_eq!(s.retries_len(), 0);
     }
 
     #[test]

@@ -596,10 +596,16 @@ pub struct Deferral {
     /// When the next attempt is due, in seconds since the epoch.
     pub next_attempt_unix_s: u64,
     pub delay_notified: bool,
+    /// Held by an operator: never attempted until released.
+    pub held: bool,
 }
 
+/// Flag bits of a deferral entry.
+const DEFERRAL_DELAY_NOTIFIED: u8 = 1;
+const DEFERRAL_HELD: u8 = 2;
+
 /// Bytes of one deferral entry: shard u16, segment seq u64, offset blocks u32, attempts u32,
-/// next attempt u64, flags u8.
+/// next attempt u64, flags u8 (bit 0: delay notice sent; bit 1: held).
 const DEFERRAL_ENTRY_BYTES: usize = 2 + 8 + 4 + 4 + 8 + 1;
 
 /// Bytes of a `Deferral` record of `entries` entries, header included (padding not).
@@ -613,7 +619,8 @@ pub fn encode_deferrals(entries: &[Deferral], out: &mut Vec<u8>) {
         encode_entry_id(&e.id, out);
         out.extend_from_slice(&e.attempts.to_le_bytes());
         out.extend_from_slice(&e.next_attempt_unix_s.to_le_bytes());
-        out.push(u8::from(e.delay_notified));
+        let flags = if e.delay_notified { DEFERRAL_DELAY_NOTIFIED } else { 0 } | if e.held { DEFERRAL_HELD } else { 0 };
+        out.push(flags);
     }
 }
 
@@ -623,11 +630,13 @@ pub fn decode_deferrals(payload: &[u8]) -> Result<Vec<Deferral>, DecodeError> {
     let count = r.batch_count(DEFERRAL_ENTRY_BYTES, "deferral batch length")?;
     let mut entries = Vec::with_capacity(count);
     for _ in 0..count {
+        let (id, attempts, next_attempt_unix_s, flags) = (r.entry_id()?, r.u32()?, r.u64()?, r.u8()?);
         entries.push(Deferral {
-            id: r.entry_id()?,
-            attempts: r.u32()?,
-            next_attempt_unix_s: r.u64()?,
-            delay_notified: r.u8()? != 0,
+            id,
+            attempts,
+            next_attempt_unix_s,
+            delay_notified: flags & DEFERRAL_DELAY_NOTIFIED != 0,
+            held: flags & DEFERRAL_HELD != 0,
         });
     }
     Ok(entries)
@@ -688,12 +697,14 @@ mod tests {
                 attempts: 3,
                 next_attempt_unix_s: 1_800_000_000,
                 delay_notified: true,
+                held: false,
             },
             Deferral {
                 id: crate::MessageId::new(8, 0, 0),
                 attempts: 1,
                 next_attempt_unix_s: 5,
                 delay_notified: false,
+                held: true,
             },
         ];
         let record = build_deferral_record(9, &entries);
