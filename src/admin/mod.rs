@@ -1,9 +1,9 @@
-//! The admin listener: HTTP beside the shards, for `GET /metrics` (Prometheus) and the queue API
-//! (docs/admin.md). It runs on a thread of its own (a glommio executor that is not pinned) and
-//! asks each shard for its part: each shard owns its queue and its metrics, so nothing is
-//! shared. Requests and replies cross threads through glommio's bounded shared channels, one
-//! pair per shard: they wake the shard's parked executor, which a crossbeam queue could not
-//! without the shard polling it (docs/admin.md says more on that choice).
+//! The admin listener: HTTP beside the SMTP work, for `GET /metrics` (Prometheus) and the queue
+//! API (docs/admin.md). It runs in a low-priority task queue of shard 0 and asks each shard for
+//! its part: each shard owns its queue and its metrics, so nothing is shared. Requests and
+//! replies cross threads through glommio's bounded shared channels, one pair per shard (shard
+//! 0's too): they wake the shard's parked executor, which a crossbeam queue could not without
+//! the shard polling it (docs/admin.md says more on that choice).
 //!
 //! - [`protocol`]: what crosses the channels (and the API's JSON);
 //! - `http`: hyper over glommio, limits, the bearer token;
@@ -17,14 +17,13 @@ mod routes;
 pub mod suspensions;
 
 use std::cell::Cell;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::sync::Semaphore;
-use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -34,8 +33,6 @@ use protocol::{Answered, Asked, Reply, Request};
 const CHANNEL_SLOTS: usize = 4;
 /// How long the admin thread waits for a shard's answer.
 const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-/// io_uring registered memory of the admin executor (it moves little data).
-const ADMIN_IO_MEMORY_BYTES: usize = 64 * 1024;
 
 /// A shard's ends of its channels with the admin thread.
 pub struct ShardEnd {
@@ -137,57 +134,79 @@ pub fn read_token(config: &Config) -> Result<Option<String>, String> {
     Ok(Some(token))
 }
 
-/// Binds the admin address (before the shards start, so a clash stops start-up with a clear
-/// error) and starts the admin thread.
-pub fn start(
+/// What the admin listener starts with: its socket (bound on the main thread before the shards
+/// start, so that a clash stops start-up with a clear error), its token, every shard's channel
+/// ends, and the suspensions in force. `Send`: it moves to the shard that hosts the listener.
+pub struct AdminSetup {
+    config: Arc<Config>,
+    fd: RawFd,
+    token: Option<String>,
+    ends: Vec<AdminEnd>,
+    suspended: Vec<suspensions::SuspensionRecord>,
+}
+
+/// Binds the admin address and reads the token.
+pub fn prepare(
     config: Arc<Config>,
     ends: Vec<AdminEnd>,
     suspended: Vec<suspensions::SuspensionRecord>,
-) -> Result<glommio::ExecutorJoinHandle<()>, String> {
+) -> Result<AdminSetup, String> {
     let token = read_token(&config)?;
     let address = config.admin.address;
     let listener = std::net::TcpListener::bind(address)
         .map_err(|e| format!("cannot listen on {address} (admin.address): {e}; is another server running there?"))?;
-    let fd = listener.into_raw_fd();
-    let handle = LocalExecutorBuilder::new(Placement::Unbound)
-        .name("admin")
-        .io_memory(ADMIN_IO_MEMORY_BYTES)
-        .spawn(move || async move {
-            // SAFETY: `fd` is the listening socket bound above, whose ownership into_raw_fd gave
-            // up; only this executor uses it. Every test that starts the server reaches it.
-            let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
-            let mut shards = Vec::with_capacity(ends.len());
-            for end in ends {
-                shards.push(ShardLink {
-                    requests: end.requests.connect().await,
-                    replies: end.replies.connect().await,
-                    turn: Semaphore::new(1),
-                    serial: Cell::new(0),
-                });
-            }
-            let limits = http::HttpLimits {
-                connections_max: config.admin.connections_max,
-                request_bytes_max: config.admin.request_size_max.0 as usize,
-                connection_timeout: config.admin.connection_timeout.0,
-            };
-            let state = Rc::new(AdminState {
-                config,
-                shards,
-                suspended: std::cell::RefCell::new(suspended),
-            });
-            info!("admin API listening on http://{address}");
-            let token: Option<Rc<str>> = token.map(Rc::from);
-            let serving = glommio::spawn_local(http::serve(listener, limits, token, move |req| {
-                let state = state.clone();
-                async move { routes::route(&state, req).await }
-            }));
-            while !crate::server::signals::shutdown_requested() {
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-            }
-            drop(serving);
-        })
-        .map_err(|e| format!("cannot start the admin thread: {e}"))?;
-    Ok(handle)
+    Ok(AdminSetup {
+        config,
+        fd: listener.into_raw_fd(),
+        token,
+        ends,
+        suspended,
+    })
+}
+
+/// Serves the admin API until the task is dropped. It runs on shard 0, in a task queue of its
+/// own with a small share of the CPU, beside that shard's SMTP work: a glommio executor of its
+/// own would cost about 4 MB of resident memory for a listener that is idle nearly always
+/// (measured: docs/admin.md). It reaches every shard, shard 0 included, through the same
+/// channels.
+pub async fn serve(setup: AdminSetup) {
+    let AdminSetup {
+        config,
+        fd,
+        token,
+        ends,
+        suspended,
+    } = setup;
+    // SAFETY: `fd` is the listening socket `prepare` bound, whose ownership into_raw_fd gave
+    // up; only this task uses it. Every test that starts the server reaches it.
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+    let mut shards = Vec::with_capacity(ends.len());
+    for end in ends {
+        shards.push(ShardLink {
+            requests: end.requests.connect().await,
+            replies: end.replies.connect().await,
+            turn: Semaphore::new(1),
+            serial: Cell::new(0),
+        });
+    }
+    let limits = http::HttpLimits {
+        connections_max: config.admin.connections_max,
+        request_bytes_max: config.admin.request_size_max.0 as usize,
+        connection_timeout: config.admin.connection_timeout.0,
+    };
+    let address = config.admin.address;
+    let state = Rc::new(AdminState {
+        config,
+        shards,
+        suspended: std::cell::RefCell::new(suspended),
+    });
+    info!("admin API listening on http://{address}");
+    let token: Option<Rc<str>> = token.map(Rc::from);
+    http::serve(listener, limits, token, move |req| {
+        let state = state.clone();
+        async move { routes::route(&state, req).await }
+    })
+    .await;
 }
 
 /// Logs and swallows a shard that could not answer.

@@ -69,7 +69,8 @@ pub struct MessageDetail {
     pub client_ip: String,
     pub helo: String,
     pub recipients: Vec<RecipientDetail>,
-    /// The last reply a server gave for it, while this process remembers it.
+    /// The last reply a server gave for mail to a pending recipient's domain (the shard
+    /// remembers the last 512 domains it tried).
     pub last_reply: Option<String>,
     /// The message's header section, as spooled (none if it cannot be read now).
     pub headers: Option<String>,

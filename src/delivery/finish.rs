@@ -41,11 +41,13 @@ impl Deliverer {
         };
         self.log_results(id, &envelope, &results, &classified.verdicts, relay);
         count_verdicts(&classified.verdicts);
-        if let Some((_, RecipientResult::Deferred(r) | RecipientResult::Failed(r))) = results
+        if let Some((index, RecipientResult::Deferred(r) | RecipientResult::Failed(r))) = results
             .iter()
             .find(|(_, r)| !matches!(r, RecipientResult::Delivered(_)))
         {
-            self.remember_reply(id, &r.text());
+            if let Some(recipient) = envelope.recipients.get(*index as usize) {
+                self.remember_reply(&recipient.address, &r.text());
+            }
         }
         let notice = |indexes: &[u32], expired: bool| -> Vec<FailedRecipient> {
             indexes

@@ -185,10 +185,10 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     let suspended = crate::admin::suspensions::load(&config.spool.directory, now_unix_s)?;
     let config = Arc::new(config);
     let mut control_ends: Vec<Option<crate::admin::ShardEnd>> = (0..shards).map(|_| None).collect();
-    let _admin = if config.admin.enabled {
+    let mut admin = if config.admin.enabled {
         let (shard_ends, admin_ends) = crate::admin::channels(shards);
         control_ends = shard_ends.into_iter().map(Some).collect();
-        Some(crate::admin::start(config.clone(), admin_ends, suspended.clone())?)
+        Some(crate::admin::prepare(config.clone(), admin_ends, suspended.clone())?)
     } else {
         None
     };
@@ -201,6 +201,8 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         let reloadable = reloadable.clone();
         let ready_tx = ready_tx.clone();
         let suspended = suspended_shared.clone();
+        // The admin listener lives on shard 0.
+        let admin = if index == 0 { admin.take() } else { None };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpus[index]))
             .name(&format!("shard-{index}"))
             .io_memory(io_memory);
@@ -226,6 +228,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
                         reloadable,
                         control,
                         suspended,
+                        admin,
                     },
                     ready_tx.clone(),
                 )

@@ -37,7 +37,7 @@ const MEMORY_COLLECT_POLLS: u64 = 50;
 /// would keep for reuse). Freed memory is otherwise purged only as the thread allocates again;
 /// measured, 100,000 queued messages took 72-81 MB of PSS after a restart without this and
 /// 48 MB with purging at once (benches/queued-memory).
-fn give_back_memory(force: bool) {
+pub(crate) fn give_back_memory(force: bool) {
     // SAFETY: mi_collect only walks and releases the calling thread's own heap; it has no
     // preconditions. Runs on every shard of every server test.
     unsafe { libmimalloc_sys::mi_collect(force) }
@@ -161,6 +161,8 @@ pub struct ShardSetup {
     pub control: Option<crate::admin::ShardEnd>,
     /// Destinations suspended when the server started.
     pub suspended: Arc<Vec<crate::admin::suspensions::SuspensionRecord>>,
+    /// The admin listener, on the shard that hosts it (shard 0).
+    pub admin: Option<crate::admin::AdminSetup>,
 }
 
 /// Runs a shard until shutdown.
@@ -174,6 +176,7 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
         reloadable,
         control,
         suspended,
+        admin,
     } = setup;
     crate::metrics::install(
         config.listeners.len(),
@@ -195,11 +198,13 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
     let shard = Shard::new(index, config.clone(), appender, deliverer, reloadable);
     let accept_tasks = accept_loops(&shard, listener_fds, &config);
     let control_task = control.map(|end| glommio::spawn_local(super::control::serve(end, shard.clone())));
+    let admin_task = admin.map(serve_admin);
     let _ = ready.send(Ok(index));
     serve_until_shutdown(&shard).await;
     // Stop accepting: cancelling the accept loops drops (closes) this shard's listening sockets.
     drop(accept_tasks);
     drain(&shard).await;
+    drop(admin_task);
     drop(control_task);
     Ok(())
 }
@@ -248,6 +253,21 @@ async fn open_spool(
         started.elapsed()
     );
     Ok((appender, sched))
+}
+
+/// CPU shares of the admin listener's task queue against the default queue's 1000: when both
+/// have work, SMTP gets the core nearly to itself.
+const ADMIN_SHARES: usize = 50;
+
+/// Starts the admin listener in a task queue of its own.
+fn serve_admin(setup: crate::admin::AdminSetup) -> glommio::Task<()> {
+    let executor = glommio::executor();
+    let queue = executor.create_task_queue(
+        glommio::Shares::Static(ADMIN_SHARES),
+        glommio::Latency::NotImportant,
+        "admin",
+    );
+    glommio::spawn_local_into(crate::admin::serve(setup), queue).expect("a task queue just created exists")
 }
 
 /// One accept loop per listener, each connection served by a task of its own.
