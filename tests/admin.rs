@@ -296,7 +296,21 @@ fn the_queue_api_lists_shows_summarizes_and_flushes_by_selection() {
     let got = deferring.wait_for(1, WAIT);
     assert_eq!(got[0].recipients, vec!["x@a.test".to_string()]);
     assert!(g.wait_for_log("delivered: ", WAIT), "{}", g.log_text());
-    assert_eq!(listed_ids(&g, &[]), vec![second]);
+    assert_eq!(listed_ids(&g, &[]), vec![second.clone()]);
+
+    // Hold and release by curl, delete by the CLI.
+    let select = format!("{{\"id\": \"{second}\"}}");
+    let (status, body) = g.http("POST", "/api/queue/hold", Some(&select), &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(listed_ids(&g, &["--state", "held"]), vec![second.clone()]);
+    deferring.behaviour.defer_data.store(1, Ordering::Release);
+    let (status, body) = g.http("POST", "/api/queue/release", Some(&select), &[]);
+    assert!(status == 200 && body.contains("\"count\": 1"), "{body}");
+    // Released, it is tried at once; the receiver defers it again (its last deferral).
+    assert!(g.wait_for_log_count("deferred: ", 3, WAIT), "{}", g.log_text());
+    let out = run_ok(&g, &["queue", "delete", "--id", &second]);
+    assert!(out.starts_with("1 message(s) deleted"), "{out}");
+    assert!(listed_ids(&g, &[]).is_empty());
 }
 
 #[test]
@@ -418,11 +432,15 @@ fn every_dashboard_query_uses_families_that_metrics_exposes() {
 #[test]
 fn logs_can_be_json_or_logfmt_and_carry_the_message_id() {
     for format in ["json", "logfmt"] {
+        let sink = CaptureSink::start();
         let mut setup = Setup::new();
-        setup.set("log", "format", &format!("\"{format}\""));
+        setup
+            .set("log", "format", &format!("\"{format}\""))
+            .route("dst.test", sink.addr);
         let g = Gannet::start(&setup);
         let id = common::send_message(g.mx(), "s@src.test", &["r@dst.test"], "Subject: log\r\n\r\nx\r\n");
         assert!(g.wait_for_log("queued", WAIT));
+        assert!(g.wait_for_log("delivered: ", WAIT), "{}", g.log_text());
         let text = g.log_text();
         let line = text
             .lines()
@@ -435,11 +453,26 @@ fn logs_can_be_json_or_logfmt_and_carry_the_message_id() {
                 assert_eq!(v["id"], id.as_str(), "{line}");
                 assert_eq!(v["from"], "s@src.test", "{line}");
                 assert_eq!(v["level"], "INFO", "{line}");
+                // The attempt's line: recipient, site, the address that answered, TLS, time.
+                let text = g.log_text();
+                let attempt = text.lines().find(|l| l.contains("delivered: ")).unwrap();
+                let a: serde_json::Value = serde_json::from_str(attempt).unwrap_or_else(|e| panic!("{e}: {attempt}"));
+                assert_eq!(a["id"], id.as_str(), "{attempt}");
+                assert_eq!(a["to"], "r@dst.test", "{attempt}");
+                assert_eq!(a["relay"], sink.addr.to_string().as_str(), "{attempt}");
+                assert_eq!(a["mx"], sink.addr.to_string().as_str(), "{attempt}");
+                assert!(a["took_ms"].is_u64() && a["tls"].is_string(), "{attempt}");
             }
             _ => {
                 assert!(line.contains(&format!("id={id}")), "{line}");
                 assert!(line.contains("level=info"), "{line}");
                 assert!(line.contains("from=s@src.test"), "{line}");
+                let text = g.log_text();
+                let attempt = text.lines().find(|l| l.contains("delivered: ")).unwrap();
+                assert!(
+                    attempt.contains(&format!("id={id}")) && attempt.contains("took_ms="),
+                    "{attempt}"
+                );
             }
         }
     }
@@ -465,13 +498,20 @@ fn holds_survive_sigkill_and_deletes_and_bounces_are_for_good() {
         .route("a.test", receiver.addr)
         .route("b.test", receiver.addr)
         .route("c.test", receiver.addr)
+        .route("d.test", receiver.addr)
         .route("src.test", senders.addr)
         .set("delivery", "retry_first", "\"1h\"");
     let g = Gannet::start(&setup);
     let held = common::send_message(g.mx(), "s@src.test", &["x@a.test"], "Subject: hold me\r\n\r\nx\r\n");
     let deleted = common::send_message(g.mx(), "s@src.test", &["y@b.test"], "Subject: delete me\r\n\r\ny\r\n");
     let bounced = common::send_message(g.mx(), "s@src.test", &["z@c.test"], "Subject: bounce me\r\n\r\nz\r\n");
-    assert!(g.wait_for_log_count("deferred: ", 3, WAIT), "{}", g.log_text());
+    common::send_message(
+        g.mx(),
+        "s@src.test",
+        &["w@d.test"],
+        "Subject: bounce me too\r\n\r\nw\r\n",
+    );
+    assert!(g.wait_for_log_count("deferred: ", 4, WAIT), "{}", g.log_text());
 
     assert!(run_ok(&g, &["queue", "hold", "--domain", "a.test"]).starts_with("1 message(s) held"));
     let (status, body) = g.http("POST", "/api/queue/delete", Some(r#"{"domain": "b.test"}"#), &[]);
@@ -493,6 +533,16 @@ fn holds_survive_sigkill_and_deletes_and_bounces_are_for_good() {
     assert!(text.contains("report-type=delivery-status"), "{text}");
     assert!(text.contains("spam run reported"), "{text}");
     assert!(text.contains("Subject: bounce me"), "{text}");
+    // And by the API.
+    let (status, body) = g.http(
+        "POST",
+        "/api/queue/bounce",
+        Some(r#"{"domain": "d.test", "reason": "returned through the API"}"#),
+        &[],
+    );
+    assert!(status == 200 && body.contains("\"count\": 1"), "{body}");
+    let notices = senders.wait_for(2, WAIT);
+    assert!(String::from_utf8_lossy(&notices[1].content).contains("returned through the API"));
 
     // SIGKILL: the hold, the delete and the bounce were durable when they were reported.
     let g = g.restart();
@@ -669,9 +719,8 @@ fn a_suspended_destination_gets_nothing_until_resumed_or_expired_even_across_a_c
     let to_a = |got: &[common::sink::Captured]| got.iter().filter(|c| c.recipients == ["x@a.test"]).count();
     assert_eq!(to_a(&receiver.captured()), 0);
 
-    let (status, body) = g.http("POST", "/api/destinations/resume", Some(r#"{"domain": "a.test"}"#), &[]);
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"released\": 1"), "{body}");
+    let out = run_ok(&g, &["queue", "resume", "a.test"]);
+    assert!(out.contains("a.test resumed: 1 message(s) go now"), "{out}");
     let mut seen = receiver.captured().len();
     while to_a(&receiver.captured()) == 0 {
         seen += 1;

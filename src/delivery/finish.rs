@@ -20,6 +20,16 @@ use super::Deliverer;
 use crate::metrics;
 use crate::smtp::session::MessageSink;
 
+/// One attempt as the log tells it: the receiving site (its MX hosts, or the smarthost), the
+/// address that answered, TLS, and how long it took. Empty when no server was reached.
+#[derive(Debug, Default)]
+pub(super) struct Attempt {
+    pub relay: Option<SocketAddr>,
+    pub site: Option<String>,
+    pub tls: Option<String>,
+    pub took: Option<std::time::Duration>,
+}
+
 impl Deliverer {
     /// Records a job's results (see the module's doc). `relay`: the server that answered, if
     /// one did; `original`: the message as read for the transaction, if it was.
@@ -27,9 +37,10 @@ impl Deliverer {
         self: &Rc<Self>,
         id: MessageId,
         results: Vec<(u32, RecipientResult)>,
-        relay: Option<SocketAddr>,
+        attempt: Attempt,
         original: Option<Rc<Loaded>>,
     ) {
+        let relay = attempt.relay;
         let now = Now::read();
         let Some(classified) = self.sched.borrow().classify(id, &results, now) else {
             return;
@@ -39,7 +50,7 @@ impl Deliverer {
             let message = sched.queue().get(&id).expect("classified");
             (message.envelope.view().to_stored(), message.record_bytes)
         };
-        self.log_results(id, &envelope, &results, &classified.verdicts, relay);
+        self.log_results(id, &envelope, &results, &classified.verdicts, &attempt);
         count_verdicts(&classified.verdicts);
         if let Some((index, RecipientResult::Deferred(r) | RecipientResult::Failed(r))) = results
             .iter()
@@ -127,9 +138,12 @@ impl Deliverer {
         envelope: &StoredEnvelope,
         results: &[(u32, RecipientResult)],
         verdicts: &[(u32, Verdict)],
-        relay: Option<SocketAddr>,
+        attempt: &Attempt,
     ) {
-        let relay = relay.map_or_else(|| "none".to_string(), |a| a.to_string());
+        let relay = attempt.relay.map_or_else(|| "none".to_string(), |a| a.to_string());
+        let mx = attempt.site.as_deref().unwrap_or("none");
+        let tls = attempt.tls.as_deref().unwrap_or("none");
+        let took_ms = attempt.took.map_or(0, |t| t.as_millis() as u64);
         for ((index, result), (_, verdict)) in results.iter().zip(verdicts) {
             let to = envelope
                 .recipients
@@ -158,12 +172,18 @@ impl Deliverer {
                 });
             }
             match verdict {
-                Verdict::Delivered => info!(shard = self.shard, %id, %to, %relay, "delivered: {reply}"),
-                Verdict::Failed => warn!(shard = self.shard, %id, %to, %relay, "failed for good: {reply}"),
-                Verdict::Expired => {
-                    warn!(shard = self.shard, %id, %to, %relay, "expired after queue_lifetime: {reply}")
+                Verdict::Delivered => {
+                    info!(shard = self.shard, %id, %to, mx, %relay, tls, took_ms, "delivered: {reply}")
                 }
-                Verdict::Deferred => info!(shard = self.shard, %id, %to, %relay, "deferred: {reply}"),
+                Verdict::Failed => {
+                    warn!(shard = self.shard, %id, %to, mx, %relay, tls, took_ms, "failed for good: {reply}")
+                }
+                Verdict::Expired => {
+                    warn!(shard = self.shard, %id, %to, mx, %relay, "expired after queue_lifetime: {reply}")
+                }
+                Verdict::Deferred => {
+                    info!(shard = self.shard, %id, %to, mx, %relay, tls, took_ms, "deferred: {reply}")
+                }
             }
         }
     }

@@ -89,7 +89,7 @@ impl Deliverer {
                     .iter()
                     .map(|&i| (i, RecipientResult::Deferred(reply.clone())))
                     .collect();
-                me.finish_job(id, results, None, None).await;
+                me.finish_job(id, results, Default::default(), None).await;
             })
             .detach();
         }
@@ -126,7 +126,8 @@ impl Deliverer {
                     })
                     .collect();
                 let me = self.clone();
-                glommio::spawn_local(async move { me.finish_job(id, results, None, None).await }).detach();
+                glommio::spawn_local(async move { me.finish_job(id, results, Default::default(), None).await })
+                    .detach();
             }
         }
     }

@@ -15,6 +15,7 @@ use gannet_smtp::envelope::BodyType;
 use gannet_spool::record::EnvelopeView;
 use tracing::warn;
 
+use super::finish::Attempt;
 use super::outbound::OutboundConnection;
 use super::routing::{destination_label, NoConnection, Unreachable};
 use super::store::Loaded;
@@ -144,7 +145,14 @@ impl Deliverer {
             let peer = conn.peer;
             let started = Instant::now();
             let outcome = self.deliver(conn, &job, &key).await;
-            count_attempt(&destination, &job, &outcome.results, Some(started.elapsed()));
+            let took = started.elapsed();
+            count_attempt(&destination, &job, &outcome.results, Some(took));
+            let attempt = Attempt {
+                relay: Some(peer),
+                site: Some(destination.clone()),
+                tls: conn.tls.clone(),
+                took: Some(took),
+            };
             if !outcome.healthy {
                 // A job sent ahead on a connection that is going away goes back to the queue.
                 if let Some((ahead, _)) = conn.ahead.take() {
@@ -169,7 +177,7 @@ impl Deliverer {
                 continue;
             }
             unproven = false;
-            self.finish_job(job.id, outcome.results, Some(peer), outcome.original)
+            self.finish_job(job.id, outcome.results, attempt, outcome.original)
                 .await;
             let messages_max = self.sched.borrow().messages_per_connection_max(&key);
             // Another site waits for this address: give the place up between messages.
@@ -208,7 +216,11 @@ impl Deliverer {
                 false => RecipientResult::Deferred(reply.clone()),
             });
             count_attempt(destination, &job, &results, None);
-            self.finish_job(job.id, results, None, None).await;
+            let attempt = Attempt {
+                site: Some(destination.to_string()),
+                ..Attempt::default()
+            };
+            self.finish_job(job.id, results, attempt, None).await;
         }
     }
 
