@@ -29,9 +29,16 @@ const SHUTDOWN_FLUSH_MAX: Duration = Duration::from_secs(5);
 pub struct Event {
     /// Unique in this run of the process: `<run>-<sequence>`.
     pub id: String,
+    pub time_unix_ms: u64,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// What happened, before the event has its id and time.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventBody {
     /// received, delivered, deferred, bounced or expired.
     pub kind: &'static str,
-    pub time_unix_ms: u64,
     pub message_id: String,
     pub sender: String,
     /// The recipient (delivery events).
@@ -50,19 +57,6 @@ pub struct Event {
     pub relay: Option<String>,
     /// Its reply (delivery events).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reply: Option<String>,
-}
-
-/// An event before it has its id and time.
-pub struct EventBody {
-    pub kind: &'static str,
-    pub message_id: String,
-    pub sender: String,
-    pub recipient: Option<String>,
-    pub recipients: Option<usize>,
-    pub size_bytes: Option<u64>,
-    pub client: Option<String>,
-    pub relay: Option<String>,
     pub reply: Option<String>,
 }
 
@@ -113,16 +107,8 @@ pub fn emit(body: EventBody) {
     let seq = events.next.fetch_add(1, Ordering::Relaxed);
     let event = Event {
         id: format!("{}-{seq}", events.run),
-        kind: body.kind,
         time_unix_ms: unix_ms(),
-        message_id: body.message_id,
-        sender: body.sender,
-        recipient: body.recipient,
-        recipients: body.recipients,
-        size_bytes: body.size_bytes,
-        client: body.client,
-        relay: body.relay,
-        reply: body.reply,
+        body,
     };
     if events.queue.push(event).is_err() {
         let dropped = events.dropped.fetch_add(1, Ordering::Relaxed) + 1;

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::sink::CaptureSink;
-use common::{tool, Gannet, Raw, Setup, BIN};
+use common::{Gannet, Raw, Setup, BIN};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -75,20 +75,6 @@ fn sample(samples: &HashMap<String, f64>, key: &str) -> f64 {
     })
 }
 
-fn smtp_sink(port: u16) -> std::process::Child {
-    let mut cmd = Command::new(tool("smtp-sink"));
-    // SAFETY (test): geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        cmd.args(["-u", "nobody"]);
-    }
-    cmd.arg(format!("127.0.0.1:{port}"))
-        .arg("100")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 /// Sends with Python's smtplib: `count` messages from `from` to `to`; refused recipients are
 /// allowed (smtplib raises only when all are refused).
 const SMTPLIB_SEND: &str = r#"
@@ -103,7 +89,7 @@ with smtplib.SMTP("127.0.0.1", port) as s:
 #[test]
 fn metrics_count_known_traffic_exactly() {
     let sink_port = common::free_port();
-    let mut sink = smtp_sink(sink_port);
+    let mut sink = common::smtp_sink(sink_port, &[]);
     let capture = CaptureSink::start();
     capture.behaviour.defer_data.store(1, Ordering::Release);
     *capture.behaviour.reject_rcpt.lock().unwrap() = Some("refuse".into());

@@ -9,29 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::sink::CaptureSink;
-use common::{python, tool, without_received, Gannet, Raw, Setup};
+use common::{python, smtp_sink, tool, without_received, Gannet, Raw, Setup};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn send(g: &Gannet, from: &str, to: &[&str], content: &str) -> String {
     common::send_message(g.mx(), from, to, content)
-}
-
-/// Starts Postfix's smtp-sink on 127.0.0.1:`port` with `flags` (its stdout piped: `-c` counts
-/// there).
-fn smtp_sink(port: u16, flags: &[&str]) -> std::process::Child {
-    let mut cmd = Command::new(tool("smtp-sink"));
-    // SAFETY (test): geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        cmd.args(["-u", "nobody"]);
-    }
-    cmd.args(flags)
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("100")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 /// Stops the server cleanly and returns what the spool still holds.

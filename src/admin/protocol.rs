@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// Which messages an action or a listing applies to. Every field that is set must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Selector {
     /// One message id (as `gannet queue list` prints it).
     pub id: Option<String>,

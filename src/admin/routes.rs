@@ -9,9 +9,8 @@
 //! - `GET /api/destinations`, `POST /api/destinations/{suspend,resume}`: suspended
 //!   destinations.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use gannet_metrics::{EventCounts, Exposition, ShardMetrics};
+use gannet_metrics::{EventCounts, Exposition, ShardMetrics, QUEUE_STATES};
+use gannet_smtp::received::unix_now_s;
 use hyper::{Method, StatusCode};
 use serde::Serialize;
 
@@ -23,10 +22,6 @@ use gannet_sched::suspend::SUSPENSIONS_MAX;
 
 /// Deepest page offset a listing accepts (a listing holds `offset + limit` entries per shard).
 const OFFSET_MAX: usize = 100_000;
-
-fn unix_now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 fn json(status: StatusCode, value: &impl Serialize) -> AdminResponse {
     match serde_json::to_string_pretty(value) {
@@ -90,6 +85,18 @@ async fn metrics(state: &AdminState) -> AdminResponse {
     }
 }
 
+/// A `state` filter must name one of the queue states the metrics know.
+fn check_state(state: &str) -> Result<(), String> {
+    if QUEUE_STATES.contains(&state) {
+        Ok(())
+    } else {
+        Err(format!(
+            "state must be one of {}, not {state:?}",
+            QUEUE_STATES.join(", ")
+        ))
+    }
+}
+
 /// A selector from query parameters (`sender`, `recipient`, `domain`, `state`, `min_age` in
 /// seconds, `id`).
 fn selector_from_query(query: &str) -> Result<(Selector, Vec<(String, String)>), String> {
@@ -103,11 +110,7 @@ fn selector_from_query(query: &str) -> Result<(Selector, Vec<(String, String)>),
             "recipient" => selector.recipient = Some(value),
             "domain" => selector.domain = Some(value),
             "state" => {
-                if !["ready", "deferred", "held", "delivering", "suspended"].contains(&value.as_str()) {
-                    return Err(format!(
-                        "state must be ready, deferred, held, delivering or suspended, not {value:?}"
-                    ));
-                }
+                check_state(&value)?;
                 selector.state = Some(value);
             }
             "min_age" => {
@@ -239,34 +242,34 @@ async fn summary(state: &AdminState) -> AdminResponse {
     )
 }
 
-/// An action's JSON body: a selector, and `all` to act on everything.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+/// An action's JSON body: a selector's fields, `all` to act on everything, and `reason`.
 struct ActionBody {
-    id: Option<String>,
-    sender: Option<String>,
-    recipient: Option<String>,
-    domain: Option<String>,
-    state: Option<String>,
-    min_age_s: Option<u64>,
-    /// Required to act on every message (an empty selector).
-    #[serde(default)]
+    selector: Selector,
     all: bool,
-    /// Why (bounces: it goes into the notice; logged for every action).
     reason: Option<String>,
 }
 
-impl ActionBody {
-    fn selector(&self) -> Selector {
-        Selector {
-            id: self.id.clone(),
-            sender: self.sender.clone(),
-            recipient: self.recipient.clone(),
-            domain: self.domain.clone(),
-            state: self.state.clone(),
-            min_age_s: self.min_age_s,
-        }
+/// Reads an action's body: `all` and `reason` taken out, the rest must be a [`Selector`]
+/// (unknown fields refused).
+fn action_body(bytes: &[u8]) -> Result<ActionBody, String> {
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes).map_err(|e| format!("bad selector: {e}"))?;
+    let all = match map.remove("all") {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => b,
+        Some(_) => return Err("bad selector: `all` must be true or false".into()),
+    };
+    let reason = match map.remove("reason") {
+        None => None,
+        Some(serde_json::Value::String(r)) => Some(r),
+        Some(_) => return Err("bad selector: `reason` must be a string".into()),
+    };
+    let selector: Selector =
+        serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| format!("bad selector: {e}"))?;
+    if let Some(state) = &selector.state {
+        check_state(state)?;
     }
+    Ok(ActionBody { selector, all, reason })
 }
 
 #[derive(Serialize)]
@@ -288,11 +291,11 @@ async fn act(state: &AdminState, req: &AdminRequest, action: Action) -> AdminRes
             "a JSON selector is wanted, such as {\"domain\": \"example.com\"} or {\"all\": true}",
         );
     }
-    let body: ActionBody = match serde_json::from_slice(&req.body) {
+    let body = match action_body(&req.body) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad selector: {e}")),
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
-    let selector = body.selector();
+    let selector = body.selector;
     if selector.is_all() && !body.all {
         return error(
             StatusCode::BAD_REQUEST,
@@ -520,6 +523,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_action_body_is_a_selector_with_all_and_reason() {
+        let b = action_body(br#"{"domain": "x.test", "reason": "why", "all": false}"#).unwrap();
+        assert_eq!(b.selector.domain.as_deref(), Some("x.test"));
+        assert_eq!(b.reason.as_deref(), Some("why"));
+        assert!(!b.all);
+        assert!(action_body(br#"{"all": true}"#).unwrap().selector.is_all());
+        assert!(
+            action_body(br#"{"domian": "x.test"}"#).is_err(),
+            "unknown fields are refused"
+        );
+        assert!(action_body(br#"{"state": "lost"}"#).is_err());
+        assert!(action_body(br#"{"all": "yes"}"#).is_err());
+    }
+
+    #[test]
     fn query_parameters_make_a_selector() {
         let (s, rest) =
             selector_from_query("sender=a%40b.test&domain=x.test&state=deferred&min_age=60&limit=5").unwrap();
@@ -528,6 +546,7 @@ mod tests {
         assert_eq!(s.min_age_s, Some(60));
         assert_eq!(rest, vec![("limit".to_string(), "5".to_string())]);
         assert!(selector_from_query("state=lost").is_err());
+        assert!(selector_from_query("state=held").is_ok());
         assert!(selector_from_query("min_age=soon").is_err());
     }
 }

@@ -6,12 +6,14 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-use gannet_metrics::QueueGauges;
+use gannet_metrics::{QueueGauges, QUEUE_STATES};
+use gannet_sched::scheduler::domain_of;
 use gannet_sched::{QueuedMessage, Scheduler};
 use gannet_spool::MessageId;
 use tracing::info;
 
 use super::Deliverer;
+use gannet_smtp::client::prefix_within;
 use gannet_smtp::deadline::Now;
 use gannet_smtp::dsn::FailedRecipient;
 
@@ -42,11 +44,7 @@ pub struct LastReplies {
 impl LastReplies {
     /// Remembers `reply` for `domain` (lowercase); allocates only when the text changes.
     pub fn remember(&mut self, domain: &str, reply: &str) {
-        let mut end = reply.len().min(LAST_REPLY_BYTES_MAX);
-        while !reply.is_char_boundary(end) {
-            end -= 1;
-        }
-        let reply = &reply[..end];
+        let reply = prefix_within(reply, LAST_REPLY_BYTES_MAX);
         if let Some(text) = self.text.get_mut(domain) {
             if &**text != reply {
                 *text = reply.into();
@@ -89,10 +87,6 @@ fn sender_text(sender: &[u8]) -> String {
     } else {
         String::from_utf8_lossy(sender).into_owned()
     }
-}
-
-fn domain_of(address: &[u8]) -> &[u8] {
-    address.rsplit(|&b| b == b'@').next().unwrap_or(address)
 }
 
 fn matches(selector: &Selector, m: &QueuedMessage, sched: &Scheduler, now_unix_s: u64) -> bool {
@@ -157,13 +151,11 @@ impl Deliverer {
         let mut g = QueueGauges::default();
         let sched = self.sched.borrow();
         for m in sched.queue().iter() {
-            let slot = match state(m, &sched) {
-                "ready" => 0,
-                "deferred" => 1,
-                "held" => 2,
-                "delivering" => 3,
-                _ => 4,
-            };
+            let state = state(m, &sched);
+            let slot = QUEUE_STATES
+                .iter()
+                .position(|s| *s == state)
+                .expect("every state the API names is a metrics state");
             g.messages[slot] += 1;
             g.recipients[slot] += m.pending_recipients() as u64;
             let received = m.envelope.view().received_unix_s;

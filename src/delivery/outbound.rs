@@ -255,11 +255,7 @@ impl OutboundConnection {
             }
         };
         let session = tls.get_ref().1;
-        let version = match session.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-            _ => "other",
-        };
+        let version = metrics::tls_version_label(&crate::server::tls::summarize(session).version);
         metrics::with(|m| m.tls_handshakes.add(("outbound", version, "ok"), 1));
         conn.tls = Some(format!(
             "{:?} {:?}",

@@ -3,16 +3,13 @@
 //! other work. See `admin` for the other side.
 
 use std::rc::Rc;
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use gannet_smtp::received::unix_now_s;
 
 use super::shard::Shard;
 use crate::admin::protocol::{Answered, Reply, Request};
 use crate::admin::ShardEnd;
 use crate::metrics;
-
-fn unix_now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 /// Answers requests until the admin thread goes away.
 pub async fn serve(end: ShardEnd, shard: Rc<Shard>) {

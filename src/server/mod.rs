@@ -179,10 +179,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         failure_ttl: config.dns.failure_ttl.0,
     });
     crate::events::start(&config.events)?;
-    let now_unix_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let suspended = crate::admin::suspensions::load(&config.spool.directory, now_unix_s)?;
+    let suspended = crate::admin::suspensions::load(&config.spool.directory, crate::smtp::received::unix_now_s())?;
     let config = Arc::new(config);
     let mut control_ends: Vec<Option<crate::admin::ShardEnd>> = (0..shards).map(|_| None).collect();
     let mut admin = if config.admin.enabled {

@@ -574,6 +574,23 @@ pub fn python_bytes(script: &str, args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// Starts Postfix's smtp-sink on 127.0.0.1:`port` with `flags` (its stdout piped: `-c` counts
+/// there).
+pub fn smtp_sink(port: u16, flags: &[&str]) -> std::process::Child {
+    let mut cmd = Command::new(tool("smtp-sink"));
+    // SAFETY (test): geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.args(["-u", "nobody"]);
+    }
+    cmd.args(flags)
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("100")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Finds a Postfix/swaks tool: on PATH or in /usr/sbin.
 pub fn tool(name: &str) -> PathBuf {
     for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {

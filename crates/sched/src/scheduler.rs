@@ -170,7 +170,7 @@ pub struct Scheduler {
 }
 
 /// The domain of an address as stored (`local@domain`); empty for `<Postmaster>`.
-fn domain_of(address: &[u8]) -> &[u8] {
+pub fn domain_of(address: &[u8]) -> &[u8] {
     match address.iter().rposition(|&b| b == b'@') {
         Some(at) => &address[at + 1..],
         None => &[],

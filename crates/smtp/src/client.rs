@@ -110,16 +110,19 @@ impl ReplyParser {
 /// becomes U+FFFD, which is three bytes for one, so the result is cut at a character boundary
 /// to keep the line limit a limit on memory too (found by the `reply_parser` fuzz target).
 fn reply_text(text: &[u8]) -> String {
-    let mut s = String::from_utf8_lossy(text).into_owned();
-    if s.len() > REPLY_LINE_BYTES_MAX {
-        let mut end = REPLY_LINE_BYTES_MAX;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
+    let s = String::from_utf8_lossy(text);
+    let s = prefix_within(&s, REPLY_LINE_BYTES_MAX).to_owned();
     debug_assert!(s.len() <= REPLY_LINE_BYTES_MAX);
     s
+}
+
+/// The longest prefix of `s` of at most `bytes_max` bytes that ends at a character boundary.
+pub fn prefix_within(s: &str, bytes_max: usize) -> &str {
+    let mut end = s.len().min(bytes_max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// What the server offered in its EHLO reply.
