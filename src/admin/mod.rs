@@ -1,8 +1,8 @@
 //! The admin listener: HTTP beside the SMTP work, for `GET /metrics` (Prometheus) and the queue
 //! API (docs/admin.md). It runs in a low-priority task queue of shard 0 and asks each shard for
 //! its part: each shard owns its queue and its metrics, so nothing is shared. Requests and
-//! replies cross threads through glommio's bounded shared channels, one pair per shard (shard
-//! 0's too): they wake the shard's parked executor, which a crossbeam queue could not without
+//! replies cross threads through glommio's bounded shared channels, one pair per other shard
+//! (shard 0 is asked directly): they wake the shard's parked executor, which a crossbeam queue could not without
 //! the shard polling it (docs/admin.md says more on that choice).
 //!
 //! - [`protocol`]: what crosses the channels (and the API's JSON);
@@ -46,9 +46,10 @@ pub struct AdminEnd {
     replies: SharedReceiver<Answered>,
 }
 
-/// One channel pair per shard.
+/// One channel pair per shard but the first, which hosts the admin listener and is asked
+/// directly.
 pub fn channels(shards: usize) -> (Vec<ShardEnd>, Vec<AdminEnd>) {
-    (0..shards)
+    (1..shards)
         .map(|_| {
             let (req_tx, req_rx) = shared_channel::new_bounded(CHANNEL_SLOTS);
             let (rep_tx, rep_rx) = shared_channel::new_bounded(CHANNEL_SLOTS);
@@ -72,6 +73,23 @@ struct ShardLink {
     replies: ConnectedReceiver<Answered>,
     turn: Semaphore,
     serial: Cell<u64>,
+}
+
+/// How the admin reaches a shard: the shard it runs on, directly; the others through their
+/// channels (a glommio shared channel with both ends on one executor is not what they are
+/// made for, so none is used that way).
+enum Link {
+    Local(Rc<crate::server::shard::Shard>),
+    Remote(ShardLink),
+}
+
+impl Link {
+    async fn ask(&self, request: Request) -> Reply {
+        match self {
+            Link::Local(shard) => crate::server::control::answer(shard, request).await,
+            Link::Remote(link) => link.ask(request).await,
+        }
+    }
 }
 
 impl ShardLink {
@@ -101,7 +119,7 @@ impl ShardLink {
 /// What the routes work with.
 pub struct AdminState {
     config: Arc<Config>,
-    shards: Vec<ShardLink>,
+    shards: Vec<Link>,
     /// The suspensions in force, as in the spool's file (this thread is its only writer).
     suspended: std::cell::RefCell<Vec<suspensions::SuspensionRecord>>,
 }
@@ -167,9 +185,9 @@ pub fn prepare(
 /// Serves the admin API until the task is dropped. It runs on shard 0, in a task queue of its
 /// own with a small share of the CPU, beside that shard's SMTP work: a glommio executor of its
 /// own would cost about 4 MB of resident memory for a listener that is idle nearly always
-/// (measured: docs/admin.md). It reaches every shard, shard 0 included, through the same
-/// channels.
-pub async fn serve(setup: AdminSetup) {
+/// (measured: docs/admin.md). `host` (the shard it runs on) is asked
+/// directly, the others through their channels.
+pub async fn serve(setup: AdminSetup, host: Rc<crate::server::shard::Shard>) {
     let AdminSetup {
         config,
         fd,
@@ -180,14 +198,15 @@ pub async fn serve(setup: AdminSetup) {
     // SAFETY: `fd` is the listening socket `prepare` bound, whose ownership into_raw_fd gave
     // up; only this task uses it. Every test that starts the server reaches it.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
-    let mut shards = Vec::with_capacity(ends.len());
+    let mut shards = Vec::with_capacity(ends.len() + 1);
+    shards.push(Link::Local(host));
     for end in ends {
-        shards.push(ShardLink {
+        shards.push(Link::Remote(ShardLink {
             requests: end.requests.connect().await,
             replies: end.replies.connect().await,
             turn: Semaphore::new(1),
             serial: Cell::new(0),
-        });
+        }));
     }
     let limits = http::HttpLimits {
         connections_max: config.admin.connections_max,

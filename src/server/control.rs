@@ -30,7 +30,8 @@ pub async fn serve(end: ShardEnd, shard: Rc<Shard>) {
     }
 }
 
-async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
+/// Answers one request from this shard's own state.
+pub async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
     let deliverer = &shard.deliverer;
     match request {
         Request::Metrics => {

@@ -184,7 +184,8 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     let mut control_ends: Vec<Option<crate::admin::ShardEnd>> = (0..shards).map(|_| None).collect();
     let mut admin = if config.admin.enabled {
         let (shard_ends, admin_ends) = crate::admin::channels(shards);
-        control_ends = shard_ends.into_iter().map(Some).collect();
+        // Shard 0 hosts the admin listener and answers it directly: no channel of its own.
+        control_ends = std::iter::once(None).chain(shard_ends.into_iter().map(Some)).collect();
         Some(crate::admin::prepare(config.clone(), admin_ends, suspended.clone())?)
     } else {
         None

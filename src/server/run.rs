@@ -198,7 +198,7 @@ pub async fn run(setup: ShardSetup, ready: mpsc::Sender<Result<u16, String>>) ->
     let shard = Shard::new(index, config.clone(), appender, deliverer, reloadable);
     let accept_tasks = accept_loops(&shard, listener_fds, &config);
     let control_task = control.map(|end| glommio::spawn_local(super::control::serve(end, shard.clone())));
-    let admin_task = admin.map(serve_admin);
+    let admin_task = admin.map(|setup| serve_admin(setup, shard.clone()));
     let _ = ready.send(Ok(index));
     serve_until_shutdown(&shard).await;
     // Stop accepting: cancelling the accept loops drops (closes) this shard's listening sockets.
@@ -260,14 +260,14 @@ async fn open_spool(
 const ADMIN_SHARES: usize = 50;
 
 /// Starts the admin listener in a task queue of its own.
-fn serve_admin(setup: crate::admin::AdminSetup) -> glommio::Task<()> {
+fn serve_admin(setup: crate::admin::AdminSetup, shard: Rc<Shard>) -> glommio::Task<()> {
     let executor = glommio::executor();
     let queue = executor.create_task_queue(
         glommio::Shares::Static(ADMIN_SHARES),
         glommio::Latency::NotImportant,
         "admin",
     );
-    glommio::spawn_local_into(crate::admin::serve(setup), queue).expect("a task queue just created exists")
+    glommio::spawn_local_into(crate::admin::serve(setup, shard), queue).expect("a task queue just created exists")
 }
 
 /// One accept loop per listener, each connection served by a task of its own.
