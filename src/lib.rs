@@ -13,6 +13,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod events;
 pub mod metrics;

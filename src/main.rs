@@ -45,6 +45,11 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// DKIM keys.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
     /// Hash a password (argon2id) and print a password-file line for USER. The password is read
     /// from the terminal without echo, or as the first line of standard input.
     Passwd {
@@ -56,6 +61,33 @@ enum Command {
         #[arg(long, value_name = "LIST")]
         addresses: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Make a signing key (PEM, mode 0600) and print the DNS TXT record to publish.
+    Keygen {
+        /// The signing domain (d=).
+        #[arg(long)]
+        domain: String,
+        /// The selector (s=): the record goes at <selector>._domainkey.<domain>.
+        #[arg(long)]
+        selector: String,
+        #[arg(long, value_enum, default_value = "rsa")]
+        algorithm: KeyAlgorithm,
+        /// Where to write the key (default: <selector>.<domain>.key here). Never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeyAlgorithm {
+    /// RSA, 2048 bits (rsa-sha256): what every receiver verifies.
+    Rsa,
+    /// Ed25519 (ed25519-sha256, RFC 8463): small and fast; sign with RSA too for receivers
+    /// that do not verify it yet.
+    Ed25519,
 }
 
 #[derive(Subcommand)]
@@ -326,6 +358,7 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Some(Command::CheckConfig { file }) => {
             let (config, _) = load(Some(&file))?;
+            gannet::dkim::Signers::load(&config.dkim).map_err(|e| format!("{}: {e}", file.display()))?;
             print!("{}", config.to_toml());
             eprintln!("{}: ok", file.display());
             Ok(())
@@ -335,6 +368,25 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Some(Command::Passwd { user, addresses }) => passwd(&user, addresses.as_deref()),
+        Some(Command::Dkim {
+            command:
+                DkimCommand::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    out,
+                },
+        }) => {
+            let algorithm = match algorithm {
+                KeyAlgorithm::Rsa => gannet::config::dkim::DkimAlgorithm::RsaSha256,
+                KeyAlgorithm::Ed25519 => gannet::config::dkim::DkimAlgorithm::Ed25519Sha256,
+            };
+            print!(
+                "{}",
+                gannet::dkim::keygen::run(&domain, &selector, algorithm, out.as_deref())?
+            );
+            Ok(())
+        }
         Some(Command::Queue { command }) => {
             let (config, _) = load(cli.config.as_deref())?;
             queue(&config, command)

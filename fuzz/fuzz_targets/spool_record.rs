@@ -3,12 +3,17 @@
 //! deferral batches) are also fed the bytes directly.
 #![no_main]
 
-use gannet_spool::record::{decode_deferrals, decode_message, decode_state_batch, split_message_payload, Kind};
+use gannet_spool::record::{
+    decode_deferrals, decode_message, decode_state_batch, split_message, split_message_payload, Kind,
+};
 use gannet_spool::recovery::scan_segment;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode_message(data);
+    if let Ok(parts) = split_message(data) {
+        assert!(parts.relayed_bytes() + parts.envelope.len() <= data.len());
+    }
     let _ = decode_state_batch(data);
     let _ = decode_deferrals(data);
     if let Ok((_, message)) = split_message_payload(Kind::Copy as u8, data) {

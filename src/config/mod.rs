@@ -7,6 +7,7 @@
 mod admin;
 mod auth;
 mod delivery;
+pub mod dkim;
 mod dns;
 mod error;
 mod events;
@@ -83,6 +84,9 @@ pub struct Config {
     pub log: Log,
     #[serde(default)]
     pub events: Events,
+    /// Keys that sign outgoing mail (`crate::dkim`).
+    #[serde(default, rename = "dkim")]
+    pub dkim: Vec<dkim::Dkim>,
 }
 
 impl Config {
@@ -162,7 +166,8 @@ impl Config {
         delivery::validate_destinations(&self.destinations, &fail)?;
         relay::validate(&self.relay, &fail)?;
         admin::validate(&self.admin, &fail)?;
-        events::validate(&self.events, &fail)
+        events::validate(&self.events, &fail)?;
+        dkim::validate(&self.dkim, &fail)
     }
 
     /// Checks that need the shard count (known only on the machine that runs the server).

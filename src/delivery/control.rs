@@ -213,7 +213,8 @@ impl Deliverer {
             (detail, m.record_bytes)
         };
         if let Ok(loaded) = self.store.load(id, record_bytes).await {
-            let content = loaded.content();
+            let relayed = loaded.relayed();
+            let content: &[u8] = &relayed;
             let end = memchr::memmem::find(content, b"\r\n\r\n").map_or(content.len(), |i| i + 2);
             detail.headers = Some(String::from_utf8_lossy(&content[..end]).into_owned());
         }
@@ -405,7 +406,7 @@ impl Deliverer {
                     })
                     .collect();
                 let spooled = self
-                    .spool_notice(id, &envelope, loaded.content(), &failed, "failed")
+                    .spool_notice(id, &envelope, &loaded.relayed(), &failed, "failed")
                     .await;
                 if spooled {
                     metrics::with(|m| m.bounces.add("operator", failed.len() as u64));

@@ -86,7 +86,8 @@ impl Deliverer {
                 Some(o) => Some(o),
                 None => self.store.load(id, record_bytes).await.ok().map(Rc::new),
             };
-            let content: &[u8] = original.as_ref().map_or(&[], |o| o.content());
+            let relayed = original.as_ref().map(|o| o.relayed());
+            let content: &[u8] = relayed.as_deref().unwrap_or(&[]);
             let bounce = notice(&classified.bounce, true);
             if !bounce.is_empty() && self.spool_notice(id, &envelope, content, &bounce, "failed").await {
                 done.extend(classified.bounce.iter().copied());

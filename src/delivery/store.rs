@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use gannet_spool::record::{split_envelope, verify_message_record, DecodeError, EnvelopeView, RecordError};
+use gannet_spool::record::{split_message, verify_message_record, DecodeError, EnvelopeView, RecordError};
 use gannet_spool::MessageId;
 use glommio::io::{DmaFile, OpenOptions, ReadResult};
 
@@ -69,9 +69,11 @@ impl std::error::Error for LoadError {}
 
 pub struct Loaded {
     bytes: Body,
-    /// Offsets of the envelope and of the content in `bytes`.
+    /// Offsets in `bytes` of the envelope, of the header fields stored to go in front of the
+    /// content (DKIM signatures; often empty), and of the content.
     envelope: std::ops::Range<usize>,
-    content_offset: usize,
+    prepended: std::ops::Range<usize>,
+    content: std::ops::Range<usize>,
 }
 
 impl Loaded {
@@ -80,12 +82,18 @@ impl Loaded {
             Body::Read(r) => r,
             Body::Memory(v) => v,
         };
-        let (envelope, content) =
-            split_envelope(&all[payload_offset..]).map_err(|source| LoadError::Envelope { id, source })?;
-        let start = payload_offset + 4;
+        let payload = &all[payload_offset..];
+        let parts = split_message(payload).map_err(|source| LoadError::Envelope { id, source })?;
+        // Payload layout: envelope length, envelope, content, then (version 2) the prepended
+        // fields and their length.
+        let envelope = payload_offset + 4..payload_offset + 4 + parts.envelope.len();
+        let content =
+            payload_offset + parts.content_offset..payload_offset + parts.content_offset + parts.content.len();
+        let prepended = content.end..content.end + parts.prepended.len();
         Ok(Loaded {
-            envelope: start..start + envelope.len(),
-            content_offset: payload_offset + content,
+            envelope,
+            prepended,
+            content,
             bytes,
         })
     }
@@ -101,8 +109,26 @@ impl Loaded {
         EnvelopeView::parse(&self.all()[self.envelope.clone()]).expect("checked when loaded")
     }
 
+    /// Header fields that go in front of the content (each ends in CRLF; no dot-stuffing needed).
+    pub fn prepended(&self) -> &[u8] {
+        &self.all()[self.prepended.clone()]
+    }
+
+    /// Our Received header and the client's content.
     pub fn content(&self) -> &[u8] {
-        &self.all()[self.content_offset..]
+        &self.all()[self.content.clone()]
+    }
+
+    /// The message as relayed: [`Loaded::prepended`] then [`Loaded::content`].
+    pub fn relayed(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.prepended() {
+            [] => std::borrow::Cow::Borrowed(self.content()),
+            head => std::borrow::Cow::Owned([head, self.content()].concat()),
+        }
+    }
+
+    pub fn relayed_bytes(&self) -> usize {
+        self.prepended.len() + self.content.len()
     }
 }
 

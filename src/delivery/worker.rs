@@ -274,9 +274,9 @@ impl Deliverer {
         out: &mut Vec<u8>,
     ) -> (Vec<(u32, RecipientResult)>, bool) {
         let addr = conn.peer;
-        let content = loaded.content();
+        let (prepended, content) = (loaded.prepended(), loaded.content());
         let defer_all = |why: &str| every_recipient(job, || RecipientResult::Deferred(ServerReply::new(451, why)));
-        let outbound = outbound_envelope(job, &loaded.envelope(), content.len() as u64);
+        let outbound = outbound_envelope(job, &loaded.envelope(), loaded.relayed_bytes() as u64);
         let resumed = conn.ahead.take_if(|(ahead, _)| ahead.id == job.id).map(|(_, tx)| tx);
         if resumed.is_none() && conn.needs_reset {
             if let Err(why) = conn.command(b"RSET\r\n", self.config.delivery.reply_timeout.0).await {
@@ -300,6 +300,7 @@ impl Deliverer {
         let mut timeout = reply_timeout;
         if tx.wants_content_now() {
             // PIPELINING + CHUNKING: envelope, BDAT and the content in one write.
+            out.extend_from_slice(prepended);
             out.extend_from_slice(content);
         }
         loop {
@@ -328,11 +329,14 @@ impl Deliverer {
                     }
                 }
                 TxStep::SendContent => {
+                    // Stored header fields never start a line with a dot (MessageBuffer).
+                    out.extend_from_slice(prepended);
                     dot_stuff(content, out);
                     self.send_next_envelope_ahead(conn, key, out);
                     timeout = final_timeout;
                 }
                 TxStep::SendRaw => {
+                    out.extend_from_slice(prepended);
                     out.extend_from_slice(content);
                     timeout = final_timeout;
                 }

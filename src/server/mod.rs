@@ -14,6 +14,7 @@ pub mod run;
 pub mod sched;
 pub mod shard;
 pub mod signals;
+mod signing;
 pub mod tls;
 
 use std::net::SocketAddr;

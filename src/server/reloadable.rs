@@ -1,18 +1,20 @@
-//! What SIGHUP reloads: the TLS certificates and the password file. Both are read by every shard
-//! and replaced atomically, so a reload never drops a session: sessions in progress keep what
+//! What SIGHUP reloads: the TLS certificates, the password file and the DKIM keys. Each is read
+//! by every shard and replaced atomically, so a reload never drops a session: sessions in progress keep what
 //! they started with, new handshakes and AUTH commands see the new files. A reload that fails
 //! keeps the old contents and logs which file is wrong.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::ServerConfig;
 use tracing::{error, info};
 
 use super::tls::{self, CertificateFiles, CertificateResolver};
 use crate::auth::passwords::PasswordFile;
+use crate::config::dkim::Dkim;
 use crate::config::Config;
+use crate::dkim::Signers;
 
 pub struct Reloadable {
     pub tls_resolver: Arc<CertificateResolver>,
@@ -20,6 +22,8 @@ pub struct Reloadable {
     pub tls_config: Arc<ServerConfig>,
     password_path: Option<PathBuf>,
     passwords: ArcSwapOption<PasswordFile>,
+    dkim_entries: Vec<Dkim>,
+    signers: ArcSwap<Signers>,
 }
 
 impl Reloadable {
@@ -67,11 +71,14 @@ impl Reloadable {
             }
             None => None,
         };
+        let signers = load_signers(&config.dkim)?;
         Ok(Reloadable {
             tls_resolver: resolver,
             tls_config,
             password_path,
             passwords: ArcSwapOption::new(passwords),
+            dkim_entries: config.dkim.clone(),
+            signers: ArcSwap::from_pointee(signers),
         })
     }
 
@@ -85,7 +92,12 @@ impl Reloadable {
         self.passwords.load_full()
     }
 
-    /// SIGHUP: reads the certificate and password files again. Each keeps its old contents if
+    /// The DKIM signers (empty when no `[[dkim]]` is configured).
+    pub fn signers(&self) -> Arc<Signers> {
+        self.signers.load_full()
+    }
+
+    /// SIGHUP: reads the certificate, password and DKIM key files again. Each keeps its old contents if
     /// its new ones are broken.
     pub fn reload(&self) {
         match self.tls_resolver.reload() {
@@ -109,5 +121,31 @@ impl Reloadable {
                 Err(e) => error!("reload: password file unchanged: {e}"),
             }
         }
+        if !self.dkim_entries.is_empty() {
+            match load_signers(&self.dkim_entries) {
+                Ok(signers) => self.signers.store(Arc::new(signers)),
+                Err(e) => error!("reload: DKIM keys unchanged: {e}"),
+            }
+        }
     }
+}
+
+/// Reads every `[[dkim]]` key and logs what will sign.
+fn load_signers(entries: &[Dkim]) -> Result<Signers, String> {
+    let signers = Signers::load(entries).map_err(|e| e.to_string())?;
+    for s in signers.iter() {
+        info!(
+            "DKIM: signing mail from {}{} with {}._domainkey.{} ({:?})",
+            s.domain,
+            if s.fallback {
+                " and every domain without its own key"
+            } else {
+                ""
+            },
+            s.selector,
+            s.domain,
+            s.algorithm
+        );
+    }
+    Ok(signers)
 }

@@ -71,6 +71,8 @@ pub struct Shard {
     /// deadline once even if the stress is already over (the sweep when stress begins).
     stress_entries: Cell<u64>,
     stress: StressLevels,
+    /// Turns for DKIM signing (`super::signing`).
+    pub(super) signing_turns: glommio::sync::Semaphore,
 }
 
 /// When a shard enters and leaves stress mode (Postfix's name): it enters at `enter_at` open
@@ -219,7 +221,7 @@ impl Shard {
     }
 
     /// Whether `ip` is in a trusted network, and so exempt from the rate limits.
-    fn is_trusted(&self, ip: IpAddr) -> bool {
+    pub(super) fn is_trusted(&self, ip: IpAddr) -> bool {
         self.session_config
             .relay
             .trusted_networks
@@ -355,6 +357,7 @@ impl Shard {
             stressed: Cell::new(false),
             stress_entries: Cell::new(0),
             stress: StressLevels::new(limits.sessions_per_shard_max, limits.stress_sessions_fraction),
+            signing_turns: glommio::sync::Semaphore::new(super::signing::SIGNING_IN_FLIGHT_MAX),
             config,
         })
     }
@@ -373,6 +376,11 @@ impl Shard {
         sink: &mut MessageBuffer,
         listener: usize,
     ) -> Result<MessageId, CommitError> {
+        if self.sign(session, sink).await.is_err() {
+            crate::smtp::session::MessageSink::abandon(sink);
+            metrics::with(|m| m.listener(listener).messages_rejected.add("memory", 1));
+            return Err(CommitError::NoSpace);
+        }
         let message = sink.take();
         let content_bytes = message.content_bytes;
         let record_bytes = message.record_len();

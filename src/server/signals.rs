@@ -1,5 +1,5 @@
 //! SIGTERM and SIGINT: the first asks for a graceful shutdown, the second exits at once.
-//! SIGHUP reloads the TLS certificates and the password file. SIGUSR1 (`gannet queue flush`)
+//! SIGHUP reloads the TLS certificates, the password file and the DKIM keys. SIGUSR1 (`gannet queue flush`)
 //! makes every shard retry its deferred mail now.
 //!
 //! Exiting at once is safe for the spool: only durable messages were acknowledged, and recovery
@@ -40,7 +40,7 @@ pub fn install(reloadable: Arc<Reloadable>) -> std::io::Result<()> {
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         for signal in signals.forever() {
             if signal == SIGHUP {
-                tracing::info!("SIGHUP: reloading TLS certificates and the password file");
+                tracing::info!("SIGHUP: reloading TLS certificates, the password file and the DKIM keys");
                 reloadable.reload();
                 continue;
             }

@@ -13,7 +13,10 @@ use std::rc::Rc;
 
 use glommio::io::DmaBuffer;
 
-use super::record::{crc_start, encode_envelope, CopyOf, Header, Kind, HEADER_BYTES};
+use super::record::{
+    crc_start, encode_envelope, CopyOf, Header, Kind, ENVELOPE_VERSION_OFFSET, ENVELOPE_VERSION_PREPENDED,
+    HEADER_BYTES, PREPENDED_BYTES_MAX,
+};
 use super::{align_up, RECORD_ALIGN_BYTES};
 use crate::smtp::envelope::{Envelope, Origin};
 use crate::smtp::session::{MessageSink, SinkFull};
@@ -38,6 +41,16 @@ impl Budget {
 
     pub fn used_bytes(&self) -> usize {
         self.used_bytes.get()
+    }
+
+    /// Charges `bytes` that the caller holds outside the message buffers (a copy for the
+    /// signer); they are given back when the [`Charge`] is dropped.
+    pub fn try_charge(self: &Rc<Self>, bytes: usize) -> Result<Charge, SinkFull> {
+        self.charge(bytes)?;
+        Ok(Charge {
+            budget: self.clone(),
+            bytes,
+        })
     }
 
     fn charge(&self, bytes: usize) -> Result<(), SinkFull> {
@@ -84,6 +97,8 @@ pub struct MessageBuffer {
     open: bool,
     /// `Message`, or `Copy` after [`MessageBuffer::begin_copy`].
     kind: Kind,
+    /// Bytes of header fields appended by [`MessageBuffer::append_prepended`] (0: none).
+    prepended_bytes: usize,
 }
 
 impl MessageBuffer {
@@ -98,6 +113,7 @@ impl MessageBuffer {
             envelope_scratch: Vec::new(),
             open: false,
             kind: Kind::Message,
+            prepended_bytes: 0,
         }
     }
 
@@ -148,6 +164,50 @@ impl MessageBuffer {
         Ok(())
     }
 
+    /// The budget this buffer charges.
+    pub fn budget(&self) -> &Rc<Budget> {
+        &self.budget
+    }
+
+    /// Bytes of content so far (our Received header and the client's bytes).
+    pub fn content_bytes_so_far(&self) -> usize {
+        self.total_bytes - self.prefix_bytes
+    }
+
+    /// The content so far (our Received header and the client's bytes) in one piece, for the
+    /// signer: the DMA buffers stay on the shard's thread, the copy may leave it.
+    pub fn content_copy(&self) -> Vec<u8> {
+        assert!(self.open && self.kind == Kind::Message && self.prepended_bytes == 0);
+        let mut out = Vec::with_capacity(self.total_bytes - self.prefix_bytes);
+        let mut skip = self.prefix_bytes;
+        let last = self.chunks.len().saturating_sub(1);
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            let end = if i == last { self.tail_bytes } else { chunk.len() };
+            let start = skip.min(end);
+            skip -= start;
+            out.extend_from_slice(&chunk.as_bytes()[start..end]);
+        }
+        debug_assert_eq!(out.len(), self.total_bytes - self.prefix_bytes);
+        out
+    }
+
+    /// Stores header fields to be sent in front of the content (docs/spool.md: envelope
+    /// version 2). Once per message, after the content is complete. Each field ends in CRLF
+    /// and no line starts with `.`, so they need no dot-stuffing.
+    pub fn append_prepended(&mut self, headers: &[u8]) -> Result<(), SinkFull> {
+        assert!(self.open && self.kind == Kind::Message && self.prepended_bytes == 0);
+        assert!(headers.len() <= PREPENDED_BYTES_MAX && headers.ends_with(b"\r\n"));
+        debug_assert!(!headers.starts_with(b".") && memchr::memmem::find(headers, b"\n.").is_none());
+        if headers.is_empty() {
+            return Ok(());
+        }
+        self.write(headers)?;
+        self.write(&(headers.len() as u32).to_le_bytes())?;
+        self.chunks[0].as_bytes_mut()[ENVELOPE_VERSION_OFFSET] = ENVELOPE_VERSION_PREPENDED;
+        self.prepended_bytes = headers.len();
+        Ok(())
+    }
+
     /// Hands the complete message over for writing; the buffer is empty afterwards.
     pub fn take(&mut self) -> FinishedMessage {
         assert!(self.open, "take without a message");
@@ -156,14 +216,24 @@ impl MessageBuffer {
             budget: self.budget.clone(),
             bytes: std::mem::take(&mut self.charged_bytes),
         };
+        let content_bytes = self.relayed_bytes();
         FinishedMessage {
             kind: std::mem::replace(&mut self.kind, Kind::Message),
-            content_bytes: (self.total_bytes - self.prefix_bytes) as u64,
+            prepended_bytes: std::mem::take(&mut self.prepended_bytes),
+            content_bytes,
             chunks: std::mem::take(&mut self.chunks),
             tail_bytes: std::mem::take(&mut self.tail_bytes),
             total_bytes: std::mem::take(&mut self.total_bytes),
             charge,
         }
+    }
+}
+
+impl MessageBuffer {
+    /// What the message will be on the wire: prepended fields, Received header, content.
+    fn relayed_bytes(&self) -> u64 {
+        let trailer = if self.prepended_bytes > 0 { 4 } else { 0 };
+        (self.total_bytes - self.prefix_bytes - trailer) as u64
     }
 }
 
@@ -198,6 +268,7 @@ impl MessageSink for MessageBuffer {
     }
 
     fn abandon(&mut self) {
+        self.prepended_bytes = 0;
         self.chunks.clear();
         self.tail_bytes = 0;
         self.total_bytes = 0;
@@ -209,9 +280,12 @@ impl MessageSink for MessageBuffer {
 /// A complete message, ready to be sealed and written.
 pub struct FinishedMessage {
     kind: Kind,
-    /// What the record stores as the message: our Received header and the client's content.
-    /// (For a copy: the copied payload, envelope included.)
+    /// The message as it will be relayed: prepended header fields (DKIM signatures), our
+    /// Received header and the client's content. (For a copy: the copied payload, envelope
+    /// included.)
     pub content_bytes: u64,
+    /// Bytes of prepended header fields.
+    pub prepended_bytes: usize,
     chunks: Vec<DmaBuffer>,
     tail_bytes: usize,
     total_bytes: usize,

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX, SOA};
+use hickory_proto::rr::rdata::{A, MX, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 #[derive(Default)]
@@ -37,6 +37,21 @@ impl Zone {
             })
             .collect();
         self.records.insert((name.to_string(), RecordType::MX), rdata);
+        self.names.insert(name.to_string());
+        self
+    }
+
+    /// A TXT record, its value cut into strings of at most 255 bytes (RFC 1035 3.3.14).
+    pub fn txt(&mut self, name: &str, value: &str) -> &mut Zone {
+        let strings = value
+            .as_bytes()
+            .chunks(255)
+            .map(|c| String::from_utf8(c.to_vec()).unwrap())
+            .collect();
+        self.records
+            .entry((name.to_string(), RecordType::TXT))
+            .or_default()
+            .push(RData::TXT(TXT::new(strings)));
         self.names.insert(name.to_string());
         self
     }
@@ -117,6 +132,18 @@ impl DnsServer {
                 break (udp, tcp);
             }
         };
+        DnsServer::serve(udp, tcp)
+    }
+
+    /// On a chosen address (port 53 of a loopback address, for tools that read
+    /// /etc/resolv.conf, which has no port).
+    pub fn start_on(addr: SocketAddr) -> DnsServer {
+        let tcp = TcpListener::bind(addr).expect("bind the test DNS server (TCP)");
+        let udp = UdpSocket::bind(addr).expect("bind the test DNS server (UDP)");
+        DnsServer::serve(udp, tcp)
+    }
+
+    fn serve(udp: UdpSocket, tcp: TcpListener) -> DnsServer {
         let addr = udp.local_addr().unwrap();
         let zone = Arc::new(Mutex::new(Zone {
             ttl_s: 300,

@@ -347,6 +347,20 @@ impl Exposition {
             "gannet_rate_limited",
             "Connections and commands refused by a limit, by the limit.",
             m.rate_limited.iter().map(|(limit, v)| (vec![("limit", limit)], v)),
+        )?;
+        counter_family(
+            e,
+            "gannet_dkim_signatures",
+            "DKIM signatures made for accepted messages, by algorithm and result (signed, error).",
+            m.dkim_signatures
+                .iter()
+                .map(|((a, r), v)| (vec![("algorithm", a), ("result", r)], v)),
+        )?;
+        histogram(
+            e,
+            "gannet_dkim_sign_seconds",
+            "Time from a message's end to its DKIM signatures being ready, waiting for the signing thread included.",
+            &m.dkim_sign,
         )
     }
 }

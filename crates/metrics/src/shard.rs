@@ -71,6 +71,11 @@ pub struct ShardMetrics {
     pub auth: Counts<(&'static str, &'static str)>,
     /// Refusals by the limit that refused: per_ip, shard_full, rate, auth_throttle, ...
     pub rate_limited: Counts<&'static str>,
+    /// DKIM signatures made, by (algorithm, result): result `signed` or `error`.
+    pub dkim_signatures: Counts<(&'static str, &'static str)>,
+    /// Time from a message's end to its signatures being ready (queueing for the shard's
+    /// blocking thread included).
+    pub dkim_sign: Histogram,
     pub queue: QueueGauges,
     pub spool_bytes: u64,
     pub spool_segments: u64,
@@ -95,6 +100,8 @@ impl ShardMetrics {
             tls_handshakes: Counts::default(),
             auth: Counts::default(),
             rate_limited: Counts::default(),
+            dkim_signatures: Counts::default(),
+            dkim_sign: Histogram::new(SYNC_SECONDS),
             queue: QueueGauges::default(),
             spool_bytes: 0,
             spool_segments: 0,
@@ -161,6 +168,8 @@ impl ShardMetrics {
         self.tls_handshakes.merge(&other.tls_handshakes);
         self.auth.merge(&other.auth);
         self.rate_limited.merge(&other.rate_limited);
+        self.dkim_signatures.merge(&other.dkim_signatures);
+        self.dkim_sign.merge(&other.dkim_sign);
         for i in 0..QUEUE_STATES.len() {
             self.queue.messages[i] += other.queue.messages[i];
             self.queue.recipients[i] += other.queue.recipients[i];

@@ -210,6 +210,16 @@ pub fn message_record_bytes_max(line_length_max: usize, recipients_max: usize, m
 }
 
 const ENVELOPE_VERSION: u8 = 1;
+/// An envelope of version 2 is a version 1 envelope whose `Message` payload ends with header
+/// fields to send in front of the content (the DKIM signatures made when it was accepted), then
+/// their length as u32le. The session writes version 1 and the signer turns it into 2 when it
+/// appends signatures ([`ENVELOPE_VERSION_OFFSET`]), so that nothing moves.
+pub const ENVELOPE_VERSION_PREPENDED: u8 = 2;
+/// Where the envelope's version byte is in a `Message` record: after the record header and the
+/// envelope length.
+pub const ENVELOPE_VERSION_OFFSET: usize = HEADER_BYTES + 4;
+/// Most bytes of header fields a message may carry in front of its content.
+pub const PREPENDED_BYTES_MAX: usize = 64 * 1024;
 
 /// Appends the encoded envelope (without its length prefix) to `out`.
 pub fn encode_envelope(envelope: &Envelope, origin: Origin<'_>, out: &mut Vec<u8>) {
@@ -269,6 +279,8 @@ pub struct StoredMessage {
     pub envelope: StoredEnvelope,
     pub content_offset: usize,
     pub content_bytes: usize,
+    /// Header fields stored after the content, sent in front of it (version 2 envelopes).
+    pub prepended_bytes: usize,
 }
 
 struct Reader<'a> {
@@ -326,11 +338,60 @@ impl<'a> Reader<'a> {
 
 /// Decodes a `Message` payload. Never panics, whatever the bytes.
 pub fn decode_message(payload: &[u8]) -> Result<StoredMessage, DecodeError> {
-    let (envelope, content_offset) = split_envelope(payload)?;
+    let parts = split_message(payload)?;
     Ok(StoredMessage {
-        envelope: EnvelopeView::parse(envelope)?.to_stored(),
+        envelope: EnvelopeView::parse(parts.envelope)?.to_stored(),
+        content_offset: parts.content_offset,
+        content_bytes: parts.content.len(),
+        prepended_bytes: parts.prepended.len(),
+    })
+}
+
+/// A `Message` payload's parts, each borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageParts<'a> {
+    pub envelope: &'a [u8],
+    /// Header fields that go in front of the content when it is relayed (empty for version 1).
+    pub prepended: &'a [u8],
+    /// Our Received header and the client's content, dot-stuffing removed.
+    pub content: &'a [u8],
+    /// Where `content` starts in the payload.
+    pub content_offset: usize,
+}
+
+impl MessageParts<'_> {
+    /// The size of the message as relayed: prepended fields and content.
+    pub fn relayed_bytes(&self) -> usize {
+        self.prepended.len() + self.content.len()
+    }
+}
+
+/// Splits a `Message` payload into envelope, prepended header fields and content. Never
+/// panics, whatever the bytes.
+pub fn split_message(payload: &[u8]) -> Result<MessageParts<'_>, DecodeError> {
+    let (envelope, content_offset) = split_envelope(payload)?;
+    let rest = &payload[content_offset..];
+    if envelope.first() != Some(&ENVELOPE_VERSION_PREPENDED) {
+        return Ok(MessageParts {
+            envelope,
+            prepended: &[],
+            content: rest,
+            content_offset,
+        });
+    }
+    let len_at = rest.len().checked_sub(4).ok_or(DecodeError::Truncated)?;
+    let len = u32::from_le_bytes(rest[len_at..].try_into().unwrap()) as usize;
+    if len > PREPENDED_BYTES_MAX {
+        return Err(DecodeError::BadField("prepended length"));
+    }
+    let content_len = len_at
+        .checked_sub(len)
+        .ok_or(DecodeError::BadField("prepended length"))?;
+    Ok(MessageParts {
+        envelope,
+        prepended: &rest[content_len..len_at],
+        content: &rest[..content_len],
         content_offset,
-        content_bytes: payload.len() - content_offset,
     })
 }
 
@@ -373,7 +434,7 @@ impl<'a> EnvelopeView<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<EnvelopeView<'a>, DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.u8()?;
-        if version != ENVELOPE_VERSION {
+        if version != ENVELOPE_VERSION && version != ENVELOPE_VERSION_PREPENDED {
             return Err(DecodeError::UnknownVersion(version));
         }
         let received_unix_s = r.u64()?;
@@ -748,6 +809,49 @@ mod tests {
         );
         assert!(split_message_payload(Kind::Copy as u8, &payload[..10]).is_err());
         assert!(split_message_payload(Kind::Outcome as u8, payload).is_err());
+    }
+
+    #[test]
+    fn a_version_2_payload_carries_prepended_fields_after_its_content() {
+        let env = sample_envelope();
+        let origin = Origin {
+            client_ip: "192.0.2.1".parse().unwrap(),
+            helo: b"client.example",
+            received_unix_s: 1_700_000_000,
+        };
+        let content = b"Subject: hi\r\n\r\nbody\r\n";
+        let signature = b"DKIM-Signature: v=1; d=example.com\r\n";
+        let mut payload = Vec::new();
+        let mut envelope = Vec::new();
+        encode_envelope(&env, origin, &mut envelope);
+        payload.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&envelope);
+        payload.extend_from_slice(content);
+        // Version 1: everything after the envelope is content.
+        let v1 = split_message(&payload).unwrap();
+        assert_eq!((v1.prepended, v1.content), (&b""[..], &content[..]));
+        payload.extend_from_slice(signature);
+        payload.extend_from_slice(&(signature.len() as u32).to_le_bytes());
+        payload[4] = ENVELOPE_VERSION_PREPENDED;
+        let v2 = split_message(&payload).unwrap();
+        assert_eq!(v2.prepended, &signature[..]);
+        assert_eq!(v2.content, &content[..]);
+        assert_eq!(v2.relayed_bytes(), signature.len() + content.len());
+        let decoded = decode_message(&payload).unwrap();
+        assert_eq!(
+            (decoded.content_bytes, decoded.prepended_bytes),
+            (content.len(), signature.len())
+        );
+        // A length that claims more than there is, or more than the limit, is an error.
+        let mut bad = payload.clone();
+        let n = bad.len();
+        bad[n - 4..].copy_from_slice(&(content.len() as u32 + 1000).to_le_bytes());
+        assert_eq!(split_message(&bad), Err(DecodeError::BadField("prepended length")));
+        bad[n - 4..].copy_from_slice(&(PREPENDED_BYTES_MAX as u32 + 1).to_le_bytes());
+        assert_eq!(split_message(&bad), Err(DecodeError::BadField("prepended length")));
+        for cut in 0..payload.len() {
+            let _ = split_message(&payload[..cut]);
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use crate::record::{
-    crc_start, decode_deferrals, decode_message, decode_state_batch, split_envelope, split_message_payload,
+    crc_start, decode_deferrals, decode_message, decode_state_batch, split_message, split_message_payload,
     verify_message_record, CopyOf, DecodeError, Deferral, EnvelopeBytes, Header, Kind, StateEntry, StoredEnvelope,
     HEADER_BYTES,
 };
@@ -132,8 +132,8 @@ pub fn scan_segment(bytes: &[u8], shard: u16, seq: u64) -> SegmentScan {
                     }
                 } else {
                     let decoded = split_message_payload(header.kind, payload).and_then(|(copy_of, message)| {
-                        let (envelope, content_offset) = split_envelope(message)?;
-                        Ok((copy_of, EnvelopeBytes::new(envelope)?, message.len() - content_offset))
+                        let parts = split_message(message)?;
+                        Ok((copy_of, EnvelopeBytes::new(parts.envelope)?, parts.relayed_bytes()))
                     });
                     match decoded {
                         Ok((copy_of, envelope, content_bytes)) => scan.messages.push(RecoveredMessage {
@@ -215,8 +215,9 @@ pub fn read_segment(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads one message back from the spool by id: its envelope and its stored content (our
-/// Received header followed by the client's bytes, exactly as they will be relayed).
+/// Reads one message back from the spool by id: its envelope and its content exactly as it will
+/// be relayed (the header fields stored in front of it such as DKIM signatures, our Received
+/// header, the client's bytes).
 pub fn read_message(spool_dir: &Path, id: MessageId) -> io::Result<(StoredEnvelope, Vec<u8>)> {
     let path = crate::shard_dir(spool_dir, id.shard).join(crate::segment_file_name(id.segment_seq));
     let mut buf = Vec::new();
@@ -233,7 +234,8 @@ pub fn read_message(spool_dir: &Path, id: MessageId) -> io::Result<(StoredEnvelo
         .and_then(|bytes| verify_message_record(bytes, id.segment_seq).map_err(|_| not_found()))?;
     let invalid = |e: DecodeError| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}"));
     let message = decode_message(record.payload).map_err(invalid)?;
-    Ok((message.envelope, record.payload[message.content_offset..].to_vec()))
+    let parts = split_message(record.payload).map_err(invalid)?;
+    Ok((message.envelope, [parts.prepended, parts.content].concat()))
 }
 
 /// Copies a damaged record's bytes into the quarantine directory for a human to look at.
