@@ -45,6 +45,8 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Ask the running server (the one holding this configuration's spool) to reload: SIGHUP.
+    Reload,
     /// DKIM keys.
     Dkim {
         #[command(subcommand)]
@@ -368,6 +370,10 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Some(Command::Passwd { user, addresses }) => passwd(&user, addresses.as_deref()),
+        Some(Command::Reload) => {
+            let (config, _) = load(cli.config.as_deref())?;
+            reload(&config)
+        }
         Some(Command::Dkim {
             command:
                 DkimCommand::Keygen {
@@ -397,6 +403,23 @@ fn run(cli: Cli) -> Result<(), String> {
             gannet::server::serve(config, &name)
         }
     }
+}
+
+/// `gannet reload`: SIGHUP to the process that holds the spool's lock (what the systemd unit's
+/// ExecReload runs). What was reloaded, and what was kept, is in that process's log.
+fn reload(config: &Config) -> Result<(), String> {
+    let spool = &config.spool.directory;
+    let pid = gannet::server::lock::running_pid(spool)?
+        .ok_or_else(|| format!("no gannet is running on spool {}; nothing to reload", spool.display()))?;
+    // SAFETY: kill(2) with a pid read from the lock its holder keeps; no memory is involved.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        return Err(format!(
+            "cannot signal gannet (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    println!("asked gannet (pid {pid}) to reload; its log says what changed");
+    Ok(())
 }
 
 /// `gannet queue ...`: through the admin API, falling back to the spool files (list, show) or

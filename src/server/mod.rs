@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod control;
 pub mod lock;
+pub mod notify;
 pub mod reloadable;
 pub mod run;
 pub mod sched;
@@ -262,6 +263,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
         .map(|l| format!("{} ({:?})", l.address, l.kind).to_lowercase())
         .collect();
     info!("ready: {shards} shards serving on {}", addresses.join(", "));
+    notify::ready(&format!("{shards} shards serving"));
 
     let mut failure = None;
     for handle in handles {

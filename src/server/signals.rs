@@ -41,7 +41,9 @@ pub fn install(reloadable: Arc<Reloadable>) -> std::io::Result<()> {
         for signal in signals.forever() {
             if signal == SIGHUP {
                 tracing::info!("SIGHUP: reloading TLS certificates, the password file and the DKIM keys");
+                super::notify::reloading();
                 reloadable.reload();
+                super::notify::reloaded();
                 continue;
             }
             if signal == SIGUSR1 {
@@ -56,6 +58,7 @@ pub fn install(reloadable: Arc<Reloadable>) -> std::io::Result<()> {
             tracing::info!(
                 "signal {signal}: shutting down; transactions in flight may finish (a second signal exits at once)"
             );
+            super::notify::stopping();
             request_shutdown();
         }
     })?;
