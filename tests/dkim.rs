@@ -370,3 +370,40 @@ fn unusable_keys_and_entries_are_refused_at_start_with_the_reason() {
         assert!(stderr.contains("gannet.toml"), "names the file: {stderr}");
     }
 }
+
+#[test]
+fn messages_signed_together_each_carry_their_own_signature() {
+    // Messages that end at the same moment go to the signer in one batch; each must come back
+    // with the signature over its own bytes.
+    let files = tempfile::tempdir().unwrap();
+    let rsa = keygen(files.path(), "example.com", "rsa1", "rsa");
+    let sink = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup.route("dest.test", sink.addr);
+    setup.raw(&dkim_entry("example.com", "rsa1", &rsa, ""));
+    let g = Gannet::start(&setup);
+    let mx = g.mx();
+    let senders: Vec<_> = (0..40)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let body = MESSAGE.replace("Hello Bob.", &format!("Hello Bob, number {i}."));
+                send_message(mx, "alice@example.com", &["bob@dest.test"], &body)
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    let got = sink.wait_for(40, WAIT);
+    let mut numbers: Vec<usize> = Vec::new();
+    for message in &got {
+        assert_eq!(dkimpy_verify(&message.content, &[&rsa]), vec![true]);
+        let text = String::from_utf8_lossy(&message.content);
+        let n = text.split("number ").nth(1).unwrap().split('.').next().unwrap();
+        numbers.push(n.parse().unwrap());
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..40).collect::<Vec<_>>());
+    let (_, metrics) = g.http("GET", "/metrics", None, &[]);
+    assert!(metrics.contains("gannet_dkim_signatures_total{algorithm=\"rsa-sha256\",result=\"signed\"} 40"));
+}

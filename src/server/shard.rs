@@ -71,8 +71,9 @@ pub struct Shard {
     /// deadline once even if the stress is already over (the sweep when stress begins).
     stress_entries: Cell<u64>,
     stress: StressLevels,
-    /// Turns for DKIM signing (`super::signing`).
+    /// Turns for DKIM signing (`super::signing`), and the queue to the shard's signer.
     pub(super) signing_turns: glommio::sync::Semaphore,
+    pub(super) signing_queue: glommio::channels::local_channel::LocalSender<super::signing::Job>,
 }
 
 /// When a shard enters and leaves stress mode (Postfix's name): it enters at `enter_at` open
@@ -332,6 +333,7 @@ impl Shard {
         reloadable: Arc<Reloadable>,
     ) -> Rc<Shard> {
         let limits = &config.limits;
+        let signing_queue = super::signing::start_signer(reloadable.clone());
         Rc::new(Shard {
             index,
             session_config: Rc::new(config.session_config()),
@@ -358,6 +360,7 @@ impl Shard {
             stress_entries: Cell::new(0),
             stress: StressLevels::new(limits.sessions_per_shard_max, limits.stress_sessions_fraction),
             signing_turns: glommio::sync::Semaphore::new(super::signing::SIGNING_IN_FLIGHT_MAX),
+            signing_queue,
             config,
         })
     }

@@ -7,17 +7,23 @@
 //!
 //! Where: the key operation (0.4 ms for RSA-2048 here) and mail-auth's canonicalization run on
 //! the shard's blocking thread, pinned to the shard's core, never on its event loop; the event
-//! loop only copies the content once (glommio's DMA buffers cannot leave their thread). At most
+//! loop only copies the content once (glommio's DMA buffers cannot leave their thread). The
+//! shard's signer task hands every message waiting at that moment to the blocking thread in one
+//! batch, so a busy shard pays one hand-off for many messages. At most
 //! [`SIGNING_IN_FLIGHT_MAX`] messages a shard are being signed at once; more wait their turn,
 //! and each copy is charged to the shard's message memory budget (`spool.memory_max`).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use gannet_smtp::session::{Session, SinkFull};
+use glommio::channels::local_channel::{self, LocalSender};
 use tracing::{debug, error};
 
+use super::reloadable::Reloadable;
 use super::shard::Shard;
 use crate::config::dkim::DkimAlgorithm;
+use crate::dkim::Signed;
 use crate::metrics;
 use crate::spool::buffer::MessageBuffer;
 
@@ -29,6 +35,46 @@ fn algorithm_label(a: DkimAlgorithm) -> &'static str {
         DkimAlgorithm::RsaSha256 => "rsa-sha256",
         DkimAlgorithm::Ed25519Sha256 => "ed25519-sha256",
     }
+}
+
+/// Most messages one hand-off to the blocking thread signs.
+pub const SIGNING_BATCH_MAX: usize = 32;
+
+/// One message waiting to be signed, and where its signatures go.
+pub(super) struct Job {
+    content: Vec<u8>,
+    done: LocalSender<Signed>,
+}
+
+/// Starts the shard's signer: a task that takes every message waiting to be signed (up to
+/// [`SIGNING_BATCH_MAX`]) and signs them in one hand-off to the blocking thread, so that under
+/// load one wake-up serves many messages (each hand-off costs system time: docs/benchmarks.md).
+/// Returns the queue to put jobs on (bounded by [`SIGNING_IN_FLIGHT_MAX`]).
+pub(super) fn start_signer(reloadable: Arc<Reloadable>) -> LocalSender<Job> {
+    let (tx, rx) = local_channel::new_bounded(SIGNING_IN_FLIGHT_MAX as usize);
+    glommio::spawn_local(async move {
+        while let Some(first) = rx.recv().await {
+            let mut jobs: Vec<Job> = vec![first];
+            while jobs.len() < SIGNING_BATCH_MAX {
+                match futures_lite::future::poll_once(rx.recv()).await {
+                    Some(Some(job)) => jobs.push(job),
+                    _ => break,
+                }
+            }
+            let signers = reloadable.signers();
+            let (contents, replies): (Vec<Vec<u8>>, Vec<LocalSender<Signed>>) =
+                jobs.into_iter().map(|j| (j.content, j.done)).unzip();
+            let signed: Vec<Signed> = glommio::executor()
+                .spawn_blocking(move || contents.iter().map(|c| signers.sign(c)).collect())
+                .await;
+            for (reply, signed) in replies.into_iter().zip(signed) {
+                // The session may be gone (its client hung up): nothing waits for it then.
+                let _ = reply.try_send(signed);
+            }
+        }
+    })
+    .detach();
+    tx
 }
 
 impl Shard {
@@ -46,8 +92,25 @@ impl Shard {
             return Ok(());
         };
         let _charge = sink.budget().clone().try_charge(sink.content_bytes_so_far())?;
-        let content = sink.content_copy();
-        let signed = glommio::executor().spawn_blocking(move || signers.sign(&content)).await;
+        let (done, signed) = local_channel::new_bounded(1);
+        let job = Job {
+            content: sink.content_copy(),
+            done,
+        };
+        if self.signing_queue.send(job).await.is_err() {
+            return Ok(());
+        }
+        let Some(signed) = signed.recv().await else {
+            return Ok(());
+        };
+        self.account(&signed, started);
+        if signed.headers.is_empty() {
+            return Ok(());
+        }
+        sink.append_prepended(&signed.headers)
+    }
+
+    fn account(&self, signed: &Signed, started: Instant) {
         metrics::with(|m| {
             for (_, algorithm, result) in &signed.outcomes {
                 let label = if result.is_ok() { "signed" } else { "error" };
@@ -67,9 +130,5 @@ impl Shard {
                 }
             }
         }
-        if signed.headers.is_empty() {
-            return Ok(());
-        }
-        sink.append_prepended(&signed.headers)
     }
 }
