@@ -408,18 +408,29 @@ fn run(cli: Cli) -> Result<(), String> {
 /// `gannet reload`: SIGHUP to the process that holds the spool's lock (what the systemd unit's
 /// ExecReload runs). What was reloaded, and what was kept, is in that process's log.
 fn reload(config: &Config) -> Result<(), String> {
+    let pid = signal_server(config, libc::SIGHUP, "reload")?;
+    println!("asked gannet (pid {pid}) to reload; its log says what changed");
+    Ok(())
+}
+
+/// Sends `signal` to the gannet process holding `config`'s spool lock; returns its pid. `what`
+/// names what the caller wanted, for the error when no process runs there.
+fn signal_server(config: &Config, signal: i32, what: &str) -> Result<i32, String> {
     let spool = &config.spool.directory;
-    let pid = gannet::server::lock::running_pid(spool)?
-        .ok_or_else(|| format!("no gannet is running on spool {}; nothing to reload", spool.display()))?;
-    // SAFETY: kill(2) with a pid read from the lock its holder keeps; no memory is involved.
-    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+    let Some(pid) = gannet::server::lock::running_pid(spool)? else {
+        return Err(format!(
+            "no gannet process runs on spool {}; nothing to {what}",
+            spool.display()
+        ));
+    };
+    // SAFETY: kill(2) with a pid read from the spool lock its holder wrote; no memory involved.
+    if unsafe { libc::kill(pid, signal) } != 0 {
         return Err(format!(
             "cannot signal gannet (pid {pid}): {}",
             std::io::Error::last_os_error()
         ));
     }
-    println!("asked gannet (pid {pid}) to reload; its log says what changed");
-    Ok(())
+    Ok(pid)
 }
 
 /// `gannet queue ...`: through the admin API, falling back to the spool files (list, show) or
@@ -503,20 +514,7 @@ fn act(
 }
 
 fn queue_flush(config: &Config) -> Result<(), String> {
-    let spool = &config.spool.directory;
-    let Some(pid) = gannet::server::lock::running_pid(spool)? else {
-        return Err(format!(
-            "no gannet process runs on spool {}; nothing to flush",
-            spool.display()
-        ));
-    };
-    // SAFETY: kill(2) with a pid read from the spool lock its holder wrote; no memory involved.
-    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
-        return Err(format!(
-            "cannot signal gannet (pid {pid}): {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    let pid = signal_server(config, libc::SIGUSR1, "flush")?;
     eprintln!("asked gannet (pid {pid}) to retry its deferred mail now");
     Ok(())
 }

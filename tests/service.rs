@@ -51,7 +51,11 @@ fn the_service_manager_hears_ready_reloading_and_stopping() {
     // Nothing runs on the spool any more: reload says so and fails.
     let out = g.command(&["reload"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no gannet is running on spool"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no gannet process runs on spool") && stderr.contains("nothing to reload"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -23,6 +23,16 @@ pub enum DkimAlgorithm {
     Ed25519Sha256,
 }
 
+impl DkimAlgorithm {
+    /// The name in `a=` (RFC 6376 3.5, RFC 8463), in the configuration and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DkimAlgorithm::RsaSha256 => "rsa-sha256",
+            DkimAlgorithm::Ed25519Sha256 => "ed25519-sha256",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Canonicalization {

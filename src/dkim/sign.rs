@@ -131,10 +131,6 @@ impl Signers {
         self.signers.is_empty()
     }
 
-    pub fn len(&self) -> usize {
-        self.signers.len()
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = &Signer> {
         self.signers.iter()
     }
@@ -153,11 +149,11 @@ impl Signers {
 
     /// Signs `message` (the content as it will be relayed) with every signer that applies.
     /// Returns the `DKIM-Signature` header fields to put in front of it, each ending in CRLF,
-    /// and per signer the outcome (for logs and metrics).
+    /// and per signer the outcome (for logs and metrics); nothing for a message without a
+    /// From: address.
     pub fn sign(&self, message: &[u8]) -> Signed {
         let mut signed = Signed::default();
         let Some(domain) = from_domain(message) else {
-            signed.no_from = true;
             return signed;
         };
         for signer in self.for_domain(&domain) {
@@ -184,8 +180,6 @@ pub struct Signed {
     /// `DKIM-Signature:` fields, CRLF-terminated, in the order of the configuration.
     pub headers: Vec<u8>,
     pub outcomes: Vec<(String, DkimAlgorithm, Result<(), SignError>)>,
-    /// The message has no From: address with a domain, so nothing could apply.
-    pub no_from: bool,
 }
 
 /// The domain of the first address in the message's From: header, lower case.

@@ -22,20 +22,12 @@ use tracing::{debug, error};
 
 use super::reloadable::Reloadable;
 use super::shard::Shard;
-use crate::config::dkim::DkimAlgorithm;
 use crate::dkim::Signed;
 use crate::metrics;
 use crate::spool::buffer::MessageBuffer;
 
 /// Messages one shard signs at once at most.
 pub const SIGNING_IN_FLIGHT_MAX: u64 = 64;
-
-fn algorithm_label(a: DkimAlgorithm) -> &'static str {
-    match a {
-        DkimAlgorithm::RsaSha256 => "rsa-sha256",
-        DkimAlgorithm::Ed25519Sha256 => "ed25519-sha256",
-    }
-}
 
 /// Most messages one hand-off to the blocking thread signs.
 pub const SIGNING_BATCH_MAX: usize = 32;
@@ -114,7 +106,7 @@ impl Shard {
         metrics::with(|m| {
             for (_, algorithm, result) in &signed.outcomes {
                 let label = if result.is_ok() { "signed" } else { "error" };
-                m.dkim_signatures.add((algorithm_label(*algorithm), label), 1);
+                m.dkim_signatures.add((algorithm.as_str(), label), 1);
             }
             if !signed.outcomes.is_empty() {
                 m.dkim_sign.observe(started.elapsed().as_secs_f64());
@@ -123,7 +115,7 @@ impl Shard {
         for (domain, algorithm, result) in &signed.outcomes {
             match result {
                 Ok(()) => {
-                    debug!(shard = self.index, domain = %domain, algorithm = algorithm_label(*algorithm), "DKIM signed")
+                    debug!(shard = self.index, domain = %domain, algorithm = algorithm.as_str(), "DKIM signed")
                 }
                 Err(e) => {
                     error!(shard = self.index, domain = %domain, "DKIM signing failed, the message goes unsigned by this key: {e:?}")
