@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod events;
+pub mod logging;
 pub mod metrics;
 
 pub mod rate;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gannet::admin::client::{self, CallError};
 use gannet::admin::protocol::{Action, Selector};
-use gannet::config::{Config, LogFormat};
+use gannet::config::Config;
 use gannet::queue::QueueIndex;
 use gannet::spool::recovery::{list_segments, read_message, read_segment, scan_segment, Damage};
 use gannet::spool::MessageId;
@@ -229,7 +229,10 @@ impl Filter {
 
 fn load(path: Option<&Path>) -> Result<(Config, String), String> {
     match path {
-        None => Ok((Config::embedded_default(), "<embedded default>".to_string())),
+        None => Ok((
+            Config::embedded_default(),
+            gannet::config::EMBEDDED_DEFAULT_NAME.to_string(),
+        )),
         Some(path) => {
             let name = path.display().to_string();
             let text = std::fs::read_to_string(path).map_err(|e| format!("{name}: cannot read: {e}"))?;
@@ -302,60 +305,6 @@ fn queue_show(config: &Config, id: &str, envelope_only: bool) -> Result<(), Stri
     std::io::stdout().write_all(&content).map_err(|e| e.to_string())
 }
 
-/// Default log filter. glommio's reactor logs an ERROR when its IOPOLL probe fails on our
-/// write-only spool files; that failure is the intended outcome (the appender is opened
-/// write-only so that the executor does not busy-poll), so that target is silenced.
-const DEFAULT_LOG_FILTER: &str = "info,glommio::reactor=off";
-
-/// Log lines queued for the writer thread at most.
-const LOG_BACKLOG_LINES_MAX: usize = 16_384;
-
-/// Logs go through a lock-free channel to one writer thread, so shards never wait on each other
-/// for the stderr lock. The guard flushes what is queued when dropped at exit.
-/// Logs to stderr in `format` (`[log] format`): text, logfmt or JSON lines.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GANNET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
-    // 16,384 lines of backlog (the default of 128,000 preallocates 4 MB): past it lines are
-    // dropped, never waited for.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_BACKLOG_LINES_MAX)
-        .finish(std::io::stderr());
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(writer)
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_target(false),
-            )
-            .init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(writer)
-                    .with_target(false),
-            )
-            .init(),
-        LogFormat::Logfmt => registry
-            .with(
-                tracing_logfmt::builder()
-                    .with_target(false)
-                    .with_span_name(false)
-                    .with_span_path(false)
-                    .layer()
-                    .with_writer(writer),
-            )
-            .init(),
-    }
-    guard
-}
-
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Some(Command::CheckConfig { file }) => {
@@ -399,8 +348,10 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         None => {
             let (config, name) = load(cli.config.as_deref())?;
-            let _log_guard = init_logging(config.log.format);
-            gannet::server::serve(config, &name)
+            gannet::logging::init(&config.log);
+            let served = gannet::server::serve(config, &name);
+            gannet::logging::finish();
+            served
         }
     }
 }

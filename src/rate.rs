@@ -34,6 +34,16 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         }
     }
 
+    /// A reload: the new rate applies from now on; each key keeps what it has used, and no key
+    /// holds more than the new minute's allowance.
+    pub fn set_per_minute(&mut self, per_minute: u32) {
+        self.per_minute = per_minute;
+        let capacity = f64::from(per_minute);
+        for bucket in self.buckets.values_mut() {
+            bucket.tokens = bucket.tokens.min(capacity);
+        }
+    }
+
     pub fn is_unlimited(&self) -> bool {
         self.per_minute == 0
     }

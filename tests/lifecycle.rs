@@ -291,23 +291,11 @@ fn the_embedded_default_configuration_serves() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let ready = loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if line.contains("ready:") => break line,
-            Ok(_) => continue,
-            Err(e) => {
-                let _ = child.kill();
-                panic!("no ready line: {e}");
-            }
-        }
+    let lines = common::stderr_lines(&mut child);
+    let mut log = String::new();
+    let Some(ready) = common::wait_for_line(&lines, "ready:", Duration::from_secs(60), &mut log) else {
+        let _ = child.kill();
+        panic!("no ready line:\n{log}");
     };
     assert!(
         ready.contains("127.0.0.1:2525 (mx)")

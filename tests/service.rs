@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -131,4 +132,138 @@ s.quit()
         text.contains("[IPv6:::1]") || text.contains("::1"),
         "the Received header names the client: {text}"
     );
+}
+
+/// Every thread of `pid` runs as `uid`/`gid` with no capability of any kind.
+fn assert_unprivileged(pid: i32, uid: u32, gid: u32) {
+    let ids = |id: u32| format!("{id} {id} {id} {id}");
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = common::proc_status(&task.unwrap().path().join("status"));
+        let name = status.get("Name").cloned().unwrap_or_default();
+        assert_eq!(status.get("Uid"), Some(&ids(uid)), "thread {name}: {status:?}");
+        assert_eq!(status.get("Gid"), Some(&ids(gid)), "thread {name}: {status:?}");
+        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+            assert_eq!(
+                status.get(set).map(String::as_str),
+                Some("0000000000000000"),
+                "thread {name} {set}: {status:?}"
+            );
+        }
+        assert_eq!(status.get("NoNewPrivs").map(String::as_str), Some("1"), "thread {name}");
+        threads += 1;
+    }
+    assert!(threads >= 2, "the server and its shard threads");
+}
+
+fn nobody() -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = Command::new("id").args([flag, "nobody"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().parse::<u32>().unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
+#[test]
+fn started_as_root_it_binds_then_serves_as_server_user_with_no_capabilities() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test starts gannet as root (CI runs as root)"
+    );
+    let (uid, gid) = nobody();
+    let sink = CaptureSink::start();
+    let mut setup = Setup::new();
+    setup.route("*", sink.addr).set("server", "user", "\"nobody\"");
+    // The user must be able to reach its spool: the test's directory is 0700 until opened up.
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let g = Gannet::start_in(&setup, dir);
+    assert!(g.wait_for_log("running as user nobody", WAIT), "{}", g.log_text());
+    assert_unprivileged(g.pid(), uid, gid);
+
+    // It still writes its spool and delivers.
+    common::send_message(
+        g.mx(),
+        "me@example.org",
+        &["you@remote.test"],
+        "Subject: dropped\r\n\r\nhi\r\n",
+    );
+    assert_eq!(sink.wait_for(1, WAIT).len(), 1);
+    for entry in std::fs::read_dir(&g.spool_dir).unwrap() {
+        let entry = entry.unwrap();
+        let owner = std::os::unix::fs::MetadataExt::uid(&entry.metadata().unwrap());
+        assert_eq!(owner, uid, "{} belongs to nobody", entry.path().display());
+    }
+}
+
+#[test]
+fn started_as_root_without_server_user_it_refuses_to_serve() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test starts gannet as root (CI runs as root)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new();
+    let text = setup.toml(&dir.path().join("spool")).replace("user = \"root\"\n", "");
+    assert!(!text.contains("user ="));
+    let config = dir.path().join("gannet.toml");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to serve as root") && stderr.contains("server.user = \"root\""),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("spool").join("shard-0").exists(), "nothing was served");
+}
+
+#[test]
+fn started_unprivileged_with_cap_net_bind_service_it_binds_port_25_then_clears_it() {
+    // As systemd starts the packaged unit: User=nobody-like, AmbientCapabilities=CAP_NET_BIND_SERVICE;
+    // in a network namespace of its own, so port 25 is free.
+    let (uid, gid) = nobody();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    std::os::unix::fs::chown(&spool, Some(uid), Some(gid)).unwrap();
+    let mut setup = Setup::new();
+    setup.set("server", "user", "\"nobody\"");
+    let text = setup
+        .toml(&spool)
+        .replace(&format!("127.0.0.1:{}", setup.mx_port), "127.0.0.1:25");
+    let config = dir.path().join("gannet.toml");
+    std::fs::write(&config, text).unwrap();
+    let script = format!(
+        "ip link set lo up && exec setpriv --reuid={uid} --regid={gid} --clear-groups \
+         --inh-caps=+net_bind_service --ambient-caps=+net_bind_service {BIN} --config {}",
+        config.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["--net", "sh", "-c", &script])
+        .env("GANNET_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = common::stderr_lines(&mut child);
+    let mut log = String::new();
+    let ready = common::wait_for_line(&lines, "ready:", WAIT, &mut log).is_some();
+    let pid = child.id() as i32;
+    let checked = std::panic::catch_unwind(|| {
+        assert!(ready && log.contains("127.0.0.1:25 (mx)"), "{log}");
+        assert_unprivileged(pid, uid, gid);
+    });
+    // SAFETY: kill on the pid of our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = child.wait();
+    if let Err(e) = checked {
+        std::panic::resume_unwind(e);
+    }
 }

@@ -144,9 +144,42 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     #[serde(default)]
     pub format: LogFormat,
+    /// What to log: a level ("info", "debug"...) or tracing's filter directives
+    /// ("info,gannet::delivery=debug"). The environment variable GANNET_LOG overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for Log {
+    fn default() -> Log {
+        Log {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+/// Checks `[log]`.
+pub(super) fn validate_log(log: &Log, fail: &Fail<'_>) -> Result<(), ConfigError> {
+    if log.level.len() > 1024 || tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+        return Err(fail(
+            "log",
+            0,
+            "level",
+            format!(
+                "`{}` is not a log level; write \"error\", \"warn\", \"info\", \"debug\" or \"trace\"",
+                log.level.chars().take(64).collect::<String>()
+            ),
+        ));
+    }
+    Ok(())
 }

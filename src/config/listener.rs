@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, Fail};
+use super::relay::NetworkText;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,6 +29,14 @@ pub struct Listener {
     /// Offer AUTH (over TLS only). Default: true on submission and smtps, false on mx.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<bool>,
+    /// Every connection begins with a PROXY protocol header (v1 or v2) from a load balancer,
+    /// whose client address then counts as the connection's (`crate::server::proxy`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+    /// The load balancers' addresses: with `proxy_protocol`, connections from anywhere else are
+    /// closed unanswered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_from: Vec<NetworkText>,
 }
 
 impl Listener {
@@ -54,18 +63,24 @@ pub(super) fn default_listeners() -> Vec<Listener> {
             kind: ListenerKind::Mx,
             starttls: None,
             auth: None,
+            proxy_protocol: false,
+            proxy_from: Vec::new(),
         },
         Listener {
             address: "127.0.0.1:2587".parse().unwrap(),
             kind: ListenerKind::Submission,
             starttls: None,
             auth: None,
+            proxy_protocol: false,
+            proxy_from: Vec::new(),
         },
         Listener {
             address: "127.0.0.1:2465".parse().unwrap(),
             kind: ListenerKind::Smtps,
             starttls: None,
             auth: None,
+            proxy_protocol: false,
+            proxy_from: Vec::new(),
         },
     ]
 }
@@ -90,6 +105,22 @@ pub(super) fn validate(listeners: &[Listener], fail: &Fail<'_>) -> Result<(), Co
                     "{} is listed twice; give each listener its own address",
                     listener.address
                 ),
+            ));
+        }
+        if listener.proxy_protocol && listener.proxy_from.is_empty() {
+            return Err(fail(
+                "listener",
+                i,
+                "proxy_protocol",
+                "needs proxy_from, the load balancers' addresses, such as proxy_from = [\"10.0.0.5/32\"]".into(),
+            ));
+        }
+        if !listener.proxy_protocol && !listener.proxy_from.is_empty() {
+            return Err(fail(
+                "listener",
+                i,
+                "proxy_from",
+                "is set without proxy_protocol = true; add it, or remove proxy_from".into(),
             ));
         }
         if listener.kind == ListenerKind::Smtps && listener.starttls.is_some() {

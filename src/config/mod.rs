@@ -46,6 +46,9 @@ pub use smtp::{BareLineEndingPolicy, Smtp};
 pub use spool::Spool;
 pub use tls::{Tls, TlsCertificate};
 
+/// How errors and start-up name the embedded default.
+pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded default>";
+
 /// The configuration Gannet serves with when no `--config` is given.
 pub const DEFAULT_TOML: &str = include_str!("../default.toml");
 
@@ -121,7 +124,7 @@ impl Config {
 
     /// The embedded default.
     pub fn embedded_default() -> Config {
-        Config::parse(DEFAULT_TOML, "<embedded default>").expect("the embedded default configuration is valid")
+        Config::parse(DEFAULT_TOML, EMBEDDED_DEFAULT_NAME).expect("the embedded default configuration is valid")
     }
 
     /// The effective configuration as TOML (every key, defaults filled in).
@@ -166,6 +169,7 @@ impl Config {
         delivery::validate_destinations(&self.destinations, &fail)?;
         relay::validate(&self.relay, &fail)?;
         admin::validate(&self.admin, &fail)?;
+        admin::validate_log(&self.log, &fail)?;
         events::validate(&self.events, &fail)?;
         dkim::validate(&self.dkim, &fail)
     }

@@ -34,6 +34,14 @@ pub struct Server {
     /// "0s" keeps the kernel's default. See docs/config.md for why it is short by default.
     #[serde(default = "default_sched_slice")]
     pub sched_slice: Span,
+    /// The user to run as once the listeners are bound and the spool is open, when started as
+    /// root (`crate::server::privileges`). Started as root without it, Gannet refuses to serve;
+    /// "root" keeps root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The group to run as with `user`. Default: that user's primary group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,6 +98,17 @@ pub(super) fn valid_hostname(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
+/// A name `getpwnam`/`getgrnam` can look up: what useradd accepts (letters, digits, `_`, `-`, `.`,
+/// not starting with `-`), at most 32 bytes.
+fn valid_account_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
 fn default_shutdown_timeout() -> Span {
     Span(Duration::from_secs(30))
 }
@@ -112,6 +131,8 @@ impl Default for Server {
             io_memory: default_io_memory(),
             spin_before_park: default_spin_before_park(),
             sched_slice: default_sched_slice(),
+            user: None,
+            group: None,
         }
     }
 }
@@ -144,6 +165,26 @@ pub(super) fn validate(server: &Server, fail: &Fail<'_>) -> Result<(), ConfigErr
             0,
             "sched_slice",
             "must be \"0s\" (the kernel's default) or between \"100us\" and \"100ms\", the range Linux accepts".into(),
+        ));
+    }
+    for (key, name) in [("user", &server.user), ("group", &server.group)] {
+        if let Some(name) = name {
+            if !valid_account_name(name) {
+                return Err(fail(
+                    "server",
+                    0,
+                    key,
+                    format!("`{name}` is not a user or group name; write a name such as \"gannet\""),
+                ));
+            }
+        }
+    }
+    if server.group.is_some() && server.user.is_none() {
+        return Err(fail(
+            "server",
+            0,
+            "group",
+            "is set without server.user; set server.user too, or remove server.group".into(),
         ));
     }
     if server.io_memory.0 < 64 * 1024 {

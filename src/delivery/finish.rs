@@ -202,12 +202,12 @@ impl Deliverer {
         let now = Now::read();
         let id_text = original_id.to_string();
         let ctx = BounceContext {
-            hostname: &self.config.server.hostname,
+            hostname: &self.config().server.hostname,
             original_id: &id_text,
             now_unix_s: now.unix_s,
             action,
         };
-        let size_max = self.config.limits.message_size_max.0 as usize;
+        let size_max = self.config().limits.message_size_max.0 as usize;
         let mut bytes = build_bounce(&ctx, envelope, content, failed);
         if bytes.len() > size_max {
             // Too big to return whole: fall back to the headers, then to nothing.
@@ -220,7 +220,7 @@ impl Deliverer {
         }
         let mut bounce_envelope = Envelope::default();
         bounce_envelope.add_recipient(|b| b.extend_from_slice(&envelope.sender), 0, b"");
-        let hostname = self.config.server.hostname.clone();
+        let hostname = self.config().server.hostname.clone();
         let origin = Origin {
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             helo: hostname.as_bytes(),

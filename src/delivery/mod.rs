@@ -42,7 +42,8 @@ const TICK: Duration = Duration::from_millis(500);
 
 pub struct Deliverer {
     shard: u16,
-    config: Arc<Config>,
+    /// The configuration in force; replaced by [`Deliverer::reconfigure`].
+    config: RefCell<Arc<Config>>,
     appender: Rc<Appender>,
     sched: Rc<RefCell<Scheduler>>,
     resolver: Resolver,
@@ -65,6 +66,21 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
+    /// The configuration in force.
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// A reload: routes, destination rules, limits and retry timing for the next delivery
+    /// attempts (those in progress finish as they began).
+    pub fn reconfigure(&self, config: Arc<Config>) {
+        let seed = self.sched.borrow().config().seed;
+        let shard_count = self.sched.borrow().config().shard_count;
+        let sched_config = config.sched_config(self.shard, shard_count, seed);
+        self.sched.borrow_mut().reconfigure(sched_config);
+        *self.config.borrow_mut() = config;
+    }
+
     pub fn new(
         shard: u16,
         config: Arc<Config>,
@@ -79,7 +95,7 @@ impl Deliverer {
             store: store::MessageStore::new(config.spool.directory.clone()),
             pool: RefCell::new(pool::Pool::new(config.delivery.connections_per_shard_max)),
             ip_cap,
-            config,
+            config: RefCell::new(config),
             appender,
             sched,
             resolver,
@@ -171,7 +187,7 @@ impl Deliverer {
             info!(
                 shard = self.shard,
                 "destination table full ({} per shard, delivery.destinations_max): idle destinations are forgotten, least recently active first",
-                self.config.delivery.destinations_max
+                self.config().delivery.destinations_max
             );
         }
         let mut pool = self.pool.borrow_mut();
@@ -192,7 +208,9 @@ impl Deliverer {
             glommio::spawn_local(async move { me.copy_forward().await }).detach();
         }
         // Dropping a connection closes it; a polite QUIT is not worth a task per socket.
-        self.pool.borrow_mut().expire(self.config.delivery.idle_timeout.0, now);
+        self.pool
+            .borrow_mut()
+            .expire(self.config().delivery.idle_timeout.0, now);
         self.close_evicted();
         let evicted = self.sched.borrow_mut().evict_idle(now);
         let mut pool = self.pool.borrow_mut();

@@ -155,33 +155,32 @@ impl Deliverer {
     }
 
     /// AUTH credentials for a smarthost, if its route has them.
-    fn credentials(&self, addr: SocketAddr) -> Option<(&str, &str)> {
-        self.config
+    fn credentials(&self, addr: SocketAddr) -> Option<(String, String)> {
+        self.config()
             .routes
             .iter()
             .find(|r| r.smarthost == Some(addr) && r.auth_user.is_some())
-            .and_then(|r| Some((r.auth_user.as_deref()?, r.auth_password.as_deref()?)))
+            .and_then(|r| Some((r.auth_user.clone()?, r.auth_password.clone()?)))
     }
 
     /// The STARTTLS policy for a site: required by its route (`tls_required`, or credentials,
     /// which never travel in plaintext), else `delivery.starttls`. For an MX site the route is
     /// that of the domain that made the site (every domain with the same MX hosts shares it).
     fn tls_policy(&self, key: &SiteKey, name: &str) -> TlsPolicy {
+        let config = self.config();
         let required = match key {
-            SiteKey::Smarthost(addr) => self
-                .config
+            SiteKey::Smarthost(addr) => config
                 .routes
                 .iter()
                 .any(|r| r.smarthost == Some(*addr) && (r.tls_required || r.auth_user.is_some())),
-            SiteKey::Mx(_) => self
-                .config
+            SiteKey::Mx(_) => config
                 .routes
                 .iter()
                 .any(|r| r.mx && r.tls_required && (r.domain == "*" || r.domain.eq_ignore_ascii_case(name))),
         };
         if required {
             TlsPolicy::Required
-        } else if self.config.delivery.starttls {
+        } else if self.config().delivery.starttls {
             TlsPolicy::Opportunistic
         } else {
             TlsPolicy::Off
@@ -201,14 +200,16 @@ impl Deliverer {
         };
         let addresses = match key {
             SiteKey::Smarthost(addr) => vec![*addr],
-            SiteKey::Mx(_) => match mx::addresses(&self.resolver, &name, &hosts, self.config.delivery.mx_port).await {
-                Ok(a) => a,
-                Err(MxError::Permanent(text)) => return Err(NoConnection::Unreachable(unreachable(&text, true))),
-                Err(MxError::Temporary(text)) => return Err(NoConnection::Unreachable(unreachable(&text, false))),
-            },
+            SiteKey::Mx(_) => {
+                match mx::addresses(&self.resolver, &name, &hosts, self.config().delivery.mx_port).await {
+                    Ok(a) => a,
+                    Err(MxError::Permanent(text)) => return Err(NoConnection::Unreachable(unreachable(&text, true))),
+                    Err(MxError::Temporary(text)) => return Err(NoConnection::Unreachable(unreachable(&text, false))),
+                }
+            }
         };
         let policy = self.tls_policy(key, &name);
-        let deadline = Instant::now() + self.config.delivery.connect_timeout.0;
+        let deadline = Instant::now() + self.config().delivery.connect_timeout.0;
         let ips: Vec<_> = addresses.iter().map(SocketAddr::ip).collect();
         loop {
             let mut last = None;
@@ -220,7 +221,8 @@ impl Deliverer {
                     SiteKey::Smarthost(a) => self.credentials(*a),
                     SiteKey::Mx(_) => None,
                 };
-                match OutboundConnection::open(slot, addr, &self.config, policy, auth).await {
+                let auth = auth.as_ref().map(|(user, password)| (user.as_str(), password.as_str()));
+                match OutboundConnection::open(slot, addr, &self.config(), policy, auth).await {
                     Ok(mut c) => {
                         c.count_as_open(&destination_label(key));
                         return Ok(c);

@@ -152,7 +152,7 @@ impl Deliverer {
     /// segments or more and the oldest still holds unfinished messages. Cheap; checked every
     /// tick.
     pub(super) fn copy_forward_wanted(&self) -> bool {
-        let threshold = self.config.spool.copy_forward_segments;
+        let threshold = self.config().spool.copy_forward_segments;
         if threshold == 0 || self.copying.get() || self.appender.segment_count() < threshold {
             return false;
         }
@@ -181,7 +181,7 @@ impl Deliverer {
                 .sum();
             (ids, live_bytes)
         };
-        if live_bytes > self.config.spool.segment_size.0 / COPY_FORWARD_LIVE_FRACTION_MAX {
+        if live_bytes > self.config().spool.segment_size.0 / COPY_FORWARD_LIVE_FRACTION_MAX {
             return;
         }
         self.copying.set(true);

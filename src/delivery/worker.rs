@@ -279,7 +279,7 @@ impl Deliverer {
         let outbound = outbound_envelope(job, &loaded.envelope(), loaded.relayed_bytes() as u64);
         let resumed = conn.ahead.take_if(|(ahead, _)| ahead.id == job.id).map(|(_, tx)| tx);
         if resumed.is_none() && conn.needs_reset {
-            if let Err(why) = conn.command(b"RSET\r\n", self.config.delivery.reply_timeout.0).await {
+            if let Err(why) = conn.command(b"RSET\r\n", self.config().delivery.reply_timeout.0).await {
                 return (defer_all(&why.to_string()), false);
             }
             conn.needs_reset = false;
@@ -295,8 +295,8 @@ impl Deliverer {
                 return (every_recipient(job, || RecipientResult::Failed(reply.clone())), true);
             }
         };
-        let reply_timeout = self.config.delivery.reply_timeout.0;
-        let final_timeout = self.config.delivery.final_reply_timeout.0;
+        let reply_timeout = self.config().delivery.reply_timeout.0;
+        let final_timeout = self.config().delivery.final_reply_timeout.0;
         let mut timeout = reply_timeout;
         if tx.wants_content_now() {
             // PIPELINING + CHUNKING: envelope, BDAT and the content in one write.

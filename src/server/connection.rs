@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpStream;
 use tracing::{debug, info};
 
+use super::proxy::ProxyError;
 use super::shard::{Refusal, SessionGuard, Shard, ShardSignal, Stage};
 use super::tls::summarize;
 use crate::config::{Listener, ListenerKind};
@@ -106,12 +107,23 @@ async fn handshake(stream: &mut Stream, shard: &Shard, timeout: Duration) -> Res
 
 /// Serves one accepted connection to its end. `listener_index` is the listener's place in the
 /// configuration (its metrics).
-pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener, listener_index: usize) {
-    let Ok(peer) = tcp.peer_addr() else {
+pub async fn serve(mut tcp: TcpStream, shard: Rc<Shard>, listener: Listener, listener_index: usize) {
+    let Ok(mut peer) = tcp.peer_addr() else {
         return;
     };
+    shard.take_reloaded_config();
+    if listener.proxy_protocol {
+        match proxied_client(&mut tcp, &listener, peer).await {
+            Ok(client) => peer = client,
+            Err(e) => {
+                info!(shard = shard.index, proxy = %peer, "connection closed: {e}");
+                metrics::with(|m| m.listener(listener_index).connections.add("refused_proxy", 1));
+                return;
+            }
+        }
+    }
     let _ = tcp.set_nodelay(true);
-    let _ = tcp.set_write_timeout(Some(shard.config.limits.command_timeout.0));
+    let _ = tcp.set_write_timeout(Some(shard.config().limits.command_timeout.0));
     let mut stream = Stream::Plain(tcp);
     let ip = peer.ip().to_canonical();
     let guard = match shard.admit(ip) {
@@ -130,6 +142,18 @@ pub async fn serve(tcp: TcpStream, shard: Rc<Shard>, listener: Listener, listene
         return;
     };
     conn.run().await;
+}
+
+/// The client behind the load balancer at `proxy`: only a `proxy_from` address may say who
+/// its client is. A v2 LOCAL or an UNKNOWN header keeps the proxy's own address.
+async fn proxied_client(tcp: &mut TcpStream, listener: &Listener, proxy: SocketAddr) -> Result<SocketAddr, ProxyError> {
+    let ip = proxy.ip().to_canonical();
+    if !listener.proxy_from.iter().any(|n| n.0.contains(ip)) {
+        return Err(ProxyError::NotAllowed);
+    }
+    let client = super::proxy::read_header(tcp).await?.unwrap_or(proxy);
+    debug!(client = %client, proxy = %proxy, "PROXY header read");
+    Ok(client)
 }
 
 /// Counts a session as accepted and active for as long as it lives.
@@ -163,7 +187,7 @@ async fn refuse(stream: &mut Stream, shard: &Shard, kind: ListenerKind, ip: IpAd
     info!(shard = shard.index, client = %ip, "connection refused: {}", reply.text);
     // On smtps the refusal can only be read through TLS.
     if kind == ListenerKind::Smtps
-        && handshake(stream, shard, shard.config.tls.handshake_timeout.0)
+        && handshake(stream, shard, shard.config().tls.handshake_timeout.0)
             .await
             .is_err()
     {
@@ -210,9 +234,9 @@ impl Conn {
         };
         let gate: Rc<dyn MessageGate> = shard.clone();
         let ip = peer.ip().to_canonical();
-        let mut session = Session::new(shard.session_config.clone(), rules, gate, ip, Now::read());
+        let mut session = Session::new(shard.session_config(), rules, gate, ip, Now::read());
         if listener.kind == ListenerKind::Smtps {
-            match handshake(&mut stream, &shard, shard.config.tls.handshake_timeout.0).await {
+            match handshake(&mut stream, &shard, shard.config().tls.handshake_timeout.0).await {
                 Ok(summary) => {
                     info!(shard = shard.index, client = %peer, version = %summary.version, cipher = %summary.cipher, "TLS established (implicit)");
                     session = session.with_implicit_tls(summary);
@@ -223,7 +247,7 @@ impl Conn {
                 }
             }
         }
-        let buffer_bytes = READ_BUFFER_BYTES_MIN.max(2 * shard.config.limits.line_length_max);
+        let buffer_bytes = READ_BUFFER_BYTES_MIN.max(2 * shard.config().limits.line_length_max);
         let mut conn = Conn {
             sink: shard.appender.message_buffer(),
             stress_entries_seen: shard.stress_entries(),
@@ -317,7 +341,13 @@ impl Conn {
             );
         }
         (self.start, self.end) = (0, 0);
-        match handshake(&mut self.stream, &self.shard, self.shard.config.tls.handshake_timeout.0).await {
+        match handshake(
+            &mut self.stream,
+            &self.shard,
+            self.shard.config().tls.handshake_timeout.0,
+        )
+        .await
+        {
             Ok(summary) => {
                 info!(shard = self.shard.index, client = %self.peer, version = %summary.version, cipher = %summary.cipher, "TLS established");
                 self.session.tls_started(summary, Instant::now());
@@ -340,12 +370,12 @@ impl Conn {
             .session
             .check_deadline(now, stressed, &mut self.sink, &mut self.out)
         {
-            let why = expiry.sentence(&shard.session_config.timeouts, stressed);
+            let why = expiry.sentence(&shard.session_config().timeouts, stressed);
             info!(shard = shard.index, client = %self.peer, "timeout: {why}");
             write_all(&mut self.stream, &mut self.out).await;
             return Err(Closed);
         }
-        let command_timeout = shard.config.limits.command_timeout.0;
+        let command_timeout = shard.config().limits.command_timeout.0;
         let deadline = self.session.deadline(stressed).unwrap_or(now + command_timeout);
         let wait = deadline.saturating_duration_since(now).max(WAIT_MIN);
         debug_assert!(self.end < self.buf.len(), "the session consumes any full buffer");

@@ -41,7 +41,7 @@ pub async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
             m.queue = deliverer.queue_gauges();
             let segments = shard.appender.segment_count() as u64;
             m.spool_segments = segments;
-            m.spool_bytes = segments * shard.config.spool.segment_size.0;
+            m.spool_bytes = segments * shard.config().spool.segment_size.0;
             Reply::Metrics(Box::new(m))
         }
         Request::List(listing) => {

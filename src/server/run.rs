@@ -317,6 +317,7 @@ async fn serve_until_shutdown(shard: &Shard) {
         if polls % MEMORY_COLLECT_POLLS == 0 {
             give_back_memory(false);
         }
+        shard.take_reloaded_config();
         let flushes = signals::flush_generation();
         if flushes != flushes_seen {
             flushes_seen = flushes;
@@ -333,7 +334,7 @@ async fn serve_until_shutdown(shard: &Shard) {
 /// 421, then writes the delivery state.
 async fn drain(shard: &Shard) {
     shard.advance(Stage::Draining);
-    let deadline = shard.config.server.shutdown_timeout.0;
+    let deadline = shard.config().server.shutdown_timeout.0;
     let drained = glommio::timer::timeout(deadline, async {
         AllGone { shard }.await;
         Ok(())

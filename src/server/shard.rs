@@ -53,8 +53,11 @@ struct Guards {
 
 pub struct Shard {
     pub index: u16,
-    pub config: Arc<Config>,
-    pub session_config: Rc<SessionConfig>,
+    /// The configuration in force; replaced by [`Shard::take_reloaded_config`].
+    config: RefCell<Arc<Config>>,
+    session_config: RefCell<Rc<SessionConfig>>,
+    /// The reload generation `config` comes from.
+    config_generation: Cell<u64>,
     pub appender: Rc<Appender>,
     pub deliverer: Rc<Deliverer>,
     pub reloadable: Arc<Reloadable>,
@@ -70,7 +73,7 @@ pub struct Shard {
     /// Times the shard entered stress: a session that sees it change applies the stress
     /// deadline once even if the stress is already over (the sweep when stress begins).
     stress_entries: Cell<u64>,
-    stress: StressLevels,
+    stress: Cell<StressLevels>,
     /// Turns for DKIM signing (`super::signing`), and the queue to the shard's signer.
     pub(super) signing_turns: glommio::sync::Semaphore,
     pub(super) signing_queue: glommio::channels::local_channel::LocalSender<super::signing::Job>,
@@ -196,12 +199,13 @@ impl Shard {
     fn update_stress(&self) {
         let sessions = self.sessions.borrow().len();
         let was = self.stressed.get();
-        let now = self.stress.stressed(sessions, was);
+        let now = self.stress.get().stressed(sessions, was);
         if now == was {
             return;
         }
         self.stressed.set(now);
-        let limits = &self.config.limits;
+        let config = self.config();
+        let limits = &config.limits;
         if now {
             self.stress_entries.set(self.stress_entries.get() + 1);
             warn!(
@@ -209,7 +213,7 @@ impl Shard {
                 "under stress: {sessions} of {} sessions open; command waits and content rate windows shortened to {} until fewer than {} are open",
                 limits.sessions_per_shard_max,
                 limits.stress_command_timeout,
-                self.stress.leave_below
+                self.stress.get().leave_below
             );
         } else {
             info!(
@@ -224,6 +228,7 @@ impl Shard {
     /// Whether `ip` is in a trusted network, and so exempt from the rate limits.
     pub(super) fn is_trusted(&self, ip: IpAddr) -> bool {
         self.session_config
+            .borrow()
             .relay
             .trusted_networks
             .iter()
@@ -232,7 +237,8 @@ impl Shard {
 
     /// Admits a session if the shard's limits allow it.
     pub fn admit(self: &Rc<Self>, ip: IpAddr) -> Result<SessionGuard, Refusal> {
-        let limits = &self.config.limits;
+        let config = self.config();
+        let limits = &config.limits;
         if self.sessions.borrow().len() >= limits.sessions_per_shard_max {
             return Err(Refusal::ShardFull);
         }
@@ -314,8 +320,8 @@ impl Shard {
                             client = %ip,
                             %user,
                             "authentication failed {} times: address blocked for {}",
-                            self.config.auth.failures_max,
-                            self.config.auth.block_duration
+                            self.config().auth.failures_max,
+                            self.config().auth.block_duration
                         );
                         AuthOutcome::Blocked
                     }
@@ -336,7 +342,8 @@ impl Shard {
         let signing_queue = super::signing::start_signer(reloadable.clone());
         Rc::new(Shard {
             index,
-            session_config: Rc::new(config.session_config()),
+            session_config: RefCell::new(Rc::new(config.session_config())),
+            config_generation: Cell::new(0),
             appender,
             deliverer,
             tls_acceptor: futures_rustls::TlsAcceptor::from(reloadable.tls_config.clone()),
@@ -358,11 +365,56 @@ impl Shard {
             all_gone_waker: RefCell::new(None),
             stressed: Cell::new(false),
             stress_entries: Cell::new(0),
-            stress: StressLevels::new(limits.sessions_per_shard_max, limits.stress_sessions_fraction),
+            stress: Cell::new(StressLevels::new(
+                limits.sessions_per_shard_max,
+                limits.stress_sessions_fraction,
+            )),
             signing_turns: glommio::sync::Semaphore::new(super::signing::SIGNING_IN_FLIGHT_MAX),
             signing_queue,
-            config,
+            config: RefCell::new(config),
         })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// What new sessions start with (limits, relay policy, timeouts).
+    pub fn session_config(&self) -> Rc<SessionConfig> {
+        self.session_config.borrow().clone()
+    }
+
+    /// After a SIGHUP that changed the configuration: new sessions, rate checks and delivery
+    /// attempts use the new one; sessions in progress keep the session configuration they began
+    /// with. Returns whether anything changed.
+    pub fn take_reloaded_config(&self) -> bool {
+        let generation = self.reloadable.config_generation();
+        if generation == self.config_generation.get() {
+            return false;
+        }
+        self.config_generation.set(generation);
+        let config = self.reloadable.config();
+        let limits = &config.limits;
+        *self.session_config.borrow_mut() = Rc::new(config.session_config());
+        self.stress.set(StressLevels::new(
+            limits.sessions_per_shard_max,
+            limits.stress_sessions_fraction,
+        ));
+        {
+            let mut guards = self.guards.borrow_mut();
+            guards
+                .connections_per_ip
+                .set_per_minute(limits.connections_per_ip_per_minute);
+            guards.messages_per_ip.set_per_minute(limits.messages_per_ip_per_minute);
+            guards
+                .messages_per_user
+                .set_per_minute(limits.messages_per_user_per_minute);
+        }
+        self.deliverer.reconfigure(config.clone());
+        *self.config.borrow_mut() = config;
+        info!(shard = self.index, "configuration reloaded");
+        true
     }
 
     /// Sessions open now.

@@ -82,6 +82,11 @@ impl Setup {
         s.set("server", "shards", "1");
         s.set("server", "io_memory", "\"256KiB\"");
         s.set("server", "shutdown_timeout", "\"10s\"");
+        // Tests run as root in CI; a configuration file must then say so (docs/service.md).
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            s.set("server", "user", "\"root\"");
+        }
         s.set("spool", "segment_size", "\"4MiB\"");
         s.set("spool", "size_max", "\"1GiB\"");
         s.set("spool", "min_free", "\"0B\"");
@@ -600,4 +605,44 @@ pub fn tool(name: &str) -> PathBuf {
         }
     }
     panic!("{name} is not installed; run scripts/test (it installs postfix and swaks)");
+}
+
+/// The lines a child writes to stderr, as they come (the child must have `Stdio::piped()`).
+pub fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Waits for a line containing `needle`; returns it, or None after `timeout` of silence or at
+/// the end. Every line read is appended to `log`.
+pub fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    timeout: Duration,
+    log: &mut String,
+) -> Option<String> {
+    while let Ok(line) = lines.recv_timeout(timeout) {
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains(needle) {
+            return Some(line);
+        }
+    }
+    None
+}
+
+/// The fields of a /proc/PID[/task/TID]/status file, values with their whitespace collapsed.
+pub fn proc_status(path: &Path) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .collect()
 }

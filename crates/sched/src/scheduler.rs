@@ -198,6 +198,25 @@ impl Scheduler {
         &self.config
     }
 
+    /// A reload: routes, site rules, limits and retry timing change to `config`'s; every known
+    /// site takes its new limits at once (its workers and queued jobs stay), and new plans
+    /// follow the new routes. The shard, the shard count and the seed stay (they are fixed at
+    /// start).
+    pub fn reconfigure(&mut self, mut config: SchedConfig) {
+        assert!(config.sites_max > 0);
+        config.shard = self.config.shard;
+        config.shard_count = self.config.shard_count;
+        config.seed = self.config.seed;
+        self.config = config;
+        let keys: Vec<SiteKey> = self.sites.keys().cloned().collect();
+        for key in keys {
+            let site = &self.sites[&key];
+            let limits = self.limits_for(&key, &site.name, &site.hosts);
+            self.sites.get_mut(&key).expect("listed above").limits = limits;
+            self.kick(key);
+        }
+    }
+
     pub fn queue(&self) -> &QueueIndex {
         &self.queue
     }
