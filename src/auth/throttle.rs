@@ -56,6 +56,12 @@ impl AuthThrottle {
         }
     }
 
+    /// A reload: new limits from now on; addresses keep their failures and blocks.
+    pub fn set_limits(&mut self, limits: ThrottleLimits) {
+        assert!(limits.failures_max >= 1);
+        self.limits = limits;
+    }
+
     /// Whether `ip` is blocked at `now`.
     pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
         self.by_ip

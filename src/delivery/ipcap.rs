@@ -23,7 +23,7 @@ use gannet_sched::SiteKey;
 pub struct IpCap {
     /// Open connections per address (at most one entry per open connection).
     counts: RefCell<HashMap<IpAddr, usize>>,
-    max: usize,
+    max: Cell<usize>,
     /// Bumped whenever a slot is given back.
     releases: Cell<u64>,
     waiters: RefCell<Vec<Waker>>,
@@ -61,11 +61,21 @@ pub struct IpSlot {
 }
 
 impl IpCap {
+    /// A reload: at most `max` connections per address from now on (open ones stay).
+    pub fn set_max(&self, max: usize) {
+        assert!(max > 0);
+        self.max.set(max);
+        self.releases.set(self.releases.get() + 1);
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
     pub fn new(max: usize) -> Rc<IpCap> {
         assert!(max > 0);
         Rc::new(IpCap {
             counts: RefCell::new(HashMap::new()),
-            max,
+            max: Cell::new(max),
             releases: Cell::new(0),
             waiters: RefCell::new(Vec::new()),
             waiting: RefCell::new(HashMap::new()),
@@ -76,7 +86,7 @@ impl IpCap {
     pub fn try_take(self: &Rc<Self>, ip: IpAddr) -> Option<IpSlot> {
         let mut counts = self.counts.borrow_mut();
         let count = counts.entry(ip).or_insert(0);
-        if *count >= self.max {
+        if *count >= self.max.get() {
             return None;
         }
         *count += 1;

@@ -78,6 +78,11 @@ impl Deliverer {
         let shard_count = self.sched.borrow().config().shard_count;
         let sched_config = config.sched_config(self.shard, shard_count, seed);
         self.sched.borrow_mut().reconfigure(sched_config);
+        self.pool
+            .borrow_mut()
+            .set_count_max(config.delivery.connections_per_shard_max);
+        self.ip_cap
+            .set_max(config.delivery.connections_per_ip_max.div_ceil(shard_count).max(1));
         *self.config.borrow_mut() = config;
     }
 

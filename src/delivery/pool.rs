@@ -17,6 +17,12 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A reload: at most `count_max` idle connections from now on (the oldest close first as
+    /// connections come back).
+    pub fn set_count_max(&mut self, count_max: usize) {
+        self.count_max = count_max.max(1);
+    }
+
     pub fn new(count_max: usize) -> Pool {
         Pool {
             idle: HashMap::new(),

@@ -410,6 +410,11 @@ impl Shard {
             guards
                 .messages_per_user
                 .set_per_minute(limits.messages_per_user_per_minute);
+            guards.auth_failures.set_limits(ThrottleLimits {
+                failures_max: config.auth.failures_max,
+                failure_delay: config.auth.failure_delay.0,
+                block_duration: config.auth.block_duration.0,
+            });
         }
         self.deliverer.reconfigure(config.clone());
         *self.config.borrow_mut() = config;
