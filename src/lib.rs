@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authentication;
 pub mod config;
 pub mod delivery;
 pub mod dkim;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, Fail};
+use super::mail_authentication::MailAuthentication;
 use super::relay::NetworkText;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,10 @@ pub struct Listener {
     /// closed unanswered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proxy_from: Vec<NetworkText>,
+    /// SPF/DKIM/DMARC/ARC verification of mail from unauthenticated, untrusted clients:
+    /// "off", "record" (the default on mx) or "enforce". Default "off" on submission and smtps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mail_authentication: Option<MailAuthentication>,
 }
 
 impl Listener {
@@ -48,6 +53,15 @@ impl Listener {
     /// Whether this listener offers AUTH once TLS is on.
     pub fn offers_auth(&self) -> bool {
         self.auth.unwrap_or(self.kind != ListenerKind::Mx)
+    }
+
+    /// What this listener does about SPF, DKIM and DMARC.
+    pub fn mail_authentication(&self) -> MailAuthentication {
+        self.mail_authentication.unwrap_or(if self.kind == ListenerKind::Mx {
+            MailAuthentication::Record
+        } else {
+            MailAuthentication::Off
+        })
     }
 
     /// Whether MAIL needs AUTH first: mail submission (587 and 465) is for users only.
@@ -65,6 +79,7 @@ pub(super) fn default_listeners() -> Vec<Listener> {
             auth: None,
             proxy_protocol: false,
             proxy_from: Vec::new(),
+            mail_authentication: None,
         },
         Listener {
             address: "127.0.0.1:2587".parse().unwrap(),
@@ -73,6 +88,7 @@ pub(super) fn default_listeners() -> Vec<Listener> {
             auth: None,
             proxy_protocol: false,
             proxy_from: Vec::new(),
+            mail_authentication: None,
         },
         Listener {
             address: "127.0.0.1:2465".parse().unwrap(),
@@ -81,6 +97,7 @@ pub(super) fn default_listeners() -> Vec<Listener> {
             auth: None,
             proxy_protocol: false,
             proxy_from: Vec::new(),
+            mail_authentication: None,
         },
     ]
 }

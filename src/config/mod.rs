@@ -13,6 +13,7 @@ mod error;
 mod events;
 mod limits;
 mod listener;
+pub mod mail_authentication;
 mod relay;
 mod server;
 mod smtp;
@@ -90,6 +91,9 @@ pub struct Config {
     /// Keys that sign outgoing mail (`crate::dkim`).
     #[serde(default, rename = "dkim")]
     pub dkim: Vec<dkim::Dkim>,
+    /// How SPF/DKIM/DMARC verdicts on incoming mail are acted on (`crate::authentication`).
+    #[serde(default)]
+    pub mail_authentication: mail_authentication::MailAuthenticationSettings,
 }
 
 impl Config {
@@ -171,6 +175,7 @@ impl Config {
         admin::validate(&self.admin, &fail)?;
         admin::validate_log(&self.log, &fail)?;
         events::validate(&self.events, &fail)?;
+        mail_authentication::validate(&self.mail_authentication, &fail)?;
         dkim::validate(&self.dkim, &fail)
     }
 

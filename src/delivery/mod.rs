@@ -66,6 +66,11 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
+    /// The shard's DNS resolver (MX delivery and mail authentication share it).
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+
     /// The configuration in force.
     pub(crate) fn config(&self) -> Arc<Config> {
         self.config.borrow().clone()

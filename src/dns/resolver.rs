@@ -81,7 +81,7 @@ impl std::fmt::Display for QueryError {
 /// NXDOMAIN, a remembered failure).
 fn count_hit(answer: &Answer) {
     let result = match answer {
-        Answer::Mx(_) | Answer::Addresses(_) => "hit",
+        Answer::Mx(_) | Answer::Addresses(_) | Answer::Txt(_) | Answer::Names(_) => "hit",
         _ => "negative",
     };
     metrics::with(|m| m.dns_lookups.add(result, 1));

@@ -320,7 +320,7 @@ impl Conn {
                         .await;
                     let id = result.map(|id| id.to_string());
                     self.session
-                        .committed(id.as_deref().map_err(|e| *e), Instant::now(), &mut self.out);
+                        .committed(id.as_deref().map_err(|e| e.clone()), Instant::now(), &mut self.out);
                 }
             }
         }

@@ -19,6 +19,7 @@ pub mod shard;
 pub mod signals;
 mod signing;
 pub mod tls;
+mod verification;
 
 use std::net::SocketAddr;
 use std::os::fd::{IntoRawFd, RawFd};

@@ -436,6 +436,16 @@ impl Shard {
         sink: &mut MessageBuffer,
         listener: usize,
     ) -> Result<MessageId, CommitError> {
+        if let Err(refusal) = self.verify_inbound(session, sink, listener).await {
+            crate::smtp::session::MessageSink::abandon(sink);
+            let reason = if refusal == CommitError::NoSpace {
+                "memory"
+            } else {
+                "authentication"
+            };
+            metrics::with(|m| m.listener(listener).messages_rejected.add(reason, 1));
+            return Err(refusal);
+        }
         if self.sign(session, sink).await.is_err() {
             crate::smtp::session::MessageSink::abandon(sink);
             metrics::with(|m| m.listener(listener).messages_rejected.add("memory", 1));
@@ -452,6 +462,7 @@ impl Shard {
                 let reason = match e {
                     CommitError::NoSpace => "spool_full",
                     CommitError::Io => "spool_error",
+                    CommitError::Refused { .. } => "authentication",
                 };
                 metrics::with(|m| m.listener(listener).messages_rejected.add(reason, 1));
                 return Err(e);

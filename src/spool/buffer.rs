@@ -191,6 +191,30 @@ impl MessageBuffer {
         out
     }
 
+    /// Overwrites content bytes in place, `offset` counted from the content's start (as in
+    /// [`MessageBuffer::content_copy`]); the length does not change. Before `take`, which
+    /// computes the record's checksum.
+    pub fn overwrite_content(&mut self, offset: usize, bytes: &[u8]) {
+        assert!(self.open && self.kind == Kind::Message && self.prepended_bytes == 0);
+        assert!(offset + bytes.len() <= self.total_bytes - self.prefix_bytes);
+        let mut position = self.prefix_bytes + offset;
+        let mut rest = bytes;
+        for chunk in &mut self.chunks {
+            let len = chunk.len();
+            if position >= len {
+                position -= len;
+                continue;
+            }
+            let n = rest.len().min(len - position);
+            chunk.as_bytes_mut()[position..position + n].copy_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            position = 0;
+            if rest.is_empty() {
+                break;
+            }
+        }
+    }
+
     /// Stores header fields to be sent in front of the content (docs/spool.md: envelope
     /// version 2). Once per message, after the content is complete. Each field ends in CRLF
     /// and no line starts with `.`, so they need no dot-stuffing.

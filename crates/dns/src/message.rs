@@ -14,6 +14,10 @@ pub enum Answer {
     Mx(Vec<(u16, String)>),
     /// Addresses (A or AAAA).
     Addresses(Vec<IpAddr>),
+    /// TXT records, each one's character-strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2).
+    Txt(Vec<Vec<u8>>),
+    /// PTR records: names without the trailing dot, lower case.
+    Names(Vec<String>),
     /// The name exists but has no records of that type (RFC 2308 NODATA).
     NoData,
     /// The name does not exist.
@@ -31,6 +35,10 @@ pub struct Parsed {
     /// The reply was truncated (TC): ask again over TCP.
     pub truncated: bool,
 }
+
+/// The most TXT bytes one answer may carry, all records together: SPF, DKIM and DMARC records
+/// are a few hundred bytes (a 4096-bit RSA key is about 740); the cache holds what it is given.
+pub const TXT_ANSWER_BYTES_MAX: usize = 16 * 1024;
 
 /// Why a reply was thrown away.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +129,9 @@ pub fn parse_response(bytes: &[u8], id: u16, name: &str, rtype: RecordType) -> R
     let mut ttl_s = u32::MAX;
     let mut mx = Vec::new();
     let mut addresses = Vec::new();
+    let mut txt: Vec<Vec<u8>> = Vec::new();
+    let mut txt_bytes = 0usize;
+    let mut names = Vec::new();
     for record in &message.answers {
         match (&record.data, rtype) {
             (RData::MX(m), RecordType::MX) => {
@@ -129,6 +140,23 @@ pub fn parse_response(bytes: &[u8], id: u16, name: &str, rtype: RecordType) -> R
             }
             (RData::A(a), RecordType::A) => addresses.push(IpAddr::V4(a.0)),
             (RData::AAAA(a), RecordType::AAAA) => addresses.push(IpAddr::V6(a.0)),
+            (RData::TXT(t), RecordType::TXT) => {
+                let joined: Vec<u8> = t.txt_data.iter().flat_map(|s| s.iter().copied()).collect();
+                txt_bytes += joined.len();
+                if txt_bytes > TXT_ANSWER_BYTES_MAX {
+                    return Ok(Parsed {
+                        answer: Answer::ServerFailure(format!(
+                            "TXT answer for {name} is over {TXT_ANSWER_BYTES_MAX} bytes"
+                        )),
+                        ttl_s: 0,
+                        truncated,
+                    });
+                }
+                txt.push(joined);
+            }
+            (RData::PTR(p), RecordType::PTR) => {
+                names.push(p.0.to_ascii().trim_end_matches('.').to_ascii_lowercase());
+            }
             // CNAMEs and the like on the way to the answer: followed by the recursive server.
             _ => continue,
         }
@@ -138,6 +166,10 @@ pub fn parse_response(bytes: &[u8], id: u16, name: &str, rtype: RecordType) -> R
         Answer::Mx(mx)
     } else if !addresses.is_empty() {
         Answer::Addresses(addresses)
+    } else if !txt.is_empty() {
+        Answer::Txt(txt)
+    } else if !names.is_empty() {
+        Answer::Names(names)
     } else {
         ttl_s = negative_ttl_s;
         Answer::NoData
@@ -242,5 +274,34 @@ mod tests {
             parse_response(&query, 1, "a.example", RecordType::MX),
             Err(Rejected::NotAResponse)
         );
+    }
+
+    #[test]
+    fn txt_records_join_their_strings_and_are_bounded() {
+        use hickory_proto::rr::rdata::TXT;
+        let name = "_dmarc.example.";
+        let record = |strings: Vec<String>| {
+            Record::from_rdata(Name::from_ascii(name).unwrap(), 120, RData::TXT(TXT::new(strings)))
+        };
+        let bytes = reply(
+            3,
+            name,
+            RecordType::TXT,
+            ResponseCode::NoError,
+            vec![
+                record(vec!["v=DMARC1; ".into(), "p=reject".into()]),
+                record(vec!["other".into()]),
+            ],
+        );
+        let parsed = parse_response(&bytes, 3, name, RecordType::TXT).unwrap();
+        assert_eq!(
+            parsed.answer,
+            Answer::Txt(vec![b"v=DMARC1; p=reject".to_vec(), b"other".to_vec()])
+        );
+        assert_eq!(parsed.ttl_s, 120);
+        let huge: Vec<Record> = (0..80).map(|_| record(vec!["x".repeat(250)])).collect();
+        let bytes = reply(4, name, RecordType::TXT, ResponseCode::NoError, huge);
+        let parsed = parse_response(&bytes, 4, name, RecordType::TXT).unwrap();
+        assert!(matches!(parsed.answer, Answer::ServerFailure(why) if why.contains("over")));
     }
 }

@@ -48,7 +48,9 @@ pub fn exchanges(domain: &str, answer: &Answer, random: u64) -> Result<Vec<Strin
             records.iter().filter(|(_, h)| !h.is_empty()).cloned().collect(),
             random,
         )),
-        Answer::NoData | Answer::Addresses(_) => Ok(vec![domain.to_ascii_lowercase()]),
+        Answer::NoData | Answer::Addresses(_) | Answer::Txt(_) | Answer::Names(_) => {
+            Ok(vec![domain.to_ascii_lowercase()])
+        }
         Answer::NxDomain => Err(MxError::Permanent(format!("550 5.1.2 domain {domain} does not exist"))),
         Answer::ServerFailure(why) => Err(MxError::Temporary(format!(
             "451 4.4.3 cannot look up MX of {domain}: {why}"

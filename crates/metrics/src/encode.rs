@@ -361,6 +361,20 @@ impl Exposition {
             "gannet_dkim_sign_seconds",
             "Time from a message's end to its DKIM signatures being ready, waiting for the signing thread included.",
             &m.dkim_sign,
+        )?;
+        counter_family(
+            e,
+            "gannet_mail_authentication",
+            "Verdicts on incoming mail by method (spf, dkim: one per signature, dmarc) and result.",
+            m.mail_authentication
+                .iter()
+                .map(|((method, r), v)| (vec![("method", method), ("result", r)], v)),
+        )?;
+        histogram(
+            e,
+            "gannet_mail_authentication_seconds",
+            "Time one incoming message's SPF, DKIM, DMARC and ARC verification took, its DNS lookups included.",
+            &m.mail_authentication_seconds,
         )
     }
 }

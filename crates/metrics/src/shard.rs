@@ -76,6 +76,11 @@ pub struct ShardMetrics {
     /// Time from a message's end to its signatures being ready (queueing for the shard's
     /// blocking thread included).
     pub dkim_sign: Histogram,
+    /// Inbound mail authentication verdicts, by (method, result): spf, dkim (one per
+    /// signature), dmarc.
+    pub mail_authentication: Counts<(&'static str, &'static str)>,
+    /// Time one message's verification took, its DNS lookups included.
+    pub mail_authentication_seconds: Histogram,
     pub queue: QueueGauges,
     pub spool_bytes: u64,
     pub spool_segments: u64,
@@ -102,6 +107,8 @@ impl ShardMetrics {
             rate_limited: Counts::default(),
             dkim_signatures: Counts::default(),
             dkim_sign: Histogram::new(SYNC_SECONDS),
+            mail_authentication: Counts::default(),
+            mail_authentication_seconds: Histogram::new(NETWORK_SECONDS),
             queue: QueueGauges::default(),
             spool_bytes: 0,
             spool_segments: 0,
@@ -170,6 +177,9 @@ impl ShardMetrics {
         self.rate_limited.merge(&other.rate_limited);
         self.dkim_signatures.merge(&other.dkim_signatures);
         self.dkim_sign.merge(&other.dkim_sign);
+        self.mail_authentication.merge(&other.mail_authentication);
+        self.mail_authentication_seconds
+            .merge(&other.mail_authentication_seconds);
         for i in 0..QUEUE_STATES.len() {
             self.queue.messages[i] += other.queue.messages[i];
             self.queue.recipients[i] += other.queue.recipients[i];

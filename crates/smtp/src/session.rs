@@ -115,13 +115,20 @@ pub trait MessageSink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SinkFull;
 
-/// Why the spool could not make a message durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a finished message was not made durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitError {
     /// No room: the spool is at its size limit or the disk is (nearly) full. 452 4.3.1.
     NoSpace,
     /// A write or fdatasync failed. 451 4.3.0.
     Io,
+    /// The shell judged the content and refused it (mail authentication under enforcement);
+    /// the reply says why in one sentence.
+    Refused {
+        code: u16,
+        enhanced: &'static str,
+        text: String,
+    },
 }
 
 /// Why a transaction step was refused: the `reason` label of the shell's
@@ -490,6 +497,10 @@ impl Session {
             // The shell counts these itself (it knows the spool's reason).
             Err(CommitError::NoSpace) => reply::NO_STORAGE.write(out),
             Err(CommitError::Io) => reply::SPOOL_ERROR.write(out),
+            Err(CommitError::Refused { code, enhanced, text }) => {
+                debug_assert!((400..600).contains(&code));
+                write_line(out, code, ' ', enhanced, text.as_bytes());
+            }
         }
         self.end_transaction();
     }
@@ -1472,7 +1483,7 @@ mod tests {
                         Next::Commit => {
                             self.sink.committed.push(std::mem::take(&mut self.sink.message));
                             self.sink.open = false;
-                            self.session.committed(self.commit_result, now.instant, &mut out);
+                            self.session.committed(self.commit_result.clone(), now.instant, &mut out);
                         }
                         Next::StartTls => {
                             self.discarded_at_starttls.append(&mut pending);

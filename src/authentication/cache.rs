@@ -1,0 +1,322 @@
+//! The answers one message's verification may use: mail-auth asks its caches first, and every
+//! answer here came from Gannet's resolver (and so from the shared DNS cache, with its TTLs,
+//! negative caching and metrics). A name mail-auth asks for that is not here is a *miss*: it is
+//! noted, mail-auth's own resolver (which has no name servers) fails at once, and the caller
+//! looks the name up with Gannet's resolver, fills it in and runs the verification again.
+//!
+//! Negative answers: a TXT lookup's is kept as mail-auth's "record not found" error, so that SPF
+//! and DMARC see none or a void lookup; an address, MX or PTR lookup's as an empty set (mail-auth's
+//! caches for those hold only record sets), which matches nothing. A server failure of a TXT
+//! lookup is kept as a resolver error (temperror); one of the other kinds is left out, so that
+//! mail-auth's failing resolver gives the same temperror.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
+
+use mail_auth::common::parse::TxtRecordParser;
+use mail_auth::{DnssecStatus, Parameters, RecordSet, ResolverCache, Txt, MX};
+
+/// Names one message's verification may look up (SPF's 10 DNS terms with their MX and address
+/// lookups, DKIM keys, DMARC and ARC records fit well within it).
+pub const LOOKUPS_MAX: usize = 96;
+
+/// The kind of record a miss needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Txt,
+    Mx,
+    A,
+    Aaaa,
+    Ptr,
+}
+
+/// A name mail-auth asked for that was not here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Miss {
+    pub kind: Kind,
+    /// The name as mail-auth asked (a fully qualified name with the trailing dot); empty for
+    /// PTR, which is always of the client's address.
+    pub name: String,
+}
+
+/// One map of answers that notes what it was asked for and did not have.
+pub struct Answers<K, V> {
+    kind: Kind,
+    map: Mutex<HashMap<K, V>>,
+    misses: Arc<Mutex<Vec<Miss>>>,
+}
+
+/// The maps are only ever used by one thread at a time (the verification moves between the
+/// shard and its blocking thread with them); a poisoned lock still holds good answers.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records what a key's `Hash` writes: for a `str`, its bytes followed by 0xff (the standard
+/// library's `Hasher::write_str`). It is how a miss learns the name mail-auth asked for, which
+/// `ResolverCache::get` gives only as a borrowed `Q`.
+#[derive(Default)]
+struct Recorder(Vec<u8>);
+
+impl std::hash::Hasher for Recorder {
+    fn write(&mut self, bytes: &[u8]) {
+        if self.0.len() < 1024 {
+            self.0.extend_from_slice(bytes);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        0
+    }
+}
+
+/// The text of a `str` key, from what it hashes.
+fn key_text<Q: Hash + ?Sized>(key: &Q) -> Option<String> {
+    let mut recorder = Recorder::default();
+    key.hash(&mut recorder);
+    let mut bytes = recorder.0;
+    if bytes.pop() != Some(0xff) {
+        return None;
+    }
+    String::from_utf8(bytes).ok()
+}
+
+impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for Answers<K, V> {
+    fn get<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let found = lock(&self.map).get(name).cloned();
+        if found.is_none() {
+            // A PTR lookup is always of the client's address (SPF's ptr mechanism and %{p}).
+            let text = if self.kind == Kind::Ptr {
+                Some(String::new())
+            } else {
+                key_text(name)
+            };
+            if let Some(name) = text {
+                let miss = Miss { kind: self.kind, name };
+                let mut misses = lock(&self.misses);
+                if !misses.contains(&miss) && misses.len() < LOOKUPS_MAX {
+                    misses.push(miss);
+                }
+            }
+        }
+        found
+    }
+
+    fn remove<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        lock(&self.map).remove(name)
+    }
+
+    /// mail-auth stores what its own resolver found; it has no name servers, so it finds
+    /// nothing and this is never called with an answer. A miss is noted in `get`'s caller.
+    fn insert(&self, _key: K, _value: V, _valid_until: std::time::Instant) {}
+}
+
+impl<K: Hash + Eq, V: Clone> Answers<K, V> {
+    fn new(kind: Kind, misses: Arc<Mutex<Vec<Miss>>>) -> Answers<K, V> {
+        Answers {
+            kind,
+            map: Mutex::new(HashMap::new()),
+            misses,
+        }
+    }
+
+    fn put(&self, key: K, value: V) {
+        lock(&self.map).insert(key, value);
+    }
+}
+
+/// Every kind of answer one verification uses.
+pub struct Prefetched {
+    pub txt: Answers<Box<str>, Txt>,
+    pub mx: Answers<Box<str>, RecordSet<MX>>,
+    pub ipv4: Answers<Box<str>, RecordSet<Ipv4Addr>>,
+    pub ipv6: Answers<Box<str>, RecordSet<Ipv6Addr>>,
+    pub ptr: Answers<IpAddr, RecordSet<Box<str>>>,
+    misses: Arc<Mutex<Vec<Miss>>>,
+    /// Names filled in so far (bounded by [`LOOKUPS_MAX`]).
+    filled: usize,
+}
+
+impl Default for Prefetched {
+    fn default() -> Prefetched {
+        let misses = Arc::new(Mutex::new(Vec::new()));
+        Prefetched {
+            txt: Answers::new(Kind::Txt, misses.clone()),
+            mx: Answers::new(Kind::Mx, misses.clone()),
+            ipv4: Answers::new(Kind::A, misses.clone()),
+            ipv6: Answers::new(Kind::Aaaa, misses.clone()),
+            ptr: Answers::new(Kind::Ptr, misses.clone()),
+            misses,
+            filled: 0,
+        }
+    }
+}
+
+/// mail-auth's parameters `params` with every cache of `prefetched`.
+pub type Cached<'x, P> = Parameters<
+    'x,
+    P,
+    Answers<Box<str>, Txt>,
+    Answers<Box<str>, RecordSet<MX>>,
+    Answers<Box<str>, RecordSet<Ipv4Addr>>,
+    Answers<Box<str>, RecordSet<Ipv6Addr>>,
+    Answers<IpAddr, RecordSet<Box<str>>>,
+>;
+
+impl Prefetched {
+    /// `params` answered from these caches.
+    pub fn params<'x, P>(&'x self, params: P) -> Cached<'x, P> {
+        Parameters::new(params)
+            .with_txt_cache(&self.txt)
+            .with_mx_cache(&self.mx)
+            .with_ipv4_cache(&self.ipv4)
+            .with_ipv6_cache(&self.ipv6)
+            .with_ptr_cache(&self.ptr)
+    }
+}
+
+/// What Gannet's resolver found for a miss.
+pub enum Found {
+    Txt(Vec<Vec<u8>>),
+    Mx(Vec<(u16, String)>),
+    Addresses(Vec<IpAddr>),
+    Names(Vec<String>),
+    /// NXDOMAIN or NODATA.
+    Nothing,
+    /// The lookup failed for now (timeout, SERVFAIL).
+    Failed(String),
+}
+
+fn record_set<T>(items: Vec<T>) -> RecordSet<T> {
+    RecordSet {
+        rrset: Arc::from(items),
+        dnssec_status: DnssecStatus::Indeterminate,
+    }
+}
+
+fn not_found() -> mail_auth::Error {
+    mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(
+        hickory_proto::op::ResponseCode::NXDomain,
+    ))
+}
+
+impl Prefetched {
+    /// The misses since the last call (each name once).
+    pub fn take_misses(&self) -> Vec<Miss> {
+        std::mem::take(&mut *lock(&self.misses))
+    }
+
+    /// Whether another name may be filled in.
+    pub fn may_fill(&self) -> bool {
+        self.filled < LOOKUPS_MAX
+    }
+
+    /// Fills in what Gannet's resolver found for `miss` (for PTR, of `client`).
+    pub fn fill(&mut self, miss: &Miss, client: IpAddr, found: Found) {
+        self.filled += 1;
+        let key: Box<str> = Box::from(miss.name.as_str());
+        match (miss.kind, found) {
+            (Kind::Txt, Found::Txt(records)) => self.txt.put(key.clone(), parse_txt(&key, &records)),
+            (Kind::Txt, Found::Failed(why)) => self.txt.put(
+                key,
+                Txt::Error(mail_auth::Error::Dns(mail_auth::DnsError::Resolver(why))),
+            ),
+            (Kind::Txt, _) => self.txt.put(key, Txt::Error(not_found())),
+            (_, Found::Failed(_)) => {}
+            (Kind::Mx, Found::Mx(records)) => self.mx.put(key, mx_set(records)),
+            (Kind::Mx, _) => self.mx.put(key, record_set(Vec::new())),
+            (Kind::A, found) => self.ipv4.put(key, record_set(v4(found))),
+            (Kind::Aaaa, found) => self.ipv6.put(key, record_set(v6(found))),
+            (Kind::Ptr, found) => {
+                let names = match found {
+                    Found::Names(names) => names.into_iter().map(|n| Box::from(format!("{n}."))).collect(),
+                    _ => Vec::new(),
+                };
+                self.ptr.put(client, record_set(names));
+            }
+        }
+    }
+}
+
+fn v4(found: Found) -> Vec<Ipv4Addr> {
+    match found {
+        Found::Addresses(list) => list
+            .into_iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn v6(found: Found) -> Vec<Ipv6Addr> {
+    match found {
+        Found::Addresses(list) => list
+            .into_iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// MX records grouped by preference, as mail-auth keeps them (names with the trailing dot).
+fn mx_set(mut records: Vec<(u16, String)>) -> RecordSet<MX> {
+    records.sort_by_key(|(preference, _)| *preference);
+    let mut grouped: Vec<MX> = Vec::new();
+    for (preference, name) in records {
+        let name: Box<str> = Box::from(format!("{name}."));
+        match grouped.last_mut() {
+            Some(last) if last.preference == preference => {
+                let mut exchanges = std::mem::take(&mut last.exchanges).into_vec();
+                exchanges.push(name);
+                last.exchanges = exchanges.into_boxed_slice();
+            }
+            _ => grouped.push(MX {
+                exchanges: vec![name].into_boxed_slice(),
+                preference,
+            }),
+        }
+    }
+    record_set(grouped)
+}
+
+/// A TXT answer parsed as the record its name says it holds, the way mail-auth parses its own
+/// answers: the first record that parses wins, none that parses is "invalid record type".
+fn parse_txt(name: &str, records: &[Vec<u8>]) -> Txt {
+    fn first<T: TxtRecordParser + Into<Txt>>(records: &[Vec<u8>]) -> Txt {
+        let mut result = Err(mail_auth::Error::Dns(mail_auth::DnsError::InvalidRecordType));
+        for record in records {
+            result = T::parse(record);
+            if result.is_ok() {
+                break;
+            }
+        }
+        result.into()
+    }
+    let lower = name.to_ascii_lowercase();
+    if lower.starts_with("_dmarc.") {
+        first::<mail_auth::dmarc::Dmarc>(records)
+    } else if lower.contains("._domainkey.") {
+        first::<mail_auth::common::verify::DomainKey>(records)
+    } else if lower.contains("._atps.") {
+        first::<mail_auth::dkim::Atps>(records)
+    } else {
+        first::<mail_auth::spf::Spf>(records)
+    }
+}

@@ -1,0 +1,435 @@
+//! Inbound mail authentication on mx listeners: SPF (RFC 7208) for the HELO and MAIL FROM
+//! identities, every DKIM signature (RFC 6376), ARC chains (RFC 8617) and DMARC (RFC 7489:
+//! policy discovery, relaxed or strict alignment of the SPF and DKIM identifiers with the From:
+//! domain), with the verdicts in one Authentication-Results header (RFC 8601) whose authserv-id
+//! is `server.hostname`.
+//!
+//! The grammars and the cryptography are mail-auth's. Its DNS is not: mail-auth reads answers
+//! from caches it is given before asking its own resolver, and the one it is given here has no
+//! name servers, so it can only fail. A verification runs over a [`cache::Prefetched`] that
+//! notes every name it lacked; the shard looks those up with Gannet's resolver (so through the
+//! shared DNS cache, with its TTLs, negative caching, limits and metrics), fills them in and runs
+//! the verification again, until nothing new is missing (SPF's nested includes take a round per
+//! level). The CPU part of each round (parsing, body hashes, signature checks) runs on the
+//! shard's blocking thread. docs/authentication.md says why this design and what it costs.
+
+pub mod cache;
+pub mod results;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::RecordType;
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::dmarc::Policy;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{AuthenticatedMessage, DmarcResult, MessageAuthenticator, SpfResult};
+
+use crate::dns::message::Answer;
+use crate::dns::resolver::Resolver;
+use cache::{Found, Kind, Miss, Prefetched};
+
+/// Rounds of "verify, look up what was missing" at most (SPF allows 10 DNS terms, each of which
+/// can add a level).
+const ROUNDS_MAX: usize = 16;
+
+/// What the verification needs from the SMTP session.
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub client: IpAddr,
+    /// The EHLO/HELO name.
+    pub helo: String,
+    /// The MAIL FROM address, empty for the null sender.
+    pub mail_from: String,
+    /// `server.hostname`: the authserv-id.
+    pub hostname: String,
+}
+
+/// The verdicts, owned (mail-auth's outputs borrow the message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdicts {
+    /// The `Authentication-Results: ...\r\n` header to put on top of the message.
+    pub header: String,
+    pub spf: SpfResult,
+    /// Each signature's result name (`pass`, `fail`, `neutral`, `temperror`, ...).
+    pub dkim: Vec<&'static str>,
+    pub dmarc: DmarcVerdict,
+    /// The From: domain DMARC judged ("" when it had none, or several).
+    pub from_domain: String,
+}
+
+/// DMARC's verdict and what the From: domain's policy asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmarcVerdict {
+    Pass,
+    /// Neither identifier passed and aligned; `policy` is the domain's (`p=` or `sp=`).
+    Fail {
+        policy: DmarcPolicy,
+    },
+    /// A DNS failure kept DMARC from deciding.
+    TempError,
+    PermError,
+    /// No DMARC record, or no From: domain to judge.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmarcPolicy {
+    None,
+    Quarantine,
+    Reject,
+}
+
+/// The authenticator and the verification loop. One per process; shards share it.
+pub struct Verifier {
+    authenticator: MessageAuthenticator,
+}
+
+impl Verifier {
+    /// A verifier whose own resolver has no name servers (see the module's comment).
+    pub fn new() -> Result<Verifier, String> {
+        let config = mail_auth::hickory_resolver::config::ResolverConfig::from_parts(None, vec![], vec![]);
+        let mut options = mail_auth::hickory_resolver::config::ResolverOpts::default();
+        options.attempts = 0;
+        options.cache_size = 0;
+        let authenticator = MessageAuthenticator::new(config, options)
+            .map_err(|e| format!("cannot set up mail authentication: {e}"))?;
+        Ok(Verifier { authenticator })
+    }
+
+    /// Verifies `message` (headers and body as received), looking up what it needs with
+    /// `resolver`, within `timeout` in all: a lookup past it counts as a DNS failure
+    /// (temperror), never a hang.
+    pub async fn verify(
+        self: &Arc<Self>,
+        resolver: &Resolver,
+        message: Arc<Vec<u8>>,
+        input: Arc<Input>,
+        timeout: Duration,
+    ) -> Verdicts {
+        let deadline = Instant::now() + timeout;
+        let mut prefetched = Prefetched::default();
+        let mut asked: Vec<Miss> = Vec::new();
+        let mut round = 0;
+        loop {
+            let (verdicts, back) = self.evaluate_blocking(message.clone(), input.clone(), prefetched).await;
+            prefetched = back;
+            round += 1;
+            let misses: Vec<Miss> = prefetched
+                .take_misses()
+                .into_iter()
+                .filter(|m| !asked.contains(m))
+                .collect();
+            if misses.is_empty() || round >= ROUNDS_MAX || !prefetched.may_fill() {
+                return verdicts;
+            }
+            for miss in misses {
+                if !prefetched.may_fill() {
+                    break;
+                }
+                let found = lookup(resolver, &miss, input.client, deadline).await;
+                prefetched.fill(&miss, input.client, found);
+                asked.push(miss);
+            }
+        }
+    }
+
+    /// One round on the shard's blocking thread.
+    async fn evaluate_blocking(
+        self: &Arc<Self>,
+        message: Arc<Vec<u8>>,
+        input: Arc<Input>,
+        prefetched: Prefetched,
+    ) -> (Verdicts, Prefetched) {
+        let verifier = self.clone();
+        glommio::executor()
+            .spawn_blocking(move || {
+                let verdicts = verifier.evaluate(&message, &input, &prefetched);
+                (verdicts, prefetched)
+            })
+            .await
+    }
+
+    /// One round: every check over what `prefetched` holds. Never waits: every lookup is
+    /// answered from `prefetched` or fails at once.
+    pub fn evaluate(&self, message: &[u8], input: &Input, prefetched: &Prefetched) -> Verdicts {
+        let Some(parsed) = AuthenticatedMessage::parse(message) else {
+            return unparseable(input);
+        };
+        let auth = &self.authenticator;
+        use futures_lite::future::block_on as run;
+        let dkim = run(auth.verify_dkim(prefetched.params(&parsed)));
+        let arc = run(auth.verify_arc(prefetched.params(&parsed)));
+        let helo = input.helo.as_str();
+        let spf_helo =
+            run(auth.verify_spf(prefetched.params(SpfParameters::verify_ehlo(input.client, helo, &input.hostname))));
+        let spf_from = if input.mail_from.is_empty() {
+            spf_helo.clone()
+        } else {
+            run(auth.verify_spf(prefetched.params(SpfParameters::verify_mail_from(
+                input.client,
+                helo,
+                &input.hostname,
+                &input.mail_from,
+            ))))
+        };
+        let mail_from_domain = input.mail_from.rsplit_once('@').map_or(helo, |(_, d)| d);
+        let dmarc = run(auth.verify_dmarc(prefetched.params(DmarcParameters::new(
+            &parsed,
+            &dkim,
+            mail_from_domain,
+            &spf_from,
+        ))));
+        let from_domain = parsed
+            .from
+            .first()
+            .and_then(|f| f.rsplit_once('@'))
+            .map_or("", |(_, d)| d);
+        let verdict = dmarc_verdict(&dmarc);
+        let header = results::header(
+            &input.hostname,
+            results::Parts {
+                dkim: &dkim,
+                from_domain,
+                spf_helo: &spf_helo,
+                spf_from: &spf_from,
+                arc: &arc,
+                dmarc: &dmarc,
+                verdict,
+                input,
+            },
+        );
+        Verdicts {
+            header,
+            spf: spf_from.result(),
+            dkim: dkim.iter().map(|d| results::dkim_name(d.result())).collect(),
+            dmarc: verdict,
+            from_domain: dmarc.domain().to_string(),
+        }
+    }
+}
+
+/// A message mail-auth cannot parse (no header section): nothing verifies.
+fn unparseable(input: &Input) -> Verdicts {
+    Verdicts {
+        header: format!("Authentication-Results: {}; none\r\n", input.hostname),
+        spf: SpfResult::None,
+        dkim: Vec::new(),
+        dmarc: DmarcVerdict::None,
+        from_domain: String::new(),
+    }
+}
+
+/// DMARC's verdict from mail-auth's output. mail-auth (RFC 9989's tree walk) leaves both
+/// identifiers' results `None` when neither passed SPF or DKIM at all; with a record found
+/// that is a DMARC failure all the same (RFC 7489 4.2:
+/// pass needs an aligned identifier that passed).
+pub fn dmarc_verdict(dmarc: &mail_auth::DmarcOutput) -> DmarcVerdict {
+    let (spf, dkim) = (dmarc.spf_result(), dmarc.dkim_result());
+    if *spf == DmarcResult::Pass || *dkim == DmarcResult::Pass {
+        return DmarcVerdict::Pass;
+    }
+    let any = |f: fn(&DmarcResult) -> bool| f(spf) || f(dkim);
+    if any(|r| matches!(r, DmarcResult::TempError(_))) {
+        return DmarcVerdict::TempError;
+    }
+    if any(|r| matches!(r, DmarcResult::PermError(_))) {
+        return DmarcVerdict::PermError;
+    }
+    if dmarc.dmarc_record().is_none() {
+        return DmarcVerdict::None;
+    }
+    let policy = match dmarc.policy() {
+        Policy::Reject => DmarcPolicy::Reject,
+        Policy::Quarantine => DmarcPolicy::Quarantine,
+        Policy::None | Policy::Unspecified => DmarcPolicy::None,
+    };
+    DmarcVerdict::Fail { policy }
+}
+
+impl DmarcVerdict {
+    /// RFC 8601's name for the result.
+    pub fn name(self) -> &'static str {
+        match self {
+            DmarcVerdict::Pass => "pass",
+            DmarcVerdict::Fail { .. } => "fail",
+            DmarcVerdict::TempError => "temperror",
+            DmarcVerdict::PermError => "permerror",
+            DmarcVerdict::None => "none",
+        }
+    }
+}
+
+/// The DNS name for a miss: as mail-auth asked, or the client's reverse name for PTR.
+fn query_name(miss: &Miss, client: IpAddr) -> String {
+    match miss.kind {
+        Kind::Ptr => reverse_name(client),
+        _ => miss.name.clone(),
+    }
+}
+
+/// `d.c.b.a.in-addr.arpa.` or the nibbles under `ip6.arpa.` (RFC 1035 3.5, RFC 3596 2.5).
+pub fn reverse_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(v6) => {
+            let mut name = String::with_capacity(73);
+            for byte in v6.octets().iter().rev() {
+                name.push_str(&format!("{:x}.{:x}.", byte & 0xf, byte >> 4));
+            }
+            name.push_str("ip6.arpa.");
+            name
+        }
+    }
+}
+
+/// Looks a miss up with Gannet's resolver, giving up at `deadline`.
+async fn lookup(resolver: &Resolver, miss: &Miss, client: IpAddr, deadline: Instant) -> Found {
+    let rtype = match miss.kind {
+        Kind::Txt => RecordType::TXT,
+        Kind::Mx => RecordType::MX,
+        Kind::A => RecordType::A,
+        Kind::Aaaa => RecordType::AAAA,
+        Kind::Ptr => RecordType::PTR,
+    };
+    let name = query_name(miss, client);
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        return Found::Failed("the verification's time ran out".into());
+    }
+    let answer = futures_lite::future::or(async { Some(resolver.lookup(&name, rtype).await) }, async {
+        glommio::timer::sleep(remaining).await;
+        None
+    })
+    .await;
+    let Some(answer) = answer else {
+        return Found::Failed(format!("{name}: the verification's time ran out"));
+    };
+    match &*answer {
+        Answer::Txt(records) => Found::Txt(records.clone()),
+        Answer::Mx(records) => Found::Mx(records.clone()),
+        Answer::Addresses(list) => Found::Addresses(list.clone()),
+        Answer::Names(names) => Found::Names(names.clone()),
+        Answer::NoData | Answer::NxDomain => Found::Nothing,
+        Answer::ServerFailure(why) => Found::Failed(why.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reverse_names_follow_the_rfcs() {
+        assert_eq!(reverse_name("192.0.2.7".parse().unwrap()), "7.2.0.192.in-addr.arpa.");
+        let v6 = reverse_name("2001:db8::1".parse().unwrap());
+        assert!(
+            v6.starts_with("1.0.0.0.0.0.0.0.") && v6.ends_with("8.b.d.0.1.0.0.2.ip6.arpa."),
+            "{v6}"
+        );
+    }
+
+    fn input() -> Input {
+        Input {
+            client: "192.0.2.7".parse().unwrap(),
+            helo: "mail.sender.example".into(),
+            mail_from: "alice@sender.example".into(),
+            hostname: "mx.test".into(),
+        }
+    }
+
+    const MESSAGE: &[u8] = b"From: Alice <alice@sender.example>\r\nTo: bob@mx.test\r\nSubject: hi\r\n\r\nhello\r\n";
+
+    /// Rounds as the shard runs them, with a fixed zone instead of the resolver.
+    fn verify_with(zone: &[(&str, Found)]) -> (Verdicts, usize) {
+        let verifier = Verifier::new().unwrap();
+        let mut prefetched = Prefetched::default();
+        let mut rounds = 0;
+        loop {
+            let verdicts = verifier.evaluate(MESSAGE, &input(), &prefetched);
+            rounds += 1;
+            let misses = prefetched.take_misses();
+            if misses.is_empty() || rounds > ROUNDS_MAX {
+                return (verdicts, rounds);
+            }
+            for miss in misses {
+                let found = zone
+                    .iter()
+                    .find(|(name, _)| miss.name.trim_end_matches('.').eq_ignore_ascii_case(name))
+                    .map_or(Found::Nothing, |(_, f)| match f {
+                        Found::Txt(t) => Found::Txt(t.clone()),
+                        Found::Addresses(a) => Found::Addresses(a.clone()),
+                        _ => Found::Nothing,
+                    });
+                prefetched.fill(&miss, input().client, found);
+            }
+        }
+    }
+
+    #[test]
+    fn misses_are_filled_and_the_verdicts_follow_the_zone() {
+        // SPF through an include, a DMARC record with p=reject: SPF passes and aligns.
+        let zone = [
+            (
+                "sender.example",
+                Found::Txt(vec![b"v=spf1 include:_spf.sender.example -all".to_vec()]),
+            ),
+            (
+                "_spf.sender.example",
+                Found::Txt(vec![b"v=spf1 ip4:192.0.2.0/24 -all".to_vec()]),
+            ),
+            (
+                "_dmarc.sender.example",
+                Found::Txt(vec![b"v=DMARC1; p=reject".to_vec()]),
+            ),
+        ];
+        let (verdicts, rounds) = verify_with(&zone);
+        assert_eq!(verdicts.spf, SpfResult::Pass, "{}", verdicts.header);
+        assert_eq!(verdicts.dmarc, DmarcVerdict::Pass, "{}", verdicts.header);
+        assert!(rounds >= 3, "the include took a round of its own: {rounds}");
+        assert!(
+            verdicts.header.starts_with("Authentication-Results: mx.test;"),
+            "{}",
+            verdicts.header
+        );
+        assert!(
+            verdicts.header.contains("spf=pass") && verdicts.header.contains("dmarc=pass"),
+            "{}",
+            verdicts.header
+        );
+
+        // The same with an SPF record that does not list the client: DMARC fails, p=reject.
+        let zone = [
+            (
+                "sender.example",
+                Found::Txt(vec![b"v=spf1 ip4:198.51.100.0/24 -all".to_vec()]),
+            ),
+            (
+                "_dmarc.sender.example",
+                Found::Txt(vec![b"v=DMARC1; p=reject".to_vec()]),
+            ),
+        ];
+        let (verdicts, _) = verify_with(&zone);
+        assert_eq!(verdicts.spf, SpfResult::Fail, "{}", verdicts.header);
+        assert_eq!(
+            verdicts.dmarc,
+            DmarcVerdict::Fail {
+                policy: DmarcPolicy::Reject
+            },
+            "{}",
+            verdicts.header
+        );
+        // Nothing published: none.
+        let (verdicts, _) = verify_with(&[]);
+        assert_eq!(
+            (verdicts.spf, verdicts.dmarc),
+            (SpfResult::None, DmarcVerdict::None),
+            "{}",
+            verdicts.header
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! Inbound mail authentication through the running server: messages signed by dkimpy verify
+//! (and tampered ones fail), SPF and DMARC pass/fail/none from the tests' own DNS server end up
+//! in the Authentication-Results header, a forged header claiming our authserv-id is renamed,
+//! and under enforcement a DMARC p=reject failure gets 550 5.7.1 and a DNS failure 451 4.7.5.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::dns::DnsServer;
+use common::sink::CaptureSink;
+use common::{Gannet, Setup};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// An RSA key for dkimpy (PKCS#1 PEM) and its DKIM TXT record value.
+fn rsa_key(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let key = dir.join("sel.pem");
+    let out = Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&key)
+        .arg("2048")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .args(["rsa", "-pubout", "-outform", "DER", "-in"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    use base64::Engine;
+    let p = base64::engine::general_purpose::STANDARD.encode(out.stdout);
+    (key, format!("v=DKIM1; k=rsa; p={p}"))
+}
+
+/// Sends `message` from `source` with MAIL FROM `mail_from` to bob@mx.test on `port`, signing
+/// it first with dkimpy when `key` is given (then `tamper` changes the body after signing).
+/// Prints `accepted` or `refused CODE TEXT`.
+const SEND: &str = r#"
+import smtplib, sys, dkim
+port, source, mail_from, key, tamper = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+message = sys.stdin.buffer.read()
+if key != '-':
+    sig = dkim.sign(message, b'sel', b'sender.example', open(key, 'rb').read(),
+                    include_headers=[b'from', b'to', b'subject'])
+    message = sig + message
+if tamper == 'yes':
+    message = message.replace(b'Hello Bob.', b'Hello Bub.')
+s = smtplib.SMTP('127.0.0.1', port, source_address=(source, 0), local_hostname='mail.sender.example', timeout=30)
+try:
+    s.sendmail(mail_from, ['bob@mx.test'], message)
+    print('accepted')
+except smtplib.SMTPDataError as e:
+    print('refused', e.smtp_code, e.smtp_error.decode())
+s.quit()
+"#;
+
+fn send(port: u16, mail_from: &str, key: Option<&std::path::Path>, tamper: bool, message: &str) -> String {
+    use std::io::Write;
+    let key = key.map_or("-".to_string(), |k| k.display().to_string());
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(SEND)
+        .args([
+            port.to_string().as_str(),
+            "127.0.0.2",
+            mail_from,
+            key.as_str(),
+            if tamper { "yes" } else { "no" },
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(message.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+const MESSAGE: &str =
+    "From: Alice <alice@sender.example>\r\nTo: bob@mx.test\r\nSubject: verified\r\n\r\nHello Bob.\r\n";
+
+/// The Authentication-Results header Gannet put on a delivered message, unfolded.
+fn our_header(content: &[u8]) -> String {
+    let text = String::from_utf8_lossy(content);
+    let start = text
+        .find("Authentication-Results: mx.test")
+        .unwrap_or_else(|| panic!("no header in:\n{text}"));
+    let rest = &text[start..];
+    let mut header = String::new();
+    for (i, line) in rest.split("\r\n").enumerate() {
+        if i > 0 && !line.starts_with([' ', '\t']) {
+            break;
+        }
+        header.push_str(line.trim());
+        header.push(' ');
+    }
+    header
+}
+
+struct World {
+    g: Gannet,
+    sink: CaptureSink,
+    dns: DnsServer,
+    enforcing: u16,
+    key: std::path::PathBuf,
+    _files: tempfile::TempDir,
+}
+
+fn world() -> World {
+    let files = tempfile::tempdir().unwrap();
+    let (key, record) = rsa_key(files.path());
+    let dns = DnsServer::start();
+    {
+        let mut zone = dns.zone.lock().unwrap();
+        zone.txt("sel._domainkey.sender.example", &record);
+        zone.txt("sender.example", "v=spf1 include:_spf.sender.example -all");
+        zone.txt("_spf.sender.example", "v=spf1 ip4:127.0.0.2 -all");
+        zone.txt("_dmarc.sender.example", "v=DMARC1; p=reject");
+        zone.txt("bounces.example", "v=spf1 -all");
+        zone.servfail.insert("_dmarc.flaky.example".into());
+    }
+    let sink = CaptureSink::start();
+    let enforcing = common::free_port();
+    let mut setup = Setup::new();
+    setup
+        .route("mx.test", sink.addr)
+        .set("relay", "trusted_networks", "[\"127.0.0.1/32\"]")
+        .set("relay", "local_domains", "[\"mx.test\"]")
+        .set("dns", "servers", &format!("[\"{}\"]", dns.addr))
+        .raw(&format!(
+            "[[listener]]\naddress = \"127.0.0.1:{enforcing}\"\nkind = \"mx\"\nmail_authentication = \"enforce\"\n"
+        ));
+    let g = Gannet::start(&setup);
+    World {
+        g,
+        sink,
+        dns,
+        enforcing,
+        key,
+        _files: files,
+    }
+}
+
+#[test]
+fn verdicts_from_dkimpy_signatures_spf_and_dmarc_are_recorded() {
+    let w = world();
+    let mx = w.g.mx().port();
+    // Signed by dkimpy, sent from the address SPF allows (through an include).
+    assert_eq!(
+        send(mx, "alice@sender.example", Some(&w.key), false, MESSAGE),
+        "accepted"
+    );
+    // The same signature over a changed body, from an envelope domain whose SPF allows nobody.
+    assert_eq!(
+        send(mx, "bounce@bounces.example", Some(&w.key), true, MESSAGE),
+        "accepted"
+    );
+    // Unsigned, from a domain with no SPF or DMARC at all.
+    let unsigned = MESSAGE.replace("sender.example", "quiet.example");
+    assert_eq!(send(mx, "carol@quiet.example", None, false, &unsigned), "accepted");
+
+    let got = w.sink.wait_for(3, WAIT);
+    let good = our_header(&got[0].content);
+    for expected in [
+        "dkim=pass",
+        "header.i=@sender.example header.s=sel",
+        "spf=pass",
+        "smtp.mailfrom=alice@sender.example",
+        "dmarc=pass header.from=sender.example policy.dmarc=reject",
+    ] {
+        assert!(good.contains(expected), "{expected} in {good}");
+    }
+    let bad = our_header(&got[1].content);
+    // mail-auth names a body that no longer matches its hash "neutral" (RFC 8601 2.7.1 leaves
+    // fail or neutral to the verifier); either way it is not a pass.
+    for expected in [
+        "dkim=neutral (body hash did not verify)",
+        "spf=fail",
+        "dmarc=fail header.from=sender.example policy.dmarc=reject",
+    ] {
+        assert!(bad.contains(expected), "{expected} in {bad}");
+    }
+    let none = our_header(&got[2].content);
+    assert!(
+        none.contains("spf=none") && !none.contains("dkim=pass") && !none.contains("dmarc=pass"),
+        "{none}"
+    );
+    // Exactly one header of ours, on top of the message.
+    let text = String::from_utf8_lossy(&got[0].content);
+    assert!(text.starts_with("Authentication-Results: mx.test;"), "{text}");
+    assert_eq!(text.matches("Authentication-Results:").count(), 1, "{text}");
+    // Every lookup went to the tests' DNS server, through Gannet's resolver.
+    assert!(!w
+        .dns
+        .asked("_spf.sender.example", hickory_proto::rr::RecordType::TXT)
+        .is_empty());
+    assert!(!w
+        .dns
+        .asked("sel._domainkey.sender.example", hickory_proto::rr::RecordType::TXT)
+        .is_empty());
+    let (_, metrics) = w.g.http("GET", "/metrics", None, &[]);
+    assert!(
+        metrics.contains("gannet_mail_authentication_total{method=\"dmarc\",result=\"pass\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gannet_mail_authentication_total{method=\"dmarc\",result=\"fail\"} 1"));
+}
+
+#[test]
+fn a_forged_header_claiming_our_authserv_id_is_renamed() {
+    let w = world();
+    let forged = format!("Authentication-Results: mx.test; dkim=pass header.d=bank.example\r\n{MESSAGE}");
+    assert_eq!(
+        send(w.g.mx().port(), "alice@sender.example", None, false, &forged),
+        "accepted"
+    );
+    let got = w.sink.wait_for(1, WAIT);
+    let text = String::from_utf8_lossy(&got[0].content);
+    assert!(
+        text.contains("X-Removed-Auth-Results: mx.test; dkim=pass header.d=bank.example"),
+        "{text}"
+    );
+    assert_eq!(text.matches("Authentication-Results: mx.test").count(), 1, "{text}");
+    assert!(!our_header(&got[0].content).contains("bank.example"));
+}
+
+#[test]
+fn enforcement_refuses_dmarc_reject_failures_and_defers_on_dns_failure() {
+    let w = world();
+    // No DKIM, envelope domain with an SPF fail: DMARC fails under p=reject.
+    let refused = send(w.enforcing, "bounce@bounces.example", None, false, MESSAGE);
+    assert!(refused.starts_with("refused 550 5.7.1"), "{refused}");
+    assert!(refused.contains("DMARC policy of sender.example"), "{refused}");
+    // A DNS failure for the DMARC record: try again later.
+    let flaky = MESSAGE.replace("sender.example", "flaky.example");
+    let deferred = send(w.enforcing, "x@flaky.example", None, false, &flaky);
+    assert!(deferred.starts_with("refused 451 4.7.5"), "{deferred}");
+    // What passes is accepted, with its header.
+    assert_eq!(
+        send(w.enforcing, "alice@sender.example", Some(&w.key), false, MESSAGE),
+        "accepted"
+    );
+    let got = w.sink.wait_for(1, WAIT);
+    assert!(our_header(&got[0].content).contains("dmarc=pass"));
+    assert_eq!(w.sink.captured().len(), 1, "the refused messages were not delivered");
+    // The record-only listener takes the same failing message.
+    assert_eq!(
+        send(w.g.mx().port(), "bounce@bounces.example", None, false, MESSAGE),
+        "accepted"
+    );
+}
