@@ -15,8 +15,8 @@ use common::{Gannet, Setup};
 const WAIT: Duration = Duration::from_secs(20);
 
 /// An RSA key for dkimpy (PKCS#1 PEM) and its DKIM TXT record value.
-fn rsa_key(dir: &std::path::Path) -> (std::path::PathBuf, String) {
-    let key = dir.join("sel.pem");
+fn rsa_key(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
+    let key = dir.join(format!("{name}.pem"));
     let out = Command::new("openssl")
         .args(["genrsa", "-traditional", "-out"])
         .arg(&key)
@@ -108,16 +108,19 @@ struct World {
     dns: DnsServer,
     enforcing: u16,
     key: std::path::PathBuf,
+    arc_key: std::path::PathBuf,
     _files: tempfile::TempDir,
 }
 
 fn world() -> World {
     let files = tempfile::tempdir().unwrap();
-    let (key, record) = rsa_key(files.path());
+    let (key, record) = rsa_key(files.path(), "sel");
+    let (arc_key, arc_record) = rsa_key(files.path(), "arc");
     let dns = DnsServer::start();
     {
         let mut zone = dns.zone.lock().unwrap();
         zone.txt("sel._domainkey.sender.example", &record);
+        zone.txt("arc._domainkey.forwarder.example", &arc_record);
         zone.txt("sender.example", "v=spf1 include:_spf.sender.example -all");
         zone.txt("_spf.sender.example", "v=spf1 ip4:127.0.0.2 -all");
         zone.txt("_dmarc.sender.example", "v=DMARC1; p=reject");
@@ -142,6 +145,7 @@ fn world() -> World {
         dns,
         enforcing,
         key,
+        arc_key,
         _files: files,
     }
 }
@@ -253,4 +257,48 @@ fn enforcement_refuses_dmarc_reject_failures_and_defers_on_dns_failure() {
         send(w.g.mx().port(), "bounce@bounces.example", None, false, MESSAGE),
         "accepted"
     );
+}
+
+/// Seals `message` as forwarder.example would (dkimpy's arc_sign over the forwarder's own
+/// Authentication-Results), optionally changes its body afterwards, and sends it.
+const SEAL_AND_SEND: &str = r#"
+import smtplib, sys, dkim
+port, key, tamper = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+message = (b'Authentication-Results: forwarder.example; spf=pass smtp.mailfrom=alice@sender.example\r\n'
+           + sys.stdin.buffer.read())
+seal = dkim.arc_sign(message, b'arc', b'forwarder.example', open(key, 'rb').read(), b'forwarder.example')
+message = b''.join(seal) + message
+if tamper == 'yes':
+    message = message.replace(b'Hello Bob.', b'Hello Bub.')
+s = smtplib.SMTP('127.0.0.1', port, source_address=('127.0.0.2', 0), local_hostname='relay.forwarder.example', timeout=30)
+s.sendmail('list@forwarder.example', ['bob@mx.test'], message)
+s.quit()
+"#;
+
+#[test]
+fn an_arc_chain_sealed_by_dkimpy_verifies_and_a_broken_one_fails() {
+    use std::io::Write;
+    let w = world();
+    for tamper in ["no", "yes"] {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(SEAL_AND_SEND)
+            .args([
+                w.g.mx().port().to_string().as_str(),
+                &w.arc_key.display().to_string(),
+                tamper,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(MESSAGE.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let got = w.sink.wait_for(2, WAIT);
+    let sealed = our_header(&got[0].content);
+    assert!(sealed.contains("arc=pass"), "{sealed}");
+    let broken = our_header(&got[1].content);
+    assert!(broken.contains("arc=fail"), "{broken}");
 }

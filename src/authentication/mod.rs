@@ -135,6 +135,37 @@ impl Verifier {
         }
     }
 
+    /// SPF alone (RFC 7208 `check_host` of the MAIL FROM identity, or of the HELO identity for
+    /// the null sender), with the same rounds of lookups as [`Verifier::verify`]; evaluated on
+    /// the calling thread (SPF costs no cryptography). The RFC 7208 test suite runs through it.
+    pub async fn spf(&self, resolver: &Resolver, input: &Input, timeout: Duration) -> SpfResult {
+        let deadline = Instant::now() + timeout;
+        let mut prefetched = Prefetched::default();
+        let mut asked: Vec<Miss> = Vec::new();
+        for _ in 0..ROUNDS_MAX {
+            let params = if input.mail_from.is_empty() {
+                SpfParameters::verify_ehlo(input.client, &input.helo, &input.hostname)
+            } else {
+                SpfParameters::verify_mail_from(input.client, &input.helo, &input.hostname, &input.mail_from)
+            };
+            let output = futures_lite::future::block_on(self.authenticator.check_host(prefetched.params(params)));
+            let misses: Vec<Miss> = prefetched
+                .take_misses()
+                .into_iter()
+                .filter(|m| !asked.contains(m))
+                .collect();
+            if misses.is_empty() || !prefetched.may_fill() {
+                return output.result();
+            }
+            for miss in misses {
+                let found = lookup(resolver, &miss, input.client, deadline).await;
+                prefetched.fill(&miss, input.client, found);
+                asked.push(miss);
+            }
+        }
+        SpfResult::TempError
+    }
+
     /// One round on the shard's blocking thread.
     async fn evaluate_blocking(
         self: &Arc<Self>,

@@ -1483,7 +1483,8 @@ mod tests {
                         Next::Commit => {
                             self.sink.committed.push(std::mem::take(&mut self.sink.message));
                             self.sink.open = false;
-                            self.session.committed(self.commit_result.clone(), now.instant, &mut out);
+                            self.session
+                                .committed(self.commit_result.clone(), now.instant, &mut out);
                         }
                         Next::StartTls => {
                             self.discarded_at_starttls.append(&mut pending);
