@@ -46,6 +46,7 @@ fn verification(c: &mut Criterion) {
         helo: "mail.example.com".into(),
         mail_from: "bounces@example.com".into(),
         hostname: "mx.test".into(),
+        sealer: None,
     };
     let mut group = c.benchmark_group("verify-message");
     group.throughput(Throughput::Elements(1));

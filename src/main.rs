@@ -310,6 +310,9 @@ fn run(cli: Cli) -> Result<(), String> {
         Some(Command::CheckConfig { file }) => {
             let (config, _) = load(Some(&file))?;
             gannet::dkim::Signers::load(&config.dkim).map_err(|e| format!("{}: {e}", file.display()))?;
+            if let Some(seal) = &config.mail_authentication.arc_seal {
+                gannet::dkim::seal::Sealer::load(seal).map_err(|e| format!("{}: {e}", file.display()))?;
+            }
             print!("{}", config.to_toml());
             eprintln!("{}: ok", file.display());
             Ok(())

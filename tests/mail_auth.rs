@@ -113,6 +113,11 @@ struct World {
 }
 
 fn world() -> World {
+    world_with(|_, _| {})
+}
+
+/// A world whose configuration `extra` may add to (given the setup and the files directory).
+fn world_with(extra: impl FnOnce(&mut Setup, &std::path::Path)) -> World {
     let files = tempfile::tempdir().unwrap();
     let (key, record) = rsa_key(files.path(), "sel");
     let (arc_key, arc_record) = rsa_key(files.path(), "arc");
@@ -138,6 +143,7 @@ fn world() -> World {
         .raw(&format!(
             "[[listener]]\naddress = \"127.0.0.1:{enforcing}\"\nkind = \"mx\"\nmail_authentication = \"enforce\"\n"
         ));
+    extra(&mut setup, files.path());
     let g = Gannet::start(&setup);
     World {
         g,
@@ -301,4 +307,54 @@ fn an_arc_chain_sealed_by_dkimpy_verifies_and_a_broken_one_fails() {
     assert!(sealed.contains("arc=pass"), "{sealed}");
     let broken = our_header(&got[1].content);
     assert!(broken.contains("arc=fail"), "{broken}");
+}
+
+/// Verifies the ARC chain of `message` with dkimpy, the sealer's key record given for
+/// `seal._domainkey.seal.example`; prints the chain's cv and dkimpy's reason.
+const ARC_VERIFY: &str = r#"
+import sys, dkim
+record = sys.argv[1].encode()
+def dns(name, timeout=5):
+    return record if name == b'seal._domainkey.seal.example.' else None
+cv, results, reason = dkim.arc_verify(sys.stdin.buffer.read(), dnsfunc=dns)
+print(cv.decode(), reason)
+"#;
+
+#[test]
+fn verified_mail_is_arc_sealed_and_dkimpy_verifies_the_seal() {
+    use std::io::Write;
+    let mut seal_record = String::new();
+    let w = world_with(|setup, files| {
+        let (key, record) = rsa_key(files, "seal");
+        seal_record = record;
+        setup.raw(&format!(
+            "[mail_authentication.arc_seal]\ndomain = \"seal.example\"\nselector = \"seal\"\nkey = {:?}\n",
+            key.display().to_string()
+        ));
+    });
+    assert_eq!(
+        send(w.g.mx().port(), "alice@sender.example", Some(&w.key), false, MESSAGE),
+        "accepted"
+    );
+    let got = w.sink.wait_for(1, WAIT);
+    let text = String::from_utf8_lossy(&got[0].content).to_string();
+    assert!(
+        text.starts_with("ARC-Seal: i=1;") && text.lines().next().unwrap().contains("cv=none"),
+        "{text}"
+    );
+    assert!(text.contains("ARC-Authentication-Results: i=1; mx.test;"), "{text}");
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(ARC_VERIFY)
+        .arg(&seal_record)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&got[0].content).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let verdict = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(verdict.starts_with("pass"), "dkimpy: {verdict}\n{text}");
 }

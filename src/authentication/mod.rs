@@ -35,7 +35,7 @@ use cache::{Found, Kind, Miss, Prefetched};
 const ROUNDS_MAX: usize = 16;
 
 /// What the verification needs from the SMTP session.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Input {
     pub client: IpAddr,
     /// The EHLO/HELO name.
@@ -44,6 +44,8 @@ pub struct Input {
     pub mail_from: String,
     /// `server.hostname`: the authserv-id.
     pub hostname: String,
+    /// Seal the message with an ARC set once verified (`[mail_authentication.arc_seal]`).
+    pub sealer: Option<Arc<crate::dkim::seal::Sealer>>,
 }
 
 /// The verdicts, owned (mail-auth's outputs borrow the message).
@@ -51,6 +53,9 @@ pub struct Input {
 pub struct Verdicts {
     /// The `Authentication-Results: ...\r\n` header to put on top of the message.
     pub header: String,
+    /// The ARC set (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) when sealing
+    /// is configured and the chain may be sealed; empty otherwise.
+    pub arc_set: String,
     pub spf: SpfResult,
     /// Each signature's result name (`pass`, `fail`, `neutral`, `temperror`, ...).
     pub dkim: Vec<&'static str>,
@@ -113,7 +118,9 @@ impl Verifier {
         let mut asked: Vec<Miss> = Vec::new();
         let mut round = 0;
         loop {
-            let (verdicts, back) = self.evaluate_blocking(message.clone(), input.clone(), prefetched).await;
+            let (verdicts, back) = self
+                .evaluate_blocking(message.clone(), input.clone(), prefetched, false)
+                .await;
             prefetched = back;
             round += 1;
             let misses: Vec<Miss> = prefetched
@@ -122,7 +129,11 @@ impl Verifier {
                 .filter(|m| !asked.contains(m))
                 .collect();
             if misses.is_empty() || round >= ROUNDS_MAX || !prefetched.may_fill() {
-                return verdicts;
+                if input.sealer.is_none() {
+                    return verdicts;
+                }
+                // Sealing signs: once, over the final round's results.
+                return self.evaluate_blocking(message, input, prefetched, true).await.0;
             }
             for miss in misses {
                 if !prefetched.may_fill() {
@@ -172,11 +183,12 @@ impl Verifier {
         message: Arc<Vec<u8>>,
         input: Arc<Input>,
         prefetched: Prefetched,
+        seal: bool,
     ) -> (Verdicts, Prefetched) {
         let verifier = self.clone();
         glommio::executor()
             .spawn_blocking(move || {
-                let verdicts = verifier.evaluate(&message, &input, &prefetched);
+                let verdicts = verifier.evaluate_sealing(&message, &input, &prefetched, seal);
                 (verdicts, prefetched)
             })
             .await
@@ -185,6 +197,11 @@ impl Verifier {
     /// One round: every check over what `prefetched` holds. Never waits: every lookup is
     /// answered from `prefetched` or fails at once.
     pub fn evaluate(&self, message: &[u8], input: &Input, prefetched: &Prefetched) -> Verdicts {
+        self.evaluate_sealing(message, input, prefetched, false)
+    }
+
+    /// [`Verifier::evaluate`], and with `seal` the ARC set too.
+    fn evaluate_sealing(&self, message: &[u8], input: &Input, prefetched: &Prefetched, seal: bool) -> Verdicts {
         let Some(parsed) = AuthenticatedMessage::parse(message) else {
             return unparseable(input);
         };
@@ -218,21 +235,30 @@ impl Verifier {
             .and_then(|f| f.rsplit_once('@'))
             .map_or("", |(_, d)| d);
         let verdict = dmarc_verdict(&dmarc);
-        let header = results::header(
-            &input.hostname,
-            results::Parts {
-                dkim: &dkim,
-                from_domain,
-                spf_helo: &spf_helo,
-                spf_from: &spf_from,
-                arc: &arc,
-                dmarc: &dmarc,
-                verdict,
-                input,
-            },
-        );
+        let parts = results::Parts {
+            dkim: &dkim,
+            from_domain,
+            spf_helo: &spf_helo,
+            spf_from: &spf_from,
+            arc: &arc,
+            dmarc: &dmarc,
+            verdict,
+            input,
+        };
+        let header = results::header(&input.hostname, &parts);
+        let arc_set = match (&input.sealer, seal) {
+            (Some(sealer), true) => {
+                let for_seal = results::for_seal(&input.hostname, &parts);
+                sealer.seal(&parsed, &for_seal, &arc).unwrap_or_else(|e| {
+                    tracing::info!("not ARC-sealed: {e}");
+                    String::new()
+                })
+            }
+            _ => String::new(),
+        };
         Verdicts {
             header,
+            arc_set,
             spf: spf_from.result(),
             dkim: dkim.iter().map(|d| results::dkim_name(d.result())).collect(),
             dmarc: verdict,
@@ -245,6 +271,7 @@ impl Verifier {
 fn unparseable(input: &Input) -> Verdicts {
     Verdicts {
         header: format!("Authentication-Results: {}; none\r\n", input.hostname),
+        arc_set: String::new(),
         spf: SpfResult::None,
         dkim: Vec::new(),
         dmarc: DmarcVerdict::None,
@@ -370,6 +397,7 @@ mod tests {
             helo: "mail.sender.example".into(),
             mail_from: "alice@sender.example".into(),
             hostname: "mx.test".into(),
+            sealer: None,
         }
     }
 

@@ -28,8 +28,8 @@ pub struct Parts<'a> {
     pub input: &'a Input,
 }
 
-/// `Authentication-Results: <hostname>; dkim=...; spf=...; arc=...; dmarc=...\r\n`.
-pub fn header(hostname: &str, parts: Parts<'_>) -> String {
+/// mail-auth's results without DMARC's clause.
+fn without_dmarc<'a>(hostname: &'a str, parts: &Parts<'_>) -> AuthenticationResults<'a> {
     let ip = parts.input.client;
     let helo = parts.input.helo.as_str();
     let mut results = AuthenticationResults::new(hostname)
@@ -38,7 +38,18 @@ pub fn header(hostname: &str, parts: Parts<'_>) -> String {
     if !parts.input.mail_from.is_empty() {
         results = results.with_spf_mailfrom_result(parts.spf_from, ip, &parts.input.mail_from, helo);
     }
-    let mut header = results.with_arc_result(parts.arc, ip).to_header();
+    results.with_arc_result(parts.arc, ip)
+}
+
+/// The results as mail-auth writes them, DMARC's clause included: what an ARC set's
+/// ARC-Authentication-Results copies (mail-auth's sealer takes only its own type).
+pub fn for_seal<'a>(hostname: &'a str, parts: &Parts<'_>) -> AuthenticationResults<'a> {
+    without_dmarc(hostname, parts).with_dmarc_result(parts.dmarc)
+}
+
+/// `Authentication-Results: <hostname>; dkim=...; spf=...; arc=...; dmarc=...\r\n`.
+pub fn header(hostname: &str, parts: &Parts<'_>) -> String {
+    let mut header = without_dmarc(hostname, parts).to_header();
     // The DMARC clause is written here: mail-auth's says "none" for a failure in which
     // neither identifier passed (see `super::dmarc_verdict`).
     if !parts.dmarc.domain().is_empty() && parts.verdict != super::DmarcVerdict::None {

@@ -42,6 +42,20 @@ pub struct MailAuthenticationSettings {
     /// Under enforcement, DMARC failures under p=quarantine.
     #[serde(default = "default_quarantine")]
     pub quarantine: Quarantine,
+    /// Seal verified mail with an ARC set (RFC 8617) as it is relayed: for forwarders, whose
+    /// changes would otherwise break the sender's DKIM and SPF for the next receiver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arc_seal: Option<ArcSeal>,
+}
+
+/// The key an ARC set is signed with (`d=`, `s=`, published like a DKIM key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArcSeal {
+    pub domain: String,
+    pub selector: String,
+    /// PEM private key: RSA of 2048 bits or more, or Ed25519.
+    pub key: std::path::PathBuf,
 }
 
 fn default_timeout() -> Span {
@@ -58,6 +72,7 @@ impl Default for MailAuthenticationSettings {
             timeout: default_timeout(),
             reject_spf_fail: false,
             quarantine: default_quarantine(),
+            arc_seal: None,
         }
     }
 }
@@ -72,6 +87,32 @@ pub(super) fn validate(settings: &MailAuthenticationSettings, fail: &Fail<'_>) -
             "timeout",
             "must be between \"1s\" and \"120s\" (the client waits for it after its final dot)".into(),
         ));
+    }
+    if let Some(seal) = &settings.arc_seal {
+        if !super::server::valid_hostname(&seal.domain) {
+            return Err(fail(
+                "mail_authentication.arc_seal",
+                0,
+                "domain",
+                format!(
+                    "`{}` is not a domain name; write the sealing domain, such as \"forwarder.example\"",
+                    seal.domain
+                ),
+            ));
+        }
+        if seal.selector.is_empty()
+            || !seal
+                .selector
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(fail(
+                "mail_authentication.arc_seal",
+                0,
+                "selector",
+                "must be a DNS label such as \"arc1\"".into(),
+            ));
+        }
     }
     Ok(())
 }

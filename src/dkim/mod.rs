@@ -11,6 +11,7 @@
 
 pub mod key;
 pub mod keygen;
+pub mod seal;
 pub mod sign;
 
 pub use key::PrivateKey;

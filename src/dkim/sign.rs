@@ -23,7 +23,7 @@ use crate::config::dkim::{Canonicalization, Dkim, DkimAlgorithm};
 pub const FROM_SEARCH_BYTES_MAX: usize = 256 * 1024;
 
 /// A key as mail-auth's signer sees it.
-struct KeyRef(Arc<PrivateKey>);
+pub(crate) struct KeyRef(pub(crate) Arc<PrivateKey>);
 
 impl SigningKey for KeyRef {
     type Hasher = Sha256;

@@ -31,6 +31,8 @@ pub struct Reloadable {
     password_path: Option<PathBuf>,
     passwords: ArcSwapOption<PasswordFile>,
     signers: ArcSwap<Signers>,
+    /// The ARC sealer, when `[mail_authentication.arc_seal]` is configured.
+    sealer: ArcSwapOption<crate::dkim::seal::Sealer>,
     /// The configuration file, `None` for the embedded default (nothing to re-read).
     config_path: Option<PathBuf>,
     config: ArcSwap<Config>,
@@ -84,12 +86,14 @@ impl Reloadable {
             None => None,
         };
         let signers = load_signers(&config.dkim)?;
+        let sealer = load_sealer(config)?;
         Ok(Reloadable {
             tls_resolver: resolver,
             tls_config,
             password_path,
             passwords: ArcSwapOption::new(passwords),
             signers: ArcSwap::from_pointee(signers),
+            sealer: ArcSwapOption::new(sealer),
             config_path,
             config: ArcSwap::from_pointee(config.clone()),
             config_generation: AtomicU64::new(0),
@@ -109,6 +113,11 @@ impl Reloadable {
     /// The DKIM signers (empty when no `[[dkim]]` is configured).
     pub fn signers(&self) -> Arc<Signers> {
         self.signers.load_full()
+    }
+
+    /// The ARC sealer, if one is configured.
+    pub fn sealer(&self) -> Option<Arc<crate::dkim::seal::Sealer>> {
+        self.sealer.load_full()
     }
 
     /// The configuration in force (the start's, or the last good reload's).
@@ -189,6 +198,10 @@ impl Reloadable {
                 Err(e) => error!("reload: password file unchanged: {e}"),
             }
         }
+        match load_sealer(&self.config.load()) {
+            Ok(sealer) => self.sealer.store(sealer),
+            Err(e) => error!("reload: ARC sealing key unchanged: {e}"),
+        }
         let entries = dkim.unwrap_or_else(|| self.config.load().dkim.clone());
         if !entries.is_empty() || !self.signers.load().is_empty() {
             match load_signers(&entries) {
@@ -197,6 +210,19 @@ impl Reloadable {
             }
         }
     }
+}
+
+/// Reads the ARC sealing key, if one is configured.
+fn load_sealer(config: &Config) -> Result<Option<Arc<crate::dkim::seal::Sealer>>, String> {
+    let Some(seal) = &config.mail_authentication.arc_seal else {
+        return Ok(None);
+    };
+    let sealer = crate::dkim::seal::Sealer::load(seal)?;
+    info!(
+        "ARC: sealing verified mail as {} with selector {}",
+        sealer.domain, seal.selector
+    );
+    Ok(Some(Arc::new(sealer)))
 }
 
 /// Reads every `[[dkim]]` key and logs what will sign.

@@ -66,6 +66,7 @@ impl Shard {
             helo: String::from_utf8_lossy(session.origin().helo).into_owned(),
             mail_from: String::from_utf8_lossy(env.sender()).into_owned(),
             hostname,
+            sealer: self.reloadable.sealer(),
         };
         let timeout = config.mail_authentication.timeout.0;
         let verdicts = verifier
@@ -75,7 +76,8 @@ impl Shard {
         for offset in forged {
             sink.overwrite_content(offset, results::RENAMED);
         }
-        let mut header = verdicts.header.clone();
+        let mut header = verdicts.arc_set.clone();
+        header.push_str(&verdicts.header);
         if policy == MailAuthentication::Enforce {
             decide(&verdicts, &config.mail_authentication)?;
             if config.mail_authentication.quarantine == Quarantine::Header
