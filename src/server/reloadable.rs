@@ -268,7 +268,19 @@ fn keep_restart_only(old: &Config, mut new: Config) -> (Config, Vec<&'static str
     keep!(admin, "[admin]");
     keep!(events, "[events]");
     keep!(tls, "[tls] (the list of certificate files; their contents reload)");
-    let listeners = |c: &Config| toml::to_string(&ListenersText { listener: &c.listeners }).ok();
+    // A listener's mail_authentication may change; the rest of it is the socket.
+    let listeners = |c: &Config| {
+        let sockets: Vec<_> = c
+            .listeners
+            .iter()
+            .cloned()
+            .map(|mut l| {
+                l.mail_authentication = None;
+                l
+            })
+            .collect();
+        toml::to_string(&ListenersText { listener: &sockets }).ok()
+    };
     if listeners(old) != listeners(&new) {
         kept.push("[[listener]]");
         new.listeners = old.listeners.clone();
@@ -300,6 +312,13 @@ mod tests {
         .unwrap();
         let (merged, kept) = keep_restart_only(&old, new);
         assert_eq!(kept, vec!["[server]", "[[listener]]"]);
+        // Only a listener's mail_authentication changed: that applies.
+        let text = "[[listener]]\naddress = \"127.0.0.1:2600\"\nkind = \"mx\"\n";
+        let before = Config::parse(text, "before").unwrap();
+        let after = Config::parse(&format!("{text}mail_authentication = \"enforce\"\n"), "after").unwrap();
+        let (merged_listeners, kept) = keep_restart_only(&before, after);
+        assert!(kept.is_empty(), "{kept:?}");
+        assert!(merged_listeners.listeners[0].mail_authentication.is_some());
         assert_eq!(merged.server.shards, old.server.shards);
         assert_eq!(merged.listeners.len(), 3);
         assert_eq!(merged.limits.recipients_max, 20);
