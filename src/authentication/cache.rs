@@ -240,7 +240,10 @@ impl Prefetched {
             (Kind::Aaaa, found) => self.ipv6.put(key, record_set(v6(found))),
             (Kind::Ptr, found) => {
                 let names = match found {
-                    Found::Names(names) => names.into_iter().map(|n| Box::from(format!("{n}."))).collect(),
+                    // Without the trailing dot: mail-auth's ptr mechanism compares the names
+                    // with the target domain as written (RFC 7208 5.5), and its address lookups
+                    // of them add the dot themselves.
+                    Found::Names(names) => names.into_iter().map(Box::from).collect(),
                     _ => Vec::new(),
                 };
                 self.ptr.put(client, record_set(names));
@@ -316,7 +319,18 @@ fn parse_txt(name: &str, records: &[Vec<u8>]) -> Txt {
         first::<mail_auth::common::verify::DomainKey>(records)
     } else if lower.contains("._atps.") {
         first::<mail_auth::dkim::Atps>(records)
+    } else if spf_records(records) > 1 {
+        // RFC 7208 4.5: more than one SPF record is a permerror (mail-auth would take the first).
+        Txt::Error(mail_auth::Error::ParseError)
     } else {
         first::<mail_auth::spf::Spf>(records)
     }
+}
+
+/// How many records are SPF records: "v=spf1" alone or followed by a space (RFC 7208 4.5).
+fn spf_records(records: &[Vec<u8>]) -> usize {
+    records
+        .iter()
+        .filter(|r| r.len() >= 6 && r[..6].eq_ignore_ascii_case(b"v=spf1") && (r.len() == 6 || r[6] == b' '))
+        .count()
 }

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX, SOA, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, PTR, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 #[derive(Default)]
@@ -21,6 +21,9 @@ pub struct Zone {
     pub servfail: HashSet<String>,
     pub silent: HashSet<String>,
     pub truncate_udp: HashSet<String>,
+    /// Names whose questions of a type they have no record of get no answer (the RFC 7208
+    /// suite's TIMEOUT beside other records).
+    pub silent_unless_present: HashSet<String>,
 }
 
 impl Zone {
@@ -56,6 +59,45 @@ impl Zone {
         self
     }
 
+    /// Any record, under a name written as the zone keys it (lower case, no trailing dot).
+    pub fn record(&mut self, name: &str, rtype: RecordType, rdata: RData) -> &mut Zone {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.records.entry((name.clone(), rtype)).or_default().push(rdata);
+        self.names.insert(name);
+        self
+    }
+
+    /// A TXT record made of these character-strings.
+    pub fn txt_strings(&mut self, name: &str, strings: Vec<String>) -> &mut Zone {
+        self.record(name, RecordType::TXT, RData::TXT(TXT::new(strings)))
+    }
+
+    pub fn aaaa(&mut self, name: &str, ip: std::net::Ipv6Addr) -> &mut Zone {
+        self.record(name, RecordType::AAAA, RData::AAAA(AAAA(ip)))
+    }
+
+    /// A PTR record; `None` if `target` is not a domain name.
+    pub fn ptr(&mut self, name: &str, target: &str) -> Option<&mut Zone> {
+        let target = Name::from_ascii(format!("{}.", target.trim_end_matches('.'))).ok()?;
+        Some(self.record(name, RecordType::PTR, RData::PTR(PTR(target))))
+    }
+
+    /// A CNAME: questions of any other type about `name` get it, then `target`'s records.
+    pub fn cname(&mut self, name: &str, target: &str) -> Option<&mut Zone> {
+        let target = Name::from_ascii(format!("{}.", target.trim_end_matches('.'))).ok()?;
+        Some(self.record(name, RecordType::CNAME, RData::CNAME(CNAME(target))))
+    }
+
+    /// Forgets every record and every failure set.
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.names.clear();
+        self.servfail.clear();
+        self.silent.clear();
+        self.truncate_udp.clear();
+        self.silent_unless_present.clear();
+    }
+
     pub fn a(&mut self, name: &str, ip: [u8; 4]) -> &mut Zone {
         self.records
             .entry((name.to_string(), RecordType::A))
@@ -83,7 +125,9 @@ pub struct DnsServer {
 fn answer(zone: &Zone, request: &Message, tcp: bool) -> Option<Vec<u8>> {
     let query = request.queries.first()?.clone();
     let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
-    if zone.silent.contains(&name) {
+    if zone.silent.contains(&name)
+        || (zone.silent_unless_present.contains(&name) && !zone.records.contains_key(&(name.clone(), query.query_type)))
+    {
         return None;
     }
     let mut reply = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
@@ -105,6 +149,26 @@ fn answer(zone: &Zone, request: &Message, tcp: bool) -> Option<Vec<u8>> {
         zone.ttl_s,
         RData::SOA(SOA::new(Name::root(), Name::root(), 1, 60, 60, 60, zone.ttl_s)),
     );
+    let cname = zone
+        .records
+        .get(&(name.clone(), RecordType::CNAME))
+        .and_then(|r| r.first().cloned())
+        .filter(|_| query.query_type != RecordType::CNAME);
+    if let (None, Some(RData::CNAME(target))) = (zone.records.get(&(name.clone(), query.query_type)), cname) {
+        // As a recursive server: the alias, then what its target has of the type asked.
+        reply.answers.push(Record::from_rdata(
+            query.name.clone(),
+            zone.ttl_s,
+            RData::CNAME(target.clone()),
+        ));
+        let target_name = target.0.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        for data in zone.records.get(&(target_name, query.query_type)).into_iter().flatten() {
+            reply
+                .answers
+                .push(Record::from_rdata(target.0.clone(), zone.ttl_s, data.clone()));
+        }
+        return reply.to_vec().ok();
+    }
     match zone.records.get(&(name.clone(), query.query_type)) {
         Some(rdata) => {
             for data in rdata {
