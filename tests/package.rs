@@ -150,11 +150,8 @@ fn serve_with_the_packaged_configuration(dir: &Path, uid: u32, gid: u32) {
     let mut log = String::new();
     let ready = common::wait_for_line(&lines, "ready:", WAIT, &mut log);
     assert!(ready.is_some(), "not ready:\n{log}");
-    let status = common::proc_status(Path::new(&format!("/proc/{}/status", child.id())));
-    assert_eq!(status["Uid"], format!("{uid} {uid} {uid} {uid}"), "{log}");
-    assert_eq!(status["Gid"], format!("{gid} {gid} {gid} {gid}"));
-    assert_eq!(status["CapEff"], "0000000000000000");
-    assert_eq!(status["CapPrm"], "0000000000000000");
+    // Every thread: the user, the group, no capability, no_new_privs.
+    common::assert_unprivileged(child.id() as i32, uid, gid);
 
     python(
         r#"

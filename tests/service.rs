@@ -134,28 +134,6 @@ s.quit()
     );
 }
 
-/// Every thread of `pid` runs as `uid`/`gid` with no capability of any kind.
-fn assert_unprivileged(pid: i32, uid: u32, gid: u32) {
-    let ids = |id: u32| format!("{id} {id} {id} {id}");
-    let mut threads = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let status = common::proc_status(&task.unwrap().path().join("status"));
-        let name = status.get("Name").cloned().unwrap_or_default();
-        assert_eq!(status.get("Uid"), Some(&ids(uid)), "thread {name}: {status:?}");
-        assert_eq!(status.get("Gid"), Some(&ids(gid)), "thread {name}: {status:?}");
-        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
-            assert_eq!(
-                status.get(set).map(String::as_str),
-                Some("0000000000000000"),
-                "thread {name} {set}: {status:?}"
-            );
-        }
-        assert_eq!(status.get("NoNewPrivs").map(String::as_str), Some("1"), "thread {name}");
-        threads += 1;
-    }
-    assert!(threads >= 2, "the server and its shard threads");
-}
-
 fn nobody() -> (u32, u32) {
     let id = |flag: &str| {
         let out = Command::new("id").args([flag, "nobody"]).output().unwrap();
@@ -181,7 +159,7 @@ fn started_as_root_it_binds_then_serves_as_server_user_with_no_capabilities() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let g = Gannet::start_in(&setup, dir);
     assert!(g.wait_for_log("running as user nobody", WAIT), "{}", g.log_text());
-    assert_unprivileged(g.pid(), uid, gid);
+    common::assert_unprivileged(g.pid(), uid, gid);
 
     // It still writes its spool and delivers.
     common::send_message(
@@ -258,7 +236,7 @@ fn started_unprivileged_with_cap_net_bind_service_it_binds_port_25_then_clears_i
     let pid = child.id() as i32;
     let checked = std::panic::catch_unwind(|| {
         assert!(ready && log.contains("127.0.0.1:25 (mx)"), "{log}");
-        assert_unprivileged(pid, uid, gid);
+        common::assert_unprivileged(pid, uid, gid);
     });
     // SAFETY: kill on the pid of our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };

@@ -123,25 +123,13 @@ impl Verifier {
                 .await;
             prefetched = back;
             round += 1;
-            let misses: Vec<Miss> = prefetched
-                .take_misses()
-                .into_iter()
-                .filter(|m| !asked.contains(m))
-                .collect();
-            if misses.is_empty() || round >= ROUNDS_MAX || !prefetched.may_fill() {
+            if round >= ROUNDS_MAX || !fill_misses(&mut prefetched, &mut asked, resolver, input.client, deadline).await
+            {
                 if input.sealer.is_none() {
                     return verdicts;
                 }
                 // Sealing signs: once, over the final round's results.
                 return self.evaluate_blocking(message, input, prefetched, true).await.0;
-            }
-            for miss in misses {
-                if !prefetched.may_fill() {
-                    break;
-                }
-                let found = lookup(resolver, &miss, input.client, deadline).await;
-                prefetched.fill(&miss, input.client, found);
-                asked.push(miss);
             }
         }
     }
@@ -160,18 +148,8 @@ impl Verifier {
                 SpfParameters::verify_mail_from(input.client, &input.helo, &input.hostname, &input.mail_from)
             };
             let output = futures_lite::future::block_on(self.authenticator.check_host(prefetched.params(params)));
-            let misses: Vec<Miss> = prefetched
-                .take_misses()
-                .into_iter()
-                .filter(|m| !asked.contains(m))
-                .collect();
-            if misses.is_empty() || !prefetched.may_fill() {
+            if !fill_misses(&mut prefetched, &mut asked, resolver, input.client, deadline).await {
                 return output.result();
-            }
-            for miss in misses {
-                let found = lookup(resolver, &miss, input.client, deadline).await;
-                prefetched.fill(&miss, input.client, found);
-                asked.push(miss);
             }
         }
         SpfResult::TempError
@@ -343,6 +321,35 @@ pub fn reverse_name(ip: IpAddr) -> String {
             name
         }
     }
+}
+
+/// After a round: looks up with Gannet's resolver what the round lacked and was not asked for
+/// before, and fills it in (at most [`cache::LOOKUPS_MAX`] names in all). False when there was
+/// nothing new to look up, or no room: the round's verdict stands.
+async fn fill_misses(
+    prefetched: &mut Prefetched,
+    asked: &mut Vec<Miss>,
+    resolver: &Resolver,
+    client: IpAddr,
+    deadline: Instant,
+) -> bool {
+    let misses: Vec<Miss> = prefetched
+        .take_misses()
+        .into_iter()
+        .filter(|m| !asked.contains(m))
+        .collect();
+    if misses.is_empty() || !prefetched.may_fill() {
+        return false;
+    }
+    for miss in misses {
+        if !prefetched.may_fill() {
+            break;
+        }
+        let found = lookup(resolver, &miss, client, deadline).await;
+        prefetched.fill(&miss, client, found);
+        asked.push(miss);
+    }
+    true
 }
 
 /// Looks a miss up with Gannet's resolver, giving up at `deadline`.

@@ -646,3 +646,25 @@ pub fn proc_status(path: &Path) -> std::collections::HashMap<String, String> {
         .map(|(k, v)| (k.to_string(), v.split_whitespace().collect::<Vec<_>>().join(" ")))
         .collect()
 }
+
+/// Every thread of `pid` runs as `uid`/`gid` with no capability of any kind.
+pub fn assert_unprivileged(pid: i32, uid: u32, gid: u32) {
+    let ids = |id: u32| format!("{id} {id} {id} {id}");
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = proc_status(&task.unwrap().path().join("status"));
+        let name = status.get("Name").cloned().unwrap_or_default();
+        assert_eq!(status.get("Uid"), Some(&ids(uid)), "thread {name}: {status:?}");
+        assert_eq!(status.get("Gid"), Some(&ids(gid)), "thread {name}: {status:?}");
+        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+            assert_eq!(
+                status.get(set).map(String::as_str),
+                Some("0000000000000000"),
+                "thread {name} {set}: {status:?}"
+            );
+        }
+        assert_eq!(status.get("NoNewPrivs").map(String::as_str), Some("1"), "thread {name}");
+        threads += 1;
+    }
+    assert!(threads >= 2, "the server and its shard threads");
+}
