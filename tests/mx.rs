@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use common::dns::DnsServer;
@@ -14,10 +13,17 @@ use hickory_proto::rr::RecordType;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A sink on 127.0.0.1 at a port that 127.0.0.2 does not serve (MX fallback needs a dead host).
+/// `free_port` only says the port was free when it looked; if it was taken since, take another.
 fn sink() -> CaptureSink {
-    static TRY: AtomicU16 = AtomicU16::new(0);
-    let _ = TRY.fetch_add(1, Ordering::Relaxed);
-    CaptureSink::start_on(format!("127.0.0.1:{}", common::free_port()).parse().unwrap())
+    for _ in 0..64 {
+        let addr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+        match CaptureSink::try_start_on(addr) {
+            Ok(sink) => return sink,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => panic!("bind capture sink on {addr}: {e}"),
+        }
+    }
+    panic!("no free port for the capture sink after 64 tries")
 }
 
 fn setup(dns: &DnsServer, sink: &CaptureSink) -> Setup {

@@ -50,7 +50,17 @@ impl CaptureSink {
     }
 
     pub fn start_on(addr: SocketAddr) -> CaptureSink {
-        CaptureSink::start_with(addr, Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)))
+        CaptureSink::try_start_on(addr).expect("bind capture sink")
+    }
+
+    /// Like `start_on`, but returns the bind error (for callers that choose another port).
+    pub fn try_start_on(addr: SocketAddr) -> std::io::Result<CaptureSink> {
+        let listener = TcpListener::bind(addr)?;
+        Ok(CaptureSink::serve_on(
+            listener,
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        ))
     }
 
     /// A second sink whose open-connection gauge is shared with `other`.
@@ -64,6 +74,10 @@ impl CaptureSink {
 
     fn start_with(addr: SocketAddr, active: Arc<AtomicUsize>, active_max: Arc<AtomicUsize>) -> CaptureSink {
         let listener = TcpListener::bind(addr).expect("bind capture sink");
+        CaptureSink::serve_on(listener, active, active_max)
+    }
+
+    fn serve_on(listener: TcpListener, active: Arc<AtomicUsize>, active_max: Arc<AtomicUsize>) -> CaptureSink {
         let addr = listener.local_addr().unwrap();
         let sink = CaptureSink {
             addr,
