@@ -47,6 +47,8 @@ fn verification(c: &mut Criterion) {
         mail_from: "bounces@example.com".into(),
         hostname: "mx.test".into(),
         sealer: None,
+        spf: None,
+        dkim_signatures_max: 10,
     };
     let mut group = c.benchmark_group("verify-message");
     group.throughput(Throughput::Elements(1));

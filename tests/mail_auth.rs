@@ -36,16 +36,21 @@ fn rsa_key(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
 }
 
 /// Sends `message` from `source` with MAIL FROM `mail_from` to bob@mx.test on `port`, signing
-/// it first with dkimpy when `key` is given (then `tamper` changes the body after signing).
-/// Prints `accepted` or `refused CODE TEXT`.
+/// it first with dkimpy when `key` is given, `signatures` times (then `tamper` changes the body
+/// after signing). Prints `accepted`, `refused CODE TEXT` (after the data) or `refused at MAIL
+/// CODE TEXT`.
 const SEND: &str = r#"
 import smtplib, sys, dkim
 port, source, mail_from, key, tamper = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+signatures = int(sys.argv[6])
 message = sys.stdin.buffer.read()
 if key != '-':
-    sig = dkim.sign(message, b'sel', b'sender.example', open(key, 'rb').read(),
-                    include_headers=[b'from', b'to', b'subject'])
-    message = sig + message
+    signed = message
+    for _ in range(signatures):
+        sig = dkim.sign(message, b'sel', b'sender.example', open(key, 'rb').read(),
+                        include_headers=[b'from', b'to', b'subject'])
+        signed = sig + signed
+    message = signed
 if tamper == 'yes':
     message = message.replace(b'Hello Bob.', b'Hello Bub.')
 s = smtplib.SMTP('127.0.0.1', port, source_address=(source, 0), local_hostname='mail.sender.example', timeout=30)
@@ -54,10 +59,23 @@ try:
     print('accepted')
 except smtplib.SMTPDataError as e:
     print('refused', e.smtp_code, e.smtp_error.decode())
+except smtplib.SMTPSenderRefused as e:
+    print('refused at MAIL', e.smtp_code, e.smtp_error.decode())
 s.quit()
 "#;
 
 fn send(port: u16, mail_from: &str, key: Option<&std::path::Path>, tamper: bool, message: &str) -> String {
+    send_signed(port, mail_from, key, 1, tamper, message)
+}
+
+fn send_signed(
+    port: u16,
+    mail_from: &str,
+    key: Option<&std::path::Path>,
+    signatures: usize,
+    tamper: bool,
+    message: &str,
+) -> String {
     use std::io::Write;
     let key = key.map_or("-".to_string(), |k| k.display().to_string());
     let mut child = Command::new("python3")
@@ -69,6 +87,7 @@ fn send(port: u16, mail_from: &str, key: Option<&std::path::Path>, tamper: bool,
             mail_from,
             key.as_str(),
             if tamper { "yes" } else { "no" },
+            signatures.to_string().as_str(),
         ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -131,6 +150,8 @@ fn world_with(extra: impl FnOnce(&mut Setup, &std::path::Path)) -> World {
         zone.txt("_dmarc.sender.example", "v=DMARC1; p=reject");
         zone.txt("bounces.example", "v=spf1 -all");
         zone.servfail.insert("_dmarc.flaky.example".into());
+        zone.servfail.insert("spf-flaky.example".into());
+        zone.txt("_dmarc.q.example", "v=DMARC1; p=quarantine");
     }
     let sink = CaptureSink::start();
     let enforcing = common::free_port();
@@ -357,4 +378,105 @@ fn verified_mail_is_arc_sealed_and_dkimpy_verifies_the_seal() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let verdict = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(verdict.starts_with("pass"), "dkimpy: {verdict}\n{text}");
+}
+
+#[test]
+fn with_reject_spf_fail_the_sender_is_refused_at_mail_from() {
+    let w = world_with(|s, _| {
+        s.set("mail_authentication", "reject_spf_fail", "true");
+    });
+    // SPF fail: refused before any content is sent.
+    let refused = send(w.enforcing, "bounce@bounces.example", None, false, MESSAGE);
+    assert!(refused.starts_with("refused at MAIL 550 5.7.23"), "{refused}");
+    assert!(refused.contains("SPF record of the sender's domain"), "{refused}");
+    // The SPF record cannot be looked up: try later.
+    let deferred = send(w.enforcing, "x@spf-flaky.example", None, false, MESSAGE);
+    assert!(deferred.starts_with("refused at MAIL 451 4.7.24"), "{deferred}");
+    // SPF pass: accepted, and the header reports the result found at MAIL FROM.
+    assert_eq!(
+        send(w.enforcing, "alice@sender.example", Some(&w.key), false, MESSAGE),
+        "accepted"
+    );
+    let got = w.sink.wait_for(1, WAIT);
+    let header = our_header(&got[0].content);
+    assert!(
+        header.contains("spf=pass") && header.contains("smtp.mailfrom=alice@sender.example"),
+        "{header}"
+    );
+    assert!(header.contains("dmarc=pass"), "{header}");
+    // The record-only listener refuses nothing: the failing sender's message is taken.
+    assert_eq!(
+        send(w.g.mx().port(), "bounce@bounces.example", None, false, MESSAGE),
+        "accepted"
+    );
+    let got = w.sink.wait_for(2, WAIT);
+    assert!(our_header(&got[1].content).contains("spf=fail"));
+    assert_eq!(
+        w.g.log_text().matches("sender refused by SPF").count(),
+        2,
+        "{}",
+        w.g.log_text()
+    );
+    // SPF is counted once per transaction (at MAIL FROM), not again with the message.
+    let (_, metrics) = w.g.http("GET", "/metrics", None, &[]);
+    assert!(metrics.contains("reason=\"authentication\"} 2"), "{metrics}");
+    for (result, count) in [("pass", 1), ("fail", 2), ("temperror", 1)] {
+        let line = format!("gannet_mail_authentication_total{{method=\"spf\",result=\"{result}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+}
+
+#[test]
+fn quarantine_failures_get_a_header_or_are_accepted_as_configured() {
+    let quarantined = MESSAGE.replace("sender.example", "q.example");
+    let w = world();
+    assert_eq!(send(w.enforcing, "x@q.example", None, false, &quarantined), "accepted");
+    let got = w.sink.wait_for(1, WAIT);
+    let text = String::from_utf8_lossy(&got[0].content);
+    assert!(
+        text.contains("X-Gannet-Quarantine: DMARC failed and the policy of q.example is quarantine"),
+        "{text}"
+    );
+    assert!(our_header(&got[0].content).contains("dmarc=fail header.from=q.example policy.dmarc=quarantine"));
+    // The record-only listener adds no quarantine header.
+    assert_eq!(
+        send(w.g.mx().port(), "x@q.example", None, false, &quarantined),
+        "accepted"
+    );
+    let got = w.sink.wait_for(2, WAIT);
+    assert!(!String::from_utf8_lossy(&got[1].content).contains("X-Gannet-Quarantine"));
+
+    let w = world_with(|s, _| {
+        s.set("mail_authentication", "quarantine", "\"accept\"");
+    });
+    assert_eq!(send(w.enforcing, "x@q.example", None, false, &quarantined), "accepted");
+    let got = w.sink.wait_for(1, WAIT);
+    let text = String::from_utf8_lossy(&got[0].content);
+    assert!(!text.contains("X-Gannet-Quarantine"), "{text}");
+    assert!(our_header(&got[0].content).contains("dmarc=fail"));
+}
+
+#[test]
+fn dkim_signatures_past_the_limit_are_not_verified() {
+    let w = world_with(|s, _| {
+        s.set("mail_authentication", "dkim_signatures_max", "3");
+    });
+    assert_eq!(
+        send_signed(w.g.mx().port(), "alice@sender.example", Some(&w.key), 5, false, MESSAGE),
+        "accepted"
+    );
+    let got = w.sink.wait_for(1, WAIT);
+    let header = our_header(&got[0].content);
+    assert_eq!(header.matches("dkim=pass").count(), 3, "{header}");
+    assert!(
+        header.contains("dkim=policy (not verified: 2 more DKIM signatures than the 3 checked per message)"),
+        "{header}"
+    );
+    assert!(header.contains("dmarc=pass"), "{header}");
+    let (_, metrics) = w.g.http("GET", "/metrics", None, &[]);
+    assert!(
+        metrics.contains("gannet_mail_authentication_total{method=\"dkim\",result=\"pass\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gannet_mail_authentication_total{method=\"dkim\",result=\"policy\"} 1"));
 }

@@ -225,6 +225,8 @@ fn run_suite(scenarios: Vec<Value>, dns: Arc<DnsServer>) -> Vec<Outcome> {
                         mail_from: case["mailfrom"].as_str().unwrap_or("").to_string(),
                         hostname: "mx.test".into(),
                         sealer: None,
+                        spf: None,
+                        dkim_signatures_max: 10,
                     };
                     let got = verifier.spf(&resolver, &input, Duration::from_secs(5)).await;
                     outcomes.push((description.clone(), name, expected, result_name(got).to_string()));

@@ -24,7 +24,7 @@ use hickory_proto::rr::RecordType;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::dmarc::Policy;
 use mail_auth::spf::verify::SpfParameters;
-use mail_auth::{AuthenticatedMessage, DmarcResult, MessageAuthenticator, SpfResult};
+use mail_auth::{AuthenticatedMessage, DmarcResult, MessageAuthenticator, SpfOutput, SpfResult};
 
 use crate::dns::message::Answer;
 use crate::dns::resolver::Resolver;
@@ -33,6 +33,20 @@ use cache::{Found, Kind, Miss, Prefetched};
 /// Rounds of "verify, look up what was missing" at most (SPF allows 10 DNS terms, each of which
 /// can add a level).
 const ROUNDS_MAX: usize = 16;
+
+/// DKIM signatures verified per message at most, whatever the configuration says (RFC 6376
+/// 6.1: a verifier may limit how many it checks, against messages made to cost it CPU).
+pub const DKIM_SIGNATURES_MAX: usize = 64;
+
+/// SPF's results for one transaction, found at MAIL FROM ([`Verifier::sender`]) and reused
+/// for DMARC and the header once the message has arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderSpf {
+    /// The HELO identity's result.
+    pub helo: SpfOutput,
+    /// The MAIL FROM identity's (the HELO identity's again for the null sender).
+    pub mail_from: SpfOutput,
+}
 
 /// What the verification needs from the SMTP session.
 #[derive(Clone)]
@@ -46,6 +60,11 @@ pub struct Input {
     pub hostname: String,
     /// Seal the message with an ARC set once verified (`[mail_authentication.arc_seal]`).
     pub sealer: Option<Arc<crate::dkim::seal::Sealer>>,
+    /// SPF's results when they were found at MAIL FROM; else they are found with the rest.
+    pub spf: Option<SenderSpf>,
+    /// DKIM signatures verified at most (the rest are reported as not verified); at most
+    /// [`DKIM_SIGNATURES_MAX`].
+    pub dkim_signatures_max: usize,
 }
 
 /// The verdicts, owned (mail-auth's outputs borrow the message).
@@ -57,8 +76,10 @@ pub struct Verdicts {
     /// is configured and the chain may be sealed; empty otherwise.
     pub arc_set: String,
     pub spf: SpfResult,
-    /// Each signature's result name (`pass`, `fail`, `neutral`, `temperror`, ...).
+    /// Each verified signature's result name (`pass`, `fail`, `neutral`, `temperror`, ...).
     pub dkim: Vec<&'static str>,
+    /// Signatures past `dkim_signatures_max`, not verified.
+    pub dkim_skipped: usize,
     pub dmarc: DmarcVerdict,
     /// The From: domain DMARC judged ("" when it had none, or several).
     pub from_domain: String,
@@ -138,21 +159,57 @@ impl Verifier {
     /// the null sender), with the same rounds of lookups as [`Verifier::verify`]; evaluated on
     /// the calling thread (SPF costs no cryptography). The RFC 7208 test suite runs through it.
     pub async fn spf(&self, resolver: &Resolver, input: &Input, timeout: Duration) -> SpfResult {
-        let deadline = Instant::now() + timeout;
-        let mut prefetched = Prefetched::default();
-        let mut asked: Vec<Miss> = Vec::new();
-        for _ in 0..ROUNDS_MAX {
+        let round = |prefetched: &Prefetched| {
             let params = if input.mail_from.is_empty() {
                 SpfParameters::verify_ehlo(input.client, &input.helo, &input.hostname)
             } else {
                 SpfParameters::verify_mail_from(input.client, &input.helo, &input.hostname, &input.mail_from)
             };
-            let output = futures_lite::future::block_on(self.authenticator.check_host(prefetched.params(params)));
-            if !fill_misses(&mut prefetched, &mut asked, resolver, input.client, deadline).await {
-                return output.result();
+            futures_lite::future::block_on(self.authenticator.check_host(prefetched.params(params))).result()
+        };
+        spf_rounds(resolver, input.client, timeout, round)
+            .await
+            .unwrap_or(SpfResult::TempError)
+    }
+
+    /// SPF for both identities (HELO, and MAIL FROM unless it is the null sender), with the
+    /// rounds of [`Verifier::verify`]: what the shard asks at MAIL FROM. On the calling thread.
+    pub async fn sender(&self, resolver: &Resolver, input: &Input, timeout: Duration) -> SenderSpf {
+        let round = |prefetched: &Prefetched| self.sender_round(input, prefetched);
+        match spf_rounds(resolver, input.client, timeout, round).await {
+            Some(spf) => spf,
+            None => {
+                let temperror = |domain: &str| SpfOutput::new(domain.to_string()).with_result(SpfResult::TempError);
+                let domain = input.mail_from.rsplit_once('@').map_or(input.helo.as_str(), |(_, d)| d);
+                SenderSpf {
+                    helo: temperror(&input.helo),
+                    mail_from: temperror(domain),
+                }
             }
         }
-        SpfResult::TempError
+    }
+
+    /// One round of both SPF checks over what `prefetched` holds.
+    fn sender_round(&self, input: &Input, prefetched: &Prefetched) -> SenderSpf {
+        use futures_lite::future::block_on as run;
+        let auth = &self.authenticator;
+        let helo = input.helo.as_str();
+        let spf_helo =
+            run(auth.verify_spf(prefetched.params(SpfParameters::verify_ehlo(input.client, helo, &input.hostname))));
+        let spf_from = if input.mail_from.is_empty() {
+            spf_helo.clone()
+        } else {
+            run(auth.verify_spf(prefetched.params(SpfParameters::verify_mail_from(
+                input.client,
+                helo,
+                &input.hostname,
+                &input.mail_from,
+            ))))
+        };
+        SenderSpf {
+            helo: spf_helo,
+            mail_from: spf_from,
+        }
     }
 
     /// One round on the shard's blocking thread.
@@ -180,33 +237,27 @@ impl Verifier {
 
     /// [`Verifier::evaluate`], and with `seal` the ARC set too.
     fn evaluate_sealing(&self, message: &[u8], input: &Input, prefetched: &Prefetched, seal: bool) -> Verdicts {
-        let Some(parsed) = AuthenticatedMessage::parse(message) else {
+        let Some(mut parsed) = AuthenticatedMessage::parse(message) else {
             return unparseable(input);
         };
+        let dkim_skipped = cap_signatures(&mut parsed, input.dkim_signatures_max.min(DKIM_SIGNATURES_MAX));
         let auth = &self.authenticator;
         use futures_lite::future::block_on as run;
         let dkim = run(auth.verify_dkim(prefetched.params(&parsed)));
         let arc = run(auth.verify_arc(prefetched.params(&parsed)));
         let helo = input.helo.as_str();
-        let spf_helo =
-            run(auth.verify_spf(prefetched.params(SpfParameters::verify_ehlo(input.client, helo, &input.hostname))));
-        let spf_from = if input.mail_from.is_empty() {
-            spf_helo.clone()
-        } else {
-            run(auth.verify_spf(prefetched.params(SpfParameters::verify_mail_from(
-                input.client,
-                helo,
-                &input.hostname,
-                &input.mail_from,
-            ))))
+        let found;
+        let spf = match &input.spf {
+            Some(spf) => spf,
+            None => {
+                found = self.sender_round(input, prefetched);
+                &found
+            }
         };
+        let (spf_helo, spf_from) = (&spf.helo, &spf.mail_from);
         let mail_from_domain = input.mail_from.rsplit_once('@').map_or(helo, |(_, d)| d);
-        let dmarc = run(auth.verify_dmarc(prefetched.params(DmarcParameters::new(
-            &parsed,
-            &dkim,
-            mail_from_domain,
-            &spf_from,
-        ))));
+        let dmarc =
+            run(auth.verify_dmarc(prefetched.params(DmarcParameters::new(&parsed, &dkim, mail_from_domain, spf_from))));
         let from_domain = parsed
             .from
             .first()
@@ -216,8 +267,9 @@ impl Verifier {
         let parts = results::Parts {
             dkim: &dkim,
             from_domain,
-            spf_helo: &spf_helo,
-            spf_from: &spf_from,
+            spf_helo,
+            spf_from,
+            dkim_skipped,
             arc: &arc,
             dmarc: &dmarc,
             verdict,
@@ -239,6 +291,7 @@ impl Verifier {
             arc_set,
             spf: spf_from.result(),
             dkim: dkim.iter().map(|d| results::dkim_name(d.result())).collect(),
+            dkim_skipped,
             dmarc: verdict,
             from_domain: dmarc.domain().to_string(),
         }
@@ -252,9 +305,36 @@ fn unparseable(input: &Input) -> Verdicts {
         arc_set: String::new(),
         spf: SpfResult::None,
         dkim: Vec::new(),
+        dkim_skipped: 0,
         dmarc: DmarcVerdict::None,
         from_domain: String::new(),
     }
+}
+
+/// Keeps the first `max` DKIM signatures of `parsed` (malformed ones count, and come first, as
+/// mail-auth reports them first); returns how many were dropped unverified.
+fn cap_signatures(parsed: &mut AuthenticatedMessage<'_>, max: usize) -> usize {
+    let total = parsed.dkim_headers.len() + parsed.errors.iter().filter(|e| is_dkim_error(e)).count();
+    if total <= max {
+        return 0;
+    }
+    let mut kept_errors = 0;
+    parsed.errors.retain(|e| {
+        if !is_dkim_error(e) {
+            return true;
+        }
+        kept_errors += 1;
+        kept_errors <= max
+    });
+    let kept_errors = kept_errors.min(max);
+    parsed.dkim_headers.truncate(max - kept_errors);
+    let kept = kept_errors + parsed.dkim_headers.len();
+    debug_assert_eq!(kept, max);
+    total - kept
+}
+
+fn is_dkim_error(header: &mail_auth::common::headers::Header<'_, mail_auth::Error>) -> bool {
+    matches!(header.header, mail_auth::Error::Dkim(_))
 }
 
 /// DMARC's verdict from mail-auth's output. mail-auth (RFC 9989's tree walk) leaves both
@@ -321,6 +401,26 @@ pub fn reverse_name(ip: IpAddr) -> String {
             name
         }
     }
+}
+
+/// Runs `round` over what has been looked up, looking up what it lacked, until it lacks
+/// nothing new (its last result) or runs out of rounds (`None`).
+async fn spf_rounds<T>(
+    resolver: &Resolver,
+    client: IpAddr,
+    timeout: Duration,
+    round: impl Fn(&Prefetched) -> T,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    let mut prefetched = Prefetched::default();
+    let mut asked: Vec<Miss> = Vec::new();
+    for _ in 0..ROUNDS_MAX {
+        let output = round(&prefetched);
+        if !fill_misses(&mut prefetched, &mut asked, resolver, client, deadline).await {
+            return Some(output);
+        }
+    }
+    None
 }
 
 /// After a round: looks up with Gannet's resolver what the round lacked and was not asked for
@@ -405,6 +505,8 @@ mod tests {
             mail_from: "alice@sender.example".into(),
             hostname: "mx.test".into(),
             sealer: None,
+            spf: None,
+            dkim_signatures_max: 10,
         }
     }
 

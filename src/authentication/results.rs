@@ -22,6 +22,8 @@ pub struct Parts<'a> {
     pub from_domain: &'a str,
     pub spf_helo: &'a SpfOutput,
     pub spf_from: &'a SpfOutput,
+    /// DKIM signatures past the limit, not verified.
+    pub dkim_skipped: usize,
     pub arc: &'a ArcOutput<'a>,
     pub dmarc: &'a DmarcOutput,
     pub verdict: super::DmarcVerdict,
@@ -50,6 +52,15 @@ pub fn for_seal<'a>(hostname: &'a str, parts: &Parts<'_>) -> AuthenticationResul
 /// `Authentication-Results: <hostname>; dkim=...; spf=...; arc=...; dmarc=...\r\n`.
 pub fn header(hostname: &str, parts: &Parts<'_>) -> String {
     let mut header = without_dmarc(hostname, parts).to_header();
+    if parts.dkim_skipped > 0 {
+        // RFC 8601 2.7.1 "policy": signed, but not acceptable to us (here: too many to check).
+        header.truncate(header.len() - 2);
+        header.push_str(&format!(
+            ";\r\n\tdkim=policy (not verified: {} more DKIM signatures than the {} checked per message)\r\n",
+            parts.dkim_skipped,
+            parts.input.dkim_signatures_max.min(super::DKIM_SIGNATURES_MAX)
+        ));
+    }
     // The DMARC clause is written here: mail-auth's says "none" for a failure in which
     // neither identifier passed (see `super::dmarc_verdict`).
     if !parts.dmarc.domain().is_empty() && parts.verdict != super::DmarcVerdict::None {

@@ -36,9 +36,15 @@ pub struct MailAuthenticationSettings {
     /// All the DNS one message's verification may wait for; past it, a temperror.
     #[serde(default = "default_timeout")]
     pub timeout: Span,
-    /// Under enforcement, refuse mail whose MAIL FROM domain's SPF says fail (550 5.7.23).
+    /// Under enforcement, refuse MAIL FROM whose domain's SPF says fail (550 5.7.23), and
+    /// defer it when the SPF record cannot be looked up (451 4.7.24).
     #[serde(default)]
     pub reject_spf_fail: bool,
+    /// DKIM signatures verified per message at most; the rest are reported as not verified
+    /// (`dkim=policy`). RFC 6376 6.1 lets a verifier limit them; each costs a key lookup and a
+    /// public-key operation.
+    #[serde(default = "default_dkim_signatures_max")]
+    pub dkim_signatures_max: usize,
     /// Under enforcement, DMARC failures under p=quarantine.
     #[serde(default = "default_quarantine")]
     pub quarantine: Quarantine,
@@ -62,6 +68,10 @@ fn default_timeout() -> Span {
     Span(Duration::from_secs(20))
 }
 
+fn default_dkim_signatures_max() -> usize {
+    10
+}
+
 fn default_quarantine() -> Quarantine {
     Quarantine::Header
 }
@@ -71,6 +81,7 @@ impl Default for MailAuthenticationSettings {
         MailAuthenticationSettings {
             timeout: default_timeout(),
             reject_spf_fail: false,
+            dkim_signatures_max: default_dkim_signatures_max(),
             quarantine: default_quarantine(),
             arc_seal: None,
         }
@@ -86,6 +97,15 @@ pub(super) fn validate(settings: &MailAuthenticationSettings, fail: &Fail<'_>) -
             0,
             "timeout",
             "must be between \"1s\" and \"120s\" (the client waits for it after its final dot)".into(),
+        ));
+    }
+    let most = crate::authentication::DKIM_SIGNATURES_MAX;
+    if !(1..=most).contains(&settings.dkim_signatures_max) {
+        return Err(fail(
+            "mail_authentication",
+            0,
+            "dkim_signatures_max",
+            format!("must be between 1 and {most} (signatures verified per message)"),
         ));
     }
     if let Some(seal) = &settings.arc_seal {

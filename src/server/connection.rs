@@ -21,6 +21,7 @@ use tracing::{debug, info};
 use super::proxy::ProxyError;
 use super::shard::{Refusal, SessionGuard, Shard, ShardSignal, Stage};
 use super::tls::summarize;
+use crate::config::mail_authentication::MailAuthentication;
 use crate::config::{Listener, ListenerKind};
 use crate::metrics;
 use crate::smtp::deadline::Now;
@@ -215,6 +216,8 @@ struct Conn {
     /// The shard entered stress since the last wait: apply the stress deadline this once.
     swept: bool,
     stress_entries_seen: u64,
+    /// SPF's results for the open transaction, found when its MAIL FROM was checked.
+    sender_spf: Option<crate::authentication::SenderSpf>,
 }
 
 impl Conn {
@@ -231,6 +234,8 @@ impl Conn {
             starttls: listener.offers_starttls(),
             auth: listener.offers_auth() && shard.reloadable.auth_configured(),
             auth_required: listener.requires_auth(),
+            check_sender: shard.verification_policy(listener_index, peer.ip().to_canonical())
+                != MailAuthentication::Off,
         };
         let gate: Rc<dyn MessageGate> = shard.clone();
         let ip = peer.ip().to_canonical();
@@ -262,6 +267,7 @@ impl Conn {
             end: 0,
             out: Vec::with_capacity(1024),
             swept: false,
+            sender_spf: None,
         };
         conn.session.greeting(Instant::now(), &mut conn.out);
         write_all(&mut conn.stream, &mut conn.out).await.then_some(conn)
@@ -313,10 +319,17 @@ impl Conn {
                     self.session
                         .authenticated(outcome, Instant::now(), &mut self.sink, &mut self.out);
                 }
+                Next::CheckSender => {
+                    let (verdict, spf) = self.shard.check_sender(&self.session, self.listener).await;
+                    self.sender_spf = spf;
+                    self.session
+                        .sender_checked(verdict, Instant::now(), &mut self.sink, &mut self.out);
+                }
                 Next::Commit => {
+                    let spf = self.sender_spf.take();
                     let result = self
                         .shard
-                        .commit_and_enqueue(&self.session, &mut self.sink, self.listener)
+                        .commit_and_enqueue(&self.session, &mut self.sink, self.listener, spf)
                         .await;
                     let id = result.map(|id| id.to_string());
                     self.session

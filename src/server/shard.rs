@@ -429,14 +429,16 @@ impl Shard {
 
     /// Commits the message a session has finished (durable before this returns, with the
     /// spool's default durability) and hands it to delivery: the one step between receiving a
-    /// message and queueing it. Logs the message's `queued` line.
+    /// message and queueing it. Logs the message's `queued` line. `sender_spf`: SPF's results
+    /// from MAIL FROM, when the sender was checked there.
     pub async fn commit_and_enqueue(
         &self,
         session: &Session,
         sink: &mut MessageBuffer,
         listener: usize,
+        sender_spf: Option<crate::authentication::SenderSpf>,
     ) -> Result<MessageId, CommitError> {
-        if let Err(refusal) = self.verify_inbound(session, sink, listener).await {
+        if let Err(refusal) = self.verify_inbound(session, sink, listener, sender_spf).await {
             crate::smtp::session::MessageSink::abandon(sink);
             let reason = if refusal == CommitError::NoSpace {
                 "memory"

@@ -130,6 +130,7 @@ fn bench_session(c: &mut Criterion) {
         starttls: false,
         auth: false,
         auth_required: false,
+        check_sender: false,
     };
     // 100 transactions of 20 KiB messages, pipelined, as one stream.
     let mut content = Vec::new();

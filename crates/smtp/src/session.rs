@@ -70,6 +70,9 @@ pub struct ListenerRules {
     pub auth: bool,
     /// MAIL needs AUTH first (submission).
     pub auth_required: bool,
+    /// The shell checks the sender (SPF, on mx listeners) of a client that did not
+    /// authenticate before MAIL is answered: [`Next::CheckSender`].
+    pub check_sender: bool,
 }
 
 /// Per-client message rates, kept by the shell (the shard). `admit_message` takes one message
@@ -97,6 +100,20 @@ pub enum AuthOutcome {
     Blocked,
     /// The user list cannot be consulted: 454 4.7.0.
     Unavailable,
+}
+
+/// The shell's verdict on the sender handed over with [`Next::CheckSender`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderVerdict {
+    /// 250: the transaction opens.
+    Accept,
+    /// The shell's refusal (a 4xx or 5xx code, its enhanced code and one sentence); the
+    /// transaction does not open.
+    Refuse {
+        code: u16,
+        enhanced: &'static str,
+        text: String,
+    },
 }
 
 /// Where message content goes while it streams in. The spool implements this with its aligned
@@ -133,8 +150,9 @@ pub enum CommitError {
 
 /// Why a transaction step was refused: the `reason` label of the shell's
 /// `gannet_messages_rejected_total`, derived from the refusal's enhanced status code.
-pub const REJECTION_REASONS: [&str; 10] = [
+pub const REJECTION_REASONS: [&str; 11] = [
     "relay_denied",
+    "authentication",
     "auth_required",
     "rate_limited",
     "address",
@@ -155,6 +173,8 @@ pub fn rejection_reason(enhanced: &str) -> usize {
     let (class, subject, detail) = (parts.next(), parts.next(), parts.next());
     let reason = match (class, subject, detail) {
         (Some("5"), Some("7"), Some("1")) => "relay_denied",
+        // RFC 7372: the sender's SPF, DKIM or DMARC (x.7.20 to x.7.29).
+        (_, Some("7"), Some(d)) if d.len() == 2 && d.starts_with('2') => "authentication",
         (_, Some("7"), Some("0" | "8" | "57")) => "auth_required",
         (Some("4"), Some("7"), _) => "rate_limited",
         (_, Some("5"), Some("3")) => "too_many_recipients",
@@ -185,6 +205,9 @@ pub enum Next {
     StartTls,
     /// Check [`Session::take_credentials`], then call [`Session::authenticated`].
     Authenticate,
+    /// Check the sender of [`Session::envelope`] (MAIL was accepted so far), then call
+    /// [`Session::sender_checked`].
+    CheckSender,
 }
 
 /// What one call to [`Session::receive`] did.
@@ -226,6 +249,8 @@ enum Phase {
     Auth(AuthStep),
     /// Credentials decoded; waiting for the shell's check.
     Authenticating,
+    /// MAIL parsed and allowed so far; waiting for the shell's check of the sender.
+    CheckingSender,
     Closed,
 }
 
@@ -388,6 +413,31 @@ impl Session {
         }
     }
 
+    /// The shell's verdict on the sender handed over with [`Next::CheckSender`]: 250 and the
+    /// transaction opens, or the refusal and it does not.
+    pub fn sender_checked(
+        &mut self,
+        verdict: SenderVerdict,
+        now: Instant,
+        sink: &mut impl MessageSink,
+        out: &mut Vec<u8>,
+    ) {
+        debug_assert!(matches!(self.phase, Phase::CheckingSender));
+        self.deadlines.line_done(now);
+        match verdict {
+            SenderVerdict::Accept => {
+                self.phase = Phase::Mail;
+                reply::SENDER_OK.write(out);
+            }
+            SenderVerdict::Refuse { code, enhanced, text } => {
+                debug_assert!((400..600).contains(&code));
+                self.envelope.clear();
+                self.phase = Phase::Idle;
+                self.error_text(code, enhanced, &text, sink, out);
+            }
+        }
+    }
+
     /// How long to hold back the replies now pending (tarpitting a client that keeps erring);
     /// resets to zero.
     pub fn take_reply_delay(&mut self) -> Duration {
@@ -440,7 +490,9 @@ impl Session {
             Phase::Greeted | Phase::Idle | Phase::Mail | Phase::BdatBetween | Phase::Auth(_) => {
                 Some(self.deadlines.command_deadline(t, stressed))
             }
-            Phase::Committing | Phase::StartingTls | Phase::Authenticating | Phase::Closed => None,
+            Phase::Committing | Phase::StartingTls | Phase::Authenticating | Phase::CheckingSender | Phase::Closed => {
+                None
+            }
         }
     }
 
@@ -461,7 +513,9 @@ impl Session {
             Phase::Greeted | Phase::Idle | Phase::Mail | Phase::BdatBetween | Phase::Auth(_) => {
                 self.deadlines.check_command(now, &t, stressed)
             }
-            Phase::Committing | Phase::StartingTls | Phase::Authenticating | Phase::Closed => None,
+            Phase::Committing | Phase::StartingTls | Phase::Authenticating | Phase::CheckingSender | Phase::Closed => {
+                None
+            }
         };
         if expiry.is_some() {
             self.close_with(reply::TIMEOUT, sink, out);
@@ -542,6 +596,12 @@ impl Session {
                     return Step {
                         consumed: pos,
                         next: Next::Authenticate,
+                    }
+                }
+                Phase::CheckingSender => {
+                    return Step {
+                        consumed: pos,
+                        next: Next::CheckSender,
                     }
                 }
                 Phase::Data(_) => {
@@ -912,6 +972,10 @@ impl Session {
             // Not counted as an error: the client did nothing wrong but send too fast.
             self.envelope.clear();
             reply::MESSAGE_RATE.write(out);
+            return;
+        }
+        if self.rules.check_sender && self.user.is_none() {
+            self.phase = Phase::CheckingSender;
             return;
         }
         self.phase = Phase::Mail;
@@ -1386,11 +1450,13 @@ mod tests {
         starttls: false,
         auth: false,
         auth_required: false,
+        check_sender: false,
     };
     const SUBMISSION_RULES: ListenerRules = ListenerRules {
         starttls: true,
         auth: true,
         auth_required: true,
+        check_sender: false,
     };
 
     /// A gate that admits a fixed number of messages.
@@ -1426,6 +1492,9 @@ mod tests {
         credentials_seen: Vec<Credentials>,
         /// Input thrown away at STARTTLS (the shell's CVE-2011-0411 defence).
         discarded_at_starttls: Vec<u8>,
+        /// The shell's verdict on the next sender, and the senders it was asked about.
+        sender_verdict: SenderVerdict,
+        senders_seen: Vec<Vec<u8>>,
         /// The time the harness passes in, when a test sets it (else the real clock).
         fixed_now: Option<Now>,
     }
@@ -1443,6 +1512,8 @@ mod tests {
                 auth_outcome: AuthOutcome::Invalid,
                 credentials_seen: Vec::new(),
                 discarded_at_starttls: Vec::new(),
+                sender_verdict: SenderVerdict::Accept,
+                senders_seen: Vec::new(),
                 fixed_now: None,
             }
         }
@@ -1498,6 +1569,12 @@ mod tests {
                                 &mut self.sink,
                                 &mut out,
                             );
+                        }
+                        Next::CheckSender => {
+                            self.senders_seen.push(self.session.envelope().sender().to_vec());
+                            let verdict = self.sender_verdict.clone();
+                            self.session
+                                .sender_checked(verdict, now.instant, &mut self.sink, &mut out);
                         }
                     }
                 }
@@ -2083,6 +2160,62 @@ mod tests {
     }
 
     #[test]
+    fn the_shell_checks_the_sender_of_unauthenticated_clients_before_mail_is_answered() {
+        let rules = ListenerRules {
+            check_sender: true,
+            ..PLAIN_RULES
+        };
+        let mut h = Harness::with_rules(config(), rules, "192.0.2.1");
+        h.feed("EHLO c\r\n");
+        // Accepted: the transaction opens as usual, pipelined commands and all.
+        let replies = h.feed("MAIL FROM:<a@x.example>\r\nRCPT TO:<c@local.test>\r\nRSET\r\n");
+        assert_eq!(codes(&replies), ["250 2.1.0", "250 2.1.5", "250 2.0.0"]);
+        assert_eq!(h.senders_seen, [b"a@x.example".to_vec()]);
+        // Refused: the shell's reply, no transaction (so the pipelined RCPT and DATA fail).
+        h.sender_verdict = SenderVerdict::Refuse {
+            code: 550,
+            enhanced: "5.7.23",
+            text: "SPF says no".into(),
+        };
+        let replies = h.feed("MAIL FROM:<a@forged.example>\r\nRCPT TO:<c@local.test>\r\nDATA\r\n");
+        assert!(replies.starts_with("550 5.7.23 SPF says no\r\n"), "{replies}");
+        assert_eq!(codes(&replies)[1..], ["503 5.5.1", "503 5.5.1"]);
+        assert!(h.session.envelope().sender().is_empty());
+        assert!(!h.session.in_transaction());
+        assert_eq!(h.senders_seen.len(), 2);
+        // The shell owes the next step while it checks: no deadline of the client's.
+        assert!(h.sink.committed.is_empty());
+    }
+
+    #[test]
+    fn refusals_are_counted_by_their_enhanced_code() {
+        let reason = |code| REJECTION_REASONS[rejection_reason(code)];
+        assert_eq!(reason("5.7.23"), "authentication");
+        assert_eq!(reason("4.7.24"), "authentication");
+        assert_eq!(reason("5.7.1"), "relay_denied");
+        assert_eq!(reason("4.7.1"), "rate_limited");
+        assert_eq!(reason("5.7.2"), "other");
+        assert_eq!(reason("5.1.1"), "address");
+    }
+
+    #[test]
+    fn an_authenticated_client_is_not_sender_checked() {
+        let rules = ListenerRules {
+            check_sender: true,
+            ..SUBMISSION_RULES
+        };
+        let mut h = Harness::with_rules(config(), rules, "192.0.2.1");
+        h.auth_outcome = AuthOutcome::Success(Identity::new("alice@example.test", &[]));
+        h.feed("EHLO c\r\nSTARTTLS\r\n");
+        h.feed("EHLO c\r\n");
+        assert!(h
+            .feed(&format!("AUTH PLAIN {}\r\n", b64("\0bob\0pw")))
+            .starts_with("235"));
+        assert!(h.feed("MAIL FROM:<alice@example.test>\r\n").starts_with("250"));
+        assert!(h.senders_seen.is_empty());
+    }
+
+    #[test]
     fn auth_login_steps_cancel_and_block() {
         let mut h = Harness::with_rules(config(), SUBMISSION_RULES, "192.0.2.1");
         h.feed("EHLO c\r\nSTARTTLS\r\n");
@@ -2123,6 +2256,7 @@ mod tests {
             starttls: true,
             auth: false,
             auth_required: false,
+            check_sender: false,
         };
         let mut h = Harness::with_rules(config(), rules, "192.0.2.1");
         h.feed("EHLO c\r\nSTARTTLS\r\n");
