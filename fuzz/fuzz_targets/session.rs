@@ -18,7 +18,9 @@ use gannet_smtp::envelope::{Envelope, Origin};
 use gannet_smtp::identity::Identity;
 use gannet_smtp::policy::RelayPolicy;
 use gannet_smtp::received::TlsSummary;
-use gannet_smtp::session::{AuthOutcome, ListenerRules, MessageSink, Next, OpenGate, Session, SessionConfig, SinkFull};
+use gannet_smtp::session::{
+    AuthOutcome, ListenerRules, MessageSink, Next, OpenGate, SenderVerdict, Session, SessionConfig, SinkFull,
+};
 use libfuzzer_sys::fuzz_target;
 
 const LINE_LENGTH_MAX: usize = 512;
@@ -105,6 +107,7 @@ fuzz_target!(|data: &[u8]| {
         starttls: flags & 1 != 0,
         auth: flags & 2 != 0,
         auth_required: flags & 4 != 0,
+        check_sender: flags & 128 != 0,
     };
     let ip: IpAddr = if flags & 32 == 0 { "127.0.0.1" } else { "192.0.2.9" }.parse().unwrap();
     let mut session = Session::new(Rc::new(config), rules, Rc::new(OpenGate), ip, now);
@@ -149,6 +152,29 @@ fuzz_target!(|data: &[u8]| {
                         _ => AuthOutcome::Unavailable,
                     };
                     session.authenticated(outcome, now.instant, &mut sink, &mut out);
+                }
+                Next::CheckSender => {
+                    // The sender decides: a domain starting with a digit is refused.
+                    let refuse = {
+                        let sender = session.envelope().sender();
+                        let at = sender.iter().rposition(|&b| b == b'@').map_or(0, |i| i + 1);
+                        sender.get(at).is_some_and(|b| b.is_ascii_digit())
+                    };
+                    let verdict = if refuse {
+                        SenderVerdict::Refuse {
+                            code: 550,
+                            enhanced: "5.7.23",
+                            text: "fuzz refusal".into(),
+                        }
+                    } else {
+                        SenderVerdict::Accept
+                    };
+                    session.sender_checked(verdict, now.instant, &mut sink, &mut out);
+                    assert_eq!(
+                        session.in_transaction(),
+                        !refuse,
+                        "a transaction opens only for an accepted sender"
+                    );
                 }
             }
         }
