@@ -64,7 +64,6 @@ const KNOWN_FAILURES: &[(&str, &str)] = &[
     ("mx-colon-domain-ip4mapped", "the name holds ':' '/' or spaces, which hickory-proto's name parser (Gannet's query builder) refuses, so it is never asked"),
     ("macro-mania-in-domain", "the name holds ':' '/' or spaces, which hickory-proto's name parser (Gannet's query builder) refuses, so it is never asked"),
     ("null-text", "the tests' DNS server (hickory-proto) cannot encode a TXT record with no strings, so it answers nothing and the lookup times out (temperror)"),
-    ("void-over-limit", "mail-auth 0.13 does not count void lookups (RFC 7208 4.6.4), and Gannet gives it negative A/MX answers as empty sets"),
 ];
 
 /// Downloads the pyspf sdist and converts the suite's YAML documents to one JSON array.

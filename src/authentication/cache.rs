@@ -9,6 +9,12 @@
 //! caches for those hold only record sets), which matches nothing. A server failure of a TXT
 //! lookup is kept as a resolver error (temperror); one of the other kinds is left out, so that
 //! mail-auth's failing resolver gives the same temperror.
+//!
+//! Void lookups (RFC 7208 4.6.4): mail-auth does not count them, so the maps do. An empty
+//! answer served for an A, AAAA, MX or PTR lookup is a void lookup of the term that asked,
+//! except the address lookups of an `mx` mechanism's hosts (the term is the MX lookup). Empty
+//! TXT answers are not counted: the domain's own record gives none, an `include:` or
+//! `redirect=` target without one is already a permerror, and an `exp=` one must not count.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -47,6 +53,62 @@ pub struct Answers<K, V> {
     kind: Kind,
     map: Mutex<HashMap<K, V>>,
     misses: Arc<Mutex<Vec<Miss>>>,
+    voids: Arc<Mutex<Voids>>,
+}
+
+/// Void lookups served since the last [`Prefetched::take_voids`], and the hosts of the MX
+/// answers served (whose address lookups are part of their `mx` term).
+#[derive(Default)]
+struct Voids {
+    count: usize,
+    mx_hosts: Vec<Box<str>>,
+}
+
+/// MX hosts remembered per evaluation at most (RFC 7208 4.6.4 allows 10 per MX lookup).
+const MX_HOSTS_MAX: usize = 64;
+
+/// What serving an answer means for the void-lookup count.
+pub trait Served {
+    /// The answer is empty: a void lookup if its term counts.
+    fn is_void(&self) -> bool;
+    /// For an MX answer, its hosts.
+    fn exchanges(&self) -> Vec<Box<str>> {
+        Vec::new()
+    }
+}
+
+impl Served for Txt {
+    fn is_void(&self) -> bool {
+        false
+    }
+}
+
+impl Served for RecordSet<MX> {
+    fn is_void(&self) -> bool {
+        self.rrset.is_empty()
+    }
+
+    fn exchanges(&self) -> Vec<Box<str>> {
+        self.rrset.iter().flat_map(|mx| mx.exchanges.iter().cloned()).collect()
+    }
+}
+
+impl Served for RecordSet<Ipv4Addr> {
+    fn is_void(&self) -> bool {
+        self.rrset.is_empty()
+    }
+}
+
+impl Served for RecordSet<Ipv6Addr> {
+    fn is_void(&self) -> bool {
+        self.rrset.is_empty()
+    }
+}
+
+impl Served for RecordSet<Box<str>> {
+    fn is_void(&self) -> bool {
+        self.rrset.is_empty()
+    }
 }
 
 /// The maps are only ever used by one thread at a time (the verification moves between the
@@ -84,13 +146,16 @@ fn key_text<Q: Hash + ?Sized>(key: &Q) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for Answers<K, V> {
+impl<K: Hash + Eq, V: Clone + Served> ResolverCache<K, V> for Answers<K, V> {
     fn get<Q>(&self, name: &Q) -> Option<V>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         let found = lock(&self.map).get(name).cloned();
+        if let Some(answer) = &found {
+            self.served(name, answer);
+        }
         if found.is_none() {
             // A PTR lookup is always of the client's address (SPF's ptr mechanism and %{p}).
             let text = if self.kind == Kind::Ptr {
@@ -122,13 +187,34 @@ impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for Answers<K, V> {
     fn insert(&self, _key: K, _value: V, _valid_until: std::time::Instant) {}
 }
 
-impl<K: Hash + Eq, V: Clone> Answers<K, V> {
-    fn new(kind: Kind, misses: Arc<Mutex<Vec<Miss>>>) -> Answers<K, V> {
+impl<K: Hash + Eq, V: Clone + Served> Answers<K, V> {
+    fn new(kind: Kind, misses: Arc<Mutex<Vec<Miss>>>, voids: Arc<Mutex<Voids>>) -> Answers<K, V> {
         Answers {
             kind,
             map: Mutex::new(HashMap::new()),
             misses,
+            voids,
         }
+    }
+
+    /// Counts a void lookup, or remembers an MX answer's hosts.
+    fn served<Q: Hash + ?Sized>(&self, name: &Q, answer: &V) {
+        let mut voids = lock(&self.voids);
+        if !answer.is_void() {
+            for host in answer.exchanges() {
+                if voids.mx_hosts.len() < MX_HOSTS_MAX {
+                    voids.mx_hosts.push(host);
+                }
+            }
+            return;
+        }
+        if matches!(self.kind, Kind::A | Kind::Aaaa) {
+            let text = key_text(name).unwrap_or_default();
+            if voids.mx_hosts.iter().any(|h| h.eq_ignore_ascii_case(&text)) {
+                return;
+            }
+        }
+        voids.count += 1;
     }
 
     fn put(&self, key: K, value: V) {
@@ -144,6 +230,7 @@ pub struct Prefetched {
     pub ipv6: Answers<Box<str>, RecordSet<Ipv6Addr>>,
     pub ptr: Answers<IpAddr, RecordSet<Box<str>>>,
     misses: Arc<Mutex<Vec<Miss>>>,
+    voids: Arc<Mutex<Voids>>,
     /// Names filled in so far (bounded by [`LOOKUPS_MAX`]).
     filled: usize,
 }
@@ -151,13 +238,15 @@ pub struct Prefetched {
 impl Default for Prefetched {
     fn default() -> Prefetched {
         let misses = Arc::new(Mutex::new(Vec::new()));
+        let voids = Arc::new(Mutex::new(Voids::default()));
         Prefetched {
-            txt: Answers::new(Kind::Txt, misses.clone()),
-            mx: Answers::new(Kind::Mx, misses.clone()),
-            ipv4: Answers::new(Kind::A, misses.clone()),
-            ipv6: Answers::new(Kind::Aaaa, misses.clone()),
-            ptr: Answers::new(Kind::Ptr, misses.clone()),
+            txt: Answers::new(Kind::Txt, misses.clone(), voids.clone()),
+            mx: Answers::new(Kind::Mx, misses.clone(), voids.clone()),
+            ipv4: Answers::new(Kind::A, misses.clone(), voids.clone()),
+            ipv6: Answers::new(Kind::Aaaa, misses.clone(), voids.clone()),
+            ptr: Answers::new(Kind::Ptr, misses.clone(), voids.clone()),
             misses,
+            voids,
             filled: 0,
         }
     }
@@ -215,6 +304,14 @@ impl Prefetched {
     /// The misses since the last call (each name once).
     pub fn take_misses(&self) -> Vec<Miss> {
         std::mem::take(&mut *lock(&self.misses))
+    }
+
+    /// The void lookups served since the last call (see the module's comment); starts the
+    /// count of the next SPF evaluation afresh.
+    pub fn take_voids(&self) -> usize {
+        let mut voids = lock(&self.voids);
+        voids.mx_hosts.clear();
+        std::mem::take(&mut voids.count)
     }
 
     /// Whether another name may be filled in.

@@ -38,6 +38,10 @@ const ROUNDS_MAX: usize = 16;
 /// 6.1: a verifier may limit how many it checks, against messages made to cost it CPU).
 pub const DKIM_SIGNATURES_MAX: usize = 64;
 
+/// Void lookups one SPF evaluation may make (RFC 7208 4.6.4: "SHOULD limit void lookups to
+/// two"); past it the result is permerror.
+pub const SPF_VOID_LOOKUPS_MAX: usize = 2;
+
 /// SPF's results for one transaction, found at MAIL FROM ([`Verifier::sender`]) and reused
 /// for DMARC and the header once the message has arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +169,9 @@ impl Verifier {
             } else {
                 SpfParameters::verify_mail_from(input.client, &input.helo, &input.hostname, &input.mail_from)
             };
-            futures_lite::future::block_on(self.authenticator.check_host(prefetched.params(params))).result()
+            prefetched.take_voids();
+            let output = futures_lite::future::block_on(self.authenticator.check_host(prefetched.params(params)));
+            void_limit(output, prefetched.take_voids()).result()
         };
         spf_rounds(resolver, input.client, timeout, round)
             .await
@@ -191,20 +197,22 @@ impl Verifier {
 
     /// One round of both SPF checks over what `prefetched` holds.
     fn sender_round(&self, input: &Input, prefetched: &Prefetched) -> SenderSpf {
-        use futures_lite::future::block_on as run;
-        let auth = &self.authenticator;
+        let check = |params: SpfParameters<'_>| {
+            prefetched.take_voids();
+            let output = futures_lite::future::block_on(self.authenticator.verify_spf(prefetched.params(params)));
+            void_limit(output, prefetched.take_voids())
+        };
         let helo = input.helo.as_str();
-        let spf_helo =
-            run(auth.verify_spf(prefetched.params(SpfParameters::verify_ehlo(input.client, helo, &input.hostname))));
+        let spf_helo = check(SpfParameters::verify_ehlo(input.client, helo, &input.hostname));
         let spf_from = if input.mail_from.is_empty() {
             spf_helo.clone()
         } else {
-            run(auth.verify_spf(prefetched.params(SpfParameters::verify_mail_from(
+            check(SpfParameters::verify_mail_from(
                 input.client,
                 helo,
                 &input.hostname,
                 &input.mail_from,
-            ))))
+            ))
         };
         SenderSpf {
             helo: spf_helo,
@@ -403,6 +411,14 @@ pub fn reverse_name(ip: IpAddr) -> String {
     }
 }
 
+/// An SPF result after `voids` void lookups: permerror past [`SPF_VOID_LOOKUPS_MAX`].
+fn void_limit(output: SpfOutput, voids: usize) -> SpfOutput {
+    if voids <= SPF_VOID_LOOKUPS_MAX {
+        return output;
+    }
+    SpfOutput::new(output.domain().to_string()).with_result(SpfResult::PermError)
+}
+
 /// Runs `round` over what has been looked up, looking up what it lacked, until it lacks
 /// nothing new (its last result) or runs out of rounds (`None`).
 async fn spf_rounds<T>(
@@ -531,6 +547,7 @@ mod tests {
                     .map_or(Found::Nothing, |(_, f)| match f {
                         Found::Txt(t) => Found::Txt(t.clone()),
                         Found::Addresses(a) => Found::Addresses(a.clone()),
+                        Found::Mx(m) => Found::Mx(m.clone()),
                         _ => Found::Nothing,
                     });
                 prefetched.fill(&miss, input().client, found);
@@ -598,6 +615,36 @@ mod tests {
             (SpfResult::None, DmarcVerdict::None),
             "{}",
             verdicts.header
+        );
+    }
+
+    #[test]
+    fn more_than_two_void_lookups_are_a_permerror_but_an_mx_terms_host_lookups_are_not_voids() {
+        let spf = |record: &str, extra: &[(&str, Found)]| {
+            let mut zone = vec![("sender.example", Found::Txt(vec![record.as_bytes().to_vec()]))];
+            for (name, found) in extra {
+                let copy = match found {
+                    Found::Mx(m) => Found::Mx(m.clone()),
+                    _ => Found::Nothing,
+                };
+                zone.push((name, copy));
+            }
+            verify_with(&zone).0.spf
+        };
+        assert_eq!(spf("v=spf1 a:n1.example a:n2.example ?all", &[]), SpfResult::Neutral);
+        assert_eq!(
+            spf("v=spf1 a:n1.example a:n2.example a:n3.example ?all", &[]),
+            SpfResult::PermError
+        );
+        // Three MX hosts without addresses: one term, and its MX answer was not empty.
+        let mx = Found::Mx(vec![
+            (10, "h1.example".into()),
+            (20, "h2.example".into()),
+            (30, "h3.example".into()),
+        ]);
+        assert_eq!(
+            spf("v=spf1 mx:m.example ?all", &[("m.example", mx)]),
+            SpfResult::Neutral
         );
     }
 }
