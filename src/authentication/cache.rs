@@ -10,6 +10,10 @@
 //! lookup is kept as a resolver error (temperror); one of the other kinds is left out, so that
 //! mail-auth's failing resolver gives the same temperror.
 //!
+//! A miss first asks the shared DNS cache itself (lock-free, so from the blocking thread too):
+//! a name another message already looked up is answered in the same round, so that a message
+//! whose names are all cached takes one round, not one per level of lookups.
+//!
 //! Void lookups (RFC 7208 4.6.4): mail-auth does not count them, so the maps do. An empty
 //! answer served for an A, AAAA, MX or PTR lookup is a void lookup of the term that asked,
 //! except the address lookups of an `mx` mechanism's hosts (the term is the MX lookup). Empty
@@ -22,7 +26,14 @@ use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use hickory_proto::rr::RecordType;
 use mail_auth::common::parse::TxtRecordParser;
+
+use crate::dns::cache::DnsCache;
+use crate::dns::message::Answer;
 use mail_auth::{DnssecStatus, Parameters, RecordSet, ResolverCache, Txt, MX};
 
 /// Names one message's verification may look up (SPF's 10 DNS terms with their MX and address
@@ -37,6 +48,18 @@ pub enum Kind {
     A,
     Aaaa,
     Ptr,
+}
+
+impl Kind {
+    pub fn record_type(self) -> RecordType {
+        match self {
+            Kind::Txt => RecordType::TXT,
+            Kind::Mx => RecordType::MX,
+            Kind::A => RecordType::A,
+            Kind::Aaaa => RecordType::AAAA,
+            Kind::Ptr => RecordType::PTR,
+        }
+    }
 }
 
 /// A name mail-auth asked for that was not here.
@@ -54,6 +77,18 @@ pub struct Answers<K, V> {
     map: Mutex<HashMap<K, V>>,
     misses: Arc<Mutex<Vec<Miss>>>,
     voids: Arc<Mutex<Voids>>,
+    shared: Option<Arc<Shared>>,
+}
+
+/// The shared DNS cache, asked on a miss before the miss is noted.
+pub struct Shared {
+    cache: Arc<DnsCache>,
+    /// The client's address (the name of a PTR lookup).
+    client: IpAddr,
+    /// Answers taken from the shared cache (at most [`LOOKUPS_MAX`]), and how many of them
+    /// were negative; the shard counts them in the DNS metrics as the resolver would.
+    hits: AtomicUsize,
+    negatives: AtomicUsize,
 }
 
 /// Void lookups served since the last [`Prefetched::take_voids`], and the hosts of the MX
@@ -67,8 +102,11 @@ struct Voids {
 /// MX hosts remembered per evaluation at most (RFC 7208 4.6.4 allows 10 per MX lookup).
 const MX_HOSTS_MAX: usize = 64;
 
-/// What serving an answer means for the void-lookup count.
-pub trait Served {
+/// What serving an answer means for the void-lookup count, and how an answer of Gannet's
+/// resolver becomes one of mail-auth's (None: leave it out, so mail-auth's failing resolver
+/// gives a temperror).
+pub trait Served: Sized {
+    fn from_found(name: &str, found: Found) -> Option<Self>;
     /// The answer is empty: a void lookup if its term counts.
     fn is_void(&self) -> bool;
     /// For an MX answer, its hosts.
@@ -78,12 +116,28 @@ pub trait Served {
 }
 
 impl Served for Txt {
+    fn from_found(name: &str, found: Found) -> Option<Txt> {
+        Some(match found {
+            Found::Txt(records) => parse_txt(name, &records),
+            Found::Failed(why) => Txt::Error(mail_auth::Error::Dns(mail_auth::DnsError::Resolver(why))),
+            _ => Txt::Error(not_found()),
+        })
+    }
+
     fn is_void(&self) -> bool {
         false
     }
 }
 
 impl Served for RecordSet<MX> {
+    fn from_found(_: &str, found: Found) -> Option<Self> {
+        match found {
+            Found::Failed(_) => None,
+            Found::Mx(records) => Some(mx_set(records)),
+            _ => Some(record_set(Vec::new())),
+        }
+    }
+
     fn is_void(&self) -> bool {
         self.rrset.is_empty()
     }
@@ -94,18 +148,37 @@ impl Served for RecordSet<MX> {
 }
 
 impl Served for RecordSet<Ipv4Addr> {
+    fn from_found(_: &str, found: Found) -> Option<Self> {
+        (!matches!(found, Found::Failed(_))).then(|| record_set(v4(found)))
+    }
+
     fn is_void(&self) -> bool {
         self.rrset.is_empty()
     }
 }
 
 impl Served for RecordSet<Ipv6Addr> {
+    fn from_found(_: &str, found: Found) -> Option<Self> {
+        (!matches!(found, Found::Failed(_))).then(|| record_set(v6(found)))
+    }
+
     fn is_void(&self) -> bool {
         self.rrset.is_empty()
     }
 }
 
 impl Served for RecordSet<Box<str>> {
+    fn from_found(_: &str, found: Found) -> Option<Self> {
+        match found {
+            Found::Failed(_) => None,
+            // Without the trailing dot: mail-auth's ptr mechanism compares the names with the
+            // target domain as written (RFC 7208 5.5), and its address lookups of them add the
+            // dot themselves.
+            Found::Names(names) => Some(record_set(names.into_iter().map(Box::from).collect())),
+            _ => Some(record_set(Vec::new())),
+        }
+    }
+
     fn is_void(&self) -> bool {
         self.rrset.is_empty()
     }
@@ -152,7 +225,10 @@ impl<K: Hash + Eq, V: Clone + Served> ResolverCache<K, V> for Answers<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let found = lock(&self.map).get(name).cloned();
+        let mut found = lock(&self.map).get(name).cloned();
+        if found.is_none() {
+            found = self.shared_answer(name);
+        }
         if let Some(answer) = &found {
             self.served(name, answer);
         }
@@ -188,13 +264,46 @@ impl<K: Hash + Eq, V: Clone + Served> ResolverCache<K, V> for Answers<K, V> {
 }
 
 impl<K: Hash + Eq, V: Clone + Served> Answers<K, V> {
-    fn new(kind: Kind, misses: Arc<Mutex<Vec<Miss>>>, voids: Arc<Mutex<Voids>>) -> Answers<K, V> {
+    fn new(
+        kind: Kind,
+        misses: Arc<Mutex<Vec<Miss>>>,
+        voids: Arc<Mutex<Voids>>,
+        shared: Option<Arc<Shared>>,
+    ) -> Answers<K, V> {
         Answers {
             kind,
             map: Mutex::new(HashMap::new()),
             misses,
             voids,
+            shared,
         }
+    }
+
+    /// The shared DNS cache's answer for a miss, if it has a live one (a remembered failure
+    /// is left to the round's lookups, which give the same failure).
+    fn shared_answer<Q: Hash + ?Sized>(&self, name: &Q) -> Option<V> {
+        let shared = self.shared.as_ref()?;
+        if shared.hits.load(Ordering::Relaxed) >= LOOKUPS_MAX {
+            return None;
+        }
+        let text = match self.kind {
+            Kind::Ptr => super::reverse_name(shared.client),
+            _ => key_text(name)?,
+        };
+        let lower = text.trim_end_matches('.').to_ascii_lowercase();
+        let answer = shared.cache.get(&lower, self.kind.record_type(), Instant::now())?;
+        let found = Found::of(&answer);
+        let negative = match found {
+            Found::Failed(_) => return None,
+            Found::Nothing => true,
+            _ => false,
+        };
+        let value = V::from_found(&text, found)?;
+        shared.hits.fetch_add(1, Ordering::Relaxed);
+        if negative {
+            shared.negatives.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(value)
     }
 
     /// Counts a void lookup, or remembers an MX answer's hosts.
@@ -217,8 +326,10 @@ impl<K: Hash + Eq, V: Clone + Served> Answers<K, V> {
         voids.count += 1;
     }
 
-    fn put(&self, key: K, value: V) {
-        lock(&self.map).insert(key, value);
+    fn put_found(&self, key: K, name: &str, found: Found) {
+        if let Some(value) = V::from_found(name, found) {
+            lock(&self.map).insert(key, value);
+        }
     }
 }
 
@@ -231,24 +342,61 @@ pub struct Prefetched {
     pub ptr: Answers<IpAddr, RecordSet<Box<str>>>,
     misses: Arc<Mutex<Vec<Miss>>>,
     voids: Arc<Mutex<Voids>>,
+    shared: Option<Arc<Shared>>,
     /// Names filled in so far (bounded by [`LOOKUPS_MAX`]).
     filled: usize,
 }
 
 impl Default for Prefetched {
     fn default() -> Prefetched {
+        Prefetched::with_shared(None)
+    }
+}
+
+impl Prefetched {
+    /// Answers that also read the shared DNS cache (for a verification of `client`'s mail).
+    pub fn sharing(cache: Arc<DnsCache>, client: IpAddr) -> Prefetched {
+        Prefetched::with_shared(Some(Arc::new(Shared {
+            cache,
+            client,
+            hits: AtomicUsize::new(0),
+            negatives: AtomicUsize::new(0),
+        })))
+    }
+
+    fn with_shared(shared: Option<Arc<Shared>>) -> Prefetched {
         let misses = Arc::new(Mutex::new(Vec::new()));
         let voids = Arc::new(Mutex::new(Voids::default()));
+        let new = |kind| (kind, misses.clone(), voids.clone(), shared.clone());
+        let (k, m, v, s) = new(Kind::Txt);
+        let txt = Answers::new(k, m, v, s);
+        let (k, m, v, s) = new(Kind::Mx);
+        let mx = Answers::new(k, m, v, s);
+        let (k, m, v, s) = new(Kind::A);
+        let ipv4 = Answers::new(k, m, v, s);
+        let (k, m, v, s) = new(Kind::Aaaa);
+        let ipv6 = Answers::new(k, m, v, s);
+        let (k, m, v, s) = new(Kind::Ptr);
+        let ptr = Answers::new(k, m, v, s);
         Prefetched {
-            txt: Answers::new(Kind::Txt, misses.clone(), voids.clone()),
-            mx: Answers::new(Kind::Mx, misses.clone(), voids.clone()),
-            ipv4: Answers::new(Kind::A, misses.clone(), voids.clone()),
-            ipv6: Answers::new(Kind::Aaaa, misses.clone(), voids.clone()),
-            ptr: Answers::new(Kind::Ptr, misses.clone(), voids.clone()),
+            txt,
+            mx,
+            ipv4,
+            ipv6,
+            ptr,
             misses,
             voids,
+            shared,
             filled: 0,
         }
+    }
+
+    /// Answers taken from the shared DNS cache since the last call: (with records, negative).
+    pub fn take_shared_hits(&self) -> (usize, usize) {
+        self.shared.as_ref().map_or((0, 0), |s| {
+            let negatives = s.negatives.swap(0, Ordering::Relaxed);
+            (s.hits.swap(0, Ordering::Relaxed).saturating_sub(negatives), negatives)
+        })
     }
 }
 
@@ -287,6 +435,20 @@ pub enum Found {
     Failed(String),
 }
 
+impl Found {
+    /// What an answer of Gannet's resolver says.
+    pub fn of(answer: &Answer) -> Found {
+        match answer {
+            Answer::Txt(records) => Found::Txt(records.clone()),
+            Answer::Mx(records) => Found::Mx(records.clone()),
+            Answer::Addresses(list) => Found::Addresses(list.clone()),
+            Answer::Names(names) => Found::Names(names.clone()),
+            Answer::NoData | Answer::NxDomain => Found::Nothing,
+            Answer::ServerFailure(why) => Found::Failed(why.clone()),
+        }
+    }
+}
+
 fn record_set<T>(items: Vec<T>) -> RecordSet<T> {
     RecordSet {
         rrset: Arc::from(items),
@@ -323,28 +485,13 @@ impl Prefetched {
     pub fn fill(&mut self, miss: &Miss, client: IpAddr, found: Found) {
         self.filled += 1;
         let key: Box<str> = Box::from(miss.name.as_str());
-        match (miss.kind, found) {
-            (Kind::Txt, Found::Txt(records)) => self.txt.put(key.clone(), parse_txt(&key, &records)),
-            (Kind::Txt, Found::Failed(why)) => self.txt.put(
-                key,
-                Txt::Error(mail_auth::Error::Dns(mail_auth::DnsError::Resolver(why))),
-            ),
-            (Kind::Txt, _) => self.txt.put(key, Txt::Error(not_found())),
-            (_, Found::Failed(_)) => {}
-            (Kind::Mx, Found::Mx(records)) => self.mx.put(key, mx_set(records)),
-            (Kind::Mx, _) => self.mx.put(key, record_set(Vec::new())),
-            (Kind::A, found) => self.ipv4.put(key, record_set(v4(found))),
-            (Kind::Aaaa, found) => self.ipv6.put(key, record_set(v6(found))),
-            (Kind::Ptr, found) => {
-                let names = match found {
-                    // Without the trailing dot: mail-auth's ptr mechanism compares the names
-                    // with the target domain as written (RFC 7208 5.5), and its address lookups
-                    // of them add the dot themselves.
-                    Found::Names(names) => names.into_iter().map(Box::from).collect(),
-                    _ => Vec::new(),
-                };
-                self.ptr.put(client, record_set(names));
-            }
+        let name = miss.name.as_str();
+        match miss.kind {
+            Kind::Txt => self.txt.put_found(key, name, found),
+            Kind::Mx => self.mx.put_found(key, name, found),
+            Kind::A => self.ipv4.put_found(key, name, found),
+            Kind::Aaaa => self.ipv6.put_found(key, name, found),
+            Kind::Ptr => self.ptr.put_found(client, name, found),
         }
     }
 }

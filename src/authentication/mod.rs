@@ -11,7 +11,9 @@
 //! shared DNS cache, with its TTLs, negative caching, limits and metrics), fills them in and runs
 //! the verification again, until nothing new is missing (SPF's nested includes take a round per
 //! level). The CPU part of each round (parsing, body hashes, signature checks) runs on the
-//! shard's blocking thread. docs/authentication.md says why this design and what it costs.
+//! shard's blocking thread when it is large (more than two signatures, a large message, or an
+//! ARC seal to make), and on the shard's own thread otherwise, where it costs less than the
+//! handover would. docs/authentication.md says why this design and what it costs.
 
 pub mod cache;
 pub mod results;
@@ -20,13 +22,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_proto::rr::RecordType;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::dmarc::Policy;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{AuthenticatedMessage, DmarcResult, MessageAuthenticator, SpfOutput, SpfResult};
 
-use crate::dns::message::Answer;
 use crate::dns::resolver::Resolver;
 use cache::{Found, Kind, Miss, Prefetched};
 
@@ -41,6 +41,14 @@ pub const DKIM_SIGNATURES_MAX: usize = 64;
 /// Void lookups one SPF evaluation may make (RFC 7208 4.6.4: "SHOULD limit void lookups to
 /// two"); past it the result is permerror.
 pub const SPF_VOID_LOOKUPS_MAX: usize = 2;
+
+/// Public-key operations (DKIM signatures and ARC seals) a round may run on the shard's own
+/// thread: about 40-70 us each (benches/verify.rs), less than handing the round to the
+/// blocking thread and back costs (two context switches; benches/verify-rate). Above it, and
+/// always for sealing (a signature), the round goes to the blocking thread.
+const INLINE_SIGNATURES_MAX: usize = 2;
+/// And only for a message this small: each signature's body hash reads the whole body.
+const INLINE_MESSAGE_BYTES_MAX: usize = 256 * 1024;
 
 /// SPF's results for one transaction, found at MAIL FROM ([`Verifier::sender`]) and reused
 /// for DMARC and the header once the message has arrived.
@@ -139,14 +147,21 @@ impl Verifier {
         timeout: Duration,
     ) -> Verdicts {
         let deadline = Instant::now() + timeout;
-        let mut prefetched = Prefetched::default();
+        let mut prefetched = Prefetched::sharing(resolver.shared_cache(), input.client);
         let mut asked: Vec<Miss> = Vec::new();
         let mut round = 0;
+        let inline =
+            message.len() <= INLINE_MESSAGE_BYTES_MAX && results::signature_fields(&message) <= INLINE_SIGNATURES_MAX;
         loop {
-            let (verdicts, back) = self
-                .evaluate_blocking(message.clone(), input.clone(), prefetched, false)
-                .await;
-            prefetched = back;
+            let verdicts = if inline {
+                self.evaluate(&message, &input, &prefetched)
+            } else {
+                let (verdicts, back) = self
+                    .evaluate_blocking(message.clone(), input.clone(), prefetched, false)
+                    .await;
+                prefetched = back;
+                verdicts
+            };
             round += 1;
             if round >= ROUNDS_MAX || !fill_misses(&mut prefetched, &mut asked, resolver, input.client, deadline).await
             {
@@ -428,7 +443,7 @@ async fn spf_rounds<T>(
     round: impl Fn(&Prefetched) -> T,
 ) -> Option<T> {
     let deadline = Instant::now() + timeout;
-    let mut prefetched = Prefetched::default();
+    let mut prefetched = Prefetched::sharing(resolver.shared_cache(), client);
     let mut asked: Vec<Miss> = Vec::new();
     for _ in 0..ROUNDS_MAX {
         let output = round(&prefetched);
@@ -449,6 +464,11 @@ async fn fill_misses(
     client: IpAddr,
     deadline: Instant,
 ) -> bool {
+    let (hits, negatives) = prefetched.take_shared_hits();
+    crate::metrics::with(|m| {
+        m.dns_lookups.add("hit", hits as u64);
+        m.dns_lookups.add("negative", negatives as u64);
+    });
     let misses: Vec<Miss> = prefetched
         .take_misses()
         .into_iter()
@@ -470,13 +490,7 @@ async fn fill_misses(
 
 /// Looks a miss up with Gannet's resolver, giving up at `deadline`.
 async fn lookup(resolver: &Resolver, miss: &Miss, client: IpAddr, deadline: Instant) -> Found {
-    let rtype = match miss.kind {
-        Kind::Txt => RecordType::TXT,
-        Kind::Mx => RecordType::MX,
-        Kind::A => RecordType::A,
-        Kind::Aaaa => RecordType::AAAA,
-        Kind::Ptr => RecordType::PTR,
-    };
+    let rtype = miss.kind.record_type();
     let name = query_name(miss, client);
     let remaining = deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() {
@@ -490,14 +504,7 @@ async fn lookup(resolver: &Resolver, miss: &Miss, client: IpAddr, deadline: Inst
     let Some(answer) = answer else {
         return Found::Failed(format!("{name}: the verification's time ran out"));
     };
-    match &*answer {
-        Answer::Txt(records) => Found::Txt(records.clone()),
-        Answer::Mx(records) => Found::Mx(records.clone()),
-        Answer::Addresses(list) => Found::Addresses(list.clone()),
-        Answer::Names(names) => Found::Names(names.clone()),
-        Answer::NoData | Answer::NxDomain => Found::Nothing,
-        Answer::ServerFailure(why) => Found::Failed(why.clone()),
-    }
+    Found::of(&answer)
 }
 
 #[cfg(test)]
@@ -646,5 +653,53 @@ mod tests {
             spf("v=spf1 mx:m.example ?all", &[("m.example", mx)]),
             SpfResult::Neutral
         );
+    }
+
+    #[test]
+    fn names_in_the_shared_dns_cache_are_answered_in_the_same_round() {
+        use crate::dns::cache::{CacheLimits, DnsCache};
+        use crate::dns::message::Answer;
+        use hickory_proto::rr::RecordType;
+        let cache = DnsCache::new(CacheLimits {
+            entries_max: 100,
+            ttl_min: Duration::from_secs(1),
+            ttl_max: Duration::from_secs(3600),
+            negative_ttl_max: Duration::from_secs(3600),
+            failure_ttl: Duration::from_secs(30),
+        });
+        let now = Instant::now();
+        let txt = |text: &str| Answer::Txt(vec![text.as_bytes().to_vec()]);
+        cache.insert(
+            "sender.example",
+            RecordType::TXT,
+            txt("v=spf1 include:_spf.sender.example -all"),
+            300,
+            now,
+        );
+        cache.insert(
+            "_spf.sender.example",
+            RecordType::TXT,
+            txt("v=spf1 ip4:192.0.2.0/24 -all"),
+            300,
+            now,
+        );
+        cache.insert(
+            "_dmarc.sender.example",
+            RecordType::TXT,
+            txt("v=DMARC1; p=reject"),
+            300,
+            now,
+        );
+        cache.insert("mail.sender.example", RecordType::TXT, Answer::NxDomain, 300, now);
+        // DMARC's tree walk (RFC 9989) also asks the parent.
+        cache.insert("_dmarc.example", RecordType::TXT, Answer::NxDomain, 300, now);
+        let verifier = Verifier::new().unwrap();
+        let prefetched = Prefetched::sharing(cache, input().client);
+        let verdicts = verifier.evaluate(MESSAGE, &input(), &prefetched);
+        let misses = prefetched.take_misses();
+        assert!(misses.is_empty(), "{misses:?} {}", verdicts.header);
+        assert_eq!((verdicts.spf, verdicts.dmarc), (SpfResult::Pass, DmarcVerdict::Pass));
+        let (hits, negatives) = prefetched.take_shared_hits();
+        assert!(hits >= 3 && negatives >= 1, "{hits} {negatives}");
     }
 }

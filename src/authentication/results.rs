@@ -123,6 +123,24 @@ pub fn forged(message: &[u8], hostname: &str) -> Vec<usize> {
     found
 }
 
+/// How many DKIM-Signature and ARC-Seal fields the header section of `message` has: the
+/// public-key operations its verification costs.
+pub fn signature_fields(message: &[u8]) -> usize {
+    let end = header_section_end(message);
+    let mut count = 0;
+    let mut line_start = 0;
+    while line_start < end {
+        let line_end = memchr::memchr(b'\n', &message[line_start..end]).map_or(end, |i| line_start + i + 1);
+        let line = &message[line_start..line_end];
+        let starts = |name: &[u8]| line.len() > name.len() && line[..name.len()].eq_ignore_ascii_case(name);
+        if starts(b"DKIM-Signature:") || starts(b"ARC-Seal:") {
+            count += 1;
+        }
+        line_start = line_end;
+    }
+    count
+}
+
 /// Forged headers renamed per message at most.
 pub const FORGED_MAX: usize = 64;
 

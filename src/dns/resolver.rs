@@ -121,6 +121,12 @@ impl Resolver {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
+    /// The shared cache this resolver reads and fills (for readers on other threads, such as
+    /// mail authentication's evaluation on the blocking thread).
+    pub fn shared_cache(&self) -> Arc<DnsCache> {
+        self.cache.clone()
+    }
+
     /// The answer for `name` and `rtype` if the cache has it (no query).
     pub fn cached(&self, name: &str, rtype: RecordType) -> Option<Arc<Answer>> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
