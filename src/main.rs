@@ -173,7 +173,7 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
-    /// The suspended destinations.
+    /// The suspended destinations, and those down (connection failures in a row).
     Suspended {
         #[arg(long)]
         json: bool,

@@ -424,6 +424,9 @@ fn mail_queued_while_the_receiver_is_down_is_delivered_after_a_crash_and_restart
     // The retry schedule survives the restart: keep it short so the test need not wait.
     setup.set("delivery", "retry_first", "\"2s\"");
     setup.set("delivery", "retry_max", "\"2s\"");
+    // Every message defers on its own here (the deferrals are what survives the crash): never
+    // mark the destination down (tests below cover that).
+    setup.set("delivery", "down_after_failures", "0");
     let mut g = Gannet::start(&setup);
     let mut subjects = Vec::new();
     for i in 0..20 {
@@ -462,6 +465,68 @@ fn mail_queued_while_the_receiver_is_down_is_delivered_after_a_crash_and_restart
     received.sort();
     subjects.sort();
     assert_eq!(received, subjects);
+    assert!(stop_and_list(g).is_empty());
+}
+
+/// Connection attempts to `port` in the log (each failed one says "connect to ...: why").
+fn connect_attempts(g: &Gannet, port: u16) -> usize {
+    g.log_text().matches(&format!("connect to 127.0.0.1:{port}: ")).count()
+}
+
+#[test]
+fn a_destination_that_refuses_connections_is_marked_down_and_probed_instead_of_tried_per_message() {
+    let sink_port = common::free_port();
+    let mut setup = Setup::new();
+    setup.route("*", format!("127.0.0.1:{sink_port}").parse().unwrap());
+    setup.set("delivery", "probe_interval", "\"1s\"");
+    setup.set("delivery", "probe_interval_max", "\"2s\"");
+    // The few messages whose attempts failed (before the destination was down, and the probes'
+    // own) wait for their retry like any deferral: keep it short.
+    setup.set("delivery", "retry_first", "\"1s\"");
+    setup.set("delivery", "retry_max", "\"2s\"");
+    let g = Gannet::start(&setup);
+    // 200 messages from Postfix's smtp-source while nothing listens at the next hop.
+    let out = std::process::Command::new(common::tool("smtp-source"))
+        .args(["-s", "5", "-m", "200", "-f", "a@x.test", "-t", "b@remote.test"])
+        .arg(g.mx().to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(g.wait_for_log_count("queued shard=", 200, WAIT), "{}", g.log_text());
+    assert!(
+        g.wait_for_log("destination down after 3 connection failures in a row", WAIT),
+        "{}",
+        g.log_text()
+    );
+    assert!(g.wait_for_log("probe failed", WAIT), "{}", g.log_text());
+    // A few attempts and the probes, not one (or more) per message as before.
+    let attempts = connect_attempts(&g, sink_port);
+    assert!(
+        (4..30).contains(&attempts),
+        "{attempts} connection attempts:\n{}",
+        g.log_text()
+    );
+    let (status, body) = g.http("GET", "/api/destinations", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let down = listed["down"].as_array().unwrap();
+    assert_eq!(down.len(), 1, "one entry (per shard; the test runs one): {body}");
+    let waiting: u64 = down.iter().map(|d| d["waiting"].as_u64().unwrap()).sum();
+    assert!(waiting >= 190, "most of the mail waits for the probe: {body}");
+    assert_eq!(down[0]["destination"], format!("127.0.0.1:{sink_port}"));
+    let (_, metrics) = g.http("GET", "/metrics", None, &[]);
+    assert!(metrics.contains("gannet_destinations_down 1"), "{metrics}");
+    assert!(
+        metrics.contains("gannet_destination_health_total{event=\"down\"} 1"),
+        "{metrics}"
+    );
+    // The next hop comes up: the next probe finds it and everything goes, each message once.
+    let sink = CaptureSink::start_on(format!("127.0.0.1:{sink_port}").parse().unwrap());
+    let got = sink.wait_for(200, WAIT);
+    assert_eq!(got.len(), 200);
+    assert!(g.wait_for_log("destination up again after", WAIT), "{}", g.log_text());
+    let (_, metrics) = g.http("GET", "/metrics", None, &[]);
+    assert!(metrics.contains("gannet_destinations_down 0"), "{metrics}");
     assert!(stop_and_list(g).is_empty());
 }
 

@@ -311,7 +311,7 @@ pub fn resume(client: &Client, domain: &str, json: bool) -> Result<String, CallE
     Ok(format!("{domain} resumed: {} message(s) go now\n", v["released"]))
 }
 
-/// The suspensions in force.
+/// The suspensions in force, and the destinations down.
 pub fn suspended(client: &Client, json: bool) -> Result<String, CallError> {
     let text = client.get("/api/destinations")?;
     if json {
@@ -320,6 +320,8 @@ pub fn suspended(client: &Client, json: bool) -> Result<String, CallError> {
     #[derive(Deserialize)]
     struct List {
         suspended: Vec<SuspensionRecord>,
+        #[serde(default)]
+        down: Vec<crate::admin::protocol::DownSite>,
     }
     let list: List = parse(&text)?;
     let mut out = String::new();
@@ -329,6 +331,16 @@ pub fn suspended(client: &Client, json: bool) -> Result<String, CallError> {
             s.domain,
             rfc3339(s.until_unix_s),
             s.reason
+        ));
+    }
+    for d in list.down {
+        out.push_str(&format!(
+            "{}  down since {} after {} connection failures in a row; next probe in {} s; {} waiting\n",
+            d.destination,
+            rfc3339(d.down_since_unix_s),
+            d.failures,
+            d.next_probe_in_s,
+            d.waiting
         ));
     }
     Ok(out)

@@ -155,6 +155,21 @@ pub enum Request {
     Resume {
         domain: String,
     },
+    /// The destinations down now.
+    Down,
+}
+
+/// A destination that is down (crates/sched `health`): its mail waits for a probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownSite {
+    /// The receiving site: a smarthost's `IP:port`, or `MX host,host...`.
+    pub destination: String,
+    pub down_since_unix_s: u64,
+    /// Connection failures in a row.
+    pub failures: u32,
+    pub next_probe_in_s: u64,
+    /// Jobs waiting for the probe on this shard.
+    pub waiting: usize,
 }
 
 #[derive(Debug)]
@@ -172,6 +187,7 @@ pub enum Reply {
     Suspended(bool),
     /// Messages a resume lets go.
     Resumed(usize),
+    Down(Vec<DownSite>),
     /// The shard could not answer (it is stopping).
     Unavailable,
 }

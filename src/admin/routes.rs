@@ -44,7 +44,7 @@ pub async fn route(state: &AdminState, req: AdminRequest) -> AdminResponse {
         (&Method::POST, "/api/queue/release") => act(state, &req, Action::Release).await,
         (&Method::POST, "/api/queue/delete") => act(state, &req, Action::Delete).await,
         (&Method::POST, "/api/queue/bounce") => act(state, &req, Action::Bounce).await,
-        (&Method::GET, "/api/destinations") => suspended(state),
+        (&Method::GET, "/api/destinations") => destinations(state).await,
         (&Method::POST, "/api/destinations/suspend") => suspend(state, &req).await,
         (&Method::POST, "/api/destinations/resume") => resume(state, &req).await,
         (&Method::GET, p) if p.starts_with("/api/queue/") => show(state, &p["/api/queue/".len()..]).await,
@@ -377,7 +377,9 @@ fn valid_domain(domain: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
-fn suspended(state: &AdminState) -> AdminResponse {
+/// The suspended destinations (the operator's), and those down (connection failures in a row;
+/// one entry per shard that has mail waiting for them, so `waiting` adds up).
+async fn destinations(state: &AdminState) -> AdminResponse {
     let now = unix_now_s();
     let list: Vec<_> = state
         .suspended
@@ -386,7 +388,14 @@ fn suspended(state: &AdminState) -> AdminResponse {
         .filter(|s| s.until_unix_s > now)
         .cloned()
         .collect();
-    json(StatusCode::OK, &serde_json::json!({ "suspended": list }))
+    let mut down: Vec<super::protocol::DownSite> = Vec::new();
+    for reply in state.ask_all(|| Request::Down).await {
+        let Reply::Down(sites) = reply else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not answer");
+        };
+        down.extend(sites);
+    }
+    json(StatusCode::OK, &serde_json::json!({ "suspended": list, "down": down }))
 }
 
 async fn suspend(state: &AdminState, req: &AdminRequest) -> AdminResponse {

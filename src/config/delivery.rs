@@ -89,6 +89,17 @@ pub struct Delivery {
     /// for recipients still deferred that asked NOTIFY=DELAY or gave no NOTIFY. "0s": never.
     #[serde(default = "default_delay_warning_after")]
     pub delay_warning_after: Span,
+    /// Connection failures in a row (refused, timed out, no greeting, MX hosts not found for
+    /// now) after which a destination is down: its mail waits for a probe instead of each
+    /// message trying on its own. 0: never.
+    #[serde(default = "default_down_after_failures")]
+    pub down_after_failures: u32,
+    /// The wait before a down destination's first probe; it doubles after each failed probe.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: Span,
+    /// The longest wait between probes.
+    #[serde(default = "default_probe_interval_max")]
+    pub probe_interval_max: Span,
 }
 
 /// One routing rule: a smarthost, or MX delivery.
@@ -124,6 +135,15 @@ pub enum RouteTarget {
     Mx,
 }
 
+fn default_down_after_failures() -> u32 {
+    3
+}
+fn default_probe_interval() -> Span {
+    Span(Duration::from_secs(30))
+}
+fn default_probe_interval_max() -> Span {
+    Span(Duration::from_secs(600))
+}
 fn default_delay_warning_after() -> Span {
     Span(Duration::from_secs(4 * 3600))
 }
@@ -189,6 +209,9 @@ impl Default for Delivery {
             mx_port: default_mx_port(),
             starttls: default_starttls(),
             delay_warning_after: default_delay_warning_after(),
+            down_after_failures: default_down_after_failures(),
+            probe_interval: default_probe_interval(),
+            probe_interval_max: default_probe_interval_max(),
         }
     }
 }
@@ -203,6 +226,8 @@ pub(super) fn validate(d: &Delivery, fail: &Fail<'_>) -> Result<(), ConfigError>
         ("retry_first", d.retry_first),
         ("retry_max", d.retry_max),
         ("queue_lifetime", d.queue_lifetime),
+        ("probe_interval", d.probe_interval),
+        ("probe_interval_max", d.probe_interval_max),
     ] {
         if span.0.is_zero() {
             return Err(fail(
@@ -234,6 +259,25 @@ pub(super) fn validate(d: &Delivery, fail: &Fail<'_>) -> Result<(), ConfigError>
         if value == 0 {
             return Err(fail("delivery", 0, key, "must be at least 1".into()));
         }
+    }
+    if d.probe_interval_max < d.probe_interval {
+        return Err(fail(
+            "delivery",
+            0,
+            "probe_interval_max",
+            format!(
+                "{} is shorter than delivery.probe_interval ({}); make it at least as long",
+                d.probe_interval_max, d.probe_interval
+            ),
+        ));
+    }
+    if d.down_after_failures > 1000 {
+        return Err(fail(
+            "delivery",
+            0,
+            "down_after_failures",
+            "must be at most 1000 (0 turns marking destinations down off)".into(),
+        ));
     }
     if d.destinations_max > 1_000_000 {
         return Err(fail(

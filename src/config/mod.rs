@@ -262,6 +262,11 @@ impl Config {
             // Forget a site no sooner than its pooled connections would have closed.
             site_idle: d.idle_timeout.0.max(Duration::from_secs(10)),
             seed,
+            health: gannet_sched::HealthRules {
+                down_after_failures: d.down_after_failures,
+                probe_interval: d.probe_interval.0,
+                probe_interval_max: d.probe_interval_max.0,
+            },
         }
     }
 

@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::time::Instant;
 
 use gannet_metrics::{QueueGauges, QUEUE_STATES};
 use gannet_sched::scheduler::domain_of;
@@ -18,7 +19,7 @@ use gannet_smtp::deadline::Now;
 use gannet_smtp::dsn::FailedRecipient;
 
 use crate::admin::protocol::{
-    Acted, Action, Listing, MessageDetail, MessageSummary, RecipientDetail, Selector, SummaryRow, AGE_BUCKETS,
+    Acted, Action, DownSite, Listing, MessageDetail, MessageSummary, RecipientDetail, Selector, SummaryRow, AGE_BUCKETS,
 };
 use crate::metrics;
 use crate::queue::rfc3339;
@@ -147,6 +148,27 @@ fn summary(m: &QueuedMessage, sched: &Scheduler) -> MessageSummary {
 impl Deliverer {
     /// The queue's gauges for the metrics: messages and pending recipients by state, and
     /// the oldest message's reception time. One pass over the queue index.
+    /// The destinations down now: (site, since when in seconds, failures in a row, seconds to
+    /// the next probe).
+    pub fn sites_down(&self) -> Vec<DownSite> {
+        let now = Instant::now();
+        let unix_now = crate::smtp::received::unix_now_s();
+        self.sched
+            .borrow()
+            .sites_down()
+            .filter_map(|site| {
+                let down = site.health().down()?;
+                Some(DownSite {
+                    destination: site.key.to_string(),
+                    down_since_unix_s: unix_now.saturating_sub(now.saturating_duration_since(down.since).as_secs()),
+                    failures: down.failures,
+                    next_probe_in_s: down.probe_at.saturating_duration_since(now).as_secs(),
+                    waiting: site.pending(),
+                })
+            })
+            .collect()
+    }
+
     pub fn queue_gauges(&self) -> QueueGauges {
         let mut g = QueueGauges::default();
         let sched = self.sched.borrow();
@@ -297,9 +319,12 @@ impl Deliverer {
         for &id in &due {
             self.schedule(id);
         }
+        // Mail waiting at a down destination is on no retry timer: probe those now.
+        let probed = self.sched.borrow_mut().probe_down_now();
+        self.start_workers();
         info!(
             shard = self.shard,
-            "queue flush: {} deferred message(s) retried now",
+            "queue flush: {} deferred message(s) retried now, {probed} down destination(s) probed",
             due.len()
         );
         Acted {

@@ -177,12 +177,15 @@ impl Deliverer {
         self.schedule(id);
     }
 
-    /// Retries every deferred message now (`gannet queue flush`). Returns how many.
+    /// Retries every deferred message now (`gannet queue flush`), and probes the destinations
+    /// that are down. Returns how many messages.
     pub fn retry_all_now(self: &Rc<Self>) -> usize {
         let waiting = self.sched.borrow_mut().retry_all_now();
         for &id in &waiting {
             self.schedule(id);
         }
+        // Down destinations with mail waiting are probed now.
+        self.start_workers();
         waiting.len()
     }
 
@@ -213,6 +216,9 @@ impl Deliverer {
             self.schedule(id);
         }
         self.expire_suspensions();
+        for key in self.sched.borrow_mut().due_probes(now) {
+            info!(shard = self.shard, destination = %key, "probing a destination that is down");
+        }
         if self.copy_forward_wanted() {
             let me = self.clone();
             glommio::spawn_local(async move { me.copy_forward().await }).detach();

@@ -8,12 +8,13 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use gannet_sched::HealthChange;
 use gannet_sched::{Job, Lane, SiteKey};
 use gannet_smtp::client::{OutboundEnvelope, RecipientResult, ServerReply, Transaction, TxStep, Unsendable};
 use gannet_smtp::data::dot_stuff;
 use gannet_smtp::envelope::BodyType;
 use gannet_spool::record::EnvelopeView;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::finish::Attempt;
 use super::outbound::OutboundConnection;
@@ -125,7 +126,10 @@ impl Deliverer {
             }
             if connection.is_none() {
                 match self.connect(&key).await {
-                    Ok(c) => connection = Some(c),
+                    Ok(c) => {
+                        self.connection_opened(&key);
+                        connection = Some(c);
+                    }
                     Err(NoConnection::Unreachable(failure)) => {
                         self.unreachable(&key, &destination, job, failure).await;
                         break;
@@ -203,13 +207,50 @@ impl Deliverer {
         self.start_workers();
     }
 
-    /// The site cannot be reached: this job and everything queued for it fail or defer at once,
-    /// so that a dead host costs one connection attempt, not one per message.
+    /// A connection to the site was opened: if it was down, it is up again.
+    fn connection_opened(&self, key: &SiteKey) {
+        let change = self.sched.borrow_mut().connection_opened(key, Instant::now());
+        if let HealthChange::Up { down_for } = change {
+            info!(shard = self.shard, destination = %key, "destination up again after {} s down; its waiting mail goes now", down_for.as_secs());
+            metrics::with(|m| m.destination_health.add("up", 1));
+        }
+    }
+
+    /// The site cannot be reached. Up, this job and everything queued for it fail or defer at
+    /// once, so that a dead host costs one connection attempt, not one per message; after
+    /// `delivery.down_after_failures` such failures in a row it is down (crates/sched
+    /// `health`): only this job is deferred, and the rest waits for the next probe.
     async fn unreachable(self: &Rc<Self>, key: &SiteKey, destination: &str, job: Job, failure: Unreachable) {
         let Unreachable { reply, permanent } = failure;
-        warn!(shard = self.shard, destination = %key, "cannot deliver: {}; {} what is queued for it", reply.text(), if permanent { "failing" } else { "deferring" });
+        let change = if permanent {
+            HealthChange::None
+        } else {
+            self.sched.borrow_mut().connection_failed(key, Instant::now())
+        };
+        let down = self.sched.borrow().site(key).and_then(|s| s.health().down().copied());
         let mut jobs = vec![job];
-        jobs.extend(self.sched.borrow_mut().drain_site(key));
+        match (change, down) {
+            (HealthChange::MarkedDown { failures, probe_in }, _) => {
+                warn!(shard = self.shard, destination = %key, "destination down after {failures} connection failures in a row: {}; its mail waits for a probe in {} s", reply.text(), probe_in.as_secs());
+                metrics::with(|m| m.destination_health.add("down", 1));
+            }
+            (HealthChange::ProbeFailed { failures, probe_in }, _) => {
+                info!(shard = self.shard, destination = %key, "probe failed ({failures} connection failures in a row): {}; next probe in {} s", reply.text(), probe_in.as_secs());
+                metrics::with(|m| m.destination_health.add("probe_failed", 1));
+            }
+            (_, None) => {
+                warn!(shard = self.shard, destination = %key, "cannot deliver: {}; {} what is queued for it", reply.text(), if permanent { "failing" } else { "deferring" });
+                jobs.extend(self.sched.borrow_mut().drain_site(key));
+            }
+            (_, Some(_)) => {}
+        }
+        if down.is_some() {
+            let expired = self
+                .sched
+                .borrow_mut()
+                .take_expired_waiting(key, crate::smtp::received::unix_now_s());
+            jobs.extend(expired);
+        }
         for job in jobs {
             let results = every_recipient(&job, || match permanent {
                 true => RecipientResult::Failed(reply.clone()),

@@ -39,6 +39,7 @@ pub async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
                 return Reply::Unavailable;
             };
             m.queue = deliverer.queue_gauges();
+            m.destinations_down = deliverer.sites_down().len() as u64;
             let segments = shard.appender.segment_count() as u64;
             m.spool_segments = segments;
             m.spool_bytes = segments * shard.config().spool.segment_size.0;
@@ -57,5 +58,6 @@ pub async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
         } => Reply::Acted(deliverer.act(action, &selector, &reason).await),
         Request::Suspend { domain, until_unix_s } => Reply::Suspended(deliverer.suspend(&domain, until_unix_s)),
         Request::Resume { domain } => Reply::Resumed(deliverer.resume(&domain)),
+        Request::Down => Reply::Down(deliverer.sites_down()),
     }
 }

@@ -196,6 +196,18 @@ impl Exposition {
         )?;
         counter_family(
             e,
+            "gannet_destination_health",
+            "Destinations marked down after connection failures in a row (down), probes of down destinations that failed (probe_failed), destinations up again (up).",
+            m.destination_health.iter().map(|(event, v)| (vec![("event", event)], v)),
+        )?;
+        gauge_family(
+            e,
+            "gannet_destinations_down",
+            "Destinations down now: their mail waits for a probe.",
+            [(vec![], m.destinations_down as i64)],
+        )?;
+        counter_family(
+            e,
             "gannet_retries",
             "Delivery attempts that were retries of deferred mail.",
             [(vec![], m.retries)],

@@ -55,6 +55,10 @@ pub struct ShardMetrics {
     pub replies_outbound: BoundedCounts,
     pub destinations: Destinations,
     pub retries: u64,
+    /// Destination health events: `down` (marked down), `probe_failed`, `up` (again).
+    pub destination_health: Counts<&'static str>,
+    /// Destinations down now (set when the metrics are gathered).
+    pub destinations_down: u64,
     /// Bounces (DSNs for failed recipients) by reason: `failed`, `expired`, `routing`.
     pub bounces: Counts<&'static str>,
     pub expired: u64,
@@ -108,6 +112,8 @@ impl ShardMetrics {
             dkim_signatures: Counts::default(),
             dkim_sign: Histogram::new(SYNC_SECONDS),
             mail_authentication: Counts::default(),
+            destination_health: Counts::default(),
+            destinations_down: 0,
             mail_authentication_seconds: Histogram::new(NETWORK_SECONDS),
             queue: QueueGauges::default(),
             spool_bytes: 0,
@@ -178,6 +184,8 @@ impl ShardMetrics {
         self.dkim_signatures.merge(&other.dkim_signatures);
         self.dkim_sign.merge(&other.dkim_sign);
         self.mail_authentication.merge(&other.mail_authentication);
+        self.destination_health.merge(&other.destination_health);
+        self.destinations_down += other.destinations_down;
         self.mail_authentication_seconds
             .merge(&other.mail_authentication_seconds);
         for i in 0..QUEUE_STATES.len() {

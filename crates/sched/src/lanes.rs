@@ -81,6 +81,23 @@ impl<T> Lanes<T> {
         all
     }
 
+    /// Takes out every item `take` picks, keeping the others in their order.
+    pub fn take_if(&mut self, mut take: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut taken = Vec::new();
+        for lane in [&mut self.fresh, &mut self.retry, &mut self.bounce] {
+            let mut kept = VecDeque::with_capacity(lane.len());
+            for item in lane.drain(..) {
+                if take(&item) {
+                    taken.push(item);
+                } else {
+                    kept.push_back(item);
+                }
+            }
+            *lane = kept;
+        }
+        taken
+    }
+
     pub fn is_empty(&self) -> bool {
         self.fresh.is_empty() && self.retry.is_empty() && self.bounce.is_empty()
     }

@@ -8,9 +8,11 @@
 //!   with the same MX hosts share one site), their limits and rules;
 //! - [`lanes`]: fresh mail, retries and bounces in lanes of their own;
 //! - [`backoff`]: the retry schedule as data;
+//! - [`health`]: sites marked down after connection failures in a row, and their probes;
 //! - [`scheduler`]: the scheduler that ties them together.
 
 pub mod backoff;
+pub mod health;
 pub mod lanes;
 pub mod queue;
 pub mod rng;
@@ -18,6 +20,7 @@ pub mod scheduler;
 pub mod site;
 pub mod suspend;
 
+pub use health::{Change as HealthChange, HealthRules};
 pub use lanes::Lane;
 pub use queue::{QueueIndex, QueuedMessage, RecipientSet};
 pub use scheduler::{

@@ -29,6 +29,7 @@ use gannet_spool::record::{Deferral, StateEntry};
 use gannet_spool::MessageId;
 
 use crate::backoff::RetrySchedule;
+use crate::health::{Change, HealthRules};
 use crate::lanes::Lane;
 use crate::queue::{QueueIndex, QueuedMessage};
 use crate::rng::Rng;
@@ -72,6 +73,8 @@ pub struct SchedConfig {
     pub site_idle: Duration,
     /// Jitter and shuffling seed.
     pub seed: u64,
+    /// When a site is marked down and how it is probed.
+    pub health: HealthRules,
 }
 
 impl SchedConfig {
@@ -209,10 +212,13 @@ impl Scheduler {
         config.seed = self.config.seed;
         self.config = config;
         let keys: Vec<SiteKey> = self.sites.keys().cloned().collect();
+        let now = Instant::now();
         for key in keys {
             let site = &self.sites[&key];
             let limits = self.limits_for(&key, &site.name, &site.hosts);
-            self.sites.get_mut(&key).expect("listed above").limits = limits;
+            let site = self.sites.get_mut(&key).expect("listed above");
+            site.limits = limits;
+            site.health.reconfigure(&self.config.health, now);
             self.kick(key);
         }
     }
@@ -269,12 +275,29 @@ impl Scheduler {
         due
     }
 
-    /// Every message waiting for a retry, now (`gannet queue flush`).
+    /// Every message waiting for a retry, to try now (an operator's flush); down sites with
+    /// mail waiting are probed now too.
     pub fn retry_all_now(&mut self) -> Vec<MessageId> {
+        self.probe_down_now();
         std::mem::take(&mut self.retries)
             .into_iter()
             .map(|(_, id)| id)
             .collect()
+    }
+
+    /// Lets every down site with mail waiting probe now (an operator's flush); how many.
+    pub fn probe_down_now(&mut self) -> usize {
+        let down: Vec<SiteKey> = self
+            .sites
+            .iter_mut()
+            .filter(|(_, s)| !s.pending.is_empty())
+            .filter_map(|(k, s)| s.health.probe_now().then(|| k.clone()))
+            .collect();
+        let n = down.len();
+        for key in down {
+            self.kick(key);
+        }
+        n
     }
 
     /// Those of `ids` that wait for a retry, taken out of the retry timers to be tried now
@@ -577,14 +600,19 @@ impl Scheduler {
             if site.pending.is_empty()
                 || site.workers >= site.limits.connections_max
                 || (site.capped && site.workers > 0)
+                || !site.health.may_start_worker(site.workers)
             {
                 continue;
             }
             site.capped = false;
             site.workers += 1;
             self.workers_total += 1;
-            // More work than workers: it may take another one too.
-            if site.pending.len() > site.workers && site.workers < site.limits.connections_max {
+            // More work than workers: it may take another one too (not while it is down: one
+            // probe at a time).
+            if site.pending.len() > site.workers
+                && site.workers < site.limits.connections_max
+                && site.health.down().is_none()
+            {
                 site.kicked = true;
                 self.kicked.push_back(key.clone());
             }
@@ -660,7 +688,11 @@ impl Scheduler {
             let waiting = self
                 .sites
                 .iter()
-                .find(|(_, s)| !s.pending.is_empty() && s.workers < s.limits.connections_max)
+                .find(|(_, s)| {
+                    !s.pending.is_empty()
+                        && s.workers < s.limits.connections_max
+                        && s.health.may_start_worker(s.workers)
+                })
                 .map(|(k, _)| k.clone());
             if let Some(k) = waiting {
                 self.kick(k);
@@ -674,12 +706,73 @@ impl Scheduler {
         let stranded: Vec<SiteKey> = self
             .sites
             .iter()
-            .filter(|(_, s)| s.workers == 0 && !s.pending.is_empty() && !s.kicked)
+            .filter(|(_, s)| s.workers == 0 && !s.pending.is_empty() && !s.kicked && s.health.may_start_worker(0))
             .map(|(k, _)| k.clone())
             .collect();
         for key in stranded {
             self.kick(key);
         }
+    }
+
+    /// A connection to `key` could not be opened (refused, timed out, no greeting, no address
+    /// for now): counts toward marking it down, or fails its probe.
+    pub fn connection_failed(&mut self, key: &SiteKey, now: Instant) -> Change {
+        let rules = self.config.health;
+        self.sites
+            .get_mut(key)
+            .map_or(Change::None, |s| s.health.failed(&rules, now))
+    }
+
+    /// A connection to `key` was opened: a site that was down is up, and its waiting jobs get
+    /// workers again.
+    pub fn connection_opened(&mut self, key: &SiteKey, now: Instant) -> Change {
+        let Some(site) = self.sites.get_mut(key) else {
+            return Change::None;
+        };
+        let change = site.health.succeeded(now);
+        if matches!(change, Change::Up { .. }) {
+            self.kick(key.clone());
+        }
+        change
+    }
+
+    /// Lets the due probes of down sites with waiting work start (each gets one worker from
+    /// [`Scheduler::next_worker`]); the sites, for the log. Called now and then.
+    pub fn due_probes(&mut self, now: Instant) -> Vec<SiteKey> {
+        let due: Vec<SiteKey> = self
+            .sites
+            .iter_mut()
+            .filter(|(_, s)| !s.pending.is_empty())
+            .filter_map(|(k, s)| s.health.probe_due(now).then(|| k.clone()))
+            .collect();
+        for key in &due {
+            self.kick(key.clone());
+        }
+        due
+    }
+
+    /// The jobs waiting at a down site whose messages have outlived the queue lifetime (the
+    /// shell finishes them deferred, which expires them): waiting for a probe never keeps a
+    /// message past its lifetime.
+    pub fn take_expired_waiting(&mut self, key: &SiteKey, now_unix_s: u64) -> Vec<Job> {
+        let lifetime_s = self.config.queue_lifetime.as_secs();
+        let queue = &self.queue;
+        let Some(site) = self.sites.get_mut(key) else {
+            return Vec::new();
+        };
+        if site.health.down().is_none() {
+            return Vec::new();
+        }
+        site.pending.take_if(|job| {
+            queue
+                .get(&job.id)
+                .is_some_and(|m| now_unix_s.saturating_sub(m.envelope.view().received_unix_s) > lifetime_s)
+        })
+    }
+
+    /// Sites down now.
+    pub fn sites_down(&self) -> impl Iterator<Item = &Site> {
+        self.sites.values().filter(|s| s.health.down().is_some())
     }
 
     /// Everything queued for a site that cannot be reached (the shell finishes each job with
@@ -892,6 +985,7 @@ mod tests {
             delay_warning_after: Duration::from_secs(1800),
             site_idle: Duration::from_secs(10),
             seed: 1,
+            health: crate::health::HealthRules::NEVER,
         }
     }
 
@@ -941,6 +1035,81 @@ mod tests {
             at,
         );
         id
+    }
+
+    #[test]
+    fn a_down_site_gets_no_workers_but_one_probe_and_its_mail_waits_for_it() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.health = HealthRules {
+            down_after_failures: 2,
+            probe_interval: Duration::from_secs(30),
+            probe_interval_max: Duration::from_secs(300),
+        };
+        c.connections_per_shard_max = 10;
+        let mut s = Scheduler::new(c, QueueIndex::default());
+        let hosts = ["mx.dead.test"];
+        queue_mx(&mut s, 1, "dead.test", &hosts, t0);
+        let key = s.next_worker().expect("a worker for the first message");
+        let job = s.next_job(&key, t0).unwrap();
+        assert_eq!(s.connection_failed(&key, t0), Change::None, "one failure is not enough");
+        s.requeue_quietly(job);
+        assert!(!s.drain_site(&key).is_empty());
+        s.worker_ended(&key, true, t0);
+        queue_mx(&mut s, 2, "dead.test", &hosts, t0);
+        let key = s.next_worker().expect("still up: a worker");
+        let _job = s.next_job(&key, t0).unwrap();
+        assert!(matches!(
+            s.connection_failed(&key, t0),
+            Change::MarkedDown { failures: 2, .. }
+        ));
+        s.worker_ended(&key, true, t0);
+        // Mail that arrives now waits: no worker, however much of it.
+        for n in 3..8 {
+            queue_mx(&mut s, n, "dead.test", &hosts, t0);
+        }
+        assert_eq!(s.next_worker(), None);
+        s.kick_stranded();
+        assert_eq!(s.next_worker(), None, "a down site is not stranded");
+        assert_eq!(s.sites_down().count(), 1);
+        // Other sites keep their workers.
+        queue_mx(&mut s, 9, "live.test", &["mx.live.test"], t0);
+        assert_eq!(s.next_worker(), Some(SiteKey::mx(&["mx.live.test"])));
+        // The probe: due after the interval, one worker only.
+        assert!(s.due_probes(t0 + Duration::from_secs(29)).is_empty());
+        assert_eq!(s.due_probes(t0 + Duration::from_secs(30)), vec![key.clone()]);
+        assert_eq!(s.next_worker(), Some(key.clone()));
+        assert_eq!(s.next_worker(), None, "one probe at a time");
+        let t1 = t0 + Duration::from_secs(31);
+        assert!(matches!(s.connection_opened(&key, t1), Change::Up { .. }));
+        s.worker_ended(&key, true, t1);
+        // Up: the waiting mail gets workers again (the site's share: two).
+        assert_eq!(s.next_worker(), Some(key.clone()));
+        assert_eq!(s.next_worker(), Some(key.clone()));
+        assert_eq!(s.site(&key).unwrap().pending(), 5);
+    }
+
+    #[test]
+    fn mail_waiting_at_a_down_site_past_the_queue_lifetime_is_handed_back() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.health = HealthRules {
+            down_after_failures: 1,
+            probe_interval: Duration::from_secs(30),
+            probe_interval_max: Duration::from_secs(300),
+        };
+        let mut s = Scheduler::new(c, QueueIndex::default());
+        queue_mx(&mut s, 1, "dead.test", &["mx.dead.test"], t0);
+        let key = s.next_worker().unwrap();
+        let _job = s.next_job(&key, t0).unwrap();
+        assert!(matches!(s.connection_failed(&key, t0), Change::MarkedDown { .. }));
+        s.worker_ended(&key, true, t0);
+        queue_mx(&mut s, 2, "dead.test", &["mx.dead.test"], t0);
+        // Received at 1_000_000, lifetime 3600 s.
+        assert!(s.take_expired_waiting(&key, 1_000_000 + 3600).is_empty());
+        let expired = s.take_expired_waiting(&key, 1_000_000 + 3601);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(s.site(&key).unwrap().pending(), 0);
     }
 
     #[test]

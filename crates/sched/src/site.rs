@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::health::Health;
 use crate::lanes::Lanes;
 use crate::Job;
 
@@ -103,6 +104,8 @@ pub struct Site {
     pub(crate) kicked: bool,
     /// A worker stopped for a connection cap: no more workers while others still run.
     pub(crate) capped: bool,
+    /// Down after connection failures in a row, and its probes.
+    pub(crate) health: Health,
 }
 
 impl Site {
@@ -118,6 +121,7 @@ impl Site {
             last_active: now,
             kicked: false,
             capped: false,
+            health: Health::default(),
         }
     }
 
@@ -131,6 +135,10 @@ impl Site {
 
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// No work and no worker: may be evicted.

@@ -396,6 +396,7 @@ fn config(sites_max: usize, seed: u64) -> SchedConfig {
         delay_warning_after: Duration::ZERO,
         site_idle: Duration::from_secs(10),
         seed,
+        health: gannet_sched::HealthRules::NEVER,
     }
 }
 
