@@ -480,8 +480,8 @@ fn a_destination_that_refuses_connections_is_marked_down_and_probed_instead_of_t
     setup.route("*", format!("127.0.0.1:{sink_port}").parse().unwrap());
     setup.set("delivery", "probe_interval", "\"1s\"");
     setup.set("delivery", "probe_interval_max", "\"2s\"");
-    // The few messages whose attempts failed (before the destination was down, and the probes'
-    // own) wait for their retry like any deferral: keep it short.
+    // The few messages deferred before the destination was down wait for their retry like any
+    // deferral: keep it short.
     setup.set("delivery", "retry_first", "\"1s\"");
     setup.set("delivery", "retry_max", "\"2s\"");
     let g = Gannet::start(&setup);

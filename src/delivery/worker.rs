@@ -219,7 +219,7 @@ impl Deliverer {
     /// The site cannot be reached. Up, this job and everything queued for it fail or defer at
     /// once, so that a dead host costs one connection attempt, not one per message; after
     /// `delivery.down_after_failures` such failures in a row it is down (crates/sched
-    /// `health`): only this job is deferred, and the rest waits for the next probe.
+    /// `health`): this job goes back to wait with the rest for the next probe.
     async fn unreachable(self: &Rc<Self>, key: &SiteKey, destination: &str, job: Job, failure: Unreachable) {
         let Unreachable { reply, permanent } = failure;
         let change = if permanent {
@@ -228,29 +228,29 @@ impl Deliverer {
             self.sched.borrow_mut().connection_failed(key, Instant::now())
         };
         let down = self.sched.borrow().site(key).and_then(|s| s.health().down().copied());
-        let mut jobs = vec![job];
-        match (change, down) {
-            (HealthChange::MarkedDown { failures, probe_in }, _) => {
+        match change {
+            HealthChange::MarkedDown { failures, probe_in } => {
                 warn!(shard = self.shard, destination = %key, "destination down after {failures} connection failures in a row: {}; its mail waits for a probe in {} s", reply.text(), probe_in.as_secs());
                 metrics::with(|m| m.destination_health.add("down", 1));
             }
-            (HealthChange::ProbeFailed { failures, probe_in }, _) => {
+            HealthChange::ProbeFailed { failures, probe_in } => {
                 info!(shard = self.shard, destination = %key, "probe failed ({failures} connection failures in a row): {}; next probe in {} s", reply.text(), probe_in.as_secs());
                 metrics::with(|m| m.destination_health.add("probe_failed", 1));
             }
-            (_, None) => {
-                warn!(shard = self.shard, destination = %key, "cannot deliver: {}; {} what is queued for it", reply.text(), if permanent { "failing" } else { "deferring" });
-                jobs.extend(self.sched.borrow_mut().drain_site(key));
-            }
-            (_, Some(_)) => {}
+            _ => {}
         }
-        if down.is_some() {
-            let expired = self
-                .sched
-                .borrow_mut()
-                .take_expired_waiting(key, crate::smtp::received::unix_now_s());
-            jobs.extend(expired);
-        }
+        let jobs = if down.is_some() && !permanent {
+            // Down: this job waits with the rest (for the next probe), except what has
+            // outlived the queue lifetime, which is finished (deferred past it: expired).
+            let mut sched = self.sched.borrow_mut();
+            sched.requeue_quietly(job);
+            sched.take_expired_waiting(key, crate::smtp::received::unix_now_s())
+        } else {
+            warn!(shard = self.shard, destination = %key, "cannot deliver: {}; {} what is queued for it", reply.text(), if permanent { "failing" } else { "deferring" });
+            let mut jobs = vec![job];
+            jobs.extend(self.sched.borrow_mut().drain_site(key));
+            jobs
+        };
         for job in jobs {
             let results = every_recipient(&job, || match permanent {
                 true => RecipientResult::Failed(reply.clone()),

@@ -69,6 +69,11 @@ impl Health {
         self.down.as_ref()
     }
 
+    /// There is something to remember: failures in a row, or down.
+    pub fn remembers(&self) -> bool {
+        self.failures_in_row > 0 || self.down.is_some()
+    }
+
     /// A worker may start for the site: it is up, or a probe is due and none runs yet
     /// (`workers`: the site's workers now).
     pub fn may_start_worker(&self, workers: usize) -> bool {

@@ -912,14 +912,21 @@ impl Scheduler {
         true
     }
 
-    /// Evicts sites with nothing to do for `site_idle`; returns them (the shell closes their
+    /// Evicts sites with nothing to do for `site_idle` (failing ones: see below); returns them (the shell closes their
     /// pooled connections).
     pub fn evict_idle(&mut self, now: Instant) -> Vec<SiteKey> {
         let idle = self.config.site_idle;
+        // A site with connection failures to remember is kept longer (up to the longest wait
+        // between probes), so that a trickle of mail to a dead host still adds up to "down"
+        // instead of starting afresh with each message; a full table may still evict it.
+        let idle_failing = idle.max(self.config.health.probe_interval_max);
         let gone: Vec<SiteKey> = self
             .sites
             .iter()
-            .filter(|(_, s)| s.idle() && now.saturating_duration_since(s.last_active) >= idle)
+            .filter(|(_, s)| {
+                let wait = if s.health.remembers() { idle_failing } else { idle };
+                s.idle() && now.saturating_duration_since(s.last_active) >= wait
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for key in &gone {
@@ -935,7 +942,8 @@ impl Scheduler {
             .sites
             .iter()
             .filter(|(_, s)| s.idle())
-            .min_by_key(|(_, s)| s.last_active)
+            // Healthy sites first: a failing one's count is worth keeping.
+            .min_by_key(|(_, s)| (s.health.remembers(), s.last_active))
             .map(|(k, _)| k.clone());
         if let Some(key) = victim {
             self.sites.remove(&key);

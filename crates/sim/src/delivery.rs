@@ -13,7 +13,10 @@
 //! - fresh mail is never starved by retries: a fresh job waits at most `FRESH_WAIT_MAX` for a
 //!   worker, however long the retry lane;
 //! - the scheduler's memory stays within bounds: the queue holds at most what was submitted,
-//!   and the site table at most `sites_max` idle sites.
+//!   and the site table at most `sites_max` idle sites;
+//! - a provider whose hosts refuse connections for a while is marked down and probed: while it
+//!   is unreachable, it gets no more connection attempts than the failures that mark it down,
+//!   the workers that were already connecting, and one per probe (no retry storm).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -37,6 +40,11 @@ const PROVIDERS: usize = 6;
 const DOMAINS: usize = 40;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(500);
+const HEALTH: gannet_sched::HealthRules = gannet_sched::HealthRules {
+    down_after_failures: 3,
+    probe_interval: Duration::from_secs(30),
+    probe_interval_max: Duration::from_secs(300),
+};
 
 #[derive(Debug, Clone, Copy)]
 pub struct DeliverySimConfig {
@@ -57,6 +65,10 @@ impl DeliverySimConfig {
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryReport {
     pub messages: usize,
+    /// Connection attempts to providers while they refused connections, and the probes among
+    /// them.
+    pub unreachable_attempts: usize,
+    pub probes: usize,
     pub bounces: usize,
     pub attempts: usize,
     pub duplicates: usize,
@@ -89,6 +101,8 @@ enum Answer {
 struct Worker {
     site: SiteKey,
     job: Option<(Job, Vec<(u32, Answer)>)>,
+    /// Its connection is open (the first job of a worker opens it).
+    connected: bool,
 }
 
 struct Sim<'a> {
@@ -107,6 +121,10 @@ struct Sim<'a> {
     queued_at: HashMap<(MessageId, Lane), Duration>,
     /// Providers down (all deferrals) until then.
     down_until: Vec<Duration>,
+    /// Providers whose hosts refuse connections until then.
+    unreachable_until: Vec<Duration>,
+    /// Per provider: connection attempts while unreachable that were not probes.
+    unreachable_non_probes: Vec<usize>,
     report: DeliveryReport,
 }
 
@@ -232,7 +250,14 @@ impl Sim<'_> {
         while let Some(site) = self.sched.next_worker() {
             let w = self.next_worker;
             self.next_worker += 1;
-            self.workers.insert(w, Worker { site, job: None });
+            self.workers.insert(
+                w,
+                Worker {
+                    site,
+                    job: None,
+                    connected: false,
+                },
+            );
             self.run_worker(w);
         }
         self.report.most_sites = self.report.most_sites.max(self.sched.sites_len());
@@ -247,13 +272,6 @@ impl Sim<'_> {
             self.start_workers();
             return;
         };
-        if job.lane == Lane::Fresh {
-            if let Some(queued) = self.queued_at.remove(&(job.id, Lane::Fresh)) {
-                let waited = self.now - queued;
-                self.report.longest_fresh_wait = self.report.longest_fresh_wait.max(waited);
-            }
-        }
-        self.report.attempts += 1;
         let provider = match &site {
             SiteKey::Mx(hosts) => hosts[0]
                 .trim_start_matches("mx1.provider")
@@ -263,6 +281,20 @@ impl Sim<'_> {
                 .unwrap_or(0),
             SiteKey::Smarthost(_) => 0,
         };
+        if !self.workers[&w].connected && !self.connect(w, &site, job.clone(), provider) {
+            return;
+        }
+        // Fresh mail for a provider that refused connections for a while waited for its probe
+        // by design; every other fresh job is measured.
+        if job.lane == Lane::Fresh {
+            if let Some(queued) = self.queued_at.remove(&(job.id, Lane::Fresh)) {
+                if self.unreachable_until[provider].is_zero() {
+                    let waited = self.now - queued;
+                    self.report.longest_fresh_wait = self.report.longest_fresh_wait.max(waited);
+                }
+            }
+        }
+        self.report.attempts += 1;
         let down = self.now < self.down_until[provider];
         let answers: Vec<(u32, Answer)> = job
             .recipients
@@ -290,6 +322,52 @@ impl Sim<'_> {
         };
         self.workers.get_mut(&w).expect("running").job = Some((job, answers));
         self.at(latency, Event::JobDone(w));
+    }
+
+    /// The worker's connection attempt, as the shell makes it: refused while the provider is
+    /// unreachable (the job and the site's queue deferred, or, once the site is down, the job
+    /// back to wait for the probe); false when it failed (the worker has ended).
+    fn connect(&mut self, w: u64, site: &SiteKey, job: Job, provider: usize) -> bool {
+        let at = self.now().instant;
+        if self.now >= self.unreachable_until[provider] {
+            self.sched.connection_opened(site, at);
+            self.workers.get_mut(&w).expect("running").connected = true;
+            return true;
+        }
+        self.report.unreachable_attempts += 1;
+        let was_probing = self
+            .sched
+            .site(site)
+            .and_then(|s| s.health().down())
+            .is_some_and(|d| d.probing);
+        if was_probing {
+            self.report.probes += 1;
+        } else {
+            self.unreachable_non_probes[provider] += 1;
+        }
+        self.sched.connection_failed(site, at);
+        let refused = ServerReply::new(421, "connection refused");
+        let down = self.sched.site(site).and_then(|s| s.health().down()).is_some();
+        let jobs = if down {
+            self.sched.requeue_quietly(job);
+            self.sched.take_expired_waiting(site, self.now().unix_s)
+        } else {
+            let mut jobs = vec![job];
+            jobs.extend(self.sched.drain_site(site));
+            jobs
+        };
+        for job in jobs {
+            let results = job
+                .recipients
+                .iter()
+                .map(|&i| (i, RecipientResult::Deferred(refused.clone())))
+                .collect();
+            self.finish(job.id, results);
+        }
+        self.workers.remove(&w);
+        self.sched.worker_ended(site, true, at);
+        self.start_workers();
+        false
     }
 
     fn job_done(&mut self, w: u64) {
@@ -358,6 +436,7 @@ impl Sim<'_> {
     }
 
     fn tick(&mut self) {
+        let _ = self.sched.due_probes(self.now().instant);
         let due = self.sched.due(self.now().instant);
         for id in due {
             self.plan(id);
@@ -396,7 +475,7 @@ fn config(sites_max: usize, seed: u64) -> SchedConfig {
         delay_warning_after: Duration::ZERO,
         site_idle: Duration::from_secs(10),
         seed,
-        health: gannet_sched::HealthRules::NEVER,
+        health: HEALTH,
     }
 }
 
@@ -407,6 +486,15 @@ pub fn run(seed: u64, c: &DeliverySimConfig) -> DeliveryReport {
         .map(|_| {
             if rng.chance(30) {
                 Duration::from_secs(rng.below(3600))
+            } else {
+                Duration::ZERO
+            }
+        })
+        .collect();
+    let unreachable_until = (0..PROVIDERS)
+        .map(|_| {
+            if rng.chance(20) {
+                Duration::from_secs(rng.below(1800))
             } else {
                 Duration::ZERO
             }
@@ -425,6 +513,8 @@ pub fn run(seed: u64, c: &DeliverySimConfig) -> DeliveryReport {
         messages: HashMap::new(),
         queued_at: HashMap::new(),
         down_until,
+        unreachable_until,
+        unreachable_non_probes: vec![0; PROVIDERS],
         report: DeliveryReport::default(),
     };
     for n in 0..c.messages as u32 {
@@ -504,6 +594,17 @@ fn check_end(sim: &mut Sim<'_>) {
             "a fresh job waited {:?} for a worker",
             report.longest_fresh_wait
         ));
+    }
+    // Before the site is down: the failures that mark it down; while workers already
+    // connecting fail too: at most the site's connections. Everything else is a probe. (A
+    // site forgotten when idle starts counting afresh: once per eviction, at most.)
+    let limit = HEALTH.down_after_failures as usize + 3;
+    for (provider, &n) in sim.unreachable_non_probes.iter().enumerate() {
+        if n > 2 * limit {
+            report.violations.push(format!(
+                "provider {provider}: {n} connection attempts while unreachable that were not probes (a retry storm)"
+            ));
+        }
     }
     let sites_max = sim.config.sites_max;
     if report.most_sites > sites_max + PROVIDERS {
