@@ -171,7 +171,7 @@ fn bench_session(c: &mut Criterion) {
                         commits += 1;
                         session.committed(Ok("ID"), now.instant, &mut out);
                     }
-                    Next::NeedInput | Next::Close | Next::StartTls | Next::Authenticate => break,
+                    Next::NeedInput | Next::Close | Next::StartTls | Next::Authenticate | Next::CheckSender => break,
                 }
             }
             assert_eq!(commits, 100);
