@@ -75,6 +75,13 @@ pub struct Miss {
 pub struct Answers<K, V> {
     kind: Kind,
     map: Mutex<HashMap<K, V>>,
+    links: Links,
+}
+
+/// What every map of one verification shares: the misses noted, the void-lookup count, and
+/// the shared DNS cache.
+#[derive(Clone)]
+struct Links {
     misses: Arc<Mutex<Vec<Miss>>>,
     voids: Arc<Mutex<Voids>>,
     shared: Option<Arc<Shared>>,
@@ -241,7 +248,7 @@ impl<K: Hash + Eq, V: Clone + Served> ResolverCache<K, V> for Answers<K, V> {
             };
             if let Some(name) = text {
                 let miss = Miss { kind: self.kind, name };
-                let mut misses = lock(&self.misses);
+                let mut misses = lock(&self.links.misses);
                 if !misses.contains(&miss) && misses.len() < LOOKUPS_MAX {
                     misses.push(miss);
                 }
@@ -264,25 +271,18 @@ impl<K: Hash + Eq, V: Clone + Served> ResolverCache<K, V> for Answers<K, V> {
 }
 
 impl<K: Hash + Eq, V: Clone + Served> Answers<K, V> {
-    fn new(
-        kind: Kind,
-        misses: Arc<Mutex<Vec<Miss>>>,
-        voids: Arc<Mutex<Voids>>,
-        shared: Option<Arc<Shared>>,
-    ) -> Answers<K, V> {
+    fn new(kind: Kind, links: &Links) -> Answers<K, V> {
         Answers {
             kind,
             map: Mutex::new(HashMap::new()),
-            misses,
-            voids,
-            shared,
+            links: links.clone(),
         }
     }
 
     /// The shared DNS cache's answer for a miss, if it has a live one (a remembered failure
     /// is left to the round's lookups, which give the same failure).
     fn shared_answer<Q: Hash + ?Sized>(&self, name: &Q) -> Option<V> {
-        let shared = self.shared.as_ref()?;
+        let shared = self.links.shared.as_ref()?;
         if shared.hits.load(Ordering::Relaxed) >= LOOKUPS_MAX {
             return None;
         }
@@ -308,7 +308,7 @@ impl<K: Hash + Eq, V: Clone + Served> Answers<K, V> {
 
     /// Counts a void lookup, or remembers an MX answer's hosts.
     fn served<Q: Hash + ?Sized>(&self, name: &Q, answer: &V) {
-        let mut voids = lock(&self.voids);
+        let mut voids = lock(&self.links.voids);
         if !answer.is_void() {
             for host in answer.exchanges() {
                 if voids.mx_hosts.len() < MX_HOSTS_MAX {
@@ -340,9 +340,7 @@ pub struct Prefetched {
     pub ipv4: Answers<Box<str>, RecordSet<Ipv4Addr>>,
     pub ipv6: Answers<Box<str>, RecordSet<Ipv6Addr>>,
     pub ptr: Answers<IpAddr, RecordSet<Box<str>>>,
-    misses: Arc<Mutex<Vec<Miss>>>,
-    voids: Arc<Mutex<Voids>>,
-    shared: Option<Arc<Shared>>,
+    links: Links,
     /// Names filled in so far (bounded by [`LOOKUPS_MAX`]).
     filled: usize,
 }
@@ -365,35 +363,25 @@ impl Prefetched {
     }
 
     fn with_shared(shared: Option<Arc<Shared>>) -> Prefetched {
-        let misses = Arc::new(Mutex::new(Vec::new()));
-        let voids = Arc::new(Mutex::new(Voids::default()));
-        let new = |kind| (kind, misses.clone(), voids.clone(), shared.clone());
-        let (k, m, v, s) = new(Kind::Txt);
-        let txt = Answers::new(k, m, v, s);
-        let (k, m, v, s) = new(Kind::Mx);
-        let mx = Answers::new(k, m, v, s);
-        let (k, m, v, s) = new(Kind::A);
-        let ipv4 = Answers::new(k, m, v, s);
-        let (k, m, v, s) = new(Kind::Aaaa);
-        let ipv6 = Answers::new(k, m, v, s);
-        let (k, m, v, s) = new(Kind::Ptr);
-        let ptr = Answers::new(k, m, v, s);
-        Prefetched {
-            txt,
-            mx,
-            ipv4,
-            ipv6,
-            ptr,
-            misses,
-            voids,
+        let links = Links {
+            misses: Arc::new(Mutex::new(Vec::new())),
+            voids: Arc::new(Mutex::new(Voids::default())),
             shared,
+        };
+        Prefetched {
+            txt: Answers::new(Kind::Txt, &links),
+            mx: Answers::new(Kind::Mx, &links),
+            ipv4: Answers::new(Kind::A, &links),
+            ipv6: Answers::new(Kind::Aaaa, &links),
+            ptr: Answers::new(Kind::Ptr, &links),
+            links,
             filled: 0,
         }
     }
 
     /// Answers taken from the shared DNS cache since the last call: (with records, negative).
     pub fn take_shared_hits(&self) -> (usize, usize) {
-        self.shared.as_ref().map_or((0, 0), |s| {
+        self.links.shared.as_ref().map_or((0, 0), |s| {
             let negatives = s.negatives.swap(0, Ordering::Relaxed);
             (s.hits.swap(0, Ordering::Relaxed).saturating_sub(negatives), negatives)
         })
@@ -465,13 +453,13 @@ fn not_found() -> mail_auth::Error {
 impl Prefetched {
     /// The misses since the last call (each name once).
     pub fn take_misses(&self) -> Vec<Miss> {
-        std::mem::take(&mut *lock(&self.misses))
+        std::mem::take(&mut *lock(&self.links.misses))
     }
 
     /// The void lookups served since the last call (see the module's comment); starts the
     /// count of the next SPF evaluation afresh.
     pub fn take_voids(&self) -> usize {
-        let mut voids = lock(&self.voids);
+        let mut voids = lock(&self.links.voids);
         voids.mx_hosts.clear();
         std::mem::take(&mut voids.count)
     }

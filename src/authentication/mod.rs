@@ -184,9 +184,7 @@ impl Verifier {
             } else {
                 SpfParameters::verify_mail_from(input.client, &input.helo, &input.hostname, &input.mail_from)
             };
-            prefetched.take_voids();
-            let output = futures_lite::future::block_on(self.authenticator.check_host(prefetched.params(params)));
-            void_limit(output, prefetched.take_voids()).result()
+            self.check_spf(prefetched, params).result()
         };
         spf_rounds(resolver, input.client, timeout, round)
             .await
@@ -210,13 +208,18 @@ impl Verifier {
         }
     }
 
+    /// One SPF check (`check_host` of one identity: mail-auth's `verify_spf` of a HELO or a
+    /// MAIL FROM identity is exactly that) over what `prefetched` holds, with the void-lookup
+    /// limit Gannet counts.
+    fn check_spf(&self, prefetched: &Prefetched, params: SpfParameters<'_>) -> SpfOutput {
+        prefetched.take_voids();
+        let output = futures_lite::future::block_on(self.authenticator.verify_spf(prefetched.params(params)));
+        void_limit(output, prefetched.take_voids())
+    }
+
     /// One round of both SPF checks over what `prefetched` holds.
     fn sender_round(&self, input: &Input, prefetched: &Prefetched) -> SenderSpf {
-        let check = |params: SpfParameters<'_>| {
-            prefetched.take_voids();
-            let output = futures_lite::future::block_on(self.authenticator.verify_spf(prefetched.params(params)));
-            void_limit(output, prefetched.take_voids())
-        };
+        let check = |params: SpfParameters<'_>| self.check_spf(prefetched, params);
         let helo = input.helo.as_str();
         let spf_helo = check(SpfParameters::verify_ehlo(input.client, helo, &input.hostname));
         let spf_from = if input.mail_from.is_empty() {
