@@ -148,8 +148,12 @@ fn summary(m: &QueuedMessage, sched: &Scheduler) -> MessageSummary {
 impl Deliverer {
     /// The queue's gauges for the metrics: messages and pending recipients by state, and
     /// the oldest message's reception time. One pass over the queue index.
-    /// The destinations down now: (site, since when in seconds, failures in a row, seconds to
-    /// the next probe).
+    /// How many destinations are down now.
+    pub fn sites_down_count(&self) -> usize {
+        self.sched.borrow().sites_down().count()
+    }
+
+    /// The destinations down now, for the API.
     pub fn sites_down(&self) -> Vec<DownSite> {
         let now = Instant::now();
         let unix_now = crate::smtp::received::unix_now_s();

@@ -227,7 +227,11 @@ impl Deliverer {
         } else {
             self.sched.borrow_mut().connection_failed(key, Instant::now())
         };
-        let down = self.sched.borrow().site(key).and_then(|s| s.health().down().copied());
+        let down = self
+            .sched
+            .borrow()
+            .site(key)
+            .is_some_and(|s| s.health().down().is_some());
         match change {
             HealthChange::MarkedDown { failures, probe_in } => {
                 warn!(shard = self.shard, destination = %key, "destination down after {failures} connection failures in a row: {}; its mail waits for a probe in {} s", reply.text(), probe_in.as_secs());
@@ -239,7 +243,7 @@ impl Deliverer {
             }
             _ => {}
         }
-        let jobs = if down.is_some() && !permanent {
+        let jobs = if down && !permanent {
             // Down: this job waits with the rest (for the next probe), except what has
             // outlived the queue lifetime, which is finished (deferred past it: expired).
             let mut sched = self.sched.borrow_mut();

@@ -39,7 +39,7 @@ pub async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
                 return Reply::Unavailable;
             };
             m.queue = deliverer.queue_gauges();
-            m.destinations_down = deliverer.sites_down().len() as u64;
+            m.destinations_down = deliverer.sites_down_count() as u64;
             let segments = shard.appender.segment_count() as u64;
             m.spool_segments = segments;
             m.spool_bytes = segments * shard.config().spool.segment_size.0;

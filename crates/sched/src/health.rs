@@ -143,14 +143,13 @@ impl Health {
     /// Lets the probe start now (an operator's flush). True if the site is down and no probe
     /// was running.
     pub fn probe_now(&mut self) -> bool {
-        match &mut self.down {
-            Some(d) if !d.probing => {
-                d.probing = true;
-                d.probe_at = d.probe_at.min(d.since);
-                true
-            }
-            _ => false,
-        }
+        let Some(d) = &mut self.down else {
+            return false;
+        };
+        // Due from the moment it went down: any time is late enough.
+        d.probe_at = d.probe_at.min(d.since);
+        let at = d.probe_at;
+        self.probe_due(at)
     }
 
     /// The rules changed (a reload) with the site down: a shorter ceiling applies at once.

@@ -287,17 +287,22 @@ impl Scheduler {
 
     /// Lets every down site with mail waiting probe now (an operator's flush); how many.
     pub fn probe_down_now(&mut self) -> usize {
-        let down: Vec<SiteKey> = self
+        self.start_probes(|health| health.probe_now()).len()
+    }
+
+    /// Starts the probes `start` lets go, of down sites with mail waiting (kicked for their
+    /// one worker); those sites.
+    fn start_probes(&mut self, mut start: impl FnMut(&mut crate::health::Health) -> bool) -> Vec<SiteKey> {
+        let started: Vec<SiteKey> = self
             .sites
             .iter_mut()
             .filter(|(_, s)| !s.pending.is_empty())
-            .filter_map(|(k, s)| s.health.probe_now().then(|| k.clone()))
+            .filter_map(|(k, s)| start(&mut s.health).then(|| k.clone()))
             .collect();
-        let n = down.len();
-        for key in down {
-            self.kick(key);
+        for key in &started {
+            self.kick(key.clone());
         }
-        n
+        started
     }
 
     /// Those of `ids` that wait for a retry, taken out of the retry timers to be tried now
@@ -739,16 +744,7 @@ impl Scheduler {
     /// Lets the due probes of down sites with waiting work start (each gets one worker from
     /// [`Scheduler::next_worker`]); the sites, for the log. Called now and then.
     pub fn due_probes(&mut self, now: Instant) -> Vec<SiteKey> {
-        let due: Vec<SiteKey> = self
-            .sites
-            .iter_mut()
-            .filter(|(_, s)| !s.pending.is_empty())
-            .filter_map(|(k, s)| s.health.probe_due(now).then(|| k.clone()))
-            .collect();
-        for key in &due {
-            self.kick(key.clone());
-        }
-        due
+        self.start_probes(|health| health.probe_due(now))
     }
 
     /// The jobs waiting at a down site whose messages have outlived the queue lifetime (the
@@ -770,7 +766,7 @@ impl Scheduler {
         })
     }
 
-    /// Sites down now.
+    /// Sites down now (counted for the metrics, listed for the API).
     pub fn sites_down(&self) -> impl Iterator<Item = &Site> {
         self.sites.values().filter(|s| s.health.down().is_some())
     }

@@ -479,27 +479,25 @@ fn config(sites_max: usize, seed: u64) -> SchedConfig {
     }
 }
 
+/// Per provider: with `percent` chance, an outage from the start until a time below
+/// `longest_s`; else none.
+fn outages(rng: &mut SimRng, percent: u64, longest_s: u64) -> Vec<Duration> {
+    (0..PROVIDERS)
+        .map(|_| {
+            if rng.chance(percent) {
+                Duration::from_secs(rng.below(longest_s))
+            } else {
+                Duration::ZERO
+            }
+        })
+        .collect()
+}
+
 /// Runs one seed.
 pub fn run(seed: u64, c: &DeliverySimConfig) -> DeliveryReport {
     let mut rng = SimRng::new(seed);
-    let down_until = (0..PROVIDERS)
-        .map(|_| {
-            if rng.chance(30) {
-                Duration::from_secs(rng.below(3600))
-            } else {
-                Duration::ZERO
-            }
-        })
-        .collect();
-    let unreachable_until = (0..PROVIDERS)
-        .map(|_| {
-            if rng.chance(20) {
-                Duration::from_secs(rng.below(1800))
-            } else {
-                Duration::ZERO
-            }
-        })
-        .collect();
+    let down_until = outages(&mut rng, 30, 3600);
+    let unreachable_until = outages(&mut rng, 20, 1800);
     let mut sim = Sim {
         config: c,
         sched: Scheduler::new(config(c.sites_max, seed), QueueIndex::default()),
