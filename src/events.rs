@@ -58,6 +58,9 @@ pub struct EventBody {
     /// Its reply (delivery events).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
+    /// The bounce class of a failure or deferral (`invalid-recipient`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
 }
 
 /// The process's event buffer and its counters.

@@ -156,7 +156,18 @@ fn metrics_count_known_traffic_exactly() {
         ),
         1.0
     );
-    assert_eq!(sample(&m, "gannet_bounces_total{reason=\"failed\"}"), 1.0);
+    // The 550 5.1.1 at RCPT and the 451 4.3.0 after the dot, by class.
+    assert_eq!(
+        sample(
+            &m,
+            "gannet_bounces_total{class=\"invalid-recipient\",result=\"failed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "gannet_bounces_total{class=\"transient\",result=\"deferred\"}"),
+        1.0
+    );
     assert_eq!(sample(&m, "gannet_retries_total{}"), 0.0);
     // Our replies: six "250 2.0.0 Ok: queued", one 501 5.1.3.
     assert_eq!(

@@ -193,7 +193,10 @@ pub fn show(client: &Client, id: &str, json: bool) -> Result<String, CallError> 
         out.push_str(&format!("next attempt: {next}\n"));
     }
     if let Some(reply) = &d.last_reply {
-        out.push_str(&format!("last reply: {reply}\n"));
+        match &d.last_class {
+            Some(class) => out.push_str(&format!("last reply: {reply} (class {class})\n")),
+            None => out.push_str(&format!("last reply: {reply}\n")),
+        }
     }
     for r in &d.recipients {
         out.push_str(&format!("recipient: <{}> {}\n", r.address, r.state));

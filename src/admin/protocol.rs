@@ -73,6 +73,9 @@ pub struct MessageDetail {
     /// The last reply a server gave for mail to a pending recipient's domain (the shard
     /// remembers the last 512 domains it tried).
     pub last_reply: Option<String>,
+    /// That reply's bounce class (`rate-limited`, ...).
+    #[serde(default)]
+    pub last_class: Option<String>,
     /// The message's header section, as spooled (none if it cannot be read now).
     pub headers: Option<String>,
 }

@@ -6,6 +6,7 @@
 
 mod admin;
 mod auth;
+pub mod bounces;
 mod delivery;
 pub mod dkim;
 mod dns;
@@ -35,6 +36,7 @@ use gannet_sched::{Route as SchedRoute, RouteTarget as SchedTarget, SchedConfig,
 
 pub use admin::{Admin, Log, LogFormat};
 pub use auth::Auth;
+pub use bounces::{Bounces, Classifier};
 pub use delivery::{Delivery, DestinationLimits, Route, RouteTarget};
 pub use dns::{system_dns_servers, Dns};
 pub use error::ConfigError;
@@ -94,6 +96,9 @@ pub struct Config {
     /// How SPF/DKIM/DMARC verdicts on incoming mail are acted on (`crate::authentication`).
     #[serde(default)]
     pub mail_authentication: mail_authentication::MailAuthenticationSettings,
+    /// How delivery failures are classified and acted on (`gannet_bounce`).
+    #[serde(default)]
+    pub bounces: Bounces,
 }
 
 impl Config {
@@ -109,6 +114,7 @@ impl Config {
         })?;
         config.validate(text, source_name)?;
         let mut config = config;
+        bounces::compile(&mut config.bounces, &error::fail(text, source_name))?;
         for (i, route) in config.routes.iter_mut().enumerate() {
             if let Some(path) = &route.auth_password_file {
                 let password = std::fs::read_to_string(path).map_err(|e| ConfigError {

@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
 
+use gannet_bounce::Class;
 use gannet_metrics::{QueueGauges, QUEUE_STATES};
 use gannet_sched::scheduler::domain_of;
 use gannet_sched::{QueuedMessage, Scheduler};
@@ -39,20 +40,21 @@ const SUMMARY_DOMAINS_MAX: usize = 1_000;
 #[derive(Default)]
 pub struct LastReplies {
     order: VecDeque<Box<str>>,
-    text: HashMap<Box<str>, Box<str>>,
+    text: HashMap<Box<str>, (Box<str>, Option<Class>)>,
 }
 
 impl LastReplies {
     /// Remembers `reply` for `domain` (lowercase); allocates only when the text changes.
-    pub fn remember(&mut self, domain: &str, reply: &str) {
+    pub fn remember(&mut self, domain: &str, reply: &str, class: Option<Class>) {
         let reply = prefix_within(reply, LAST_REPLY_BYTES_MAX);
-        if let Some(text) = self.text.get_mut(domain) {
+        if let Some((text, last_class)) = self.text.get_mut(domain) {
             if &**text != reply {
                 *text = reply.into();
             }
+            *last_class = class;
             return;
         }
-        self.text.insert(domain.into(), reply.into());
+        self.text.insert(domain.into(), (reply.into(), class));
         self.order.push_back(domain.into());
         while self.order.len() > LAST_REPLIES_MAX {
             if let Some(old) = self.order.pop_front() {
@@ -62,8 +64,9 @@ impl LastReplies {
         debug_assert!(self.text.len() <= LAST_REPLIES_MAX);
     }
 
-    pub fn get(&self, domain: &str) -> Option<String> {
-        self.text.get(domain).map(|t| t.to_string())
+    /// The last reply for `domain` and its bounce class.
+    pub fn get(&self, domain: &str) -> Option<(String, Option<Class>)> {
+        self.text.get(domain).map(|(t, c)| (t.to_string(), *c))
     }
 }
 
@@ -221,19 +224,21 @@ impl Deliverer {
                     state: if m.done.contains(i) { "done" } else { "pending" }.into(),
                 })
                 .collect();
+            let last = view
+                .recipients()
+                .enumerate()
+                .filter(|(i, _)| !m.done.contains(*i))
+                .find_map(|(_, r)| {
+                    let domain = String::from_utf8_lossy(domain_of(r.address)).to_ascii_lowercase();
+                    self.last_replies.borrow().get(&domain)
+                });
             let detail = MessageDetail {
                 summary: summary(m, &sched),
                 client_ip: view.client_ip.to_string(),
                 helo: String::from_utf8_lossy(view.helo).into_owned(),
                 recipients,
-                last_reply: view
-                    .recipients()
-                    .enumerate()
-                    .filter(|(i, _)| !m.done.contains(*i))
-                    .find_map(|(_, r)| {
-                        let domain = String::from_utf8_lossy(domain_of(r.address)).to_ascii_lowercase();
-                        self.last_replies.borrow().get(&domain)
-                    }),
+                last_reply: last.as_ref().map(|(text, _)| text.clone()),
+                last_class: last.and_then(|(_, class)| class).map(|c| c.as_str().to_string()),
                 headers: None,
             };
             (detail, m.record_bytes)
@@ -432,13 +437,14 @@ impl Deliverer {
                         index,
                         diagnostic: format!("550 5.0.0 returned by the operator: {reason}"),
                         remote_mta: None,
+                        class: None,
                     })
                     .collect();
                 let spooled = self
                     .spool_notice(id, &envelope, &loaded.relayed(), &failed, "failed")
                     .await;
                 if spooled {
-                    metrics::with(|m| m.bounces.add("operator", failed.len() as u64));
+                    metrics::with(|m| m.bounces.add(("other", "operator"), failed.len() as u64));
                 }
                 spooled
             }
@@ -497,9 +503,9 @@ impl Deliverer {
     }
 
     /// Remembers a server's reply for mail to `address`'s domain.
-    pub fn remember_reply(&self, address: &[u8], reply: &str) {
+    pub fn remember_reply(&self, address: &[u8], reply: &str, class: Option<Class>) {
         let domain = String::from_utf8_lossy(domain_of(address)).to_ascii_lowercase();
-        self.last_replies.borrow_mut().remember(&domain, reply);
+        self.last_replies.borrow_mut().remember(&domain, reply, class);
     }
 }
 

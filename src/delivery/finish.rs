@@ -6,6 +6,8 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 
+use gannet_bounce::{Action, Class, Failure};
+use gannet_sched::scheduler::domain_of;
 use gannet_sched::{Completed, QueuedMessage, Verdict};
 use gannet_smtp::client::RecipientResult;
 use gannet_smtp::deadline::Now;
@@ -17,6 +19,7 @@ use tracing::{info, warn};
 
 use super::store::Loaded;
 use super::Deliverer;
+use crate::config::Classifier;
 use crate::metrics;
 use crate::smtp::session::MessageSink;
 
@@ -42,22 +45,27 @@ impl Deliverer {
     ) {
         let relay = attempt.relay;
         let now = Now::read();
+        let (envelope, record_bytes) = {
+            let sched = self.sched.borrow();
+            let Some(message) = sched.queue().get(&id) else { return };
+            (message.envelope.view().to_stored(), message.record_bytes)
+        };
+        let classes = classify(&self.config().bounces.classifier(), &results, &attempt);
+        let results = self.act_on_classes(&envelope, results, &classes, now);
         let Some(classified) = self.sched.borrow().classify(id, &results, now) else {
             return;
         };
-        let (envelope, record_bytes) = {
-            let sched = self.sched.borrow();
-            let message = sched.queue().get(&id).expect("classified");
-            (message.envelope.view().to_stored(), message.record_bytes)
-        };
-        self.log_results(id, &envelope, &results, &classified.verdicts, &attempt);
-        count_verdicts(&classified.verdicts);
-        if let Some((index, RecipientResult::Deferred(r) | RecipientResult::Failed(r))) = results
+        self.log_results(id, &envelope, &results, &classified.verdicts, &classes, &attempt);
+        count_verdicts(&classified.verdicts, &classes);
+        // The API shows it for pending recipients: a deferral's reply before a failure's.
+        let remembered = results
             .iter()
-            .find(|(_, r)| !matches!(r, RecipientResult::Delivered(_)))
-        {
+            .find(|(_, r)| matches!(r, RecipientResult::Deferred(_)))
+            .or_else(|| results.iter().find(|(_, r)| matches!(r, RecipientResult::Failed(_))));
+        if let Some((index, RecipientResult::Deferred(r) | RecipientResult::Failed(r))) = remembered {
             if let Some(recipient) = envelope.recipients.get(*index as usize) {
-                self.remember_reply(&recipient.address, &r.text());
+                let class = class_of(&classes, *index);
+                self.remember_reply(&recipient.address, &r.text(), class);
             }
         }
         let notice = |indexes: &[u32], expired: bool| -> Vec<FailedRecipient> {
@@ -76,6 +84,7 @@ impl Deliverer {
                         ) => r.text(),
                     },
                     remote_mta: relay.map(|a| a.to_string()),
+                    class: class_of(&classes, *index).map(Class::as_str),
                 })
                 .collect()
         };
@@ -91,7 +100,6 @@ impl Deliverer {
             let bounce = notice(&classified.bounce, true);
             if !bounce.is_empty() && self.spool_notice(id, &envelope, content, &bounce, "failed").await {
                 done.extend(classified.bounce.iter().copied());
-                count_bounces(&classified.bounce, &classified.verdicts);
             }
             if !classified.delayed.is_empty() {
                 let delayed = notice(&classified.delayed, false);
@@ -111,25 +119,108 @@ impl Deliverer {
     }
 }
 
-/// Expired recipients, for `gannet_expired_total`.
-fn count_verdicts(verdicts: &[(u32, Verdict)]) {
+/// Expired recipients, for `gannet_expired_total`; every failed, expired or deferred
+/// recipient by class, for `gannet_bounces_total`.
+fn count_verdicts(verdicts: &[(u32, Verdict)], classes: &[(u32, Class)]) {
     let expired = verdicts.iter().filter(|(_, v)| *v == Verdict::Expired).count() as u64;
-    if expired > 0 {
-        metrics::with(|m| m.expired += expired);
-    }
-}
-
-/// Recipients whose failure notice is now spooled, by reason (`failed` or `expired`).
-fn count_bounces(bounced: &[u32], verdicts: &[(u32, Verdict)]) {
     metrics::with(|m| {
-        for index in bounced {
-            let reason = match verdicts.iter().find(|(i, _)| i == index) {
-                Some((_, Verdict::Expired)) => "expired",
-                _ => "failed",
+        m.expired += expired;
+        for (index, verdict) in verdicts {
+            let result = match verdict {
+                Verdict::Delivered => continue,
+                Verdict::Failed => "failed",
+                Verdict::Expired => "expired",
+                Verdict::Deferred => "deferred",
             };
-            m.bounces.add(reason, 1);
+            let class = class_of(classes, *index).unwrap_or(Class::Other);
+            m.bounces.add((class.as_str(), result), 1);
         }
     });
+}
+
+/// The class of every recipient that was not delivered. The MX host names of the site (for
+/// provider rules) come from the attempt.
+fn classify(classifier: &Classifier, results: &[(u32, RecipientResult)], attempt: &Attempt) -> Vec<(u32, Class)> {
+    let site = attempt.site.as_deref().unwrap_or("");
+    let hosts: Vec<&str> = site
+        .trim_start_matches("MX ")
+        .split(',')
+        .map(|h| h.trim().trim_end_matches('.'))
+        .filter(|h| !h.is_empty())
+        .collect();
+    results
+        .iter()
+        .filter_map(|(index, result)| match result {
+            RecipientResult::Delivered(_) => None,
+            RecipientResult::Failed(r) | RecipientResult::Deferred(r) => {
+                let text = r.lines.join(" ");
+                let failure = Failure {
+                    code: r.code,
+                    text: &text,
+                    mx_hosts: &hosts,
+                };
+                Some((*index, classifier.rules.classify(&failure)))
+            }
+        })
+        .collect()
+}
+
+fn class_of(classes: &[(u32, Class)], index: u32) -> Option<Class> {
+    classes.iter().find(|(i, _)| *i == index).map(|(_, c)| *c)
+}
+
+impl Deliverer {
+    /// Applies each class's action: `bounce` (and `suppress`, on a permanent reply) make the
+    /// result a failure now; `suspend` suspends the recipient's domain for
+    /// `bounces.suspend_for`, and the deferred message then waits for it (no backoff step).
+    fn act_on_classes(
+        &self,
+        envelope: &StoredEnvelope,
+        mut results: Vec<(u32, RecipientResult)>,
+        classes: &[(u32, Class)],
+        now: Now,
+    ) -> Vec<(u32, RecipientResult)> {
+        let config = self.config();
+        let classifier = config.bounces.classifier();
+        for (index, result) in &mut results {
+            let Some(class) = class_of(classes, *index) else {
+                continue;
+            };
+            match (classifier.action(class), &*result) {
+                (Action::Bounce, RecipientResult::Deferred(r)) => {
+                    *result = RecipientResult::Failed(r.clone());
+                    metrics::with(|m| m.bounce_actions.add("bounce", 1));
+                }
+                (Action::Suspend, RecipientResult::Deferred(_)) => {
+                    let Some(recipient) = envelope.recipients.get(*index as usize) else {
+                        continue;
+                    };
+                    let domain = String::from_utf8_lossy(domain_of(&recipient.address)).to_ascii_lowercase();
+                    if self
+                        .sched
+                        .borrow()
+                        .suspensions()
+                        .until_unix_s(domain.as_bytes())
+                        .is_none()
+                    {
+                        let until = now.unix_s + config.bounces.suspend_for.0.as_secs();
+                        if self.suspend(&domain, until) {
+                            info!(
+                                shard = self.shard,
+                                domain,
+                                class = class.as_str(),
+                                "suspended by the {class} action for {}s",
+                                config.bounces.suspend_for.0.as_secs()
+                            );
+                            metrics::with(|m| m.bounce_actions.add("suspend", 1));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        results
+    }
 }
 
 impl Deliverer {
@@ -139,6 +230,7 @@ impl Deliverer {
         envelope: &StoredEnvelope,
         results: &[(u32, RecipientResult)],
         verdicts: &[(u32, Verdict)],
+        classes: &[(u32, Class)],
         attempt: &Attempt,
     ) {
         let relay = attempt.relay.map_or_else(|| "none".to_string(), |a| a.to_string());
@@ -153,6 +245,7 @@ impl Deliverer {
             let reply = match result {
                 RecipientResult::Delivered(r) | RecipientResult::Failed(r) | RecipientResult::Deferred(r) => r.text(),
             };
+            let class = class_of(classes, *index).map_or("none", Class::as_str);
             if crate::events::enabled() {
                 let kind = match verdict {
                     Verdict::Delivered => "delivered",
@@ -170,6 +263,7 @@ impl Deliverer {
                     client: None,
                     relay: Some(relay.clone()),
                     reply: Some(reply.clone()),
+                    class: (class != "none").then_some(class),
                 });
             }
             match verdict {
@@ -177,13 +271,13 @@ impl Deliverer {
                     info!(shard = self.shard, %id, %to, mx, %relay, tls, took_ms, "delivered: {reply}")
                 }
                 Verdict::Failed => {
-                    warn!(shard = self.shard, %id, %to, mx, %relay, tls, took_ms, "failed for good: {reply}")
+                    warn!(shard = self.shard, %id, %to, mx, %relay, tls, took_ms, class, "failed for good: {reply}")
                 }
                 Verdict::Expired => {
-                    warn!(shard = self.shard, %id, %to, mx, %relay, "expired after queue_lifetime: {reply}")
+                    warn!(shard = self.shard, %id, %to, mx, %relay, class, "expired after queue_lifetime: {reply}")
                 }
                 Verdict::Deferred => {
-                    info!(shard = self.shard, %id, %to, mx, %relay, tls, took_ms, "deferred: {reply}")
+                    info!(shard = self.shard, %id, %to, mx, %relay, tls, took_ms, class, "deferred: {reply}")
                 }
             }
         }

@@ -498,6 +498,7 @@ impl Shard {
                 client: Some(session.client_ip().to_string()),
                 relay: None,
                 reply: None,
+                class: None,
             });
         }
         let envelope = EnvelopeBytes::from_envelope(env, session.origin());

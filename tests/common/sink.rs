@@ -26,6 +26,9 @@ pub struct Behaviour {
     pub defer_data: AtomicUsize,
     /// Answer `550` to RCPT for addresses containing this.
     pub reject_rcpt: Mutex<Option<String>>,
+    /// Scripted RCPT replies: an address containing the first string gets the second as its
+    /// whole reply line (without CRLF), e.g. a receiver's published reply text.
+    pub rcpt_replies: Mutex<Vec<(String, String)>>,
     /// Offer CHUNKING (RFC 3030) and accept BDAT.
     pub chunking: AtomicBool,
     /// Close the connection right after each accepted message, without waiting for QUIT (as a
@@ -211,7 +214,16 @@ fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Capture
                 .unwrap()
                 .as_ref()
                 .is_some_and(|r| rcpt.contains(r.as_str()));
-            if reject {
+            let scripted = behaviour
+                .rcpt_replies
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(part, _)| rcpt.contains(part.as_str()))
+                .map(|(_, reply)| reply.clone());
+            if let Some(reply) = scripted {
+                out.write_all(format!("{reply}\r\n").as_bytes())?;
+            } else if reject {
                 out.write_all(b"550 5.1.1 no such user\r\n")?;
             } else {
                 recipients.push(rcpt);

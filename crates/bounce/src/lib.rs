@@ -13,7 +13,7 @@ mod status;
 
 pub use class::{Action, Class, CLASSES};
 pub use rules::{RuleError, Rules, DEFAULT_RULES, DEFAULT_RULES_NAME, RULES_MAX, RULE_PATTERN_BYTES_MAX};
-pub use status::{enhanced_code, class_of_status};
+pub use status::{class_of_status, enhanced_code};
 
 /// What a classification looks at: the reply (as `"<code> <text>"`, every line joined by a
 /// space), and the receiving site's MX host names (for provider-specific rules), if known.

@@ -192,7 +192,9 @@ fn compile_file(text: &str, name: &str) -> Result<(Vec<Rule>, Vec<String>), Rule
     };
     let file: RulesFile = toml::from_str(text).map_err(|e| RuleError {
         source_name: name.to_string(),
-        line: e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1),
+        line: e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1),
         message: e.message().to_string(),
     })?;
     if file.rules.len() > RULES_MAX {
@@ -241,7 +243,9 @@ fn compile_rule(spec: &RuleSpec, patterns: &mut Vec<String>) -> Result<Rule, Str
     let text = match &spec.text {
         Some(pattern) => {
             if pattern.len() > RULE_PATTERN_BYTES_MAX {
-                return Err(format!("text is longer than {RULE_PATTERN_BYTES_MAX} bytes; shorten the pattern"));
+                return Err(format!(
+                    "text is longer than {RULE_PATTERN_BYTES_MAX} bytes; shorten the pattern"
+                ));
             }
             regex::RegexBuilder::new(pattern)
                 .case_insensitive(true)
@@ -253,7 +257,11 @@ fn compile_rule(spec: &RuleSpec, patterns: &mut Vec<String>) -> Result<Rule, Str
         }
         None => None,
     };
-    let mx = spec.mx.iter().map(|s| s.trim_end_matches('.').to_ascii_lowercase()).collect();
+    let mx = spec
+        .mx
+        .iter()
+        .map(|s| s.trim_end_matches('.').to_ascii_lowercase())
+        .collect();
     Ok(Rule {
         class,
         reply_code,
@@ -329,16 +337,37 @@ mod tests {
     fn real_replies_get_their_classes() {
         let rules = Rules::defaults();
         let cases = [
-            ("550 5.1.1 The email account that you tried to reach does not exist.", Class::InvalidRecipient),
-            ("452 4.2.2 The recipient's inbox is out of storage space.", Class::MailboxFull),
-            ("552 5.3.4 Your message exceeded Google's message size limits.", Class::MessageTooLarge),
-            ("421 4.7.28 Gmail has detected an unusual rate of mail", Class::RateLimited),
-            ("550 5.7.25 The IP address sending this message does not have a PTR record setup", Class::AuthRequired),
-            ("550 5.7.606 Access denied, banned sending IP [192.0.2.1].", Class::PolicyBlock),
+            (
+                "550 5.1.1 The email account that you tried to reach does not exist.",
+                Class::InvalidRecipient,
+            ),
+            (
+                "452 4.2.2 The recipient's inbox is out of storage space.",
+                Class::MailboxFull,
+            ),
+            (
+                "552 5.3.4 Your message exceeded Google's message size limits.",
+                Class::MessageTooLarge,
+            ),
+            (
+                "421 4.7.28 Gmail has detected an unusual rate of mail",
+                Class::RateLimited,
+            ),
+            (
+                "550 5.7.25 The IP address sending this message does not have a PTR record setup",
+                Class::AuthRequired,
+            ),
+            (
+                "550 5.7.606 Access denied, banned sending IP [192.0.2.1].",
+                Class::PolicyBlock,
+            ),
             ("452 4.5.3 Too many recipients", Class::RateLimited),
             ("451 4.4.3 cannot look up mx.example.com: timed out", Class::Dns),
             ("451 4.4.0 no route for the recipient's domain", Class::Routing),
-            ("550 5.1.2 no address for the mail exchangers of example.com", Class::InvalidDomain),
+            (
+                "550 5.1.2 no address for the mail exchangers of example.com",
+                Class::InvalidDomain,
+            ),
             ("421 connection closed by the server", Class::Transient),
             ("554 5.0.0 something else", Class::Other),
         ];
@@ -351,7 +380,10 @@ mod tests {
     fn every_default_rule_cites_its_source_and_has_an_example() {
         let file: RulesFile = toml::from_str(DEFAULT_RULES).unwrap();
         for (i, rule) in file.rules.iter().enumerate() {
-            assert!(rule.source.as_deref().is_some_and(|s| !s.is_empty()), "rule {i} has no source");
+            assert!(
+                rule.source.as_deref().is_some_and(|s| !s.is_empty()),
+                "rule {i} has no source"
+            );
             assert!(rule.example.is_some(), "rule {i} has no example");
         }
     }
@@ -360,8 +392,14 @@ mod tests {
     fn operator_rules_come_first() {
         let mine = "[[rule]]\nclass = \"rate-limited\"\ntext = \"try again in a little\"\nexample = \"451 4.7.1 try again in a little\"\n";
         let rules = Rules::compile(&[(mine, "mine.toml"), (DEFAULT_RULES, DEFAULT_RULES_NAME)]).unwrap();
-        assert_eq!(reply(&rules, "451 4.7.1 Try again in a little while"), Class::RateLimited);
-        assert_eq!(reply(&Rules::defaults(), "451 4.7.1 Try again in a little while"), Class::PolicyBlock);
+        assert_eq!(
+            reply(&rules, "451 4.7.1 Try again in a little while"),
+            Class::RateLimited
+        );
+        assert_eq!(
+            reply(&Rules::defaults(), "451 4.7.1 Try again in a little while"),
+            Class::PolicyBlock
+        );
     }
 
     #[test]
@@ -391,12 +429,24 @@ mod tests {
     #[test]
     fn bad_rules_name_the_file_line_and_fix() {
         let cases = [
-            ("[[rule]]\nclass = \"hard\"\nstatus = \"5.1.1\"\n", "unknown bounce class"),
+            (
+                "[[rule]]\nclass = \"hard\"\nstatus = \"5.1.1\"\n",
+                "unknown bounce class",
+            ),
             ("[[rule]]\nclass = \"other\"\n", "needs reply_code, status or text"),
-            ("\n[[rule]]\nclass = \"other\"\nstatus = \"5.1\"\n", "not an enhanced status code"),
+            (
+                "\n[[rule]]\nclass = \"other\"\nstatus = \"5.1\"\n",
+                "not an enhanced status code",
+            ),
             ("[[rule]]\nclass = \"other\"\nreply_code = \"5x\"\n", "not three digits"),
-            ("[[rule]]\nclass = \"other\"\ntext = \"(unclosed\"\n", "not a regular expression"),
-            ("[[rule]]\nclass = \"other\"\ntext = \"full\"\nexample = \"550 5.1.1 nobody\"\n", "is classed invalid-recipient, not other"),
+            (
+                "[[rule]]\nclass = \"other\"\ntext = \"(unclosed\"\n",
+                "not a regular expression",
+            ),
+            (
+                "[[rule]]\nclass = \"other\"\ntext = \"full\"\nexample = \"550 5.1.1 nobody\"\n",
+                "is classed invalid-recipient, not other",
+            ),
             ("[[rule]]\nclass = \"other\"\nbogus = 1\n", "unknown field"),
         ];
         for (text, want) in cases {
@@ -410,7 +460,13 @@ mod tests {
 
     #[test]
     fn a_long_pattern_is_refused() {
-        let text = format!("[[rule]]\nclass = \"other\"\ntext = \"{}\"\n", "a".repeat(RULE_PATTERN_BYTES_MAX + 1));
-        assert!(Rules::compile(&[(&text, "mine.toml")]).unwrap_err().message.contains("longer than"));
+        let text = format!(
+            "[[rule]]\nclass = \"other\"\ntext = \"{}\"\n",
+            "a".repeat(RULE_PATTERN_BYTES_MAX + 1)
+        );
+        assert!(Rules::compile(&[(&text, "mine.toml")])
+            .unwrap_err()
+            .message
+            .contains("longer than"));
     }
 }

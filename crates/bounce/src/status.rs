@@ -29,7 +29,10 @@ fn parse_at(s: &[u8]) -> Option<(u8, u16, u16)> {
         return None;
     }
     let (detail, rest) = number(&rest[1..])?;
-    if rest.first().is_some_and(|b| b.is_ascii_digit() || (*b == b'.' && rest.get(1).is_some_and(u8::is_ascii_digit))) {
+    if rest
+        .first()
+        .is_some_and(|b| b.is_ascii_digit() || (*b == b'.' && rest.get(1).is_some_and(u8::is_ascii_digit)))
+    {
         return None;
     }
     Some((class, subject, detail))
@@ -99,7 +102,10 @@ mod tests {
     fn finds_the_first_enhanced_code() {
         assert_eq!(enhanced_code("5.1.1 no such user"), Some((5, 1, 1)));
         assert_eq!(enhanced_code("4.7.28 unusual rate"), Some((4, 7, 28)));
-        assert_eq!(enhanced_code("192.0.2.1:25 greeted with 554 5.7.1 blocked"), Some((5, 7, 1)));
+        assert_eq!(
+            enhanced_code("192.0.2.1:25 greeted with 554 5.7.1 blocked"),
+            Some((5, 7, 1))
+        );
         assert_eq!(enhanced_code("Service unavailable"), None);
         // Not codes: an address, a version, a code glued to a word.
         assert_eq!(enhanced_code("from 192.0.2.1 rejected"), None);

@@ -215,8 +215,16 @@ impl Exposition {
         counter_family(
             e,
             "gannet_bounces",
-            "Recipients returned to their sender with a DSN, by reason.",
-            m.bounces.iter().map(|(reason, v)| (vec![("reason", reason)], v)),
+            "Delivery failures and deferrals per recipient, by bounce class and result (failed, expired, deferred, operator).",
+            m.bounces
+                .iter()
+                .map(|((class, result), v)| (vec![("class", class), ("result", result)], v)),
+        )?;
+        counter_family(
+            e,
+            "gannet_bounce_actions",
+            "Actions bounce classes took beyond the reply's own code: bounce (a temporary failure returned now), suppress, suspend (the recipient's domain).",
+            m.bounce_actions.iter().map(|(action, v)| (vec![("action", action)], v)),
         )?;
         counter_family(
             e,

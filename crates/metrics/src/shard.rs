@@ -59,8 +59,12 @@ pub struct ShardMetrics {
     pub destination_health: Counts<&'static str>,
     /// Destinations down now (set when the metrics are gathered).
     pub destinations_down: u64,
-    /// Bounces (DSNs for failed recipients) by reason: `failed`, `expired`, `routing`.
-    pub bounces: Counts<&'static str>,
+    /// Failed and deferred recipients by (bounce class, result): result `failed`, `expired`,
+    /// `deferred` or `operator` (returned by the operator; class `other`).
+    pub bounces: Counts<(&'static str, &'static str)>,
+    /// Actions bounce classes took beyond the reply's own code: `bounce` (a 4xx returned now),
+    /// `suppress`, `suspend`.
+    pub bounce_actions: Counts<&'static str>,
     pub expired: u64,
     pub queue_time: Histogram,
     pub delivery_duration: Histogram,
@@ -99,6 +103,7 @@ impl ShardMetrics {
             destinations: Destinations::new(limits.destinations_max, limits.destination_label_after_attempts),
             retries: 0,
             bounces: Counts::default(),
+            bounce_actions: Counts::default(),
             expired: 0,
             queue_time: Histogram::new(QUEUE_SECONDS),
             delivery_duration: Histogram::new(NETWORK_SECONDS),
@@ -171,6 +176,7 @@ impl ShardMetrics {
         self.destinations.merge(&other.destinations);
         self.retries += other.retries;
         self.bounces.merge(&other.bounces);
+        self.bounce_actions.merge(&other.bounce_actions);
         self.expired += other.expired;
         self.queue_time.merge(&other.queue_time);
         self.delivery_duration.merge(&other.delivery_duration);

@@ -854,6 +854,27 @@ impl Scheduler {
         if message.jobs_outstanding > 0 {
             return Some(Completed::Pending);
         }
+        if let Some(until_unix_s) = self.suspended_until(id) {
+            // Everything it has left waits for a suspension (an operator's, or a bounce
+            // class's `suspend` action): it parks without a backoff step, so the suspension
+            // and the message's own retry timing never add up.
+            let message = self.queue.get_mut(&id).expect("checked");
+            message.next_attempt_unix_s = Some(until_unix_s);
+            self.state.deferrals.push(Deferral {
+                id,
+                attempts: message.attempts,
+                next_attempt_unix_s: until_unix_s,
+                delay_notified: message.delay_notified,
+                held: message.held,
+            });
+            if !message.held {
+                self.suspensions.park(id);
+            }
+            return Some(Completed::Retry {
+                at_unix_s: until_unix_s,
+            });
+        }
+        let message = self.queue.get_mut(&id).expect("checked");
         message.attempts += 1;
         let delay = self.config.retry.delay(message.attempts, self.rng.next_u64());
         let at_unix_s = now.unix_s + delay.as_secs();
@@ -870,6 +891,21 @@ impl Scheduler {
             self.retries.insert((now.instant + delay, id));
         }
         Some(Completed::Retry { at_unix_s })
+    }
+
+    /// When the last suspension stopping every pending recipient of `id` ends; None if one of
+    /// them is not suspended.
+    fn suspended_until(&self, id: MessageId) -> Option<u64> {
+        let message = self.queue.get(&id)?;
+        let mut latest = None;
+        for (i, recipient) in message.envelope.view().recipients().enumerate() {
+            if message.done.contains(i) {
+                continue;
+            }
+            let until = self.suspensions.until_unix_s(domain_of(recipient.address))?;
+            latest = latest.max(Some(until));
+        }
+        latest
     }
 
     /// The delivery state gathered since the last call.
@@ -1249,6 +1285,35 @@ mod tests {
         s.worker_ended(&first, true, t0);
         let next = s.next_worker().expect("a waiting site gets the place");
         assert_ne!(next, first);
+    }
+
+    #[test]
+    fn a_deferral_to_a_suspended_domain_parks_without_a_backoff_step() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        let m = message(1, "a@x", &["b@relay.test"]);
+        let id = m.id;
+        s.insert(m);
+        s.plan(id, t0).unwrap();
+        let key = s.next_worker().unwrap();
+        let job = s.next_job(&key, t0).unwrap();
+        // The reply's class suspends the domain (as a `suspend` action does) before the job ends.
+        assert!(s.suspend("relay.test", 1_000_600));
+        let results = [(0, RecipientResult::Deferred(reply(450)))];
+        let c = s.classify(job.id, &results, now(t0, 0)).unwrap();
+        let done = s.complete(job.id, &c.done, false, now(t0, 0)).unwrap();
+        assert_eq!(done, Completed::Retry { at_unix_s: 1_000_600 });
+        assert!(s.is_parked(&id));
+        assert!(
+            s.due(t0 + Duration::from_secs(3600)).is_empty(),
+            "no retry timer of its own"
+        );
+        let state = s.take_state();
+        assert_eq!(state.deferrals[0].attempts, 0, "the suspension is not a failed attempt");
+        assert_eq!(s.queue().get(&id).unwrap().attempts, 0);
+        // The suspension's end brings it back, in the fresh lane still.
+        assert_eq!(s.expire_suspensions(1_000_600), vec![id]);
+        assert_eq!(s.plan(id, t0).unwrap().lane, Lane::Fresh);
     }
 
     #[test]

@@ -76,6 +76,14 @@ impl Suspensions {
                 .any(|s| s.domain.as_bytes().eq_ignore_ascii_case(domain))
     }
 
+    /// When the suspension of `domain` (as stored: any case) ends, if it is suspended.
+    pub fn until_unix_s(&self, domain: &[u8]) -> Option<u64> {
+        self.active
+            .iter()
+            .find(|s| s.domain.as_bytes().eq_ignore_ascii_case(domain))
+            .map(|s| s.until_unix_s)
+    }
+
     pub fn park(&mut self, id: MessageId) {
         self.parked.insert(id);
     }

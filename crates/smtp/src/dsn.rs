@@ -16,6 +16,9 @@ pub struct FailedRecipient {
     pub diagnostic: String,
     /// Who said it: the relay's address, when a remote server answered.
     pub remote_mta: Option<String>,
+    /// The failure's bounce class (`invalid-recipient`, ...), reported in an RFC 3464
+    /// extension field, `X-Gannet-Bounce-Class`.
+    pub class: Option<&'static str>,
 }
 
 /// Whether a failure notice for this recipient should be sent at all.
@@ -173,6 +176,9 @@ pub fn build_bounce(
             out.push_str(&format!("Remote-MTA: dns; {mta}\r\n"));
         }
         out.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", f.diagnostic));
+        if let Some(class) = f.class {
+            out.push_str(&format!("X-Gannet-Bounce-Class: {class}\r\n"));
+        }
     }
     // The original: whole (RET=FULL) or headers.
     let full = envelope.ret == Ret::Full;
@@ -246,6 +252,7 @@ mod tests {
         let failed = [FailedRecipient {
             index: 0,
             diagnostic: "550 5.1.1 no such user".into(),
+            class: Some("invalid-recipient"),
             remote_mta: Some("[192.0.2.1]:25".into()),
         }];
         let bounce = String::from_utf8(build_bounce(
@@ -259,7 +266,8 @@ mod tests {
         assert!(bounce.contains("To: <a@x.test>\r\n"));
         assert!(bounce.contains("Original-Envelope-Id: ENV42\r\n"));
         assert!(bounce.contains("Final-Recipient: rfc822; gone@remote.test\r\nOriginal-Recipient: rfc822;gone@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"));
-        assert!(bounce.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"));
+        assert!(bounce
+            .contains("Diagnostic-Code: smtp; 550 5.1.1 no such user\r\nX-Gannet-Bounce-Class: invalid-recipient\r\n"));
         assert!(bounce.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\n"));
         assert!(!bounce.contains("secret body"), "RET=HDRS returns headers only");
         assert!(bounce.ends_with("--ID1/mx.test--\r\n"));
@@ -297,6 +305,7 @@ mod tests {
             index: 0,
             diagnostic: "451 4.3.0 try later".into(),
             remote_mta: None,
+            class: None,
         }];
         let notice = String::from_utf8(build_bounce(
             &ctx,

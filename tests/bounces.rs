@@ -1,0 +1,211 @@
+//! Bounce classification end to end: the real binary delivers to a capture receiver of the
+//! tests' own that answers each recipient with a receiver's published reply text (from
+//! crates/bounce/default-rules.toml); the classes show in the metrics, the log, the DSN and
+//! the queue API, and the configured actions act.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sink::CaptureSink;
+use common::{Gannet, Setup};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The value of one sample in the server's metrics (0 when absent).
+fn metric(g: &Gannet, key: &str) -> f64 {
+    let (status, text) = g.http("GET", "/metrics", None, &[]);
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Recipient local part, the receiver's reply to its RCPT, and the class it must get.
+const SCRIPT: [(&str, &str, &str); 8] = [
+    ("gone", "550 5.1.1 The email account that you tried to reach does not exist.", "invalid-recipient"),
+    ("yahoo-dd", "554 delivery error: dd This user doesn't have a yahoo.com account (yahoo-dd@capture.test) [0] - mta1001.mail.bf1.yahoo.com", "invalid-recipient"),
+    ("full", "552 5.2.2 The email account that you tried to reach is over quota.", "mailbox-full"),
+    ("big", "552 5.3.4 Your message exceeded Google's message size limits.", "message-too-large"),
+    ("spam", "554 5.7.1 Spam message rejected", "content-rejected"),
+    ("listed", "553 5.7.1 [BL21] Connections will not be accepted from 192.0.2.1, because the ip is in Spamhaus's list; see https://postmaster.yahooinc.com/error-codes", "policy-block"),
+    ("unauth", "550 5.7.26 This mail has been blocked because the sender is unauthenticated. Gmail requires all senders to authenticate with either SPF or DKIM.", "auth-required"),
+    ("busy", "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages from being delivered.", "rate-limited"),
+];
+
+#[test]
+fn every_failure_gets_its_class_in_metrics_log_dsn_and_api() {
+    let receiver = CaptureSink::start();
+    let senders = CaptureSink::start();
+    *receiver.behaviour.rcpt_replies.lock().unwrap() = SCRIPT
+        .iter()
+        .map(|(who, reply, _)| (format!("{who}@"), reply.to_string()))
+        .collect();
+    let mut setup = Setup::new();
+    setup
+        .route("capture.test", receiver.addr)
+        .route("back.test", senders.addr)
+        .set("delivery", "retry_first", "\"1h\"");
+    let g = Gannet::start(&setup);
+    let mut to: Vec<String> = SCRIPT.iter().map(|(who, _, _)| format!("{who}@capture.test")).collect();
+    to.push("ok@capture.test".into());
+    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+    common::send_message(g.mx(), "s@back.test", &to, "Subject: classes\r\n\r\nbody\r\n");
+    receiver.wait_for(1, WAIT);
+    // One DSN, for the seven that failed for good.
+    let dsn = senders.wait_for(1, WAIT).remove(0);
+    let dsn = String::from_utf8_lossy(&dsn.content).into_owned();
+    for (who, _, class) in &SCRIPT[..7] {
+        let block = format!("Final-Recipient: rfc822; {who}@capture.test\r\n");
+        let at = dsn
+            .find(&block)
+            .unwrap_or_else(|| panic!("{who} not in the DSN:\n{dsn}"));
+        let rest = &dsn[at..];
+        let end = rest[block.len()..]
+            .find("Final-Recipient")
+            .map_or(rest.len(), |e| e + block.len());
+        assert!(
+            rest[..end].contains(&format!("X-Gannet-Bounce-Class: {class}\r\n")),
+            "{who}: {}",
+            &rest[..end]
+        );
+    }
+    assert!(!dsn.contains("busy@capture.test"), "the deferred one is not in the DSN");
+    let key = |class: &str, result: &str| format!("gannet_bounces_total{{class=\"{class}\",result=\"{result}\"}}");
+    assert_eq!(metric(&g, &key("invalid-recipient", "failed")), 2.0);
+    for class in [
+        "mailbox-full",
+        "message-too-large",
+        "content-rejected",
+        "policy-block",
+        "auth-required",
+    ] {
+        assert_eq!(metric(&g, &key(class, "failed")), 1.0, "{class}");
+    }
+    assert_eq!(metric(&g, &key("rate-limited", "deferred")), 1.0);
+    assert!(g.wait_for_log("class=\"rate-limited\"", WAIT), "{}", g.log_text());
+    assert!(g.log_text().contains("class=\"invalid-recipient\""), "{}", g.log_text());
+    // The queue API names the deferred recipient's last class.
+    let (status, list) = g.http("GET", "/api/queue", None, &[]);
+    assert_eq!(status, 200, "{list}");
+    let listed: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let id = listed["messages"][0]["id"]
+        .as_str()
+        .expect("one message queued")
+        .to_string();
+    let (status, shown) = g.http("GET", &format!("/api/queue/{id}"), None, &[]);
+    assert_eq!(status, 200, "{shown}");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["last_class"], "rate-limited", "{shown}");
+}
+
+#[test]
+fn configured_actions_bounce_at_once_and_suspend_the_destination() {
+    let receiver = CaptureSink::start();
+    let senders = CaptureSink::start();
+    *receiver.behaviour.rcpt_replies.lock().unwrap() = vec![
+        ("full@".into(), "452 4.2.2 The recipient's inbox is out of storage space.".into()),
+        ("busy@".into(), "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages from being delivered.".into()),
+    ];
+    let mut setup = Setup::new();
+    setup
+        .route("capture.test", receiver.addr)
+        .route("slow.test", receiver.addr)
+        .route("back.test", senders.addr)
+        .set("delivery", "retry_first", "\"1h\"")
+        .set("bounces", "suspend_for", "\"1h\"")
+        .set("bounces.actions", "mailbox-full", "\"bounce\"")
+        .set("bounces.actions", "rate-limited", "\"suspend\"");
+    let g = Gannet::start(&setup);
+    // A 452 over quota: returned at once instead of retried.
+    common::send_message(
+        g.mx(),
+        "s@back.test",
+        &["full@capture.test"],
+        "Subject: full\r\n\r\nx\r\n",
+    );
+    let dsn = senders.wait_for(1, WAIT).remove(0);
+    let dsn = String::from_utf8_lossy(&dsn.content).into_owned();
+    assert!(dsn.contains("Action: failed\r\nStatus: 4.2.2\r\n"), "{dsn}");
+    assert!(dsn.contains("X-Gannet-Bounce-Class: mailbox-full"), "{dsn}");
+    assert_eq!(metric(&g, "gannet_bounce_actions_total{action=\"bounce\"}"), 1.0);
+    // A rate-limit reply suspends slow.test: the message parks on the suspension, without a
+    // backoff step, and slow.test's next message is not tried at all.
+    common::send_message(g.mx(), "s@back.test", &["busy@slow.test"], "Subject: busy\r\n\r\nx\r\n");
+    assert!(
+        g.wait_for_log("suspended by the rate-limited action", WAIT),
+        "{}",
+        g.log_text()
+    );
+    let connections = receiver.connections.load(std::sync::atomic::Ordering::Acquire);
+    common::send_message(
+        g.mx(),
+        "s@back.test",
+        &["other@slow.test"],
+        "Subject: next\r\n\r\nx\r\n",
+    );
+    // Mail to another domain on the same receiver still flows.
+    common::send_message(g.mx(), "s@back.test", &["ok@capture.test"], "Subject: ok\r\n\r\nx\r\n");
+    let got = receiver.wait_for(1, WAIT);
+    assert_eq!(got[0].recipients, ["ok@capture.test"]);
+    let (status, list) = g.http("GET", "/api/queue", None, &[]);
+    assert_eq!(status, 200, "{list}");
+    let listed: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let messages = listed["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{list}");
+    for m in messages {
+        assert_eq!(m["state"], "suspended", "{list}");
+        assert_eq!(m["attempts"], 0, "no backoff step: {list}");
+    }
+    assert_eq!(metric(&g, "gannet_bounce_actions_total{action=\"suspend\"}"), 1.0);
+    assert!(
+        receiver.connections.load(std::sync::atomic::Ordering::Acquire) <= connections + 1,
+        "slow.test's second message opened no connection of its own"
+    );
+}
+
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(common::BIN)
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_broken_rules_file_or_action_is_refused_naming_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("bounce-rules.toml");
+    std::fs::write(
+        &rules,
+        "# mine\n[[rule]]\nclass = \"rate-limited\"\ntext = \"(unclosed\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("gannet.toml");
+    std::fs::write(
+        &config,
+        format!("[bounces]\nrules_file = {:?}\n", rules.display().to_string()),
+    )
+    .unwrap();
+    let out = check_config(&config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&format!("{}:2", rules.display())), "{stderr}");
+    assert!(stderr.contains("not a regular expression"), "{stderr}");
+    // A file whose examples hold is taken, and its rules come first.
+    std::fs::write(
+        &rules,
+        "[[rule]]\nclass = \"rate-limited\"\ntext = \"slow down please\"\nexample = \"451 4.7.1 slow down please\"\n",
+    )
+    .unwrap();
+    let out = check_config(&config);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&config, "[bounces.actions]\nmailbox-full = \"drop\"\n").unwrap();
+    let out = check_config(&config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("gannet.toml:2: bounces.actions.mailbox-full: unknown action"),
+        "{stderr}"
+    );
+}
