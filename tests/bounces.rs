@@ -209,3 +209,42 @@ fn a_broken_rules_file_or_action_is_refused_naming_the_file_and_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_reply_rule_pauses_the_destination_for_its_time_and_then_it_resumes() {
+    let receiver = CaptureSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("bounce-rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nclass = \"rate-limited\"\ntext = \"\\\\[TSS04\\\\]\"\naction = \"suspend\"\nsuspend_for = \"2s\"\n",
+    )
+    .unwrap();
+    // Yahoo's published deferral for too much volume, at RCPT.
+    *receiver.behaviour.rcpt_replies.lock().unwrap() = vec![(
+        "@yahoo.test".into(),
+        "451 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes".into(),
+    )];
+    let mut setup = Setup::new();
+    setup
+        .route("yahoo.test", receiver.addr)
+        .route("other.test", receiver.addr)
+        .set("delivery", "retry_first", "\"1h\"")
+        .set("bounces", "rules_file", &format!("{:?}", rules.display().to_string()));
+    let g = Gannet::start(&setup);
+    common::send_message(g.mx(), "s@other.test", &["a@yahoo.test"], "Subject: y\r\n\r\nx\r\n");
+    assert!(
+        g.wait_for_log("suspended by the rate-limited action for 2s", WAIT),
+        "{}",
+        g.log_text()
+    );
+    // The receiver takes mail again; other destinations never stopped.
+    receiver.behaviour.rcpt_replies.lock().unwrap().clear();
+    common::send_message(g.mx(), "s@other.test", &["b@other.test"], "Subject: o\r\n\r\nx\r\n");
+    let first = receiver.wait_for(1, WAIT);
+    assert_eq!(first[0].recipients, ["b@other.test"]);
+    // After the rule's 2 s, not the hour of the message's own retry schedule, it goes.
+    let both = receiver.wait_for(2, WAIT);
+    assert_eq!(both[1].recipients, ["a@yahoo.test"]);
+    assert!(g.log_text().contains("a suspension expired"), "{}", g.log_text());
+}

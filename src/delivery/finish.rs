@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 
-use gannet_bounce::{Action, Class, Failure};
+use gannet_bounce::{Action, Class, Classification, Failure};
 use gannet_sched::scheduler::domain_of;
 use gannet_sched::{Completed, QueuedMessage, Verdict};
 use gannet_smtp::client::RecipientResult;
@@ -121,7 +121,7 @@ impl Deliverer {
 
 /// Expired recipients, for `gannet_expired_total`; every failed, expired or deferred
 /// recipient by class, for `gannet_bounces_total`.
-fn count_verdicts(verdicts: &[(u32, Verdict)], classes: &[(u32, Class)]) {
+fn count_verdicts(verdicts: &[(u32, Verdict)], classes: &[(u32, Classification)]) {
     let expired = verdicts.iter().filter(|(_, v)| *v == Verdict::Expired).count() as u64;
     metrics::with(|m| {
         m.expired += expired;
@@ -140,7 +140,11 @@ fn count_verdicts(verdicts: &[(u32, Verdict)], classes: &[(u32, Class)]) {
 
 /// The class of every recipient that was not delivered. The MX host names of the site (for
 /// provider rules) come from the attempt.
-fn classify(classifier: &Classifier, results: &[(u32, RecipientResult)], attempt: &Attempt) -> Vec<(u32, Class)> {
+fn classify(
+    classifier: &Classifier,
+    results: &[(u32, RecipientResult)],
+    attempt: &Attempt,
+) -> Vec<(u32, Classification)> {
     let site = attempt.site.as_deref().unwrap_or("");
     let hosts: Vec<&str> = site
         .trim_start_matches("MX ")
@@ -159,14 +163,14 @@ fn classify(classifier: &Classifier, results: &[(u32, RecipientResult)], attempt
                     text: &text,
                     mx_hosts: &hosts,
                 };
-                Some((*index, classifier.rules.classify(&failure)))
+                Some((*index, classifier.rules.classify_fully(&failure)))
             }
         })
         .collect()
 }
 
-fn class_of(classes: &[(u32, Class)], index: u32) -> Option<Class> {
-    classes.iter().find(|(i, _)| *i == index).map(|(_, c)| *c)
+fn class_of(classes: &[(u32, Classification)], index: u32) -> Option<Class> {
+    classes.iter().find(|(i, _)| *i == index).map(|(_, c)| c.class)
 }
 
 impl Deliverer {
@@ -177,16 +181,19 @@ impl Deliverer {
         &self,
         envelope: &StoredEnvelope,
         mut results: Vec<(u32, RecipientResult)>,
-        classes: &[(u32, Class)],
+        classes: &[(u32, Classification)],
         now: Now,
     ) -> Vec<(u32, RecipientResult)> {
         let config = self.config();
         let classifier = config.bounces.classifier();
         for (index, result) in &mut results {
-            let Some(class) = class_of(classes, *index) else {
+            let Some((_, found)) = classes.iter().find(|(i, _)| i == index) else {
                 continue;
             };
-            match (classifier.action(class), &*result) {
+            let class = found.class;
+            let action = found.action.unwrap_or_else(|| classifier.action(class));
+            let suspend_for = found.suspend_for.unwrap_or(config.bounces.suspend_for.0);
+            match (action, &*result) {
                 (Action::Bounce, RecipientResult::Deferred(r)) => {
                     *result = RecipientResult::Failed(r.clone());
                     metrics::with(|m| m.bounce_actions.add("bounce", 1));
@@ -203,14 +210,14 @@ impl Deliverer {
                         .until_unix_s(domain.as_bytes())
                         .is_none()
                     {
-                        let until = now.unix_s + config.bounces.suspend_for.0.as_secs();
+                        let until = now.unix_s + suspend_for.as_secs();
                         if self.suspend(&domain, until) {
                             info!(
                                 shard = self.shard,
                                 domain,
                                 class = class.as_str(),
                                 "suspended by the {class} action for {}s",
-                                config.bounces.suspend_for.0.as_secs()
+                                suspend_for.as_secs()
                             );
                             metrics::with(|m| m.bounce_actions.add("suspend", 1));
                         }
@@ -230,7 +237,7 @@ impl Deliverer {
         envelope: &StoredEnvelope,
         results: &[(u32, RecipientResult)],
         verdicts: &[(u32, Verdict)],
-        classes: &[(u32, Class)],
+        classes: &[(u32, Classification)],
         attempt: &Attempt,
     ) {
         let relay = attempt.relay.map_or_else(|| "none".to_string(), |a| a.to_string());

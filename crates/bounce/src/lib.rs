@@ -12,7 +12,10 @@ mod rules;
 mod status;
 
 pub use class::{Action, Class, CLASSES};
-pub use rules::{RuleError, Rules, DEFAULT_RULES, DEFAULT_RULES_NAME, RULES_MAX, RULE_PATTERN_BYTES_MAX};
+pub use rules::{
+    Classification, RuleError, Rules, DEFAULT_RULES, DEFAULT_RULES_NAME, RULES_MAX, RULE_PATTERN_BYTES_MAX,
+    SUSPEND_FOR_MAX,
+};
 pub use status::{class_of_status, enhanced_code};
 
 /// What a classification looks at: the reply (as `"<code> <text>"`, every line joined by a

@@ -6,11 +6,13 @@
 //! Invariant: a compiled [`Rules`] holds at most [`RULES_MAX`] rules, each with at least one
 //! condition, and its text patterns are all in one `RegexSet` (one pass over the reply).
 
+use std::time::Duration;
+
 use regex::{RegexSet, RegexSetBuilder};
 use serde::Deserialize;
 
 use crate::status::{class_of_status, enhanced_code};
-use crate::{Class, Failure};
+use crate::{Action, Class, Failure};
 
 /// The default rules, embedded.
 pub const DEFAULT_RULES: &str = include_str!("../default-rules.toml");
@@ -50,7 +52,23 @@ struct RuleSpec {
     source: Option<String>,
     /// A reply this rule must classify (`"<code> <text>"`); checked when the rules load.
     example: Option<String>,
+    /// What a match does, instead of its class's action: retry, bounce, suppress, suspend.
+    action: Option<String>,
+    /// With `action = "suspend"`: for how long ("90s", "30m", "2h", "1d"; up to 7 days).
+    suspend_for: Option<String>,
 }
+
+/// A classification: the class, and the matching rule's own action, if it has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classification {
+    pub class: Class,
+    pub action: Option<Action>,
+    /// How long a `suspend` action of the rule suspends (None: the configuration's default).
+    pub suspend_for: Option<Duration>,
+}
+
+/// The longest suspension a rule may ask for.
+pub const SUSPEND_FOR_MAX: Duration = Duration::from_secs(7 * 86_400);
 
 /// A rule file that cannot be used: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +98,8 @@ struct Rule {
     /// Index of its pattern in the set.
     text: Option<usize>,
     mx: Vec<String>,
+    action: Option<Action>,
+    suspend_for: Option<Duration>,
 }
 
 /// Compiled rules (see the module's doc).
@@ -132,6 +152,11 @@ impl Rules {
 
     /// The class of a failure (see the module's doc).
     pub fn classify(&self, failure: &Failure<'_>) -> Class {
+        self.classify_fully(failure).class
+    }
+
+    /// The class of a failure and the action of the rule that gave it.
+    pub fn classify_fully(&self, failure: &Failure<'_>) -> Classification {
         let enhanced = enhanced_code(failure.text);
         let matched = self.texts.matches(failure.text);
         let digits = [
@@ -163,9 +188,17 @@ impl Rules {
             {
                 continue;
             }
-            return rule.class;
+            return Classification {
+                class: rule.class,
+                action: rule.action,
+                suspend_for: rule.suspend_for,
+            };
         }
-        class_of_status(failure.code, enhanced)
+        Classification {
+            class: class_of_status(failure.code, enhanced),
+            action: None,
+            suspend_for: None,
+        }
     }
 
     /// Classifies a whole reply line, `"<code> <text>"` (or `"<code>-<text>"`).
@@ -262,13 +295,39 @@ fn compile_rule(spec: &RuleSpec, patterns: &mut Vec<String>) -> Result<Rule, Str
         .iter()
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase())
         .collect();
+    let action = spec.action.as_deref().map(str::parse::<Action>).transpose()?;
+    let suspend_for = spec.suspend_for.as_deref().map(parse_duration).transpose()?;
+    if suspend_for.is_some() && action != Some(Action::Suspend) {
+        return Err("suspend_for needs action = \"suspend\"".into());
+    }
     Ok(Rule {
         class,
         reply_code,
         status,
         text,
         mx,
+        action,
+        suspend_for,
     })
+}
+
+/// "90s", "30m", "2h", "1d": from 1 s to [`SUSPEND_FOR_MAX`].
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("suspend_for {s:?} is not a duration from 1s to 7d like \"90s\", \"30m\", \"2h\"");
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3_600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(bad()),
+    };
+    let d = Duration::from_secs(seconds);
+    if d.is_zero() || d > SUSPEND_FOR_MAX {
+        return Err(bad());
+    }
+    Ok(d)
 }
 
 fn parse_reply_code(s: &str) -> Result<[Option<u8>; 3], String> {
@@ -456,6 +515,36 @@ mod tests {
         }
         let e = Rules::compile(&[("\n[[rule]]\nclass = \"other\"\nstatus = \"5.1\"\n", "mine.toml")]).unwrap_err();
         assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn a_rule_may_carry_its_own_action() {
+        let mine =
+            "[[rule]]\nclass = \"rate-limited\"\ntext = \"TSS04\"\naction = \"suspend\"\nsuspend_for = \"30m\"\n";
+        let rules = Rules::compile(&[(mine, "mine.toml")]).unwrap();
+        let c = rules.classify_fully(&Failure {
+            code: 421,
+            text: "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred",
+            mx_hosts: &[],
+        });
+        assert_eq!(
+            c,
+            Classification {
+                class: Class::RateLimited,
+                action: Some(Action::Suspend),
+                suspend_for: Some(Duration::from_secs(1800)),
+            }
+        );
+        for (bad, want) in [
+            ("action = \"suspend\"\nsuspend_for = \"8d\"", "not a duration"),
+            ("action = \"suspend\"\nsuspend_for = \"0s\"", "not a duration"),
+            ("suspend_for = \"1h\"", "needs action"),
+            ("action = \"pause\"", "unknown action"),
+        ] {
+            let text = format!("[[rule]]\nclass = \"rate-limited\"\ntext = \"x\"\n{bad}\n");
+            let e = Rules::compile(&[(&text, "mine.toml")]).unwrap_err();
+            assert!(e.message.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]
