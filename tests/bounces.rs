@@ -158,6 +158,16 @@ fn configured_actions_bounce_at_once_and_suspend_the_destination() {
         assert_eq!(m["attempts"], 0, "no backoff step: {list}");
     }
     assert_eq!(metric(&g, "gannet_bounce_actions_total{action=\"suspend\"}"), 1.0);
+    // The API lists it apart from the operator's suspensions.
+    let (status, destinations) = g.http("GET", "/api/destinations", None, &[]);
+    assert_eq!(status, 200, "{destinations}");
+    let destinations: serde_json::Value = serde_json::from_str(&destinations).unwrap();
+    assert_eq!(destinations["automatic"][0]["domain"], "slow.test", "{destinations}");
+    assert_eq!(
+        destinations["suspended"].as_array().map(Vec::len),
+        Some(0),
+        "{destinations}"
+    );
     assert!(
         receiver.connections.load(std::sync::atomic::Ordering::Acquire) <= connections + 1,
         "slow.test's second message opened no connection of its own"

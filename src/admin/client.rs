@@ -325,6 +325,8 @@ pub fn suspended(client: &Client, json: bool) -> Result<String, CallError> {
         suspended: Vec<SuspensionRecord>,
         #[serde(default)]
         down: Vec<crate::admin::protocol::DownSite>,
+        #[serde(default)]
+        automatic: Vec<crate::admin::protocol::ShardSuspension>,
     }
     let list: List = parse(&text)?;
     let mut out = String::new();
@@ -334,6 +336,14 @@ pub fn suspended(client: &Client, json: bool) -> Result<String, CallError> {
             s.domain,
             rfc3339(s.until_unix_s),
             s.reason
+        ));
+    }
+    for a in list.automatic {
+        out.push_str(&format!(
+            "{}  until {}  by a bounce action (shard {})\n",
+            a.domain,
+            rfc3339(a.until_unix_s),
+            a.shard
         ));
     }
     for d in list.down {

@@ -160,6 +160,16 @@ pub enum Request {
     },
     /// The destinations down now.
     Down,
+    /// The shard's suspensions in force (the operator's and the bounce actions').
+    Suspensions,
+}
+
+/// A suspension in one shard's scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSuspension {
+    pub domain: String,
+    pub until_unix_s: u64,
+    pub shard: usize,
 }
 
 /// A destination that is down (crates/sched `health`): its mail waits for a probe.
@@ -191,6 +201,7 @@ pub enum Reply {
     /// Messages a resume lets go.
     Resumed(usize),
     Down(Vec<DownSite>),
+    Suspensions(Vec<ShardSuspension>),
     /// The shard could not answer (it is stopping).
     Unavailable,
 }

@@ -395,7 +395,19 @@ async fn destinations(state: &AdminState) -> AdminResponse {
         };
         down.extend(sites);
     }
-    json(StatusCode::OK, &serde_json::json!({ "suspended": list, "down": down }))
+    // Suspensions a shard has that the operator did not set: a bounce class's or rule's
+    // `suspend` action (shard-local, not persisted).
+    let mut automatic: Vec<super::protocol::ShardSuspension> = Vec::new();
+    for reply in state.ask_all(|| Request::Suspensions).await {
+        let Reply::Suspensions(found) = reply else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not answer");
+        };
+        automatic.extend(found.into_iter().filter(|s| !list.iter().any(|o| o.domain == s.domain)));
+    }
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "suspended": list, "automatic": automatic, "down": down }),
+    )
 }
 
 async fn suspend(state: &AdminState, req: &AdminRequest) -> AdminResponse {

@@ -20,7 +20,8 @@ use gannet_smtp::deadline::Now;
 use gannet_smtp::dsn::FailedRecipient;
 
 use crate::admin::protocol::{
-    Acted, Action, DownSite, Listing, MessageDetail, MessageSummary, RecipientDetail, Selector, SummaryRow, AGE_BUCKETS,
+    Acted, Action, DownSite, Listing, MessageDetail, MessageSummary, RecipientDetail, Selector, ShardSuspension,
+    SummaryRow, AGE_BUCKETS,
 };
 use crate::metrics;
 use crate::queue::rfc3339;
@@ -154,6 +155,24 @@ impl Deliverer {
     /// How many destinations are down now.
     pub fn sites_down_count(&self) -> usize {
         self.sched.borrow().sites_down().count()
+    }
+
+    /// This shard's suspensions in force, for the API (which tells the bounce actions' from
+    /// the operator's).
+    pub fn suspensions_in_force(&self) -> Vec<ShardSuspension> {
+        let now_unix_s = crate::smtp::received::unix_now_s();
+        self.sched
+            .borrow()
+            .suspensions()
+            .active()
+            .iter()
+            .filter(|s| s.until_unix_s > now_unix_s)
+            .map(|s| ShardSuspension {
+                domain: s.domain.clone(),
+                until_unix_s: s.until_unix_s,
+                shard: self.shard as usize,
+            })
+            .collect()
     }
 
     /// The destinations down now, for the API.

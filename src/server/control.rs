@@ -59,5 +59,6 @@ pub async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
         Request::Suspend { domain, until_unix_s } => Reply::Suspended(deliverer.suspend(&domain, until_unix_s)),
         Request::Resume { domain } => Reply::Resumed(deliverer.resume(&domain)),
         Request::Down => Reply::Down(deliverer.sites_down()),
+        Request::Suspensions => Reply::Suspensions(deliverer.suspensions_in_force()),
     }
 }
