@@ -258,3 +258,58 @@ fn a_reply_rule_pauses_the_destination_for_its_time_and_then_it_resumes() {
     assert_eq!(both[1].recipients, ["a@yahoo.test"]);
     assert!(g.log_text().contains("a suspension expired"), "{}", g.log_text());
 }
+
+#[test]
+fn sighup_rereads_the_rules_file_and_a_broken_one_keeps_the_rules_in_force() {
+    let receiver = CaptureSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("bounce-rules.toml");
+    std::fs::write(&rules, "# nothing of ours yet\n").unwrap();
+    *receiver.behaviour.rcpt_replies.lock().unwrap() = vec![(
+        "@slow.test".into(),
+        "451 4.7.1 Slow down please, you send too fast".into(),
+    )];
+    let mut setup = Setup::new();
+    setup
+        .route("slow.test", receiver.addr)
+        .set("delivery", "retry_first", "\"1h\"")
+        .set("bounces", "rules_file", &format!("{:?}", rules.display().to_string()));
+    let g = Gannet::start(&setup);
+    let deferred = |class: &str| {
+        metric(
+            &g,
+            &format!("gannet_bounces_total{{class=\"{class}\",result=\"deferred\"}}"),
+        )
+    };
+    let send_and_wait = |n: usize| {
+        common::send_message(g.mx(), "s@slow.test", &["a@slow.test"], "Subject: s\r\n\r\nx\r\n");
+        assert!(g.wait_for_log_count("deferred: 451 4.7.1", n, WAIT), "{}", g.log_text());
+    };
+    send_and_wait(1);
+    assert_eq!(deferred("policy-block"), 1.0, "x.7.1 alone");
+    let reloaded = |n: usize| {
+        g.signal(libc::SIGHUP);
+        assert!(
+            g.wait_for_log_count("reload: configuration", n, WAIT),
+            "{}",
+            g.log_text()
+        );
+    };
+    std::fs::write(
+        &rules,
+        "[[rule]]\nclass = \"rate-limited\"\ntext = \"slow down please\"\nexample = \"451 4.7.1 Slow down please\"\n",
+    )
+    .unwrap();
+    reloaded(1);
+    send_and_wait(2);
+    assert_eq!(deferred("rate-limited"), 1.0, "the new rule is in force");
+    std::fs::write(&rules, "[[rule]]\nclass = \"rate-limited\"\ntext = \"(broken\"\n").unwrap();
+    reloaded(2);
+    assert!(
+        g.log_text().contains("reload: configuration unchanged"),
+        "{}",
+        g.log_text()
+    );
+    send_and_wait(3);
+    assert_eq!(deferred("rate-limited"), 2.0, "the last good rules stay");
+}
