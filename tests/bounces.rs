@@ -256,7 +256,7 @@ fn a_reply_rule_pauses_the_destination_for_its_time_and_then_it_resumes() {
     // After the rule's 2 s, not the hour of the message's own retry schedule, it goes.
     let both = receiver.wait_for(2, WAIT);
     assert_eq!(both[1].recipients, ["a@yahoo.test"]);
-    assert!(g.log_text().contains("a suspension expired"), "{}", g.log_text());
+    assert!(g.wait_for_log("a suspension expired", WAIT), "{}", g.log_text());
 }
 
 #[test]
