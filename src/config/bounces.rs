@@ -41,8 +41,7 @@ pub struct Classifier {
 
 impl Classifier {
     pub fn action(&self, class: Class) -> Action {
-        let i = CLASSES.iter().position(|c| *c == class).expect("every class is listed");
-        self.actions[i]
+        self.actions[class.index()]
     }
 
     /// The defaults alone (tests, and a configuration built in code).
@@ -70,11 +69,13 @@ impl Default for Bounces {
 }
 
 impl Bounces {
-    /// The classifier (the defaults when the configuration was not read through `parse`).
+    /// The classifier (the defaults when the configuration was not read through `parse`,
+    /// compiled once for the process, not once per call).
     pub fn classifier(&self) -> Arc<Classifier> {
+        static DEFAULTS: std::sync::OnceLock<Arc<Classifier>> = std::sync::OnceLock::new();
         self.compiled
             .clone()
-            .unwrap_or_else(|| Arc::new(Classifier::defaults()))
+            .unwrap_or_else(|| DEFAULTS.get_or_init(|| Arc::new(Classifier::defaults())).clone())
     }
 }
 
@@ -84,8 +85,7 @@ pub(super) fn compile(b: &mut Bounces, fail: &Fail<'_>) -> Result<(), ConfigErro
     for (name, action) in &b.actions {
         let class: Class = name.parse().map_err(|e| fail("bounces.actions", 0, name, e))?;
         let action: Action = action.parse().map_err(|e| fail("bounces.actions", 0, name, e))?;
-        let i = CLASSES.iter().position(|c| *c == class).expect("every class is listed");
-        actions[i] = action;
+        actions[class.index()] = action;
     }
     if b.suspend_for.0.is_zero() || b.suspend_for.0 > Duration::from_secs(7 * 86_400) {
         return Err(fail("bounces", 0, "suspend_for", "must be between 1s and 7d".into()));

@@ -50,8 +50,10 @@ impl Deliverer {
             let Some(message) = sched.queue().get(&id) else { return };
             (message.envelope.view().to_stored(), message.record_bytes)
         };
-        let classes = classify(&self.config().bounces.classifier(), &results, &attempt);
-        let results = self.act_on_classes(&envelope, results, &classes, now);
+        let config = self.config();
+        let classifier = config.bounces.classifier();
+        let classes = classify(&classifier, &results, &attempt);
+        let results = self.act_on_classes(&envelope, results, &classes, &classifier, now);
         let Some(classified) = self.sched.borrow().classify(id, &results, now) else {
             return;
         };
@@ -146,8 +148,8 @@ fn classify(
     attempt: &Attempt,
 ) -> Vec<(u32, Classification)> {
     let site = attempt.site.as_deref().unwrap_or("");
+    // The site's label (`destination_label`): its MX hosts joined by commas, or a smarthost.
     let hosts: Vec<&str> = site
-        .trim_start_matches("MX ")
         .split(',')
         .map(|h| h.trim().trim_end_matches('.'))
         .filter(|h| !h.is_empty())
@@ -182,17 +184,17 @@ impl Deliverer {
         envelope: &StoredEnvelope,
         mut results: Vec<(u32, RecipientResult)>,
         classes: &[(u32, Classification)],
+        classifier: &Classifier,
         now: Now,
     ) -> Vec<(u32, RecipientResult)> {
-        let config = self.config();
-        let classifier = config.bounces.classifier();
+        let suspend_for_default = self.config().bounces.suspend_for.0;
         for (index, result) in &mut results {
             let Some((_, found)) = classes.iter().find(|(i, _)| i == index) else {
                 continue;
             };
             let class = found.class;
             let action = found.action.unwrap_or_else(|| classifier.action(class));
-            let suspend_for = found.suspend_for.unwrap_or(config.bounces.suspend_for.0);
+            let suspend_for = found.suspend_for.unwrap_or(suspend_for_default);
             match (action, &*result) {
                 (Action::Bounce, RecipientResult::Deferred(r)) => {
                     *result = RecipientResult::Failed(r.clone());

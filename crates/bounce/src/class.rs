@@ -75,6 +75,11 @@ impl Class {
         }
     }
 
+    /// Its position in [`CLASSES`] (the enum's order is the list's).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// What Gannet does with it unless the configuration says otherwise: hard bounces
     /// (the address or its domain does not exist) suppress the recipient; everything else
     /// follows the reply's code (4xx retried, 5xx returned).
@@ -146,7 +151,8 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for class in CLASSES {
+        for (i, class) in CLASSES.into_iter().enumerate() {
+            assert_eq!(class.index(), i);
             assert_eq!(class.as_str().parse::<Class>(), Ok(class));
         }
         assert!("hard".parse::<Class>().unwrap_err().contains("invalid-recipient"));
