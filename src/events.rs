@@ -1,4 +1,4 @@
-//! The delivery-event webhook: received, delivered, deferred, bounced and expired events, posted
+//! The delivery-event webhook: received, delivered, deferred, bounced, expired and suppressed events, posted
 //! as JSON batches to `[events] url`.
 //!
 //! Shards push events into one bounded lock-free queue (crossbeam's `ArrayQueue`: many
@@ -37,7 +37,7 @@ pub struct Event {
 /// What happened, before the event has its id and time.
 #[derive(Debug, Clone, Serialize)]
 pub struct EventBody {
-    /// received, delivered, deferred, bounced or expired.
+    /// received, delivered, deferred, bounced, expired or suppressed.
     pub kind: &'static str,
     pub message_id: String,
     pub sender: String,

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod rate;
 pub mod server;
 pub mod spool;
+pub mod suppression;
 pub mod transport;
 pub mod units;
 

@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// The suppression list (recipients not to mail), through the running server's API.
+    Suppress {
+        #[command(subcommand)]
+        command: SuppressCommand,
+    },
     /// Print the embedded default configuration.
     DefaultConfig,
     /// Ask the running server (the one holding this configuration's spool) to reload: SIGHUP.
@@ -78,6 +83,69 @@ enum DkimCommand {
         #[arg(long, value_enum, default_value = "rsa")]
         algorithm: KeyAlgorithm,
         /// Where to write the key (default: <selector>.<domain>.key here). Never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SuppressCommand {
+    /// List entries, newest first; every option given must match.
+    List {
+        /// One address.
+        #[arg(long)]
+        address: Option<String>,
+        /// `global`, or a sender domain.
+        #[arg(long)]
+        scope: Option<String>,
+        /// hard-bounce, complaint, operator or import.
+        #[arg(long)]
+        source: Option<String>,
+        /// Text in the address or the reason.
+        #[arg(long)]
+        contains: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whether mail (from SENDER, if given) to ADDRESS is suppressed, and why.
+    Check {
+        address: String,
+        #[arg(long)]
+        sender: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Suppress ADDRESS (source: operator).
+    Add {
+        address: String,
+        /// `global` (the default), or a sender domain: only mail from that domain is stopped.
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Seconds until the entry lapses (default: never).
+        #[arg(long = "expires-after", value_name = "SECONDS")]
+        expires_after_s: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove ADDRESS's entries (of one scope, or of every scope).
+    Remove {
+        address: String,
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a CSV file (header: address,scope,source,reason,added_unix_s,expires_unix_s;
+    /// only address is required).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write every live entry as CSV to FILE (default: standard output).
+    Export {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
@@ -349,6 +417,10 @@ fn run(cli: Cli) -> Result<(), String> {
             let (config, _) = load(cli.config.as_deref())?;
             queue(&config, command)
         }
+        Some(Command::Suppress { command }) => {
+            let (config, _) = load(cli.config.as_deref())?;
+            suppress(&config, command)
+        }
         None => {
             let (config, name) = load(cli.config.as_deref())?;
             gannet::logging::init(&config.log);
@@ -449,6 +521,76 @@ fn queue(config: &Config, command: QueueCommand) -> Result<(), String> {
         QueueCommand::Suspended { json } => client
             .and_then(|c| client::suspended(&c, json))
             .map_err(|e| e.to_string())?,
+    };
+    print!("{answer}");
+    Ok(())
+}
+
+/// `gannet suppress ...`: through the admin API (the list lives in the running server).
+fn suppress(config: &Config, command: SuppressCommand) -> Result<(), String> {
+    use gannet::admin::suppression_client as sc;
+    let client = client::Client::new(config).map_err(|e| e.to_string())?;
+    let answer = match command {
+        SuppressCommand::List {
+            address,
+            scope,
+            source,
+            contains,
+            json,
+        } => {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            for (key, value) in [
+                ("address", address),
+                ("scope", scope),
+                ("source", source),
+                ("contains", contains),
+            ] {
+                if let Some(v) = value {
+                    q.append_pair(key, &v);
+                }
+            }
+            sc::list(&client, &q.finish(), json).map_err(|e| e.to_string())?
+        }
+        SuppressCommand::Check { address, sender, json } => {
+            sc::check(&client, &address, sender.as_deref(), json).map_err(|e| e.to_string())?
+        }
+        SuppressCommand::Add {
+            address,
+            scope,
+            reason,
+            expires_after_s,
+            json,
+        } => {
+            let mut body = serde_json::json!({ "address": address });
+            if let Some(s) = scope {
+                body["scope"] = s.into();
+            }
+            if let Some(r) = reason {
+                body["reason"] = r.into();
+            }
+            if let Some(e) = expires_after_s {
+                body["expires_after_s"] = e.into();
+            }
+            sc::add(&client, body, json).map_err(|e| e.to_string())?
+        }
+        SuppressCommand::Remove { address, scope, json } => {
+            sc::remove(&client, &address, scope.as_deref(), json).map_err(|e| e.to_string())?
+        }
+        SuppressCommand::Import { file, json } => {
+            let csv = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            sc::import(&client, &file.display().to_string(), &csv, json)?
+        }
+        SuppressCommand::Export { out } => {
+            let csv = sc::export(&client).map_err(|e| e.to_string())?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &csv).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    eprintln!("wrote {} bytes to {}", csv.len(), path.display());
+                }
+                None => std::io::stdout().write_all(&csv).map_err(|e| e.to_string())?,
+            }
+            return Ok(());
+        }
     };
     print!("{answer}");
     Ok(())

@@ -565,48 +565,9 @@ fn holds_survive_sigkill_and_deletes_and_bounces_are_for_good() {
     assert_eq!(receiver.wait_for(1, Duration::from_millis(1)).len(), 1);
 }
 
-/// An HTTP receiver for the event webhook: answers 500 to the first N posts, then prints every
-/// event of every batch as a JSON line.
-const EVENT_RECEIVER: &str = r#"
-import http.server, json, sys
-port, fails = int(sys.argv[1]), [int(sys.argv[2])]
-class H(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if fails[0] > 0:
-            fails[0] -= 1
-            self.send_response(500); self.end_headers()
-            print("FAILED", flush=True)
-            return
-        for e in json.loads(body)["events"]:
-            print(json.dumps(e), flush=True)
-        self.send_response(204); self.end_headers()
-    def log_message(self, *args):
-        pass
-srv = http.server.HTTPServer(("127.0.0.1", port), H)
-print("READY", flush=True)
-srv.serve_forever()
-"#;
-
 #[test]
 fn the_event_webhook_gets_every_event_at_least_once_with_unique_ids() {
-    use std::io::BufRead;
-    let port = common::free_port();
-    let mut receiver = Command::new("python3")
-        .args(["-c", EVENT_RECEIVER, &port.to_string(), "2"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = receiver.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    assert_eq!(rx.recv_timeout(WAIT).unwrap(), "READY");
+    let (mut receiver, rx, port) = common::event_receiver(2);
     let sink = CaptureSink::start();
     let mut setup = Setup::new();
     setup

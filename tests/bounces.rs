@@ -12,15 +12,6 @@ use common::{Gannet, Setup};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The value of one sample in the server's metrics (0 when absent).
-fn metric(g: &Gannet, key: &str) -> f64 {
-    let (status, text) = g.http("GET", "/metrics", None, &[]);
-    assert_eq!(status, 200, "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 /// Recipient local part, the receiver's reply to its RCPT, and the class it must get.
 const SCRIPT: [(&str, &str, &str); 8] = [
     ("gone", "550 5.1.1 The email account that you tried to reach does not exist.", "invalid-recipient"),
@@ -72,7 +63,7 @@ fn every_failure_gets_its_class_in_metrics_log_dsn_and_api() {
     }
     assert!(!dsn.contains("busy@capture.test"), "the deferred one is not in the DSN");
     let key = |class: &str, result: &str| format!("gannet_bounces_total{{class=\"{class}\",result=\"{result}\"}}");
-    assert_eq!(metric(&g, &key("invalid-recipient", "failed")), 2.0);
+    assert_eq!(g.metric(&key("invalid-recipient", "failed")), 2.0);
     for class in [
         "mailbox-full",
         "message-too-large",
@@ -80,9 +71,9 @@ fn every_failure_gets_its_class_in_metrics_log_dsn_and_api() {
         "policy-block",
         "auth-required",
     ] {
-        assert_eq!(metric(&g, &key(class, "failed")), 1.0, "{class}");
+        assert_eq!(g.metric(&key(class, "failed")), 1.0, "{class}");
     }
-    assert_eq!(metric(&g, &key("rate-limited", "deferred")), 1.0);
+    assert_eq!(g.metric(&key("rate-limited", "deferred")), 1.0);
     assert!(g.wait_for_log("class=\"rate-limited\"", WAIT), "{}", g.log_text());
     assert!(g.log_text().contains("class=\"invalid-recipient\""), "{}", g.log_text());
     // The queue API names the deferred recipient's last class.
@@ -128,7 +119,7 @@ fn configured_actions_bounce_at_once_and_suspend_the_destination() {
     let dsn = String::from_utf8_lossy(&dsn.content).into_owned();
     assert!(dsn.contains("Action: failed\r\nStatus: 4.2.2\r\n"), "{dsn}");
     assert!(dsn.contains("X-Gannet-Bounce-Class: mailbox-full"), "{dsn}");
-    assert_eq!(metric(&g, "gannet_bounce_actions_total{action=\"bounce\"}"), 1.0);
+    assert_eq!(g.metric("gannet_bounce_actions_total{action=\"bounce\"}"), 1.0);
     // A rate-limit reply suspends slow.test: the message parks on the suspension, without a
     // backoff step, and slow.test's next message is not tried at all.
     common::send_message(g.mx(), "s@back.test", &["busy@slow.test"], "Subject: busy\r\n\r\nx\r\n");
@@ -157,7 +148,7 @@ fn configured_actions_bounce_at_once_and_suspend_the_destination() {
         assert_eq!(m["state"], "suspended", "{list}");
         assert_eq!(m["attempts"], 0, "no backoff step: {list}");
     }
-    assert_eq!(metric(&g, "gannet_bounce_actions_total{action=\"suspend\"}"), 1.0);
+    assert_eq!(g.metric("gannet_bounce_actions_total{action=\"suspend\"}"), 1.0);
     // The API lists it apart from the operator's suspensions.
     let (status, destinations) = g.http("GET", "/api/destinations", None, &[]);
     assert_eq!(status, 200, "{destinations}");
@@ -276,10 +267,9 @@ fn sighup_rereads_the_rules_file_and_a_broken_one_keeps_the_rules_in_force() {
         .set("bounces", "rules_file", &format!("{:?}", rules.display().to_string()));
     let g = Gannet::start(&setup);
     let deferred = |class: &str| {
-        metric(
-            &g,
-            &format!("gannet_bounces_total{{class=\"{class}\",result=\"deferred\"}}"),
-        )
+        g.metric(&format!(
+            "gannet_bounces_total{{class=\"{class}\",result=\"deferred\"}}"
+        ))
     };
     let send_and_wait = |n: usize| {
         common::send_message(g.mx(), "s@slow.test", &["a@slow.test"], "Subject: s\r\n\r\nx\r\n");

@@ -39,6 +39,8 @@ pub struct Client {
     agent: ureq::Agent,
     base: String,
     token: Option<String>,
+    /// The server's `admin.request_size_max` (the same configuration): bodies are cut to fit.
+    pub request_bytes_max: usize,
 }
 
 impl Client {
@@ -57,6 +59,7 @@ impl Client {
             agent,
             base: format!("http://{}", config.admin.address),
             token,
+            request_bytes_max: config.admin.request_size_max.0 as usize,
         })
     }
 
@@ -77,12 +80,48 @@ impl Client {
         Ok(body)
     }
 
+    /// GETs a body of any size (an export: the list is bounded, the default read limit is not
+    /// its bound).
+    pub fn get_bytes(&self, path_and_query: &str) -> Result<Vec<u8>, CallError> {
+        let mut request = self.agent.get(format!("{}{path_and_query}", self.base));
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let mut response = request.call().map_err(|e| CallError::Unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_vec()
+            .map_err(|e| CallError::BadAnswer(e.to_string()))?;
+        if status >= 400 {
+            return Err(CallError::Refused {
+                status,
+                message: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        Ok(body)
+    }
+
     pub fn get(&self, path_and_query: &str) -> Result<String, CallError> {
         let mut request = self.agent.get(format!("{}{path_and_query}", self.base));
         if let Some(token) = &self.token {
             request = request.header("Authorization", format!("Bearer {token}"));
         }
         self.finish(request.call())
+    }
+
+    /// POSTs a body of `content_type` as it is.
+    pub fn post_bytes(&self, path: &str, content_type: &str, body: &[u8]) -> Result<String, CallError> {
+        let mut request = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", content_type);
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        self.finish(request.send(body))
     }
 
     pub fn post(&self, path: &str, body: &serde_json::Value) -> Result<String, CallError> {

@@ -14,6 +14,8 @@ pub mod client;
 mod http;
 pub mod protocol;
 mod routes;
+pub mod suppression_client;
+pub mod suppression_routes;
 pub mod suspensions;
 
 use std::cell::Cell;

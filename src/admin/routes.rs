@@ -7,9 +7,10 @@
 //! - `POST /api/queue/{flush,hold,release,delete,bounce}`: operator actions on what a JSON
 //!   selector matches;
 //! - `GET /api/destinations`, `POST /api/destinations/{suspend,resume}`: suspended
-//!   destinations.
+//!   destinations;
+//! - `/api/suppressions...`: the suppression list (`suppression_routes`).
 
-use gannet_metrics::{EventCounts, Exposition, ShardMetrics, QUEUE_STATES};
+use gannet_metrics::{EventCounts, Exposition, ShardMetrics, SuppressionCounts, QUEUE_STATES};
 use gannet_smtp::received::unix_now_s;
 use hyper::{Method, StatusCode};
 use serde::Serialize;
@@ -35,6 +36,9 @@ fn json(status: StatusCode, value: &impl Serialize) -> AdminResponse {
 
 pub async fn route(state: &AdminState, req: AdminRequest) -> AdminResponse {
     let path = req.path.trim_end_matches('/');
+    if let Some(response) = super::suppression_routes::route(&req, path).await {
+        return response;
+    }
     match (&req.method, path) {
         (&Method::GET, "/metrics") => metrics(state).await,
         (&Method::GET, "/api/queue") => list(state, &req.query).await,
@@ -78,6 +82,7 @@ async fn metrics(state: &AdminState) -> AdminResponse {
         shards: state.shards.len(),
         now_unix_s: unix_now_s(),
         events: crate::events::queue().map_or_else(EventCounts::default, |q| q.counts()),
+        suppression: crate::suppression::get().map_or_else(SuppressionCounts::default, |s| s.counts()),
     };
     match gannet_metrics::encode(exposition) {
         Ok(text) => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
@@ -125,7 +130,7 @@ fn selector_from_query(query: &str) -> Result<(Selector, Vec<(String, String)>),
     Ok((selector, rest))
 }
 
-fn number(params: &[(String, String)], key: &str, default: usize) -> Result<usize, String> {
+pub(super) fn number(params: &[(String, String)], key: &str, default: usize) -> Result<usize, String> {
     match params.iter().find(|(k, _)| k == key) {
         Some((_, v)) => v.parse().map_err(|_| format!("{key} must be a number, not {v:?}")),
         None => Ok(default),

@@ -19,6 +19,7 @@ mod relay;
 mod server;
 mod smtp;
 mod spool;
+pub mod suppression;
 mod tls;
 
 use std::time::Duration;
@@ -47,6 +48,7 @@ pub use relay::{NetworkText, Relay};
 pub use server::{Server, Shards};
 pub use smtp::{BareLineEndingPolicy, Smtp};
 pub use spool::Spool;
+pub use suppression::{AtRcpt, Suppression};
 pub use tls::{Tls, TlsCertificate};
 
 /// How errors and start-up name the embedded default.
@@ -99,6 +101,9 @@ pub struct Config {
     /// How delivery failures are classified and acted on (`gannet_bounce`).
     #[serde(default)]
     pub bounces: Bounces,
+    /// Recipients not to mail (`crate::suppression`).
+    #[serde(default)]
+    pub suppression: Suppression,
 }
 
 impl Config {
@@ -182,6 +187,7 @@ impl Config {
         admin::validate_log(&self.log, &fail)?;
         events::validate(&self.events, &fail)?;
         mail_authentication::validate(&self.mail_authentication, &fail)?;
+        suppression::validate(&self.suppression, &fail)?;
         dkim::validate(&self.dkim, &fail)
     }
 

@@ -15,6 +15,7 @@ use gannet_smtp::dsn::{build_bounce, BounceContext, FailedRecipient};
 use gannet_smtp::envelope::{Envelope, Origin, Ret, StoredEnvelope};
 use gannet_spool::record::EnvelopeBytes;
 use gannet_spool::MessageId;
+use gannet_suppress::journal::Change;
 use tracing::{info, warn};
 
 use super::store::Loaded;
@@ -53,7 +54,10 @@ impl Deliverer {
         let config = self.config();
         let classifier = config.bounces.classifier();
         let classes = classify(&classifier, &results, &attempt);
-        let results = self.act_on_classes(&envelope, results, &classes, &classifier, now);
+        let (results, suppress) = self.act_on_classes(&envelope, results, &classes, &classifier, now);
+        if !suppress.is_empty() {
+            self.suppress_hard_bounces(id, suppress).await;
+        }
         let Some(classified) = self.sched.borrow().classify(id, &results, now) else {
             return;
         };
@@ -186,8 +190,9 @@ impl Deliverer {
         classes: &[(u32, Classification)],
         classifier: &Classifier,
         now: Now,
-    ) -> Vec<(u32, RecipientResult)> {
+    ) -> (Vec<(u32, RecipientResult)>, Vec<Change>) {
         let suspend_for_default = self.config().bounces.suspend_for.0;
+        let mut suppress = Vec::new();
         for (index, result) in &mut results {
             let Some((_, found)) = classes.iter().find(|(i, _)| i == index) else {
                 continue;
@@ -199,6 +204,17 @@ impl Deliverer {
                 (Action::Bounce, RecipientResult::Deferred(r)) => {
                     *result = RecipientResult::Failed(r.clone());
                     metrics::with(|m| m.bounce_actions.add("bounce", 1));
+                }
+                (Action::Suppress, RecipientResult::Failed(r)) => {
+                    let (Some(list), Some(recipient)) =
+                        (crate::suppression::get(), envelope.recipients.get(*index as usize))
+                    else {
+                        continue;
+                    };
+                    let reason = format!("{} ({class})", r.text());
+                    if let Some(change) = list.hard_bounce(&recipient.address, &envelope.sender, &reason, now.unix_s) {
+                        suppress.push(change);
+                    }
                 }
                 (Action::Suspend, RecipientResult::Deferred(_)) => {
                     let Some(recipient) = envelope.recipients.get(*index as usize) else {
@@ -228,7 +244,27 @@ impl Deliverer {
                 _ => {}
             }
         }
-        results
+        (results, suppress)
+    }
+
+    /// Adds hard-bounced recipients to the suppression list (durably, on a blocking thread).
+    async fn suppress_hard_bounces(&self, id: MessageId, changes: Vec<Change>) {
+        let addresses: Vec<String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Add { address, .. } => Some(address.clone()),
+                Change::Remove { .. } => None,
+            })
+            .collect();
+        match crate::suppression::apply(changes).await {
+            Ok(applied) => {
+                metrics::with(|m| m.bounce_actions.add("suppress", applied.added as u64));
+                for to in &addresses {
+                    info!(shard = self.shard, %id, %to, "suppressed after a hard bounce");
+                }
+            }
+            Err(e) => warn!(shard = self.shard, %id, "cannot add hard bounces to the suppression list: {e}"),
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //!   `ipcap`: connections per receiving IP address;
 //! - `store`: reading messages back from their segments (or from the buffers just written);
 //! - `finish`: a job's results, bounces and delay notices;
+//! - `suppressed`: queued recipients on the suppression list, finished undelivered;
 //! - `state`: delivery state records, garbage collection and copy-forward.
 
 use std::cell::{Cell, RefCell};
@@ -34,6 +35,7 @@ pub mod pool;
 pub mod routing;
 pub mod state;
 pub mod store;
+pub mod suppressed;
 pub mod tls;
 pub mod worker;
 

@@ -291,6 +291,10 @@ impl MessageSink for MessageBuffer {
         self.write(bytes)
     }
 
+    fn suppressed(&mut self, recipient: &gannet_smtp::address::Mailbox<'_>, sender: &[u8]) -> Option<String> {
+        crate::suppression::refusal_at_rcpt(recipient, sender)
+    }
+
     fn abandon(&mut self) {
         self.prepended_bytes = 0;
         self.chunks.clear();

@@ -321,6 +321,16 @@ impl Gannet {
         (status.trim().parse().unwrap(), body.to_string())
     }
 
+    /// The value of one sample in the server's metrics, `key` being the family and labels as
+    /// exposed (0 when absent).
+    pub fn metric(&self, key: &str) -> f64 {
+        let (status, text) = self.http("GET", "/metrics", None, &[]);
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
@@ -667,4 +677,49 @@ pub fn assert_unprivileged(pid: i32, uid: u32, gid: u32) {
         threads += 1;
     }
     assert!(threads >= 2, "the server and its shard threads");
+}
+
+/// An HTTP receiver for the event webhook: answers 500 to the first N posts, then prints every
+/// event of every batch as a JSON line.
+const EVENT_RECEIVER: &str = r#"
+import http.server, json, sys
+port, fails = int(sys.argv[1]), [int(sys.argv[2])]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if fails[0] > 0:
+            fails[0] -= 1
+            self.send_response(500); self.end_headers()
+            print("FAILED", flush=True)
+            return
+        for e in json.loads(body)["events"]:
+            print(json.dumps(e), flush=True)
+        self.send_response(204); self.end_headers()
+    def log_message(self, *args):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", port), H)
+print("READY", flush=True)
+srv.serve_forever()
+"#;
+
+/// Starts [`EVENT_RECEIVER`] on a free port, failing the first `fails` posts: the process, its
+/// lines (after READY), and the port.
+pub fn event_receiver(fails: usize) -> (Child, std::sync::mpsc::Receiver<String>, u16) {
+    let port = free_port();
+    let mut receiver = Command::new("python3")
+        .args(["-c", EVENT_RECEIVER, &port.to_string(), &fails.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = receiver.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), "READY");
+    (receiver, rx, port)
 }

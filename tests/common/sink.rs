@@ -34,6 +34,8 @@ pub struct Behaviour {
     /// Close the connection right after each accepted message, without waiting for QUIT (as a
     /// server with a short idle timeout does).
     pub close_after_message: AtomicBool,
+    /// Every RCPT address the sink was given, in order (whatever it answered).
+    pub rcpts_seen: Mutex<Vec<String>>,
 }
 
 pub struct CaptureSink {
@@ -208,6 +210,7 @@ fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Capture
                 .unwrap_or("")
                 .trim_start_matches('<')
                 .to_string();
+            behaviour.rcpts_seen.lock().unwrap().push(rcpt.clone());
             let reject = behaviour
                 .reject_rcpt
                 .lock()

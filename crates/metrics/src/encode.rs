@@ -21,6 +21,18 @@ pub struct Exposition {
     pub shards: usize,
     pub now_unix_s: u64,
     pub events: EventCounts,
+    pub suppression: SuppressionCounts,
+}
+
+/// The suppression list's numbers (process-wide: one list for all shards); zeros when it is off.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SuppressionCounts {
+    pub entries: u64,
+    pub entries_max: u64,
+    /// Entries added since start, by source (hard-bounce, complaint, operator, import).
+    pub added_by_source: [(&'static str, u64); 4],
+    /// Adds refused because the list was full of live entries.
+    pub refused_full: u64,
 }
 
 /// The event webhook's counters (process-wide, not per shard); zeros when it is off.
@@ -228,6 +240,40 @@ impl Exposition {
         )?;
         counter_family(
             e,
+            "gannet_suppressed",
+            "Recipients the suppression list stopped, by stage: rcpt (refused with 550 5.1.1), delivery (dropped from the queue, no notice).",
+            ["rcpt", "delivery"].map(|stage| (vec![("stage", stage)], m.suppressed.get(stage))),
+        )?;
+        let s = &self.suppression;
+        gauge_family(
+            e,
+            "gannet_suppression_entries",
+            "Entries in the suppression list (expired ones until they are pruned).",
+            [(vec![], s.entries as i64)],
+        )?;
+        gauge_family(
+            e,
+            "gannet_suppression_entries_max",
+            "The suppression list's bound (suppression.entries_max).",
+            [(vec![], s.entries_max as i64)],
+        )?;
+        counter_family(
+            e,
+            "gannet_suppression_added",
+            "Suppression entries added since start, by source.",
+            s.added_by_source
+                .iter()
+                .filter(|(source, _)| !source.is_empty())
+                .map(|(source, v)| (vec![("source", *source)], *v)),
+        )?;
+        counter_family(
+            e,
+            "gannet_suppression_refused_full",
+            "Suppression entries refused because the list was full of live entries.",
+            [(vec![], s.refused_full)],
+        )?;
+        counter_family(
+            e,
             "gannet_expired",
             "Recipients that reached the queue lifetime.",
             [(vec![], m.expired)],
@@ -411,6 +457,7 @@ mod tests {
             shards: 2,
             now_unix_s: 100,
             events: EventCounts::default(),
+            suppression: SuppressionCounts::default(),
         })
         .unwrap()
     }

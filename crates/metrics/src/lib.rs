@@ -14,6 +14,6 @@ pub mod shard;
 
 pub use counts::{BoundedCounts, Counts, OTHER};
 pub use destinations::{Destinations, Slot};
-pub use encode::{encode, EventCounts, Exposition};
+pub use encode::{encode, EventCounts, Exposition, SuppressionCounts};
 pub use histogram::Histogram;
 pub use shard::{ListenerMetrics, MetricsLimits, QueueGauges, ShardMetrics, QUEUE_STATES};

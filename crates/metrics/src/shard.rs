@@ -65,6 +65,9 @@ pub struct ShardMetrics {
     /// Actions bounce classes took beyond the reply's own code: `bounce` (a 4xx returned now),
     /// `suppress`, `suspend`.
     pub bounce_actions: Counts<&'static str>,
+    /// Recipients the suppression list stopped, by stage: `rcpt` (refused with 550 5.1.1) or
+    /// `delivery` (dropped from the queue, no notice).
+    pub suppressed: Counts<&'static str>,
     pub expired: u64,
     pub queue_time: Histogram,
     pub delivery_duration: Histogram,
@@ -104,6 +107,7 @@ impl ShardMetrics {
             retries: 0,
             bounces: Counts::default(),
             bounce_actions: Counts::default(),
+            suppressed: Counts::default(),
             expired: 0,
             queue_time: Histogram::new(QUEUE_SECONDS),
             delivery_duration: Histogram::new(NETWORK_SECONDS),
@@ -177,6 +181,7 @@ impl ShardMetrics {
         self.retries += other.retries;
         self.bounces.merge(&other.bounces);
         self.bounce_actions.merge(&other.bounce_actions);
+        self.suppressed.merge(&other.suppressed);
         self.expired += other.expired;
         self.queue_time.merge(&other.queue_time);
         self.delivery_duration.merge(&other.delivery_duration);

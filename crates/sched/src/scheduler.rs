@@ -893,6 +893,38 @@ impl Scheduler {
         Some(Completed::Retry { at_unix_s })
     }
 
+    /// Finishes recipients of `id` without a delivery and without a notice (the shell found
+    /// them on its suppression list before planning). Only between jobs, and not while the
+    /// message is held; None then, or when `id` is gone. `Finished` when nothing is left.
+    pub fn finish_undelivered(&mut self, id: MessageId, indexes: &[u32]) -> Option<Completed> {
+        let message = self.queue.get_mut(&id)?;
+        if message.jobs_outstanding > 0 || message.held {
+            return None;
+        }
+        let count = message.envelope.view().recipient_count();
+        let mut newly_done = Vec::with_capacity(indexes.len());
+        for &index in indexes {
+            if (index as usize) < count && !message.done.contains(index as usize) {
+                message.done.insert(index as usize);
+                newly_done.push(index);
+            }
+        }
+        if message.pending_recipients() == 0 {
+            self.state.tombstones.push(StateEntry {
+                id,
+                recipient: u32::MAX,
+            });
+            self.queue.finish(id);
+            self.suspensions.forget(&id);
+            self.retries.retain(|(_, i)| *i != id);
+            return Some(Completed::Finished);
+        }
+        self.state
+            .outcomes
+            .extend(newly_done.iter().map(|&index| StateEntry { id, recipient: index }));
+        Some(Completed::Pending)
+    }
+
     /// When the last suspension stopping every pending recipient of `id` ends; None if one of
     /// them is not suspended.
     fn suspended_until(&self, id: MessageId) -> Option<u64> {
@@ -1075,6 +1107,35 @@ mod tests {
             at,
         );
         id
+    }
+
+    #[test]
+    fn recipients_finished_undelivered_are_done_and_the_last_one_finishes_the_message() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(), QueueIndex::default());
+        let m = message(1, "a@x", &["gone@a.test", "ok@b.test"]);
+        let id = m.id;
+        s.insert(m);
+        assert_eq!(
+            s.finish_undelivered(id, &[0, 7]),
+            Some(Completed::Pending),
+            "an index past the end is ignored"
+        );
+        let state = s.take_state();
+        assert_eq!(state.outcomes, vec![StateEntry { id, recipient: 0 }]);
+        let plan = s.plan(id, t0).unwrap();
+        assert_eq!(
+            plan.resolve,
+            vec![("b.test".to_string(), vec![1])],
+            "the suppressed one is not planned"
+        );
+        assert_eq!(s.finish_undelivered(id, &[1]), None, "not while a job is out");
+        s.complete(id, &[], false, now(t0, 1));
+        s.due(t0 + Duration::from_secs(3600));
+        assert_eq!(s.finish_undelivered(id, &[1]), Some(Completed::Finished));
+        assert!(s.queue().get(&id).is_none());
+        assert_eq!(s.retries_len(), 0);
+        assert_eq!(s.take_state().tombstones.len(), 1);
     }
 
     #[test]

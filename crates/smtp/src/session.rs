@@ -30,7 +30,7 @@ use crate::envelope::{notify, BodyType, Envelope, Origin, Ret};
 use crate::identity::Identity;
 use crate::limits::{ENVID_BYTES_MAX, MAIL_AUTH_BYTES_MAX, ORCPT_BYTES_MAX, TARPIT_DELAY_MAX};
 use crate::parser::{parse_command, Command, Params, ParseError};
-use crate::policy::RelayPolicy;
+use crate::policy::{RelayDecision, RelayPolicy};
 use crate::received::{write_received, TlsSummary, Trace};
 use crate::reply::{self, write_line, Reply};
 use crate::sasl::{self, Credentials, Mechanism, SaslError};
@@ -126,6 +126,12 @@ pub trait MessageSink {
     fn append(&mut self, bytes: &[u8]) -> Result<(), SinkFull>;
     /// Drops the message being built (refused, reset or connection lost).
     fn abandon(&mut self);
+    /// Whether a relayed recipient (the client is on a trusted network or authenticated) is
+    /// on the shell's suppression list for this `sender`: the sentence of the `550 5.1.1`
+    /// reply that refuses it. Mail for local domains and `<Postmaster>` is never asked about.
+    fn suppressed(&mut self, _recipient: &crate::address::Mailbox<'_>, _sender: &[u8]) -> Option<String> {
+        None
+    }
 }
 
 /// The sink has no room for this message (its memory budget is spent).
@@ -1035,13 +1041,19 @@ impl Session {
         if to.utf8 && !self.envelope.smtputf8 {
             return self.error(reply::UTF8_NOT_ALLOWED, sink, out);
         }
-        if !self
-            .config
-            .relay
-            .decide(self.client_ip, self.user.is_some(), to.domain)
-            .accepted()
-        {
+        let decision = self.config.relay.decide(self.client_ip, self.user.is_some(), to.domain);
+        if !decision.accepted() {
             return self.error(reply::RELAY_DENIED, sink, out);
+        }
+        if matches!(decision, RelayDecision::TrustedNetwork | RelayDecision::Authenticated) {
+            if let Some(sentence) = sink.suppressed(&to, self.envelope.sender()) {
+                // Not counted against the client's error allowance: a list sender's batch may
+                // hold many suppressed recipients, and each refusal is the server's policy,
+                // not the client's mistake.
+                write_line(out, 550, ' ', "5.1.1", sentence.as_bytes());
+                self.note_rejection("5.1.1");
+                return;
+            }
         }
         self.envelope.add_recipient(|buf| to.write_to(buf), notify_flags, orcpt);
         self.recipients_accepted += 1;
@@ -1403,6 +1415,9 @@ mod tests {
         open: bool,
         budget_bytes: Option<usize>,
         committed: Vec<Vec<u8>>,
+        /// Recipients the shell's suppression list holds, and the (recipient, sender) pairs asked.
+        suppressed: Vec<&'static str>,
+        asked: Vec<(String, String)>,
     }
 
     impl MessageSink for VecSink {
@@ -1422,6 +1437,16 @@ mod tests {
         fn abandon(&mut self) {
             self.message.clear();
             self.open = false;
+        }
+        fn suppressed(&mut self, recipient: &crate::address::Mailbox<'_>, sender: &[u8]) -> Option<String> {
+            let mut address = Vec::new();
+            recipient.write_to(&mut address);
+            let address = String::from_utf8(address).unwrap();
+            self.asked
+                .push((address.clone(), String::from_utf8(sender.to_vec()).unwrap()));
+            self.suppressed
+                .contains(&address.as_str())
+                .then(|| format!("{address} is suppressed"))
         }
     }
 
@@ -1707,6 +1732,39 @@ mod tests {
         let mut h = Harness::new(config(), "192.0.2.9");
         h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@elsewhere.test>\r\n");
         assert_eq!(h.feed("DATA\r\n"), "554 5.5.1 No valid recipients\r\n");
+    }
+
+    #[test]
+    fn suppressed_recipients_of_relayed_mail_are_refused_without_counting_as_errors() {
+        let mut c = config();
+        c.errors_max = 1;
+        let mut h = Harness::new(c, "127.0.0.1");
+        h.sink.suppressed = vec!["gone@y.test", "gone@local.test"];
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\n");
+        assert_eq!(
+            h.feed("RCPT TO:<gone@y.test>\r\n"),
+            "550 5.1.1 gone@y.test is suppressed\r\n"
+        );
+        assert_eq!(
+            h.feed("RCPT TO:<gone@y.test>\r\n"),
+            "550 5.1.1 gone@y.test is suppressed\r\n",
+            "still open"
+        );
+        assert_eq!(h.feed("RCPT TO:<ok@y.test>\r\n"), "250 2.1.5 Recipient ok\r\n");
+        assert_eq!(
+            h.feed("RCPT TO:<gone@local.test>\r\n"),
+            "250 2.1.5 Recipient ok\r\n",
+            "local mail is not asked about"
+        );
+        assert_eq!(h.sink.asked.len(), 3);
+        assert_eq!(h.sink.asked[0], ("gone@y.test".to_string(), "a@x.test".to_string()));
+        assert_eq!(h.session.take_rejections()[rejection_reason("5.1.1")], 2);
+        // A stranger's relay attempt is refused for relaying, before any suppression check.
+        let mut h = Harness::new(config(), "192.0.2.9");
+        h.sink.suppressed = vec!["gone@y.test"];
+        h.feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\n");
+        assert_eq!(h.feed("RCPT TO:<gone@y.test>\r\n"), "554 5.7.1 Relay access denied\r\n");
+        assert!(h.sink.asked.is_empty());
     }
 
     #[test]

@@ -156,6 +156,21 @@ impl SuppressionList {
         Ok(())
     }
 
+    /// Whether there is an entry for exactly this scope and (normalized) address.
+    pub fn contains(&self, scope: &Scope, address: &str) -> bool {
+        let key = format!("{}\t{address}", scope.as_str());
+        self.map.pin().contains_key(key.as_str())
+    }
+
+    /// Drops the expired entries; how many. The shell calls it when a batch of adds would not
+    /// fit, before it journals them, so the journal holds only adds the list takes.
+    pub fn prune_expired(&self, now_unix_s: u64) -> usize {
+        let map = self.map.pin();
+        let before = map.len();
+        map.retain(|_, e| !e.is_expired(now_unix_s));
+        before - map.len()
+    }
+
     /// Removes the entry for `scope` and `address` (normalized); whether there was one.
     pub fn remove(&self, scope: &Scope, address: &str) -> bool {
         let key = format!("{}\t{address}", scope.as_str());
@@ -252,6 +267,18 @@ mod tests {
             Err(Full),
             "live entries are never evicted"
         );
+        assert!(list.contains(&Scope::Global, "c@x.test"));
+        assert!(!list.contains(&Scope::Global, "d@x.test"));
+    }
+
+    #[test]
+    fn pruning_drops_only_expired_entries() {
+        let list = SuppressionList::new(3);
+        list.insert(&Scope::Global, "a@x.test", entry(150), 0).unwrap();
+        list.insert(&Scope::Global, "b@x.test", entry(0), 0).unwrap();
+        assert_eq!(list.prune_expired(149), 0);
+        assert_eq!(list.prune_expired(150), 1);
+        assert!(list.contains(&Scope::Global, "b@x.test") && list.len() == 1);
     }
 
     #[test]
