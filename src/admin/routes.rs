@@ -24,7 +24,7 @@ use gannet_sched::suspend::SUSPENSIONS_MAX;
 /// Deepest page offset a listing accepts (a listing holds `offset + limit` entries per shard).
 const OFFSET_MAX: usize = 100_000;
 
-fn json(status: StatusCode, value: &impl Serialize) -> AdminResponse {
+pub(super) fn json(status: StatusCode, value: &impl Serialize) -> AdminResponse {
     match serde_json::to_string_pretty(value) {
         Ok(body) => respond(status, "application/json", body + "\n"),
         Err(e) => error(

@@ -19,23 +19,13 @@ use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::http::{error, respond, AdminRequest, AdminResponse};
-use super::routes::number;
+use super::routes::{json, number};
 use crate::suppression::{self, Suppressions};
 
 /// The most entries one listing page holds.
 const PAGE_LIMIT_MAX: usize = 1000;
 /// The longest expiry an operator may give, in seconds (ten years).
 const EXPIRES_AFTER_S_MAX: u64 = 10 * 365 * 86_400;
-
-fn json(status: StatusCode, value: &impl Serialize) -> AdminResponse {
-    match serde_json::to_string_pretty(value) {
-        Ok(body) => respond(status, "application/json", body + "\n"),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("cannot encode the answer: {e}"),
-        ),
-    }
-}
 
 /// One entry as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
