@@ -26,6 +26,7 @@ pub mod spool;
 pub mod suppression;
 pub mod transport;
 pub mod units;
+pub mod verp;
 
 // The sans-IO crates, under the names the shell and its tests have always used.
 pub use gannet_sched::queue;

@@ -21,6 +21,7 @@ mod smtp;
 mod spool;
 pub mod suppression;
 mod tls;
+pub mod verp;
 
 use std::time::Duration;
 
@@ -104,6 +105,9 @@ pub struct Config {
     /// Recipients not to mail (`crate::suppression`).
     #[serde(default)]
     pub suppression: Suppression,
+    /// Signed return paths and the bounce domain (`crate::verp`).
+    #[serde(default)]
+    pub verp: verp::Verp,
 }
 
 impl Config {
@@ -120,6 +124,17 @@ impl Config {
         config.validate(text, source_name)?;
         let mut config = config;
         bounces::compile(&mut config.bounces, &error::fail(text, source_name))?;
+        verp::validate(&mut config.verp, &error::fail(text, source_name))?;
+        if config.verp.enabled
+            && !config
+                .relay
+                .local_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(&config.verp.domain))
+        {
+            // Reports come back from anyone: the bounce domain is one of ours.
+            config.relay.local_domains.push(config.verp.domain.clone());
+        }
         for (i, route) in config.routes.iter_mut().enumerate() {
             if let Some(path) = &route.auth_password_file {
                 let password = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -279,6 +294,7 @@ impl Config {
                 probe_interval: d.probe_interval.0,
                 probe_interval_max: d.probe_interval_max.0,
             },
+            one_recipient_per_job: self.verp.enabled,
         }
     }
 

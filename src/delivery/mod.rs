@@ -11,6 +11,7 @@
 //! - `store`: reading messages back from their segments (or from the buffers just written);
 //! - `finish`: a job's results, bounces and delay notices;
 //! - `suppressed`: queued recipients on the suppression list, finished undelivered;
+//! - `intake`: mail to the bounce domain read as bounce and complaint reports;
 //! - `state`: delivery state records, garbage collection and copy-forward.
 
 use std::cell::{Cell, RefCell};
@@ -29,6 +30,7 @@ use crate::spool::appender::{Appender, WrittenRecord};
 pub use gannet_smtp::client;
 pub mod control;
 pub mod finish;
+pub mod intake;
 pub mod ipcap;
 pub mod outbound;
 pub mod pool;
@@ -65,6 +67,8 @@ pub struct Deliverer {
     gather_waker: RefCell<Option<std::task::Waker>>,
     /// The last reply recent messages got, for the admin API (bounded).
     last_replies: control::SharedLastReplies,
+    /// Messages whose reports (mail to the bounce domain) are being read (bounded by the queue).
+    reading_reports: RefCell<std::collections::HashSet<gannet_spool::MessageId>>,
 }
 
 impl Deliverer {
@@ -118,6 +122,7 @@ impl Deliverer {
             commits: Cell::new(0),
             gather_waker: RefCell::new(None),
             last_replies: RefCell::new(control::LastReplies::default()),
+            reading_reports: RefCell::new(std::collections::HashSet::new()),
         })
     }
 

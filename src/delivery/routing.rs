@@ -47,7 +47,7 @@ impl Deliverer {
     /// deferral (so that retries, expiry and the bounce after `delivery.queue_lifetime` follow
     /// the same path).
     pub(super) fn schedule(self: &Rc<Self>, id: MessageId) {
-        if self.drop_suppressed(id) {
+        if self.take_reports(id) || self.drop_suppressed(id) {
             return;
         }
         let plan = self.sched.borrow_mut().plan(id, Instant::now());

@@ -23,8 +23,26 @@ use super::store::Loaded;
 use super::Deliverer;
 use crate::metrics;
 
-/// A job's transaction envelope: its recipients of `envelope`, and the content's size.
-pub fn outbound_envelope<'a>(job: &Job, envelope: &EnvelopeView<'a>, content_bytes: u64) -> OutboundEnvelope<'a> {
+/// The VERP return path of a job (`[verp]`): for a one-recipient job of mail that is not a
+/// bounce, `<prefix>+<token>@<bounce domain>`; None otherwise (the sender as received).
+pub fn return_path(job: &Job, envelope: &EnvelopeView<'_>) -> Option<Vec<u8>> {
+    let shell = crate::verp::get()?;
+    if envelope.sender.is_empty() || job.recipients.len() != 1 {
+        return None;
+    }
+    let index = job.recipients[0];
+    let recipient = envelope.recipient(index as usize)?;
+    Some(shell.return_path(&job.id.to_string(), index, recipient.address))
+}
+
+/// A job's transaction envelope: its recipients of `envelope`, the content's size, and the
+/// sender (`return_path` when given, else the one received).
+pub fn outbound_envelope<'a>(
+    job: &Job,
+    envelope: &EnvelopeView<'a>,
+    content_bytes: u64,
+    return_path: Option<&'a [u8]>,
+) -> OutboundEnvelope<'a> {
     let mut wanted = job.recipients.iter().copied().peekable();
     let mut recipients = Vec::with_capacity(job.recipients.len());
     // Job recipients are in envelope order (the scheduler plans them so): one walk over the
@@ -43,7 +61,7 @@ pub fn outbound_envelope<'a>(job: &Job, envelope: &EnvelopeView<'a>, content_byt
             .collect();
     }
     OutboundEnvelope {
-        sender: envelope.sender,
+        sender: return_path.unwrap_or(envelope.sender),
         recipients,
         content_bytes,
         eightbit: envelope.body == BodyType::EightBitMime,
@@ -321,7 +339,9 @@ impl Deliverer {
         let addr = conn.peer;
         let (prepended, content) = (loaded.prepended(), loaded.content());
         let defer_all = |why: &str| every_recipient(job, || RecipientResult::Deferred(ServerReply::new(451, why)));
-        let outbound = outbound_envelope(job, &loaded.envelope(), loaded.relayed_bytes() as u64);
+        let envelope = loaded.envelope();
+        let verp = return_path(job, &envelope);
+        let outbound = outbound_envelope(job, &envelope, loaded.relayed_bytes() as u64, verp.as_deref());
         let resumed = conn.ahead.take_if(|(ahead, _)| ahead.id == job.id).map(|(_, tx)| tx);
         if resumed.is_none() && conn.needs_reset {
             if let Err(why) = conn.command(b"RSET\r\n", self.config().delivery.reply_timeout.0).await {
@@ -410,7 +430,8 @@ impl Deliverer {
             let sched = self.sched.borrow();
             sched.queue().get(&job.id).and_then(|message| {
                 let envelope = message.envelope.view();
-                let outbound = outbound_envelope(&job, &envelope, message.content_bytes);
+                let verp = return_path(&job, &envelope);
+                let outbound = outbound_envelope(&job, &envelope, message.content_bytes, verp.as_deref());
                 Transaction::begin(&outbound, &conn.caps, out).ok()
             })
         };

@@ -195,6 +195,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     let suspended = crate::admin::suspensions::load(&config.spool.directory, crate::smtp::received::unix_now_s())?;
     // Before the privileges drop: the journal is created here and given to the account with the spool.
     crate::suppression::open(&config, crate::smtp::received::unix_now_s())?;
+    crate::verp::open(&config)?;
     let config = Arc::new(config);
     let mut control_ends: Vec<Option<crate::admin::ShardEnd>> = (0..shards).map(|_| None).collect();
     let mut admin = if config.admin.enabled {

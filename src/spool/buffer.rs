@@ -295,6 +295,10 @@ impl MessageSink for MessageBuffer {
         crate::suppression::refusal_at_rcpt(recipient, sender)
     }
 
+    fn unknown_local(&mut self, recipient: &gannet_smtp::address::Mailbox<'_>) -> Option<String> {
+        crate::verp::unknown_local(recipient)
+    }
+
     fn abandon(&mut self) {
         self.prepended_bytes = 0;
         self.chunks.clear();

@@ -8,8 +8,10 @@
 //! reply texts, each with its source; its examples are tests.
 
 mod class;
+pub mod report;
 mod rules;
 mod status;
+pub mod verp;
 
 pub use class::{Action, Class, CLASSES};
 pub use rules::{

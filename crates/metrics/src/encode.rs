@@ -244,6 +244,14 @@ impl Exposition {
             "Recipients the suppression list stopped, by stage: rcpt (refused with 550 5.1.1), delivery (dropped from the queue, no notice).",
             ["rcpt", "delivery"].map(|stage| (vec![("stage", stage)], m.suppressed.get(stage))),
         )?;
+        counter_family(
+            e,
+            "gannet_bounce_reports",
+            "Reports read at the bounce domain, by kind (dsn, arf, unknown) and result (suppressed, recorded, forged, unattributed, unparseable).",
+            m.bounce_reports
+                .iter()
+                .map(|((kind, result), v)| (vec![("kind", kind), ("result", result)], v)),
+        )?;
         let s = &self.suppression;
         gauge_family(
             e,

@@ -68,6 +68,9 @@ pub struct ShardMetrics {
     /// Recipients the suppression list stopped, by stage: `rcpt` (refused with 550 5.1.1) or
     /// `delivery` (dropped from the queue, no notice).
     pub suppressed: Counts<&'static str>,
+    /// Reports read at the bounce domain, by (kind `dsn`/`arf`/`unknown`, result `suppressed`,
+    /// `recorded`, `forged`, `unattributed`, `unparseable`).
+    pub bounce_reports: Counts<(&'static str, &'static str)>,
     pub expired: u64,
     pub queue_time: Histogram,
     pub delivery_duration: Histogram,
@@ -108,6 +111,7 @@ impl ShardMetrics {
             bounces: Counts::default(),
             bounce_actions: Counts::default(),
             suppressed: Counts::default(),
+            bounce_reports: Counts::default(),
             expired: 0,
             queue_time: Histogram::new(QUEUE_SECONDS),
             delivery_duration: Histogram::new(NETWORK_SECONDS),
@@ -182,6 +186,7 @@ impl ShardMetrics {
         self.bounces.merge(&other.bounces);
         self.bounce_actions.merge(&other.bounce_actions);
         self.suppressed.merge(&other.suppressed);
+        self.bounce_reports.merge(&other.bounce_reports);
         self.expired += other.expired;
         self.queue_time.merge(&other.queue_time);
         self.delivery_duration.merge(&other.delivery_duration);

@@ -75,6 +75,9 @@ pub struct SchedConfig {
     pub seed: u64,
     /// When a site is marked down and how it is probed.
     pub health: HealthRules,
+    /// One recipient per job (and so per transaction), for mail that is not a bounce: each
+    /// delivery then has an envelope sender of its own (VERP return paths).
+    pub one_recipient_per_job: bool,
 }
 
 impl SchedConfig {
@@ -544,6 +547,25 @@ impl Scheduler {
     }
 
     fn place(&mut self, key: SiteKey, name: String, hosts: Vec<String>, job: Job, now: Instant) {
+        if self.config.one_recipient_per_job && job.recipients.len() > 1 {
+            let message = self.queue.get_mut(&job.id);
+            if let Some(message) = message.filter(|m| !m.is_bounce()) {
+                // The planned job counted once; each of its recipients becomes a job.
+                message.jobs_outstanding += job.recipients.len() as u32 - 1;
+                for &recipient in &job.recipients {
+                    let single = Job {
+                        recipients: vec![recipient],
+                        ..job.clone()
+                    };
+                    self.place_one(key.clone(), name.clone(), hosts.clone(), single, now);
+                }
+                return;
+            }
+        }
+        self.place_one(key, name, hosts, job, now);
+    }
+
+    fn place_one(&mut self, key: SiteKey, name: String, hosts: Vec<String>, job: Job, now: Instant) {
         if !self.sites.contains_key(&key) {
             if self.sites.len() >= self.config.sites_max {
                 self.evict_least_recent(now);
@@ -1058,6 +1080,7 @@ mod tests {
             site_idle: Duration::from_secs(10),
             seed: 1,
             health: crate::health::HealthRules::NEVER,
+            one_recipient_per_job: false,
         }
     }
 
@@ -1107,6 +1130,32 @@ mod tests {
             at,
         );
         id
+    }
+
+    #[test]
+    fn one_recipient_per_job_splits_a_message_into_jobs_that_all_count() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.one_recipient_per_job = true;
+        let mut s = Scheduler::new(c, QueueIndex::default());
+        let m = message(1, "a@x", &["1@relay.test", "2@relay.test", "3@relay.test"]);
+        let id = m.id;
+        s.insert(m);
+        s.plan(id, t0).unwrap();
+        let key = s.next_worker().unwrap();
+        let jobs: Vec<Job> = std::iter::from_fn(|| s.next_job(&key, t0)).collect();
+        let recipients: Vec<Vec<u32>> = jobs.iter().map(|j| j.recipients.clone()).collect();
+        assert_eq!(recipients, vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(s.complete(id, &[0], false, now(t0, 1)), Some(Completed::Pending));
+        assert_eq!(s.complete(id, &[1], false, now(t0, 1)), Some(Completed::Pending));
+        assert_eq!(s.complete(id, &[2], false, now(t0, 1)), Some(Completed::Finished));
+        // A bounce keeps its one job (its sender is empty: nothing to vary).
+        let b = message(2, "", &["1@relay.test", "2@relay.test"]);
+        let bid = b.id;
+        s.insert(b);
+        s.plan(bid, t0).unwrap();
+        let key = s.next_worker().unwrap_or(key);
+        assert_eq!(s.next_job(&key, t0).unwrap().recipients, vec![0, 1]);
     }
 
     #[test]

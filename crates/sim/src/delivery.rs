@@ -476,6 +476,7 @@ fn config(sites_max: usize, seed: u64) -> SchedConfig {
         site_idle: Duration::from_secs(10),
         seed,
         health: HEALTH,
+        one_recipient_per_job: false,
     }
 }
 

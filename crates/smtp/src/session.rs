@@ -132,6 +132,12 @@ pub trait MessageSink {
     fn suppressed(&mut self, _recipient: &crate::address::Mailbox<'_>, _sender: &[u8]) -> Option<String> {
         None
     }
+    /// Whether a recipient at one of the local domains has no mailbox here (e.g. an address
+    /// at the bounce domain that is neither a return path nor the complaints address): the
+    /// sentence of the `550 5.1.1` reply.
+    fn unknown_local(&mut self, _recipient: &crate::address::Mailbox<'_>) -> Option<String> {
+        None
+    }
 }
 
 /// The sink has no room for this message (its memory budget is spent).
@@ -1045,6 +1051,11 @@ impl Session {
         if !decision.accepted() {
             return self.error(reply::RELAY_DENIED, sink, out);
         }
+        if decision == RelayDecision::LocalDomain {
+            if let Some(sentence) = sink.unknown_local(&to) {
+                return self.error_text(550, "5.1.1", &sentence, sink, out);
+            }
+        }
         if matches!(decision, RelayDecision::TrustedNetwork | RelayDecision::Authenticated) {
             if let Some(sentence) = sink.suppressed(&to, self.envelope.sender()) {
                 // Not counted against the client's error allowance: a list sender's batch may
@@ -1438,6 +1449,12 @@ mod tests {
             self.message.clear();
             self.open = false;
         }
+        fn unknown_local(&mut self, recipient: &crate::address::Mailbox<'_>) -> Option<String> {
+            recipient
+                .local
+                .starts_with(b"nobody")
+                .then(|| "no such mailbox here".to_string())
+        }
         fn suppressed(&mut self, recipient: &crate::address::Mailbox<'_>, sender: &[u8]) -> Option<String> {
             let mut address = Vec::new();
             recipient.write_to(&mut address);
@@ -1757,8 +1774,13 @@ mod tests {
             "local mail is not asked about"
         );
         assert_eq!(h.sink.asked.len(), 3);
+        // An unknown local mailbox is the client's error (a dictionary attack's), and counts.
+        assert_eq!(
+            h.feed("RCPT TO:<nobody@local.test>\r\n"),
+            "550 5.1.1 no such mailbox here\r\n421 4.7.0 Too many errors, closing connection\r\n"
+        );
         assert_eq!(h.sink.asked[0], ("gone@y.test".to_string(), "a@x.test".to_string()));
-        assert_eq!(h.session.take_rejections()[rejection_reason("5.1.1")], 2);
+        assert_eq!(h.session.take_rejections()[rejection_reason("5.1.1")], 3);
         // A stranger's relay attempt is refused for relaying, before any suppression check.
         let mut h = Harness::new(config(), "192.0.2.9");
         h.sink.suppressed = vec!["gone@y.test"];
