@@ -366,6 +366,8 @@ pub fn suspended(client: &Client, json: bool) -> Result<String, CallError> {
         down: Vec<crate::admin::protocol::DownSite>,
         #[serde(default)]
         automatic: Vec<crate::admin::protocol::ShardSuspension>,
+        #[serde(default)]
+        slowed: Vec<crate::admin::protocol::ShardSlowdown>,
     }
     let list: List = parse(&text)?;
     let mut out = String::new();
@@ -383,6 +385,15 @@ pub fn suspended(client: &Client, json: bool) -> Result<String, CallError> {
             a.domain,
             rfc3339(a.until_unix_s),
             a.shard
+        ));
+    }
+    for s in list.slowed {
+        out.push_str(&format!(
+            "{}  slowed to one message every {} ms until {} by a bounce action (shard {})\n",
+            s.destination,
+            s.interval_ms,
+            rfc3339(s.until_unix_s),
+            s.shard
         ));
     }
     for d in list.down {

@@ -162,6 +162,18 @@ pub enum Request {
     Down,
     /// The shard's suspensions in force (the operator's and the bounce actions').
     Suspensions,
+    /// The shard's slowed rates in force (bounce `slow` actions).
+    Slowdowns,
+}
+
+/// A lowered rate in one shard's scheduler: a provider's (`provider google`) or a site's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSlowdown {
+    pub destination: String,
+    /// Time between messages while slowed.
+    pub interval_ms: u64,
+    pub until_unix_s: u64,
+    pub shard: usize,
 }
 
 /// A suspension in one shard's scheduler.
@@ -202,6 +214,7 @@ pub enum Reply {
     Resumed(usize),
     Down(Vec<DownSite>),
     Suspensions(Vec<ShardSuspension>),
+    Slowdowns(Vec<ShardSlowdown>),
     /// The shard could not answer (it is stopping).
     Unavailable,
 }

@@ -409,9 +409,16 @@ async fn destinations(state: &AdminState) -> AdminResponse {
         };
         automatic.extend(found.into_iter().filter(|s| !list.iter().any(|o| o.domain == s.domain)));
     }
+    let mut slowed: Vec<super::protocol::ShardSlowdown> = Vec::new();
+    for reply in state.ask_all(|| Request::Slowdowns).await {
+        let Reply::Slowdowns(found) = reply else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not answer");
+        };
+        slowed.extend(found);
+    }
     json(
         StatusCode::OK,
-        &serde_json::json!({ "suspended": list, "automatic": automatic, "down": down }),
+        &serde_json::json!({ "suspended": list, "automatic": automatic, "slowed": slowed, "down": down }),
     )
 }
 

@@ -27,6 +27,12 @@ pub struct Bounces {
     /// How long the `suspend` action suspends the recipient's domain.
     #[serde(default = "default_suspend_for")]
     pub suspend_for: Span,
+    /// How long the `slow` action lowers a destination's (its provider's) rate.
+    #[serde(default = "default_slow_for")]
+    pub slow_for: Span,
+    /// The rate while slowed, in messages per second (per shard).
+    #[serde(default = "default_slow_rate")]
+    pub slow_rate: f64,
     /// The compiled rules and actions (filled in when the configuration is read).
     #[serde(skip)]
     pub compiled: Option<Arc<Classifier>>,
@@ -56,6 +62,12 @@ impl Classifier {
 fn default_suspend_for() -> Span {
     Span(Duration::from_secs(600))
 }
+fn default_slow_for() -> Span {
+    Span(Duration::from_secs(600))
+}
+fn default_slow_rate() -> f64 {
+    1.0
+}
 
 impl Default for Bounces {
     fn default() -> Bounces {
@@ -63,12 +75,19 @@ impl Default for Bounces {
             rules_file: None,
             actions: BTreeMap::new(),
             suspend_for: default_suspend_for(),
+            slow_for: default_slow_for(),
+            slow_rate: default_slow_rate(),
             compiled: None,
         }
     }
 }
 
 impl Bounces {
+    /// The time between messages the `slow` action sets.
+    pub fn slow_interval(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.slow_rate)
+    }
+
     /// The classifier (the defaults when the configuration was not read through `parse`,
     /// compiled once for the process, not once per call).
     pub fn classifier(&self) -> Arc<Classifier> {
@@ -89,6 +108,21 @@ pub(super) fn compile(b: &mut Bounces, fail: &Fail<'_>) -> Result<(), ConfigErro
     }
     if b.suspend_for.0.is_zero() || b.suspend_for.0 > Duration::from_secs(7 * 86_400) {
         return Err(fail("bounces", 0, "suspend_for", "must be between 1s and 7d".into()));
+    }
+    if b.slow_for.0.is_zero() || b.slow_for.0 > Duration::from_secs(7 * 86_400) {
+        return Err(fail("bounces", 0, "slow_for", "must be between 1s and 7d".into()));
+    }
+    if !(gannet_bounce::SLOW_RATE_MIN..=gannet_bounce::SLOW_RATE_MAX).contains(&b.slow_rate) {
+        return Err(fail(
+            "bounces",
+            0,
+            "slow_rate",
+            format!(
+                "must be between {} and {} messages per second",
+                gannet_bounce::SLOW_RATE_MIN,
+                gannet_bounce::SLOW_RATE_MAX
+            ),
+        ));
     }
     let own = match &b.rules_file {
         Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {

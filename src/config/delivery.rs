@@ -100,6 +100,14 @@ pub struct Delivery {
     /// The longest wait between probes.
     #[serde(default = "default_probe_interval_max")]
     pub probe_interval_max: Span,
+    /// Use Gannet's default `[[provider]]` tables (src/config/default-providers.toml) after
+    /// the configuration's own.
+    #[serde(default = "default_default_providers")]
+    pub default_providers: bool,
+}
+
+fn default_default_providers() -> bool {
+    true
 }
 
 /// One routing rule: a smarthost, or MX delivery.
@@ -210,6 +218,7 @@ impl Default for Delivery {
             starttls: default_starttls(),
             delay_warning_after: default_delay_warning_after(),
             down_after_failures: default_down_after_failures(),
+            default_providers: default_default_providers(),
             probe_interval: default_probe_interval(),
             probe_interval_max: default_probe_interval_max(),
         }

@@ -15,6 +15,7 @@ mod events;
 mod limits;
 mod listener;
 pub mod mail_authentication;
+pub mod providers;
 mod relay;
 mod server;
 mod smtp;
@@ -87,6 +88,9 @@ pub struct Config {
     /// Receiver-specific limits: the first matching rule applies to a destination.
     #[serde(default, rename = "destination")]
     pub destinations: Vec<DestinationLimits>,
+    /// Mailbox providers whose sites share limits (`gannet_sched::provider`).
+    #[serde(default, rename = "provider")]
+    pub providers: Vec<providers::Provider>,
     #[serde(default)]
     pub admin: Admin,
     #[serde(default)]
@@ -197,6 +201,7 @@ impl Config {
         delivery::validate_routes(&self.routes, &fail)?;
         dns::validate(&self.dns, &fail)?;
         delivery::validate_destinations(&self.destinations, &fail)?;
+        providers::validate(&self.providers, &fail)?;
         relay::validate(&self.relay, &fail)?;
         admin::validate(&self.admin, &fail)?;
         admin::validate_log(&self.log, &fail)?;
@@ -295,6 +300,7 @@ impl Config {
                 probe_interval_max: d.probe_interval_max.0,
             },
             one_recipient_per_job: self.verp.enabled,
+            providers: providers::rules(&self.providers, d.default_providers),
         }
     }
 

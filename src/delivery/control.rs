@@ -20,8 +20,8 @@ use gannet_smtp::deadline::Now;
 use gannet_smtp::dsn::FailedRecipient;
 
 use crate::admin::protocol::{
-    Acted, Action, DownSite, Listing, MessageDetail, MessageSummary, RecipientDetail, Selector, ShardSuspension,
-    SummaryRow, AGE_BUCKETS,
+    Acted, Action, DownSite, Listing, MessageDetail, MessageSummary, RecipientDetail, Selector, ShardSlowdown,
+    ShardSuspension, SummaryRow, AGE_BUCKETS,
 };
 use crate::metrics;
 use crate::queue::rfc3339;
@@ -169,6 +169,21 @@ impl Deliverer {
             .filter(|s| s.until_unix_s > now_unix_s)
             .map(|s| ShardSuspension {
                 domain: s.domain.clone(),
+                until_unix_s: s.until_unix_s,
+                shard: self.shard as usize,
+            })
+            .collect()
+    }
+
+    /// This shard's slowed rates in force, for the API.
+    pub fn slowdowns_in_force(&self) -> Vec<ShardSlowdown> {
+        self.sched
+            .borrow_mut()
+            .slowdowns(Instant::now())
+            .into_iter()
+            .map(|(destination, s)| ShardSlowdown {
+                destination,
+                interval_ms: s.interval.as_millis() as u64,
                 until_unix_s: s.until_unix_s,
                 shard: self.shard as usize,
             })

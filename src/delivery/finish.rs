@@ -30,6 +30,8 @@ use crate::smtp::session::MessageSink;
 pub(super) struct Attempt {
     pub relay: Option<SocketAddr>,
     pub site: Option<String>,
+    /// The site's key (for a `slow` action).
+    pub key: Option<gannet_sched::SiteKey>,
     pub tls: Option<String>,
     pub took: Option<std::time::Duration>,
 }
@@ -54,7 +56,7 @@ impl Deliverer {
         let config = self.config();
         let classifier = config.bounces.classifier();
         let classes = classify(&classifier, &results, &attempt);
-        let (results, suppress) = self.act_on_classes(&envelope, results, &classes, &classifier, now);
+        let (results, suppress) = self.act_on_classes(&envelope, results, &classes, &classifier, &attempt, now);
         if !suppress.is_empty() {
             self.suppress_hard_bounces(id, suppress).await;
         }
@@ -189,6 +191,7 @@ impl Deliverer {
         mut results: Vec<(u32, RecipientResult)>,
         classes: &[(u32, Classification)],
         classifier: &Classifier,
+        attempt: &Attempt,
         now: Now,
     ) -> (Vec<(u32, RecipientResult)>, Vec<Change>) {
         let suspend_for_default = self.config().bounces.suspend_for.0;
@@ -204,6 +207,11 @@ impl Deliverer {
                 (Action::Bounce, RecipientResult::Deferred(r)) => {
                     *result = RecipientResult::Failed(r.clone());
                     metrics::with(|m| m.bounce_actions.add("bounce", 1));
+                }
+                (Action::Slow, RecipientResult::Deferred(_)) => {
+                    if let Some(key) = &attempt.key {
+                        self.slow_down(key, found, class, now);
+                    }
                 }
                 (Action::Suppress, RecipientResult::Failed(r)) => {
                     let (Some(list), Some(recipient)) =
@@ -245,6 +253,28 @@ impl Deliverer {
             }
         }
         (results, suppress)
+    }
+
+    /// The `slow` action: the site's provider (or the site) sends at the lowered rate for a
+    /// while; logged once per slow-down and counted.
+    fn slow_down(&self, key: &gannet_sched::SiteKey, found: &Classification, class: Class, now: Now) {
+        let bounces = &self.config().bounces;
+        let interval = found.slow_interval.unwrap_or(bounces.slow_interval());
+        let slow_for = found.slow_for.unwrap_or(bounces.slow_for.0);
+        let until = now.instant + slow_for;
+        let until_unix_s = now.unix_s + slow_for.as_secs();
+        let slowed = self.sched.borrow_mut().slow(key, interval, until, until_unix_s);
+        if let Some(name) = slowed {
+            info!(
+                shard = self.shard,
+                destination = name,
+                class = class.as_str(),
+                "slowed by the {class} action to one message every {} ms for {}s",
+                interval.as_millis(),
+                slow_for.as_secs()
+            );
+            metrics::with(|m| m.bounce_actions.add("slow", 1));
+        }
     }
 
     /// Adds hard-bounced recipients to the suppression list (durably, on a blocking thread).

@@ -96,6 +96,30 @@ impl Pool {
         true
     }
 
+    /// Idle connections of the sites `wanted` selects.
+    pub fn count_where(&self, wanted: impl Fn(&SiteKey) -> bool) -> usize {
+        self.idle.iter().filter(|(k, _)| wanted(k)).map(|(_, l)| l.len()).sum()
+    }
+
+    /// Takes out the oldest idle connection of the sites `wanted` selects (to close it).
+    pub fn take_oldest_where(&mut self, wanted: impl Fn(&SiteKey) -> bool) -> Option<OutboundConnection> {
+        let oldest = self
+            .idle
+            .iter()
+            .filter(|(k, _)| wanted(k))
+            .flat_map(|(k, list)| list.iter().enumerate().map(move |(i, (_, since))| (*since, k, i)))
+            .min_by_key(|(since, ..)| *since)
+            .map(|(_, k, i)| (k.clone(), i));
+        let (key, i) = oldest?;
+        let list = self.idle.get_mut(&key).expect("found");
+        let (conn, _) = list.remove(i);
+        self.count -= 1;
+        if list.is_empty() {
+            self.idle.remove(&key);
+        }
+        Some(conn)
+    }
+
     fn close_oldest(&mut self) {
         let oldest = self
             .idle

@@ -143,6 +143,9 @@ impl Deliverer {
                 unproven = connection.is_some();
             }
             if connection.is_none() {
+                if let Some(mut idle) = self.idle_over_provider_cap(&key) {
+                    idle.quit().await;
+                }
                 match self.connect(&key).await {
                     Ok(c) => {
                         self.connection_opened(&key);
@@ -172,6 +175,7 @@ impl Deliverer {
             let attempt = Attempt {
                 relay: Some(peer),
                 site: Some(destination.clone()),
+                key: Some(key.clone()),
                 tls: conn.tls.clone(),
                 took: Some(took),
             };
@@ -223,6 +227,22 @@ impl Deliverer {
         }
         self.sched.borrow_mut().worker_ended(&key, !capped, Instant::now());
         self.start_workers();
+    }
+
+    /// Before a new connection to a provider's site: the provider's cap counts its sites'
+    /// idle pooled connections too, so one of another site's is closed if the new one would
+    /// pass it (the scheduler counted this worker already).
+    /// Closed politely (QUIT) before the new one opens.
+    fn idle_over_provider_cap(&self, key: &SiteKey) -> Option<OutboundConnection> {
+        let sched = self.sched.borrow();
+        let p = sched.site(key).and_then(|s| s.provider())?;
+        let provider = &sched.providers()[p];
+        let same_provider = |k: &SiteKey| k != key && sched.site(k).and_then(|s| s.provider()) == Some(p);
+        let mut pool = self.pool.borrow_mut();
+        if provider.workers + pool.count_where(same_provider) > provider.connections_max {
+            return pool.take_oldest_where(same_provider);
+        }
+        None
     }
 
     /// A connection to the site was opened: if it was down, it is up again.
@@ -281,6 +301,7 @@ impl Deliverer {
             count_attempt(destination, &job, &results, None);
             let attempt = Attempt {
                 site: Some(destination.to_string()),
+                key: Some(key.clone()),
                 ..Attempt::default()
             };
             self.finish_job(job.id, results, attempt, None).await;

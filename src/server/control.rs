@@ -60,5 +60,6 @@ pub async fn answer(shard: &Rc<Shard>, request: Request) -> Reply {
         Request::Resume { domain } => Reply::Resumed(deliverer.resume(&domain)),
         Request::Down => Reply::Down(deliverer.sites_down()),
         Request::Suspensions => Reply::Suspensions(deliverer.suspensions_in_force()),
+        Request::Slowdowns => Reply::Slowdowns(deliverer.slowdowns_in_force()),
     }
 }

@@ -112,8 +112,17 @@ impl CaptureSink {
                 let now = active.fetch_add(1, Ordering::AcqRel) + 1;
                 active_max.fetch_max(now, Ordering::AcqRel);
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &behaviour, &captured);
-                    active.fetch_sub(1, Ordering::AcqRel);
+                    // A session that said QUIT counts as gone before its 221 goes out, so
+                    // that a client which opens its next connection on the 221 is never
+                    // seen holding two.
+                    let left = std::cell::Cell::new(false);
+                    let leave = || {
+                        if !left.replace(true) {
+                            active.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    };
+                    let _ = serve(stream, &behaviour, &captured, &leave);
+                    leave();
                 });
             }
         });
@@ -145,7 +154,12 @@ impl Drop for CaptureSink {
     }
 }
 
-fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Captured>>, Condvar)) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    behaviour: &Behaviour,
+    captured: &(Mutex<Vec<Captured>>, Condvar),
+    leave: &dyn Fn(),
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -273,6 +287,7 @@ fn serve(stream: TcpStream, behaviour: &Behaviour, captured: &(Mutex<Vec<Capture
         } else if upper == "RSET" || upper == "NOOP" {
             out.write_all(b"250 2.0.0 ok\r\n")?;
         } else if upper == "QUIT" {
+            leave();
             out.write_all(b"221 2.0.0 bye\r\n")?;
             return Ok(());
         } else {

@@ -121,6 +121,9 @@ pub enum Action {
     /// As `Retry`, and the recipient's domain is suspended for a while: its mail waits for the
     /// suspension to end instead of each message backing off on its own.
     Suspend,
+    /// As `Retry`, and the destination's provider (or the site, if it has none) gets a lower
+    /// message rate for a while, then its own again.
+    Slow,
 }
 
 impl Action {
@@ -130,6 +133,7 @@ impl Action {
             Action::Bounce => "bounce",
             Action::Suppress => "suppress",
             Action::Suspend => "suspend",
+            Action::Slow => "slow",
         }
     }
 }
@@ -138,10 +142,16 @@ impl FromStr for Action {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Action, String> {
-        [Action::Retry, Action::Bounce, Action::Suppress, Action::Suspend]
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| format!("unknown action {s:?}; write retry, bounce, suppress or suspend"))
+        [
+            Action::Retry,
+            Action::Bounce,
+            Action::Suppress,
+            Action::Suspend,
+            Action::Slow,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
+        .ok_or_else(|| format!("unknown action {s:?}; write retry, bounce, suppress, suspend or slow"))
     }
 }
 

@@ -16,7 +16,7 @@ pub mod verp;
 pub use class::{Action, Class, CLASSES};
 pub use rules::{
     Classification, RuleError, Rules, DEFAULT_RULES, DEFAULT_RULES_NAME, RULES_MAX, RULE_PATTERN_BYTES_MAX,
-    SUSPEND_FOR_MAX,
+    SLOW_RATE_MAX, SLOW_RATE_MIN, SUSPEND_FOR_MAX,
 };
 pub use status::{class_of_status, enhanced_code};
 

@@ -56,6 +56,10 @@ struct RuleSpec {
     action: Option<String>,
     /// With `action = "suspend"`: for how long ("90s", "30m", "2h", "1d"; up to 7 days).
     suspend_for: Option<String>,
+    /// With `action = "slow"`: for how long (as `suspend_for`).
+    slow_for: Option<String>,
+    /// With `action = "slow"`: the rate while slowed, in messages per second (0.001 to 1000).
+    slow_rate: Option<f64>,
 }
 
 /// A classification: the class, and the matching rule's own action, if it has one.
@@ -65,10 +69,17 @@ pub struct Classification {
     pub action: Option<Action>,
     /// How long a `suspend` action of the rule suspends (None: the configuration's default).
     pub suspend_for: Option<Duration>,
+    /// How long a `slow` action of the rule slows (None: the configuration's default).
+    pub slow_for: Option<Duration>,
+    /// The time between messages while slowed (None: the configuration's default).
+    pub slow_interval: Option<Duration>,
 }
 
 /// The longest suspension a rule may ask for.
 pub const SUSPEND_FOR_MAX: Duration = Duration::from_secs(7 * 86_400);
+/// The slowest and the fastest rate a `slow` action may set, in messages per second.
+pub const SLOW_RATE_MIN: f64 = 0.001;
+pub const SLOW_RATE_MAX: f64 = 1000.0;
 
 /// A rule file that cannot be used: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +111,8 @@ struct Rule {
     mx: Vec<String>,
     action: Option<Action>,
     suspend_for: Option<Duration>,
+    slow_for: Option<Duration>,
+    slow_interval: Option<Duration>,
 }
 
 /// Compiled rules (see the module's doc).
@@ -192,12 +205,16 @@ impl Rules {
                 class: rule.class,
                 action: rule.action,
                 suspend_for: rule.suspend_for,
+                slow_for: rule.slow_for,
+                slow_interval: rule.slow_interval,
             };
         }
         Classification {
             class: class_of_status(failure.code, enhanced),
             action: None,
             suspend_for: None,
+            slow_for: None,
+            slow_interval: None,
         }
     }
 
@@ -300,6 +317,19 @@ fn compile_rule(spec: &RuleSpec, patterns: &mut Vec<String>) -> Result<Rule, Str
     if suspend_for.is_some() && action != Some(Action::Suspend) {
         return Err("suspend_for needs action = \"suspend\"".into());
     }
+    let slow_for = spec.slow_for.as_deref().map(parse_duration).transpose()?;
+    if (slow_for.is_some() || spec.slow_rate.is_some()) && action != Some(Action::Slow) {
+        return Err("slow_for and slow_rate need action = \"slow\"".into());
+    }
+    let slow_interval = match spec.slow_rate {
+        Some(rate) if (SLOW_RATE_MIN..=SLOW_RATE_MAX).contains(&rate) => Some(Duration::from_secs_f64(1.0 / rate)),
+        Some(rate) => {
+            return Err(format!(
+                "slow_rate {rate} is not a rate from {SLOW_RATE_MIN} to {SLOW_RATE_MAX} messages per second"
+            ))
+        }
+        None => None,
+    };
     Ok(Rule {
         class,
         reply_code,
@@ -308,6 +338,8 @@ fn compile_rule(spec: &RuleSpec, patterns: &mut Vec<String>) -> Result<Rule, Str
         mx,
         action,
         suspend_for,
+        slow_for,
+        slow_interval,
     })
 }
 
@@ -533,6 +565,8 @@ mod tests {
                 class: Class::RateLimited,
                 action: Some(Action::Suspend),
                 suspend_for: Some(Duration::from_secs(1800)),
+                slow_for: None,
+                slow_interval: None,
             }
         );
         for (bad, want) in [

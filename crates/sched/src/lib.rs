@@ -9,11 +9,13 @@
 //! - [`lanes`]: fresh mail, retries and bounces in lanes of their own;
 //! - [`backoff`]: the retry schedule as data;
 //! - [`health`]: sites marked down after connection failures in a row, and their probes;
+//! - [`provider`]: providers (MX suffixes) whose sites share limits, and slowed rates;
 //! - [`scheduler`]: the scheduler that ties them together.
 
 pub mod backoff;
 pub mod health;
 pub mod lanes;
+pub mod provider;
 pub mod queue;
 pub mod rng;
 pub mod scheduler;
@@ -22,6 +24,7 @@ pub mod suspend;
 
 pub use health::{Change as HealthChange, HealthRules};
 pub use lanes::Lane;
+pub use provider::{ProviderRule, Slowdown};
 pub use queue::{QueueIndex, QueuedMessage, RecipientSet};
 pub use scheduler::{
     Classified, Completed, Job, PendingState, Plan, Route, RouteTarget, SchedConfig, Scheduler, Verdict,

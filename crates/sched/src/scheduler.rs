@@ -31,6 +31,7 @@ use gannet_spool::MessageId;
 use crate::backoff::RetrySchedule;
 use crate::health::{Change, HealthRules};
 use crate::lanes::Lane;
+use crate::provider::{Pace, Provider, ProviderRule, Slowdown, PROVIDERS_MAX};
 use crate::queue::{QueueIndex, QueuedMessage};
 use crate::rng::Rng;
 use crate::site::{Site, SiteKey, SiteLimits, SiteRule};
@@ -78,6 +79,8 @@ pub struct SchedConfig {
     /// One recipient per job (and so per transaction), for mail that is not a bounce: each
     /// delivery then has an envelope sender of its own (VERP return paths).
     pub one_recipient_per_job: bool,
+    /// Providers whose sites share limits (first match by MX host suffix).
+    pub providers: Vec<ProviderRule>,
 }
 
 impl SchedConfig {
@@ -173,6 +176,30 @@ pub struct Scheduler {
     /// [`Scheduler::take_evicted`]; at most one per new site).
     evicted: Vec<SiteKey>,
     suspensions: Suspensions,
+    /// One per `config.providers` rule, in order.
+    providers: Vec<Provider>,
+}
+
+/// Each provider rule's shard state: its process-wide limits split over the shards.
+fn build_providers(config: &SchedConfig) -> Vec<Provider> {
+    assert!(
+        config.providers.len() <= PROVIDERS_MAX,
+        "the configuration bounds the providers"
+    );
+    config
+        .providers
+        .iter()
+        .map(|rule| Provider {
+            name: rule.name.clone(),
+            workers: 0,
+            connections_max: rule.connections_max.map_or(usize::MAX, |c| config.per_shard(c)),
+            messages_per_connection_max: rule.messages_per_connection_max,
+            pace: Pace::new(
+                rule.messages_per_second
+                    .map(|rate| Duration::from_secs_f64(1.0 / (rate / config.shard_count.max(1) as f64))),
+            ),
+        })
+        .collect()
 }
 
 /// The domain of an address as stored (`local@domain`); empty for `<Postmaster>`.
@@ -188,6 +215,7 @@ impl Scheduler {
         assert!(config.shard_count > 0 && config.sites_max > 0);
         Scheduler {
             rng: Rng::new(config.seed ^ (u64::from(config.shard) + 0x9E37_79B9_7F4A_7C15)),
+            providers: build_providers(&config),
             config,
             queue,
             retries: BTreeSet::new(),
@@ -214,16 +242,79 @@ impl Scheduler {
         config.shard_count = self.config.shard_count;
         config.seed = self.config.seed;
         self.config = config;
+        self.providers = build_providers(&self.config);
         let keys: Vec<SiteKey> = self.sites.keys().cloned().collect();
         let now = Instant::now();
         for key in keys {
             let site = &self.sites[&key];
-            let limits = self.limits_for(&key, &site.name, &site.hosts);
+            let provider = self.provider_for(&key, &site.hosts);
+            let limits = self.limits_for(&key, &site.name, &site.hosts, provider);
             let site = self.sites.get_mut(&key).expect("listed above");
             site.limits = limits;
+            site.pace.interval = limits.send_interval;
+            site.provider = provider;
             site.health.reconfigure(&self.config.health, now);
+            if let Some(p) = provider {
+                self.providers[p].workers += site.workers;
+            }
             self.kick(key);
         }
+    }
+
+    /// The provider of a site: the first rule that covers one of its MX hosts.
+    fn provider_for(&self, key: &SiteKey, hosts: &[String]) -> Option<usize> {
+        if matches!(key, SiteKey::Smarthost(_)) {
+            return None;
+        }
+        self.config
+            .providers
+            .iter()
+            .position(|rule| hosts.iter().any(|h| rule.covers(h)))
+    }
+
+    /// Lowers the rate of the site's provider (or of the site, if it has none) to one message
+    /// per `interval` until `until`; the name slowed, or None if a slow-down at least as
+    /// strong is in force already (or the site is gone).
+    pub fn slow(&mut self, key: &SiteKey, interval: Duration, until: Instant, until_unix_s: u64) -> Option<String> {
+        let slowdown = Slowdown {
+            interval,
+            until,
+            until_unix_s,
+        };
+        let site = self.sites.get_mut(key)?;
+        match site.provider {
+            Some(p) => {
+                let provider = &mut self.providers[p];
+                provider
+                    .pace
+                    .slow(slowdown)
+                    .then(|| format!("provider {}", provider.name))
+            }
+            None => site.pace.slow(slowdown).then(|| site.name.clone()),
+        }
+    }
+
+    /// The slow-downs in force at `now`: (provider or site name, slow-down).
+    pub fn slowdowns(&mut self, now: Instant) -> Vec<(String, Slowdown)> {
+        let mut out = Vec::new();
+        for p in &mut self.providers {
+            p.pace.current(now);
+            if let Some(s) = p.pace.slowed {
+                out.push((format!("provider {}", p.name), s));
+            }
+        }
+        for site in self.sites.values_mut() {
+            site.pace.current(now);
+            if let Some(s) = site.pace.slowed {
+                out.push((site.name.clone(), s));
+            }
+        }
+        out
+    }
+
+    /// The providers, in rule order.
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
     }
 
     pub fn queue(&self) -> &QueueIndex {
@@ -570,9 +661,11 @@ impl Scheduler {
             if self.sites.len() >= self.config.sites_max {
                 self.evict_least_recent(now);
             }
-            let limits = self.limits_for(&key, &name, &hosts);
-            self.sites
-                .insert(key.clone(), Site::new(key.clone(), name, hosts, limits, now));
+            let provider = self.provider_for(&key, &hosts);
+            let limits = self.limits_for(&key, &name, &hosts, provider);
+            let mut site = Site::new(key.clone(), name, hosts, limits, now);
+            site.provider = provider;
+            self.sites.insert(key.clone(), site);
         }
         let site = self.sites.get_mut(&key).expect("just made");
         site.pending.push_back(job.lane, job);
@@ -581,7 +674,7 @@ impl Scheduler {
     }
 
     /// The limits of the first rule that matches the site's name or one of its MX hosts.
-    fn limits_for(&self, key: &SiteKey, name: &str, hosts: &[String]) -> SiteLimits {
+    fn limits_for(&self, key: &SiteKey, name: &str, hosts: &[String], provider: Option<usize>) -> SiteLimits {
         let c = &self.config;
         let rule = c
             .site_rules
@@ -598,6 +691,7 @@ impl Scheduler {
             ),
             messages_per_connection_max: rule
                 .and_then(|r| r.messages_per_connection_max)
+                .or_else(|| provider.and_then(|p| self.providers[p].messages_per_connection_max))
                 .unwrap_or(c.messages_per_connection_max),
             send_interval: rule
                 .and_then(|r| r.messages_per_second)
@@ -624,16 +718,24 @@ impl Scheduler {
                 continue;
             };
             site.kicked = false;
+            let provider_full = site
+                .provider
+                .is_some_and(|p| self.providers[p].workers >= self.providers[p].connections_max);
             if site.pending.is_empty()
                 || site.workers >= site.limits.connections_max
+                || provider_full
                 || (site.capped && site.workers > 0)
                 || !site.health.may_start_worker(site.workers)
             {
+                // A site waiting on its provider is kicked again when the provider frees a place.
                 continue;
             }
             site.capped = false;
             site.workers += 1;
             self.workers_total += 1;
+            if let Some(p) = site.provider {
+                self.providers[p].workers += 1;
+            }
             // More work than workers: it may take another one too (not while it is down: one
             // probe at a time).
             if site.pending.len() > site.workers
@@ -657,7 +759,14 @@ impl Scheduler {
 
     /// How long the worker must wait before its job may start, under the site's rate.
     pub fn rate_wait(&mut self, key: &SiteKey, now: Instant) -> Duration {
-        self.sites.get_mut(key).map_or(Duration::ZERO, |s| s.wait_for_rate(now))
+        let Some(site) = self.sites.get_mut(key) else {
+            return Duration::ZERO;
+        };
+        let own = site.pace.wait(now);
+        match site.provider {
+            Some(p) => own.max(self.providers[p].pace.wait(now)),
+            None => own,
+        }
     }
 
     /// A job goes back to the head of its lane (its connection died, or it was sent ahead on
@@ -674,7 +783,13 @@ impl Scheduler {
     /// no rate and the connection has room for two more messages.
     pub fn take_ahead(&mut self, key: &SiteKey, messages_on_connection: usize) -> Option<Job> {
         let site = self.sites.get_mut(key)?;
-        if site.limits.send_interval.is_some() || messages_on_connection + 2 > site.limits.messages_per_connection_max {
+        // A slow-down that has just ended still counts: conservative, and no clock here.
+        let paced = site.pace.interval.is_some()
+            || site.pace.slowed.is_some()
+            || site
+                .provider
+                .is_some_and(|p| self.providers[p].pace.interval.is_some() || self.providers[p].pace.slowed.is_some());
+        if paced || messages_on_connection + 2 > site.limits.messages_per_connection_max {
             return None;
         }
         site.pending.pop()
@@ -704,6 +819,25 @@ impl Scheduler {
         assert!(site.workers > 0 && self.workers_total > 0, "worker accounting");
         site.workers -= 1;
         self.workers_total -= 1;
+        let provider = site.provider;
+        if let Some(p) = provider {
+            assert!(self.providers[p].workers > 0, "provider worker accounting");
+            let was_full = self.providers[p].workers >= self.providers[p].connections_max;
+            self.providers[p].workers -= 1;
+            if was_full {
+                // Its other sites may have been passed over for the provider's cap.
+                let waiting: Vec<SiteKey> = self
+                    .sites
+                    .iter()
+                    .filter(|(k, s)| *k != key && s.provider == Some(p) && !s.pending.is_empty())
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in waiting {
+                    self.kick(k);
+                }
+            }
+        }
+        let site = self.sites.get_mut(key).expect("a worker's site is never evicted");
         site.last_active = now;
         site.capped = !rekick;
         if rekick && !site.pending.is_empty() {
@@ -1081,6 +1215,7 @@ mod tests {
             seed: 1,
             health: crate::health::HealthRules::NEVER,
             one_recipient_per_job: false,
+            providers: vec![],
         }
     }
 
@@ -1130,6 +1265,63 @@ mod tests {
             at,
         );
         id
+    }
+
+    #[test]
+    fn sites_of_one_provider_share_its_connections_and_its_slowdown() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.connections_per_shard_max = 10;
+        c.providers = vec![ProviderRule {
+            name: "bigmail".into(),
+            mx_suffixes: vec!["bigmail.test".into()],
+            connections_max: Some(1),
+            messages_per_connection_max: Some(7),
+            messages_per_second: None,
+        }];
+        let mut s = Scheduler::new(c.clone(), QueueIndex::default());
+        // Two customers of the provider (different MX sets), and a domain elsewhere.
+        queue_mx(&mut s, 1, "a.test", &["mx1.bigmail.test"], t0);
+        queue_mx(&mut s, 2, "b.test", &["mx2.bigmail.test"], t0);
+        queue_mx(&mut s, 3, "c.test", &["mx.other.test"], t0);
+        let first = s.next_worker().unwrap();
+        let other = s.next_worker().unwrap();
+        assert_eq!(
+            other,
+            SiteKey::mx(&["mx.other.test"]),
+            "the provider's second site waits"
+        );
+        assert_eq!(s.next_worker(), None);
+        assert_eq!(s.messages_per_connection_max(&first), 7, "the provider's limit");
+        assert_eq!(s.providers()[0].workers, 1);
+        // The provider's worker ends: its other site gets the place.
+        s.next_job(&first, t0).unwrap();
+        s.worker_ended(&first, true, t0);
+        assert_eq!(s.next_worker(), Some(SiteKey::mx(&["mx2.bigmail.test"])));
+        // A slow-down on one site slows the provider, for all its sites, until it ends.
+        let second = SiteKey::mx(&["mx2.bigmail.test"]);
+        let until = t0 + Duration::from_secs(60);
+        assert_eq!(
+            s.slow(&second, Duration::from_secs(5), until, 60).as_deref(),
+            Some("provider bigmail")
+        );
+        assert_eq!(
+            s.slow(&second, Duration::from_secs(5), until, 60),
+            None,
+            "in force already"
+        );
+        assert_eq!(s.rate_wait(&second, t0), Duration::ZERO);
+        assert_eq!(s.rate_wait(&second, t0), Duration::from_secs(5));
+        assert_eq!(s.slowdowns(t0).len(), 1);
+        assert!(s.slowdowns(until).is_empty(), "restored when the time is up");
+        assert_eq!(
+            s.rate_wait(&other, t0),
+            Duration::ZERO,
+            "other providers keep their pace"
+        );
+        // Reconfiguring keeps the provider's count of open connections.
+        s.reconfigure(c);
+        assert_eq!(s.providers()[0].workers, 1);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::health::Health;
 use crate::lanes::Lanes;
+use crate::provider::{Pace, Slowdown};
 use crate::Job;
 
 /// A receiving site's identity.
@@ -96,8 +97,10 @@ pub struct Site {
     /// Delivering connections (workers) now.
     pub(crate) workers: usize,
     pub(crate) limits: SiteLimits,
-    /// When the next message may start, under the rate.
-    pub(crate) next_send: Option<Instant>,
+    /// Its own rate (`limits.send_interval`, and a slow-down), and its next send slot.
+    pub(crate) pace: Pace,
+    /// The provider whose limits it shares (an index into the scheduler's providers).
+    pub(crate) provider: Option<usize>,
     /// The last time it had work or a worker.
     pub(crate) last_active: Instant,
     /// It is in the scheduler's list of sites that may want a worker.
@@ -117,7 +120,8 @@ impl Site {
             pending: Lanes::default(),
             workers: 0,
             limits,
-            next_send: None,
+            pace: Pace::new(limits.send_interval),
+            provider: None,
             last_active: now,
             kicked: false,
             capped: false,
@@ -146,14 +150,14 @@ impl Site {
         self.workers == 0 && self.pending.is_empty()
     }
 
-    /// How long to wait before the next message may go, reserving its slot.
-    pub(crate) fn wait_for_rate(&mut self, now: Instant) -> Duration {
-        let Some(interval) = self.limits.send_interval else {
-            return Duration::ZERO;
-        };
-        let at = self.next_send.map_or(now, |t| t.max(now));
-        self.next_send = Some(at + interval);
-        at.saturating_duration_since(now)
+    /// The provider whose limits it shares, by index.
+    pub fn provider(&self) -> Option<usize> {
+        self.provider
+    }
+
+    /// Its slow-down, if one is in force.
+    pub fn slowed(&self) -> Option<Slowdown> {
+        self.pace.slowed
     }
 }
 

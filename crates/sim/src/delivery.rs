@@ -16,7 +16,14 @@
 //!   and the site table at most `sites_max` idle sites;
 //! - a provider whose hosts refuse connections for a while is marked down and probed: while it
 //!   is unreachable, it gets no more connection attempts than the failures that mark it down,
-//!   the workers that were already connecting, and one per probe (no retry storm).
+//!   the workers that were already connecting, and one per probe (no retry storm);
+//! - one provider throttles: it takes at most `THROTTLE_PER_MINUTE` messages a minute over all
+//!   its customers' sites (each domain of it has MX hosts of its own) and defers the rest with
+//!   Gmail's `421 4.7.28` rate reply. With its provider rule (shared connections and a rate
+//!   below the throttle) and the `slow` action on the rate reply, it defers almost nothing
+//!   (no retry storm) while fresh mail to the other providers is never starved; with a rate
+//!   above its throttle the `slow` action brings the deferrals down; without either
+//!   (`DeliverySimConfig::provider_rate = None`) it defers most, which the tests compare.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -37,6 +44,10 @@ use crate::rng::SimRng;
 /// five; with workers free it starts at once).
 pub const FRESH_WAIT_MAX: Duration = Duration::from_secs(120);
 const PROVIDERS: usize = 6;
+/// The provider that throttles.
+pub const THROTTLING: usize = PROVIDERS - 1;
+/// Messages a minute the throttling provider takes.
+pub const THROTTLE_PER_MINUTE: usize = 20;
 const DOMAINS: usize = 40;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(500);
@@ -52,6 +63,9 @@ pub struct DeliverySimConfig {
     /// Over this long the messages arrive.
     pub arrivals: Duration,
     pub sites_max: usize,
+    /// The throttling provider has a provider rule (2 connections, this many messages a
+    /// second) and its rate reply slows it (`slow`); None: neither.
+    pub provider_rate: Option<f64>,
 }
 
 impl DeliverySimConfig {
@@ -59,6 +73,8 @@ impl DeliverySimConfig {
         messages: 300,
         arrivals: Duration::from_secs(1800),
         sites_max: 4,
+        // 15 a minute, below its 20.
+        provider_rate: Some(0.25),
     };
 }
 
@@ -74,6 +90,9 @@ pub struct DeliveryReport {
     pub duplicates: usize,
     pub longest_fresh_wait: Duration,
     pub most_sites: usize,
+    /// Messages sent to the throttling provider, and how many it deferred with its rate reply.
+    pub throttling_sends: usize,
+    pub throttled: usize,
     pub violations: Vec<String>,
 }
 
@@ -96,6 +115,8 @@ enum Answer {
     DropAfterDot {
         taken: bool,
     },
+    /// The throttling provider's rate reply.
+    Throttled,
 }
 
 struct Worker {
@@ -125,6 +146,8 @@ struct Sim<'a> {
     unreachable_until: Vec<Duration>,
     /// Per provider: connection attempts while unreachable that were not probes.
     unreachable_non_probes: Vec<usize>,
+    /// When the throttling provider took its messages in the last minute.
+    throttle_window: std::collections::VecDeque<Duration>,
     report: DeliveryReport,
 }
 
@@ -137,6 +160,17 @@ struct Tracked {
     notices: BTreeMap<u32, usize>,
     finished: BTreeMap<u32, bool>,
     last_attempt: Option<(Duration, u32)>,
+}
+
+/// The provider of a site: the `provider<N>` label of its MX hosts.
+fn provider_of_site(site: &SiteKey) -> usize {
+    match site {
+        SiteKey::Mx(hosts) => hosts[0]
+            .split('.')
+            .find_map(|label| label.strip_prefix("provider").and_then(|n| n.parse().ok()))
+            .unwrap_or(0),
+        SiteKey::Smarthost(_) => 0,
+    }
 }
 
 fn provider_of(domain: &str) -> usize {
@@ -211,10 +245,17 @@ impl Sim<'_> {
                 self.finish(id, results);
                 continue;
             }
-            let hosts = vec![
-                format!("mx1.provider{provider}.sim"),
-                format!("mx2.provider{provider}.sim"),
-            ];
+            // The throttling provider's customers each have MX hosts of their own (a site
+            // each), under the provider's name.
+            let hosts = if provider == THROTTLING {
+                let label = domain.split('.').next().unwrap_or("d");
+                vec![format!("mx.{label}.provider{provider}.sim")]
+            } else {
+                vec![
+                    format!("mx1.provider{provider}.sim"),
+                    format!("mx2.provider{provider}.sim"),
+                ]
+            };
             self.queued_at.insert((id, plan.lane), self.now);
             self.sched
                 .place_mx(id, plan.lane, recipients, &domain, hosts, self.now().instant);
@@ -272,29 +313,25 @@ impl Sim<'_> {
             self.start_workers();
             return;
         };
-        let provider = match &site {
-            SiteKey::Mx(hosts) => hosts[0]
-                .trim_start_matches("mx1.provider")
-                .split('.')
-                .next()
-                .and_then(|p| p.parse::<usize>().ok())
-                .unwrap_or(0),
-            SiteKey::Smarthost(_) => 0,
-        };
+        let provider = provider_of_site(&site);
         if !self.workers[&w].connected && !self.connect(w, &site, job.clone(), provider) {
             return;
         }
         // Fresh mail for a provider that refused connections for a while waited for its probe
         // by design; every other fresh job is measured.
+        // Mail to the throttling provider waits for its rate by design; the rest is measured.
         if job.lane == Lane::Fresh {
             if let Some(queued) = self.queued_at.remove(&(job.id, Lane::Fresh)) {
-                if self.unreachable_until[provider].is_zero() {
+                if self.unreachable_until[provider].is_zero() && provider != THROTTLING {
                     let waited = self.now - queued;
                     self.report.longest_fresh_wait = self.report.longest_fresh_wait.max(waited);
                 }
             }
         }
         self.report.attempts += 1;
+        // The shell sleeps for the site's and its provider's rate before it sends.
+        let rate_wait = self.sched.rate_wait(&site, self.now().instant);
+        let throttled = provider == THROTTLING && self.throttles(self.now + rate_wait);
         let down = self.now < self.down_until[provider];
         let answers: Vec<(u32, Answer)> = job
             .recipients
@@ -302,6 +339,7 @@ impl Sim<'_> {
             .map(|&i| {
                 let roll = self.rng.below(100);
                 let answer = match roll {
+                    _ if throttled => Answer::Throttled,
                     _ if down => Answer::Defer,
                     0..=64 => Answer::Accept,
                     65..=79 => Answer::Defer,
@@ -315,13 +353,32 @@ impl Sim<'_> {
             })
             .collect();
         let stalls = answers.iter().any(|(_, a)| *a == Answer::Stall);
-        let latency = if stalls {
-            REPLY_TIMEOUT
-        } else {
-            Duration::from_millis(20 + self.rng.below(300))
-        };
+        let latency = rate_wait
+            + if stalls {
+                REPLY_TIMEOUT
+            } else {
+                Duration::from_millis(20 + self.rng.below(300))
+            };
         self.workers.get_mut(&w).expect("running").job = Some((job, answers));
         self.at(latency, Event::JobDone(w));
+    }
+
+    /// Whether the throttling provider defers a message sent at `at` (else it counts it).
+    fn throttles(&mut self, at: Duration) -> bool {
+        self.report.throttling_sends += 1;
+        while self
+            .throttle_window
+            .front()
+            .is_some_and(|&t| t + Duration::from_secs(60) <= at)
+        {
+            self.throttle_window.pop_front();
+        }
+        if self.throttle_window.len() >= THROTTLE_PER_MINUTE {
+            self.report.throttled += 1;
+            return true;
+        }
+        self.throttle_window.push_back(at);
+        false
     }
 
     /// The worker's connection attempt, as the shell makes it: refused while the provider is
@@ -384,6 +441,10 @@ impl Sim<'_> {
                     RecipientResult::Delivered(reply(250))
                 }
                 Answer::Defer | Answer::Stall => RecipientResult::Deferred(reply(451)),
+                Answer::Throttled => RecipientResult::Deferred(ServerReply::new(
+                    421,
+                    "4.7.28 Our system has detected an unusual rate of unsolicited mail originating from your IP address.",
+                )),
                 Answer::Refuse => RecipientResult::Failed(reply(550)),
                 Answer::DropAfterDot { taken } => {
                     tracked.dropped_after_dot.insert(i, true);
@@ -394,6 +455,22 @@ impl Sim<'_> {
                 }
             };
             results.push((i, result));
+        }
+        if self.config.provider_rate.is_some()
+            && results
+                .iter()
+                .any(|(_, r)| matches!(r, RecipientResult::Deferred(r) if r.code == 421 && r.text().contains("4.7.28")))
+        {
+            // The shell's `slow` action on the rate reply (the default rules' class for it
+            // is rate-limited): the provider sends one message a minute for ten minutes.
+            let site = self.workers[&w].site.clone();
+            let now = self.now();
+            self.sched.slow(
+                &site,
+                Duration::from_secs(60),
+                now.instant + Duration::from_secs(600),
+                now.unix_s + 600,
+            );
         }
         self.finish(job.id, results);
         self.run_worker(w);
@@ -454,7 +531,7 @@ impl Sim<'_> {
     }
 }
 
-fn config(sites_max: usize, seed: u64) -> SchedConfig {
+fn config(sites_max: usize, seed: u64, provider_rate: Option<f64>) -> SchedConfig {
     SchedConfig {
         shard: 0,
         shard_count: 1,
@@ -477,6 +554,16 @@ fn config(sites_max: usize, seed: u64) -> SchedConfig {
         seed,
         health: HEALTH,
         one_recipient_per_job: false,
+        providers: provider_rate
+            .map(|rate| gannet_sched::ProviderRule {
+                name: "throttling".into(),
+                mx_suffixes: vec![format!("provider{THROTTLING}.sim")],
+                connections_max: Some(2),
+                messages_per_connection_max: None,
+                messages_per_second: Some(rate),
+            })
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -498,10 +585,13 @@ fn outages(rng: &mut SimRng, percent: u64, longest_s: u64) -> Vec<Duration> {
 pub fn run(seed: u64, c: &DeliverySimConfig) -> DeliveryReport {
     let mut rng = SimRng::new(seed);
     let down_until = outages(&mut rng, 30, 3600);
-    let unreachable_until = outages(&mut rng, 20, 1800);
+    let mut unreachable_until = outages(&mut rng, 20, 1800);
+    // The throttling provider's part is its throttle; connection outages are the others'
+    // (its customers are many sites, each of which would be marked down on its own).
+    unreachable_until[THROTTLING] = Duration::ZERO;
     let mut sim = Sim {
         config: c,
-        sched: Scheduler::new(config(c.sites_max, seed), QueueIndex::default()),
+        sched: Scheduler::new(config(c.sites_max, seed, c.provider_rate), QueueIndex::default()),
         rng,
         t0: Instant::now(),
         now: Duration::ZERO,
@@ -514,6 +604,7 @@ pub fn run(seed: u64, c: &DeliverySimConfig) -> DeliveryReport {
         down_until,
         unreachable_until,
         unreachable_non_probes: vec![0; PROVIDERS],
+        throttle_window: std::collections::VecDeque::new(),
         report: DeliveryReport::default(),
     };
     for n in 0..c.messages as u32 {
@@ -598,6 +689,7 @@ fn check_end(sim: &mut Sim<'_>) {
     // connecting fail too: at most the site's connections. Everything else is a probe. (A
     // site forgotten when idle starts counting afresh: once per eviction, at most.)
     let limit = HEALTH.down_after_failures as usize + 3;
+    let throttling_sites = (0..DOMAINS).filter(|d| d % PROVIDERS == THROTTLING).count();
     for (provider, &n) in sim.unreachable_non_probes.iter().enumerate() {
         if n > 2 * limit {
             report.violations.push(format!(
@@ -606,7 +698,7 @@ fn check_end(sim: &mut Sim<'_>) {
         }
     }
     let sites_max = sim.config.sites_max;
-    if report.most_sites > sites_max + PROVIDERS {
+    if report.most_sites > sites_max + PROVIDERS - 1 + throttling_sites {
         report.violations.push(format!(
             "{} sites at once, past {sites_max} idle plus the busy ones",
             report.most_sites

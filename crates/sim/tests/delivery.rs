@@ -27,3 +27,47 @@ fn every_recipient_ends_delivered_or_bounced_and_fresh_mail_is_never_starved() {
     assert!(bounces > 0 && dups > 0, "the runs exercised failures and drops");
     assert!(probes > 0, "the runs exercised destinations down and their probes");
 }
+
+#[test]
+fn a_throttling_provider_paced_by_its_rule_defers_little_and_starves_no_one() {
+    let with_rate = |provider_rate| DeliverySimConfig {
+        provider_rate,
+        ..DeliverySimConfig::CI
+    };
+    // Below its throttle; above it (the slow action must catch up); no rule, no action.
+    let configs = [with_rate(Some(0.25)), with_rate(Some(1.0)), with_rate(None)];
+    let mut totals = [(0usize, 0usize); 3];
+    for seed in 0..20 {
+        for (config, total) in configs.iter().zip(totals.iter_mut()) {
+            let report = run(seed, config);
+            assert!(
+                report.violations.is_empty(),
+                "seed {seed}: {:?}",
+                &report.violations[..report.violations.len().min(10)]
+            );
+            total.0 += report.throttled;
+            total.1 += report.throttling_sends;
+        }
+    }
+    let [paced, slowed, unpaced] = totals;
+    eprintln!(
+        "throttling provider over 20 seeds, rate replies of sends: paced below its throttle {} of {}, paced above it with the slow action {} of {}, neither {} of {}",
+        paced.0, paced.1, slowed.0, slowed.1, unpaced.0, unpaced.1
+    );
+    assert!(
+        unpaced.0 > 0,
+        "unpaced, the provider's throttle was reached: the runs exercised it"
+    );
+    assert!(
+        paced.0 * 10 <= unpaced.0,
+        "pacing below the throttle cut the rate replies at least tenfold: {} vs {}",
+        paced.0,
+        unpaced.0
+    );
+    assert!(
+        slowed.0 < unpaced.0,
+        "the slow action cut the rate replies: {} vs {}",
+        slowed.0,
+        unpaced.0
+    );
+}

@@ -1,0 +1,116 @@
+//! Providers against the real binary, with DNS from a server of the tests' own: forty domains
+//! whose MX hosts all differ (forty sites) but end in one provider's suffix share the
+//! provider's connection cap; a scripted rate-limit reply (Gmail's published 4.7.28 text)
+//! matching a `slow` rule lowers the provider's rate for the rule's time, visible in the API,
+//! and the rate comes back; another provider's mail keeps flowing meanwhile.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::dns::DnsServer;
+use common::sink::CaptureSink;
+use common::{python, Gannet, Setup};
+
+const WAIT: Duration = Duration::from_secs(120);
+const DOMAINS: usize = 40;
+const RATE_REPLY: &str = "421 4.7.28 Our system has detected an unusual rate of unsolicited mail originating from your IP address. To protect our users from spam, mail sent from your IP address has been temporarily rate limited.";
+
+fn send(g: &Gannet, rcpts: &[String]) {
+    let out = python(
+        r#"
+import smtplib, sys
+port, rcpts = int(sys.argv[1]), sys.argv[2:]
+with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
+    for r in rcpts:
+        s.sendmail("a@sender.test", [r], b"Subject: provider\r\n\r\nhello\r\n")
+print("sent")
+"#,
+        &std::iter::once(g.mx().port().to_string())
+            .chain(rcpts.iter().cloned())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(out.trim(), "sent");
+}
+
+#[test]
+fn a_providers_sites_share_its_connections_and_a_rate_reply_slows_it_for_a_while() {
+    let dns = DnsServer::start();
+    let bigmail = CaptureSink::start_on("127.0.0.1:0".parse().unwrap());
+    let port = bigmail.addr.port();
+    let other =
+        CaptureSink::try_start_on(format!("127.0.0.2:{port}").parse().unwrap()).expect("127.0.0.2 on the same port");
+    {
+        let mut zone = dns.zone.lock().unwrap();
+        for n in 0..DOMAINS {
+            // Forty customers of one provider, each with MX hosts of its own.
+            let host = format!("mx{n}.bigmail.test");
+            zone.mx(&format!("p{n}.test"), &[(10, &host)]);
+            zone.a(&host, [127, 0, 0, 1]);
+        }
+        zone.mx("elsewhere.test", &[(10, "mx.other.test")]);
+        zone.a("mx.other.test", [127, 0, 0, 2]);
+    }
+    *bigmail.behaviour.rcpt_replies.lock().unwrap() = vec![("slowme@".into(), RATE_REPLY.into())];
+    let mut setup = Setup::new();
+    let rules = setup.files.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nclass = \"rate-limited\"\nstatus = \"4.7.28\"\naction = \"slow\"\nslow_rate = 0.5\nslow_for = \"3s\"\n",
+    )
+    .unwrap();
+    setup
+        .mx_route("*")
+        .set("delivery", "mx_port", &port.to_string())
+        .set("delivery", "connections_per_destination_max", "10")
+        .set("delivery", "connections_per_ip_max", "100")
+        .set("delivery", "retry_first", "\"1h\"")
+        .set("dns", "servers", &format!("[\"{}\"]", dns.addr))
+        .set("bounces", "rules_file", &format!("{:?}", rules.display().to_string()))
+        .raw("[[provider]]\nname = \"bigmail\"\nmx = [\"bigmail.test\"]\nconnections_max = 2\n");
+    let g = Gannet::start(&setup);
+    let rcpts: Vec<String> = (0..DOMAINS).map(|n| format!("user@p{n}.test")).collect();
+    send(&g, &rcpts);
+    bigmail.wait_for(DOMAINS, WAIT);
+    let most = bigmail.active_max.load(Ordering::Acquire);
+    assert!(
+        (1..=2).contains(&most),
+        "{most} connections at once to the provider's {DOMAINS} sites (provider cap 2, site cap 10)"
+    );
+
+    // Gmail's rate reply: the rule slows the provider (not just the site), for 3 s.
+    send(&g, &["slowme@p0.test".to_string()]);
+    assert!(
+        g.wait_for_log("slowed by the rate-limited action", WAIT),
+        "{}",
+        g.log_text()
+    );
+    assert!(
+        g.log_text().contains("destination=\"provider bigmail\""),
+        "{}",
+        g.log_text()
+    );
+    assert_eq!(g.metric("gannet_bounce_actions_total{action=\"slow\"}"), 1.0);
+    let (_, listed) = g.http("GET", "/api/destinations", None, &[]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["slowed"][0]["destination"], "provider bigmail", "{listed}");
+    assert_eq!(listed["slowed"][0]["interval_ms"], 2000, "{listed}");
+    // Another provider's mail flows meanwhile.
+    send(&g, &["someone@elsewhere.test".to_string()]);
+    other.wait_for(1, WAIT);
+    // The slow-down ends by itself: polled, not slept for.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, listed) = g.http("GET", "/api/destinations", None, &[]);
+        let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        if listed["slowed"].as_array().is_some_and(|a| a.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slow-down never ended: {listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
