@@ -37,32 +37,30 @@ print("sent")
     assert_eq!(out.trim(), "sent");
 }
 
-#[test]
-fn a_providers_sites_share_its_connections_and_a_rate_reply_slows_it_for_a_while() {
-    let dns = DnsServer::start();
+/// Forty customers of one provider (`p<n>.test`, MX `mx<n>.bigmail.test` on 127.0.0.1) and
+/// one domain elsewhere (`elsewhere.test`, on 127.0.0.2), with a capture sink on each.
+fn two_providers(dns: &DnsServer) -> (CaptureSink, CaptureSink) {
     let bigmail = CaptureSink::start_on("127.0.0.1:0".parse().unwrap());
     let port = bigmail.addr.port();
     let other =
         CaptureSink::try_start_on(format!("127.0.0.2:{port}").parse().unwrap()).expect("127.0.0.2 on the same port");
-    {
-        let mut zone = dns.zone.lock().unwrap();
-        for n in 0..DOMAINS {
-            // Forty customers of one provider, each with MX hosts of its own.
-            let host = format!("mx{n}.bigmail.test");
-            zone.mx(&format!("p{n}.test"), &[(10, &host)]);
-            zone.a(&host, [127, 0, 0, 1]);
-        }
-        zone.mx("elsewhere.test", &[(10, "mx.other.test")]);
-        zone.a("mx.other.test", [127, 0, 0, 2]);
+    let mut zone = dns.zone.lock().unwrap();
+    for n in 0..DOMAINS {
+        let host = format!("mx{n}.bigmail.test");
+        zone.mx(&format!("p{n}.test"), &[(10, &host)]);
+        zone.a(&host, [127, 0, 0, 1]);
     }
-    *bigmail.behaviour.rcpt_replies.lock().unwrap() = vec![("slowme@".into(), RATE_REPLY.into())];
+    zone.mx("elsewhere.test", &[(10, "mx.other.test")]);
+    zone.a("mx.other.test", [127, 0, 0, 2]);
+    (bigmail, other)
+}
+
+/// MX delivery to the sinks' port through `dns`, with `rules` as the bounce rules file and
+/// the provider `bigmail` at `connections_max`.
+fn setup(dns: &DnsServer, port: u16, rules: &str, connections_max: usize) -> Setup {
     let mut setup = Setup::new();
-    let rules = setup.files.path().join("rules.toml");
-    std::fs::write(
-        &rules,
-        "[[rule]]\nclass = \"rate-limited\"\nstatus = \"4.7.28\"\naction = \"slow\"\nslow_rate = 0.5\nslow_for = \"3s\"\n",
-    )
-    .unwrap();
+    let path = setup.files.path().join("rules.toml");
+    std::fs::write(&path, rules).unwrap();
     setup
         .mx_route("*")
         .set("delivery", "mx_port", &port.to_string())
@@ -70,8 +68,24 @@ fn a_providers_sites_share_its_connections_and_a_rate_reply_slows_it_for_a_while
         .set("delivery", "connections_per_ip_max", "100")
         .set("delivery", "retry_first", "\"1h\"")
         .set("dns", "servers", &format!("[\"{}\"]", dns.addr))
-        .set("bounces", "rules_file", &format!("{:?}", rules.display().to_string()))
-        .raw("[[provider]]\nname = \"bigmail\"\nmx = [\"bigmail.test\"]\nconnections_max = 2\n");
+        .set("bounces", "rules_file", &format!("{:?}", path.display().to_string()))
+        .raw(&format!(
+            "[[provider]]\nname = \"bigmail\"\nmx = [\"bigmail.test\"]\nconnections_max = {connections_max}\n"
+        ));
+    setup
+}
+
+#[test]
+fn a_providers_sites_share_its_connections_and_a_rate_reply_slows_it_for_a_while() {
+    let dns = DnsServer::start();
+    let (bigmail, other) = two_providers(&dns);
+    *bigmail.behaviour.rcpt_replies.lock().unwrap() = vec![("slowme@".into(), RATE_REPLY.into())];
+    let setup = setup(
+        &dns,
+        bigmail.addr.port(),
+        "[[rule]]\nclass = \"rate-limited\"\nstatus = \"4.7.28\"\naction = \"slow\"\nslow_rate = 0.5\nslow_for = \"3s\"\n",
+        2,
+    );
     let g = Gannet::start(&setup);
     let rcpts: Vec<String> = (0..DOMAINS).map(|n| format!("user@p{n}.test")).collect();
     send(&g, &rcpts);
@@ -113,4 +127,46 @@ fn a_providers_sites_share_its_connections_and_a_rate_reply_slows_it_for_a_while
         assert!(Instant::now() < deadline, "the slow-down never ended: {listed}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+const TSS04: &str = "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes";
+
+#[test]
+fn a_rate_reply_pauses_the_whole_provider_for_the_rules_time_and_its_mail_then_goes() {
+    let dns = DnsServer::start();
+    let (bigmail, other) = two_providers(&dns);
+    *bigmail.behaviour.rcpt_replies.lock().unwrap() = vec![("tss@".into(), TSS04.into())];
+    let setup = setup(
+        &dns,
+        bigmail.addr.port(),
+        "[[rule]]\nclass = \"rate-limited\"\ntext = \"TSS04\"\naction = \"suspend\"\nsuspend_for = \"2s\"\n",
+        10,
+    );
+    let g = Gannet::start(&setup);
+    send(&g, &["tss@p0.test".to_string()]);
+    assert!(
+        g.wait_for_log("provider paused by the rate-limited action", WAIT),
+        "{}",
+        g.log_text()
+    );
+    // The receiver would take it now; the pause decides.
+    bigmail.behaviour.rcpt_replies.lock().unwrap().clear();
+    let (_, listed) = g.http("GET", "/api/destinations", None, &[]);
+    assert!(listed.contains("\"provider bigmail\""), "{listed}");
+    // Another customer of the paused provider waits; another provider's mail flows.
+    send(&g, &["user@p1.test".to_string(), "someone@elsewhere.test".to_string()]);
+    other.wait_for(1, WAIT);
+    assert!(bigmail.captured().is_empty(), "nothing went to the paused provider");
+    // The pause ends after its 2 s, not after the message's 1 h backoff: both go.
+    assert!(g.wait_for_log("a provider's pause ended", WAIT), "{}", g.log_text());
+    let got = bigmail.wait_for(2, WAIT);
+    let mut to: Vec<&str> = got.iter().map(|c| c.recipients[0].as_str()).collect();
+    to.sort();
+    assert_eq!(to, ["tss@p0.test", "user@p1.test"]);
+    assert_eq!(g.metric("gannet_bounce_actions_total{action=\"suspend\"}"), 1.0);
+    assert_eq!(
+        g.metric("gannet_retries_total"),
+        0.0,
+        "the paused message never took a backoff step"
+    );
 }

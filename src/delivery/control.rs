@@ -172,6 +172,13 @@ impl Deliverer {
                 until_unix_s: s.until_unix_s,
                 shard: self.shard as usize,
             })
+            .chain(self.sched.borrow().providers().iter().filter_map(|p| {
+                p.paused_until_unix_s.map(|until_unix_s| ShardSuspension {
+                    domain: format!("provider {}", p.name),
+                    until_unix_s,
+                    shard: self.shard as usize,
+                })
+            }))
             .collect()
     }
 
@@ -519,6 +526,20 @@ impl Deliverer {
             self.schedule(id);
         }
         ids.len()
+    }
+
+    /// Ends provider pauses past their time (every tick): their sites go again.
+    pub(super) fn resume_providers(self: &Rc<Self>) {
+        let resumed = self.sched.borrow_mut().resume_providers(Now::read().unix_s);
+        for provider in &resumed {
+            info!(
+                shard = self.shard,
+                provider, "a provider's pause ended: its mail goes now"
+            );
+        }
+        if !resumed.is_empty() {
+            self.start_workers();
+        }
     }
 
     /// Ends suspensions past their time (every tick).

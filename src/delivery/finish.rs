@@ -30,8 +30,9 @@ use crate::smtp::session::MessageSink;
 pub(super) struct Attempt {
     pub relay: Option<SocketAddr>,
     pub site: Option<String>,
-    /// The site's key (for a `slow` action).
+    /// The site's key (for the `slow` and `suspend` actions) and the job's lane.
     pub key: Option<gannet_sched::SiteKey>,
+    pub lane: Option<gannet_sched::Lane>,
     pub tls: Option<String>,
     pub took: Option<std::time::Duration>,
 }
@@ -115,7 +116,7 @@ impl Deliverer {
             }
         }
         let now = Now::read();
-        let completed = self.sched.borrow_mut().complete(id, &done, delay_notified, now);
+        let completed = self.complete(id, &done, &classified.verdicts, &attempt, delay_notified, now);
         if matches!(completed, Some(Completed::Finished | Completed::Retry { .. })) {
             self.store.forget(&id);
         }
@@ -224,6 +225,23 @@ impl Deliverer {
                         suppress.push(change);
                     }
                 }
+                (Action::Suspend, RecipientResult::Deferred(_))
+                    if attempt.key.as_ref().is_some_and(|k| self.has_provider(k)) =>
+                {
+                    let key = attempt.key.as_ref().expect("checked");
+                    let until = now.unix_s + suspend_for.as_secs();
+                    let paused = self.sched.borrow_mut().pause_provider_of(key, until);
+                    if let Some(provider) = paused {
+                        info!(
+                            shard = self.shard,
+                            provider,
+                            class = class.as_str(),
+                            "provider paused by the {class} action for {}s",
+                            suspend_for.as_secs()
+                        );
+                        metrics::with(|m| m.bounce_actions.add("suspend", 1));
+                    }
+                }
                 (Action::Suspend, RecipientResult::Deferred(_)) => {
                     let Some(recipient) = envelope.recipients.get(*index as usize) else {
                         continue;
@@ -253,6 +271,40 @@ impl Deliverer {
             }
         }
         (results, suppress)
+    }
+
+    fn has_provider(&self, key: &gannet_sched::SiteKey) -> bool {
+        self.sched.borrow().site(key).and_then(|s| s.provider()).is_some()
+    }
+
+    /// The scheduler's `complete`, except at the site of a paused provider, where the
+    /// deferred recipients wait for the pause (no attempt counted, no retry timer).
+    fn complete(
+        &self,
+        id: MessageId,
+        done: &[u32],
+        verdicts: &[(u32, Verdict)],
+        attempt: &Attempt,
+        delay_notified: bool,
+        now: Now,
+    ) -> Option<Completed> {
+        let mut sched = self.sched.borrow_mut();
+        match (&attempt.key, attempt.lane) {
+            (Some(key), Some(lane)) if sched.provider_paused(key) => {
+                let recipients: Vec<u32> = verdicts
+                    .iter()
+                    .filter(|(i, v)| *v == Verdict::Deferred && !done.contains(i))
+                    .map(|(i, _)| *i)
+                    .collect();
+                let waiting = gannet_sched::Waiting {
+                    recipients,
+                    site: key.clone(),
+                    lane,
+                };
+                sched.complete_waiting(id, done, waiting, delay_notified, now)
+            }
+            _ => sched.complete(id, done, delay_notified, now),
+        }
     }
 
     /// The `slow` action: the site's provider (or the site) sends at the lowered rate for a

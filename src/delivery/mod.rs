@@ -223,6 +223,7 @@ impl Deliverer {
             self.schedule(id);
         }
         self.expire_suspensions();
+        self.resume_providers();
         for key in self.sched.borrow_mut().due_probes(now) {
             info!(shard = self.shard, destination = %key, "probing a destination that is down");
         }

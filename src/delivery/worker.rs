@@ -176,6 +176,7 @@ impl Deliverer {
                 relay: Some(peer),
                 site: Some(destination.clone()),
                 key: Some(key.clone()),
+                lane: Some(job.lane),
                 tls: conn.tls.clone(),
                 took: Some(took),
             };
@@ -302,6 +303,7 @@ impl Deliverer {
             let attempt = Attempt {
                 site: Some(destination.to_string()),
                 key: Some(key.clone()),
+                lane: Some(job.lane),
                 ..Attempt::default()
             };
             self.finish_job(job.id, results, attempt, None).await;

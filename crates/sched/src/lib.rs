@@ -27,6 +27,6 @@ pub use lanes::Lane;
 pub use provider::{ProviderRule, Slowdown};
 pub use queue::{QueueIndex, QueuedMessage, RecipientSet};
 pub use scheduler::{
-    Classified, Completed, Job, PendingState, Plan, Route, RouteTarget, SchedConfig, Scheduler, Verdict,
+    Classified, Completed, Job, PendingState, Plan, Route, RouteTarget, SchedConfig, Scheduler, Verdict, Waiting,
 };
 pub use site::{Site, SiteKey, SiteLimits, SiteRule};

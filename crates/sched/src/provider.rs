@@ -107,6 +107,9 @@ pub struct Provider {
     pub connections_max: usize,
     pub messages_per_connection_max: Option<usize>,
     pub pace: Pace,
+    /// Paused (a bounce rule's `suspend` on a reply from one of its sites) until then: none
+    /// of its sites starts a worker; their jobs wait in their queues.
+    pub paused_until_unix_s: Option<u64>,
 }
 
 #[cfg(test)]

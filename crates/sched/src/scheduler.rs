@@ -101,6 +101,14 @@ pub struct Job {
     pub retried_on_fresh_connection: bool,
 }
 
+/// Recipients that wait at a paused provider's site ([`Scheduler::complete_waiting`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub recipients: Vec<u32>,
+    pub site: SiteKey,
+    pub lane: Lane,
+}
+
 /// What a message's recipients need before they can be queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -198,6 +206,7 @@ fn build_providers(config: &SchedConfig) -> Vec<Provider> {
                 rule.messages_per_second
                     .map(|rate| Duration::from_secs_f64(1.0 / (rate / config.shard_count.max(1) as f64))),
             ),
+            paused_until_unix_s: None,
         })
         .collect()
 }
@@ -315,6 +324,90 @@ impl Scheduler {
     /// The providers, in rule order.
     pub fn providers(&self) -> &[Provider] {
         &self.providers
+    }
+
+    /// Pauses the provider of the site `key` until `until_unix_s` (see [`Provider`]); its
+    /// name, or None if the site has no provider or it is paused that long already.
+    pub fn pause_provider_of(&mut self, key: &SiteKey, until_unix_s: u64) -> Option<String> {
+        let p = self.sites.get(key)?.provider?;
+        let provider = &mut self.providers[p];
+        if provider.paused_until_unix_s.is_some_and(|u| u >= until_unix_s) {
+            return None;
+        }
+        provider.paused_until_unix_s = Some(until_unix_s);
+        Some(provider.name.clone())
+    }
+
+    /// Ends the pauses past their time (the shell's tick): their names; their sites with work
+    /// are kicked.
+    pub fn resume_providers(&mut self, now_unix_s: u64) -> Vec<String> {
+        let mut resumed = Vec::new();
+        for (p, provider) in self.providers.iter_mut().enumerate() {
+            if provider.paused_until_unix_s.is_some_and(|u| u <= now_unix_s) {
+                provider.paused_until_unix_s = None;
+                resumed.push((p, provider.name.clone()));
+            }
+        }
+        for (p, _) in &resumed {
+            let waiting: Vec<SiteKey> = self
+                .sites
+                .iter()
+                .filter(|(_, s)| s.provider == Some(*p) && !s.pending.is_empty())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in waiting {
+                self.kick(key);
+            }
+        }
+        resumed.into_iter().map(|(_, name)| name).collect()
+    }
+
+    /// Whether the site's provider is paused.
+    pub fn provider_paused(&self, key: &SiteKey) -> bool {
+        self.sites
+            .get(key)
+            .and_then(|s| s.provider)
+            .is_some_and(|p| self.providers[p].paused_until_unix_s.is_some())
+    }
+
+    /// A job at `site` ended while its provider is paused: `done` recipients are finished and
+    /// the `waiting` ones (deferred by the reply that paused it) wait at the site, in a job of
+    /// their own at the head of `lane`, for the pause to end: no attempt is counted and no
+    /// retry timer set, so the pause and the message's backoff never add up.
+    pub fn complete_waiting(
+        &mut self,
+        id: MessageId,
+        done: &[u32],
+        waiting: Waiting,
+        delay_notified: bool,
+        now: Now,
+    ) -> Option<Completed> {
+        let Waiting { recipients, site, lane } = waiting;
+        if recipients.is_empty() || !self.sites.contains_key(&site) {
+            return self.complete(id, done, delay_notified, now);
+        }
+        let message = self.queue.get_mut(&id)?;
+        message.delay_notified |= delay_notified;
+        for &index in done {
+            message.done.insert(index as usize);
+        }
+        self.state
+            .outcomes
+            .extend(done.iter().map(|&index| StateEntry { id, recipient: index }));
+        // The ended job is replaced by the waiting one: jobs_outstanding stays.
+        let job = Job {
+            id,
+            recipients,
+            lane,
+            site: site.clone(),
+            retried_on_fresh_connection: false,
+        };
+        self.sites
+            .get_mut(&site)
+            .expect("checked")
+            .pending
+            .push_front(lane, job);
+        Some(Completed::Pending)
     }
 
     pub fn queue(&self) -> &QueueIndex {
@@ -718,9 +811,10 @@ impl Scheduler {
                 continue;
             };
             site.kicked = false;
-            let provider_full = site
-                .provider
-                .is_some_and(|p| self.providers[p].workers >= self.providers[p].connections_max);
+            let provider_full = site.provider.is_some_and(|p| {
+                let provider = &self.providers[p];
+                provider.workers >= provider.connections_max || provider.paused_until_unix_s.is_some()
+            });
             if site.pending.is_empty()
                 || site.workers >= site.limits.connections_max
                 || provider_full
@@ -754,6 +848,13 @@ impl Scheduler {
     pub fn next_job(&mut self, key: &SiteKey, now: Instant) -> Option<Job> {
         let site = self.sites.get_mut(key)?;
         site.last_active = now;
+        if site
+            .provider
+            .is_some_and(|p| self.providers[p].paused_until_unix_s.is_some())
+        {
+            // Paused: the worker stops; the job waits for the pause to end.
+            return None;
+        }
         site.pending.pop()
     }
 
@@ -783,6 +884,12 @@ impl Scheduler {
     /// no rate and the connection has room for two more messages.
     pub fn take_ahead(&mut self, key: &SiteKey, messages_on_connection: usize) -> Option<Job> {
         let site = self.sites.get_mut(key)?;
+        if site
+            .provider
+            .is_some_and(|p| self.providers[p].paused_until_unix_s.is_some())
+        {
+            return None;
+        }
         // A slow-down that has just ended still counts: conservative, and no clock here.
         let paced = site.pace.interval.is_some()
             || site.pace.slowed.is_some()
@@ -1322,6 +1429,60 @@ mod tests {
         // Reconfiguring keeps the provider's count of open connections.
         s.reconfigure(c);
         assert_eq!(s.providers()[0].workers, 1);
+    }
+
+    #[test]
+    fn a_paused_provider_starts_no_worker_and_its_deferred_mail_waits_without_an_attempt() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.connections_per_shard_max = 10;
+        c.providers = vec![ProviderRule {
+            name: "bigmail".into(),
+            mx_suffixes: vec!["bigmail.test".into()],
+            connections_max: None,
+            messages_per_connection_max: None,
+            messages_per_second: None,
+        }];
+        let mut s = Scheduler::new(c, QueueIndex::default());
+        let id = queue_mx(&mut s, 1, "a.test", &["mx1.bigmail.test"], t0);
+        let key = s.next_worker().unwrap();
+        let job = s.next_job(&key, t0).unwrap();
+        // Its reply pauses the provider: the deferred recipient waits at the site.
+        assert_eq!(s.pause_provider_of(&key, 1_000_100).as_deref(), Some("bigmail"));
+        assert_eq!(s.pause_provider_of(&key, 1_000_050), None, "paused that long already");
+        assert!(s.provider_paused(&key));
+        let waiting = job.recipients.clone();
+        assert_eq!(
+            s.complete_waiting(
+                id,
+                &[],
+                Waiting {
+                    recipients: waiting,
+                    site: key.clone(),
+                    lane: job.lane,
+                },
+                false,
+                now(t0, 1)
+            ),
+            Some(Completed::Pending)
+        );
+        assert_eq!(s.next_job(&key, t0), None, "its worker takes no more jobs while paused");
+        s.worker_ended(&key, true, t0);
+        // New mail for another of its sites waits too; other providers do not.
+        queue_mx(&mut s, 2, "b.test", &["mx2.bigmail.test"], t0);
+        queue_mx(&mut s, 3, "c.test", &["mx.other.test"], t0);
+        assert_eq!(s.next_worker(), Some(SiteKey::mx(&["mx.other.test"])));
+        assert_eq!(s.next_worker(), None, "no worker for a paused provider");
+        assert!(s.resume_providers(1_000_099).is_empty());
+        assert_eq!(s.resume_providers(1_000_100), vec!["bigmail".to_string()]);
+        let mut started = vec![s.next_worker().unwrap(), s.next_worker().unwrap()];
+        started.sort();
+        let mut want = vec![key.clone(), SiteKey::mx(&["mx2.bigmail.test"])];
+        want.sort();
+        assert_eq!(started, want, "both of its sites go again");
+        assert_eq!(s.queue().get(&id).unwrap().attempts, 0, "the pause cost no attempt");
+        assert_eq!(s.retries_len(), 0, "and set no retry timer");
+        assert_eq!(s.next_job(&key, t0).unwrap().recipients, vec![0]);
     }
 
     #[test]
