@@ -1374,18 +1374,24 @@ mod tests {
         id
     }
 
-    #[test]
-    fn sites_of_one_provider_share_its_connections_and_its_slowdown() {
-        let t0 = Instant::now();
+    /// The test configuration with the provider `bigmail` (MX hosts under `bigmail.test`).
+    fn with_bigmail(connections_max: Option<usize>, messages_per_connection_max: Option<usize>) -> SchedConfig {
         let mut c = config();
         c.connections_per_shard_max = 10;
         c.providers = vec![ProviderRule {
             name: "bigmail".into(),
             mx_suffixes: vec!["bigmail.test".into()],
-            connections_max: Some(1),
-            messages_per_connection_max: Some(7),
+            connections_max,
+            messages_per_connection_max,
             messages_per_second: None,
         }];
+        c
+    }
+
+    #[test]
+    fn sites_of_one_provider_share_its_connections_and_its_slowdown() {
+        let t0 = Instant::now();
+        let c = with_bigmail(Some(1), Some(7));
         let mut s = Scheduler::new(c.clone(), QueueIndex::default());
         // Two customers of the provider (different MX sets), and a domain elsewhere.
         queue_mx(&mut s, 1, "a.test", &["mx1.bigmail.test"], t0);
@@ -1434,15 +1440,7 @@ mod tests {
     #[test]
     fn a_paused_provider_starts_no_worker_and_its_deferred_mail_waits_without_an_attempt() {
         let t0 = Instant::now();
-        let mut c = config();
-        c.connections_per_shard_max = 10;
-        c.providers = vec![ProviderRule {
-            name: "bigmail".into(),
-            mx_suffixes: vec!["bigmail.test".into()],
-            connections_max: None,
-            messages_per_connection_max: None,
-            messages_per_second: None,
-        }];
+        let c = with_bigmail(None, None);
         let mut s = Scheduler::new(c, QueueIndex::default());
         let id = queue_mx(&mut s, 1, "a.test", &["mx1.bigmail.test"], t0);
         let key = s.next_worker().unwrap();
