@@ -148,19 +148,16 @@ fn count_verdicts(verdicts: &[(u32, Verdict)], classes: &[(u32, Classification)]
 }
 
 /// The class of every recipient that was not delivered. The MX host names of the site (for
-/// provider rules) come from the attempt.
+/// provider rules) come from the attempt's site.
 fn classify(
     classifier: &Classifier,
     results: &[(u32, RecipientResult)],
     attempt: &Attempt,
 ) -> Vec<(u32, Classification)> {
-    let site = attempt.site.as_deref().unwrap_or("");
-    // The site's label (`destination_label`): its MX hosts joined by commas, or a smarthost.
-    let hosts: Vec<&str> = site
-        .split(',')
-        .map(|h| h.trim().trim_end_matches('.'))
-        .filter(|h| !h.is_empty())
-        .collect();
+    let hosts: Vec<&str> = match &attempt.key {
+        Some(gannet_sched::SiteKey::Mx(hosts)) => hosts.iter().map(|h| h.trim_end_matches('.')).collect(),
+        _ => Vec::new(),
+    };
     results
         .iter()
         .filter_map(|(index, result)| match result {
