@@ -578,7 +578,13 @@ fn suppress(config: &Config, command: SuppressCommand) -> Result<(), String> {
         }
         SuppressCommand::Import { file, json } => {
             let csv = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            sc::import(&client, &file.display().to_string(), &csv, json)?
+            sc::import(
+                &client,
+                &file.display().to_string(),
+                &csv,
+                config.suppression.import_rows_max,
+                json,
+            )?
         }
         SuppressCommand::Export { out } => {
             let csv = sc::export(&client).map_err(|e| e.to_string())?;

@@ -38,6 +38,9 @@ pub struct Suppressions {
     hard_bounce_scope: HardBounceScope,
     added: [AtomicU64; 4],
     refused_full: AtomicU64,
+    /// The replay refused adds (the journal holds more live entries than `entries_max`, which
+    /// was lowered): the journal is then never compacted, which would drop them for good.
+    replay_refused: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +111,7 @@ impl Suppressions {
         if replayed.refused_full > 0 {
             warn!(
                 refused = replayed.refused_full,
-                "the suppression journal holds more live entries than suppression.entries_max = {}; the later ones were not loaded",
+                "the suppression journal holds more live entries than suppression.entries_max = {}; the later ones were not loaded (they stay in the journal, which is not compacted, until entries_max is raised)",
                 settings.entries_max
             );
         }
@@ -135,10 +138,25 @@ impl Suppressions {
             },
             added: Default::default(),
             refused_full: AtomicU64::new(0),
+            replay_refused: replayed.refused_full > 0,
         };
         let mut writer = suppressions.lock();
-        if replayed.torn_tail || suppressions.journal_is_long(&writer) {
-            // A torn record must not stay in the middle of the file once more are appended.
+        if replayed.torn_tail {
+            // A torn record must not stay in the middle of the file once more are appended:
+            // cut it (it was never synced, so never relied upon).
+            let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |end| end + 1) as u64;
+            writer
+                .file
+                .set_len(whole)
+                .and_then(|()| writer.file.sync_data())
+                .map_err(|e| format!("cannot cut the torn last record of {}: {e}", writer.path.display()))?;
+            writer.length_bytes = whole;
+            warn!(
+                "{}: cut a torn last record (a write a crash interrupted)",
+                writer.path.display()
+            );
+        }
+        if suppressions.journal_is_long(&writer) {
             suppressions
                 .compact(&mut writer, now_unix_s)
                 .map_err(|e| format!("cannot rewrite {}: {e}", writer.path.display()))?;
@@ -328,7 +346,7 @@ impl Suppressions {
     }
 
     fn journal_is_long(&self, writer: &Writer) -> bool {
-        writer.records > 2 * self.list.len() as u64 + COMPACT_SLACK_RECORDS
+        !self.replay_refused && writer.records > 2 * self.list.len() as u64 + COMPACT_SLACK_RECORDS
     }
 
     /// Rewrites the journal as one add per live entry.
@@ -341,10 +359,19 @@ impl Suppressions {
             file.sync_all()?;
         }
         std::fs::rename(&temporary, &writer.path)?;
-        if let Some(dir) = writer.path.parent() {
-            File::open(dir)?.sync_all()?;
+        // From here the old file is gone: a failure leaves no file to append to safely.
+        let reopened = writer
+            .path
+            .parent()
+            .map_or(Ok(()), |dir| File::open(dir).and_then(|d| d.sync_all()))
+            .and_then(|()| OpenOptions::new().append(true).open(&writer.path));
+        match reopened {
+            Ok(file) => writer.file = file,
+            Err(e) => {
+                writer.broken = true;
+                return Err(e);
+            }
         }
-        writer.file = OpenOptions::new().append(true).open(&writer.path)?;
         writer.length_bytes = bytes.len() as u64;
         writer.records = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
         Ok(())
@@ -462,6 +489,26 @@ mod tests {
         drop(s);
         let s = Suppressions::open(dir.path(), &settings(10), 100).unwrap();
         assert_eq!(s.list.len(), 2);
+        assert!(s.check(b"c@x.test", b"", 100).is_some());
+    }
+
+    #[test]
+    fn entries_a_lowered_bound_refuses_stay_in_the_journal_until_it_is_raised() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Suppressions::open(dir.path(), &settings(3), 100).unwrap();
+        s.apply_now(&[add("a@x.test"), add("b@x.test"), add("c@x.test")], 100)
+            .unwrap();
+        drop(s);
+        // A torn tail too: it is cut, but nothing is compacted away.
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"add,global,torn@x.te");
+        std::fs::write(&path, bytes).unwrap();
+        let s = Suppressions::open(dir.path(), &settings(2), 100).unwrap();
+        assert_eq!(s.list.len(), 2);
+        drop(s);
+        let s = Suppressions::open(dir.path(), &settings(3), 100).unwrap();
+        assert_eq!(s.list.len(), 3, "the refused entry is back once the bound allows it");
         assert!(s.check(b"c@x.test", b"", 100).is_some());
     }
 

@@ -113,14 +113,16 @@ pub fn remove(client: &Client, address: &str, scope: Option<&str>, json: bool) -
 /// Imports a CSV file (header row first), in pieces that fit one request each. The whole file
 /// is checked here first, so that a bad row is named by its line in the file and nothing of a
 /// bad file goes in.
-pub fn import(client: &Client, file_name: &str, csv: &[u8], json: bool) -> Result<String, String> {
+pub fn import(client: &Client, file_name: &str, csv: &[u8], rows_max: usize, json: bool) -> Result<String, String> {
     let now = gannet_smtp::received::unix_now_s();
     gannet_suppress::csv_io::parse_import(csv, now, usize::MAX).map_err(|e| format!("{file_name}: {e}"))?;
     let text = std::str::from_utf8(csv).map_err(|_| format!("{file_name}: not UTF-8"))?;
-    import_checked(client, text, json).map_err(|e| e.to_string())
+    import_checked(client, text, rows_max.max(1), json).map_err(|e| e.to_string())
 }
 
-fn import_checked(client: &Client, text: &str, json: bool) -> Result<String, CallError> {
+/// Sends pieces of at most `rows_max` rows (the server's `suppression.import_rows_max`) that
+/// fit one request each.
+fn import_checked(client: &Client, text: &str, rows_max: usize, json: bool) -> Result<String, CallError> {
     // Record boundaries as the csv crate finds them (a quoted field may hold a line break).
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
     let header_end = match reader.headers() {
@@ -145,7 +147,7 @@ fn import_checked(client: &Client, text: &str, json: bool) -> Result<String, Cal
     while from < text.len() {
         // As many whole records as fit; at least one.
         let mut to = from;
-        for &end in starts.iter().filter(|&&e| e > from) {
+        for &end in starts.iter().filter(|&&e| e > from).take(rows_max) {
             if end - from + header.len() > piece_bytes_max && to > from {
                 break;
             }

@@ -70,12 +70,14 @@ fn check(p: &Provider) -> Result<(), (&'static str, String)> {
 
 /// Checks the operator's tables (errors name their line in `text`).
 pub(super) fn validate(providers: &[Provider], fail: &Fail<'_>) -> Result<(), ConfigError> {
-    if providers.len() > PROVIDERS_MAX {
+    // The defaults come after the operator's tables and count against the same bound.
+    let room = PROVIDERS_MAX - defaults().map_or(0, |d| d.len());
+    if providers.len() > room {
         return Err(fail(
             "provider",
             0,
             "name",
-            format!("at most {PROVIDERS_MAX} [[provider]] tables"),
+            format!("at most {room} [[provider]] tables"),
         ));
     }
     for (i, p) in providers.iter().enumerate() {

@@ -28,6 +28,9 @@ use super::Deliverer;
 use crate::metrics;
 use crate::verp::Shell;
 
+/// Reports a shard keeps held for the operator; more are dropped (counted).
+pub const HELD_REPORTS_MAX: usize = 1000;
+
 /// What became of one report.
 enum Outcome {
     /// Believed, for these recipients: the changes to make and the events to tell.
@@ -103,7 +106,7 @@ impl Deliverer {
             Ok(l) => l,
             Err(e) => {
                 warn!(shard = self.shard, %id, "cannot read a report from the spool ({e:?}); held");
-                return self.hold_report(id, "unknown", "unparseable").await;
+                return self.hold_report(shell, id, indexes, "unknown", "unparseable").await;
             }
         };
         let envelope = loaded.envelope();
@@ -126,7 +129,10 @@ impl Deliverer {
         let kind = report.kind.as_str();
         match self.attribute(shell, &report, &tokens) {
             Outcome::Attributed(findings) => {
-                self.act_on_findings(id, findings).await;
+                if !self.act_on_findings(id, findings).await {
+                    // The suppression could not be recorded: the report is kept, not lost.
+                    return self.hold_report(shell, id, indexes, kind, "unrecorded").await;
+                }
                 self.sched.borrow_mut().finish_undelivered(id, indexes);
                 self.store.forget(&id);
                 self.flush_state_soon();
@@ -140,15 +146,50 @@ impl Deliverer {
                 self.flush_state_soon();
                 false
             }
-            Outcome::Unattributed => self.hold_report(id, kind, "unattributed").await,
-            Outcome::Unparseable => self.hold_report(id, kind, "unparseable").await,
+            Outcome::Unattributed => self.hold_report(shell, id, indexes, kind, "unattributed").await,
+            Outcome::Unparseable => self.hold_report(shell, id, indexes, kind, "unparseable").await,
         }
     }
 
-    /// Keeps a report the operator must look at (held: never delivered, never expired).
-    async fn hold_report(self: &Rc<Self>, id: MessageId, kind: &'static str, result: &'static str) -> bool {
-        warn!(shard = self.shard, %id, kind, result, "a report at the bounce domain cannot be used; held for the operator (gannet queue show {id})");
+    /// Keeps a report the operator must look at (held: never delivered, never expired), up to
+    /// [`HELD_REPORTS_MAX`] per shard; past that, or when the message also has recipients
+    /// elsewhere (whose delivery a hold would stop), the report's part is dropped and counted
+    /// (`result="dropped"`). True if held.
+    async fn hold_report(
+        self: &Rc<Self>,
+        shell: &Shell,
+        id: MessageId,
+        indexes: &[u32],
+        kind: &'static str,
+        result: &'static str,
+    ) -> bool {
         metrics::with(|m| m.bounce_reports.add((kind, result), 1));
+        let (elsewhere, held_reports) = {
+            let sched = self.sched.borrow();
+            let at_bounce_domain =
+                |address: &[u8]| domain_of(address).eq_ignore_ascii_case(shell.verp.domain().as_bytes());
+            let elsewhere = sched.queue().get(&id).is_some_and(|m| {
+                m.envelope
+                    .view()
+                    .recipients()
+                    .enumerate()
+                    .any(|(i, r)| !m.done.contains(i) && !at_bounce_domain(r.address))
+            });
+            let held_reports = sched
+                .queue()
+                .iter()
+                .filter(|m| m.held && m.envelope.view().recipients().all(|r| at_bounce_domain(r.address)))
+                .count();
+            (elsewhere, held_reports)
+        };
+        if elsewhere || held_reports >= HELD_REPORTS_MAX {
+            warn!(shard = self.shard, %id, kind, result, held_reports, "a report at the bounce domain cannot be used and is not kept ({}); dropped", if elsewhere { "the message has other recipients" } else { "the shard holds the most reports it keeps" });
+            metrics::with(|m| m.bounce_reports.add((kind, "dropped"), 1));
+            self.sched.borrow_mut().finish_undelivered(id, indexes);
+            self.flush_state_soon();
+            return false;
+        }
+        warn!(shard = self.shard, %id, kind, result, "a report at the bounce domain cannot be used; held for the operator (gannet queue show {id})");
         let entries = self.sched.borrow_mut().hold(&[id], Now::read());
         if let Err(e) = self.appender.append_deferrals_durably(&entries).await {
             warn!(shard = self.shard, %id, "the hold of a report could not be written ({e:?}); it is read again after a restart");
@@ -227,7 +268,8 @@ impl Deliverer {
         }
     }
 
-    async fn act_on_findings(&self, id: MessageId, findings: Vec<Finding>) {
+    /// Makes the findings' changes and tells them; false if the changes could not be made.
+    async fn act_on_findings(&self, id: MessageId, findings: Vec<Finding>) -> bool {
         let changes: Vec<Change> = findings.iter().filter_map(|f| f.change.clone()).collect();
         let applied = if changes.is_empty() {
             Ok(Default::default())
@@ -236,6 +278,7 @@ impl Deliverer {
         };
         if let Err(e) = &applied {
             warn!(shard = self.shard, %id, "cannot add a report's recipients to the suppression list: {e}");
+            return false;
         }
         for f in findings {
             let result = if f.change.is_some() && applied.is_ok() {
@@ -262,6 +305,7 @@ impl Deliverer {
                 });
             }
         }
+        true
     }
 }
 

@@ -21,6 +21,10 @@ pub const RECIPIENTS_MAX: usize = 100;
 pub const CANDIDATES_MAX: usize = 50;
 /// The longest field value kept.
 const FIELD_BYTES_MAX: usize = 1000;
+/// Fields kept per group (a DSN's per-recipient group has about six).
+const FIELDS_PER_GROUP_MAX: usize = 32;
+/// How much of a report is read: its report parts come first, the returned original last.
+pub const REPORT_BYTES_MAX: usize = 4 << 20;
 
 /// What kind of report a message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +87,7 @@ pub fn parse_report(bytes: &[u8]) -> Report {
         complainants: Vec::new(),
         original_from_domain: None,
     };
+    let bytes = &bytes[..bytes.len().min(REPORT_BYTES_MAX)];
     let Some(message) = MessageParser::default().parse(bytes) else {
         return report;
     };
@@ -244,6 +249,9 @@ fn field_groups(body: &[u8]) -> Vec<Vec<(String, String)>> {
             continue;
         }
         let group = groups.last_mut().expect("never empty");
+        if group.len() >= FIELDS_PER_GROUP_MAX {
+            continue;
+        }
         if line.starts_with([' ', '\t']) {
             if let Some((_, value)) = group.last_mut() {
                 if value.len() < FIELD_BYTES_MAX {
@@ -251,7 +259,7 @@ fn field_groups(body: &[u8]) -> Vec<Vec<(String, String)>> {
                     value.push_str(line.trim());
                 }
             }
-        } else if let Some((name, value)) = line.split_once(':') {
+        } else if let Some((name, value)) = line.split_once(':').filter(|(n, _)| n.len() <= 64) {
             let mut value = value.trim().to_string();
             value.truncate(value.floor_char_boundary_compat(FIELD_BYTES_MAX));
             group.push((name.trim().to_ascii_lowercase(), value));

@@ -383,7 +383,9 @@ impl Scheduler {
         now: Now,
     ) -> Option<Completed> {
         let Waiting { recipients, site, lane } = waiting;
-        if recipients.is_empty() || !self.sites.contains_key(&site) {
+        // A message the operator held meanwhile waits for its release, not at the site.
+        let held = self.queue.get(&id).is_some_and(|m| m.held);
+        if recipients.is_empty() || held || !self.sites.contains_key(&site) {
             return self.complete(id, done, delay_notified, now);
         }
         let message = self.queue.get_mut(&id)?;
@@ -1481,6 +1483,19 @@ mod tests {
         assert_eq!(s.queue().get(&id).unwrap().attempts, 0, "the pause cost no attempt");
         assert_eq!(s.retries_len(), 0, "and set no retry timer");
         assert_eq!(s.next_job(&key, t0).unwrap().recipients, vec![0]);
+        // Held by the operator while it was out: it waits for its release, not at the site.
+        assert_eq!(s.pause_provider_of(&key, 1_000_200).as_deref(), Some("bigmail"));
+        s.hold(&[id], now(t0, 2));
+        let waiting = Waiting {
+            recipients: vec![0],
+            site: key.clone(),
+            lane: Lane::Fresh,
+        };
+        assert!(matches!(
+            s.complete_waiting(id, &[], waiting, false, now(t0, 2)),
+            Some(Completed::Retry { .. })
+        ));
+        assert_eq!(s.site(&key).unwrap().pending(), 0);
     }
 
     #[test]
