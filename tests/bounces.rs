@@ -212,13 +212,13 @@ fn a_broken_rules_file_or_action_is_refused_naming_the_file_and_line() {
 }
 
 #[test]
-fn a_reply_rule_pauses_the_destination_for_its_time_and_then_it_resumes() {
+fn a_reply_rule_pauses_the_destination_on_every_shard_for_its_time_and_then_it_resumes() {
     let receiver = CaptureSink::start();
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("bounce-rules.toml");
     std::fs::write(
         &rules,
-        "[[rule]]\nclass = \"rate-limited\"\ntext = \"\\\\[TSS04\\\\]\"\naction = \"suspend\"\nsuspend_for = \"2s\"\n",
+        "[[rule]]\nclass = \"rate-limited\"\ntext = \"\\\\[TSS04\\\\]\"\naction = \"suspend\"\nsuspend_for = \"10s\"\n",
     )
     .unwrap();
     // Yahoo's published deferral for too much volume, at RCPT.
@@ -228,6 +228,7 @@ fn a_reply_rule_pauses_the_destination_for_its_time_and_then_it_resumes() {
     )];
     let mut setup = Setup::new();
     setup
+        .shards(2)
         .route("yahoo.test", receiver.addr)
         .route("other.test", receiver.addr)
         .set("delivery", "retry_first", "\"1h\"")
@@ -235,18 +236,52 @@ fn a_reply_rule_pauses_the_destination_for_its_time_and_then_it_resumes() {
     let g = Gannet::start(&setup);
     common::send_message(g.mx(), "s@other.test", &["a@yahoo.test"], "Subject: y\r\n\r\nx\r\n");
     assert!(
-        g.wait_for_log("suspended by the rate-limited action for 2s", WAIT),
+        g.wait_for_log("suspended by the rate-limited action for 10s", WAIT),
         "{}",
         g.log_text()
     );
-    // The receiver takes mail again; other destinations never stopped.
+    // The other shard suspends it too.
+    assert!(
+        g.wait_for_log("suspended as another shard asked", WAIT),
+        "{}",
+        g.log_text()
+    );
+    let (_, destinations) = g.http("GET", "/api/destinations", None, &[]);
+    let destinations: serde_json::Value = serde_json::from_str(&destinations).unwrap();
+    assert_eq!(
+        destinations["automatic"].as_array().map(Vec::len),
+        Some(2),
+        "one per shard: {destinations}"
+    );
+    // The receiver takes mail again; more for yahoo.test waits whichever shard took it, and
+    // other destinations never stopped.
     receiver.behaviour.rcpt_replies.lock().unwrap().clear();
+    for n in 0..4 {
+        common::send_message(
+            g.mx(),
+            "s@other.test",
+            &[&format!("{n}@yahoo.test")],
+            "Subject: y\r\n\r\nx\r\n",
+        );
+    }
     common::send_message(g.mx(), "s@other.test", &["b@other.test"], "Subject: o\r\n\r\nx\r\n");
     let first = receiver.wait_for(1, WAIT);
     assert_eq!(first[0].recipients, ["b@other.test"]);
-    // After the rule's 2 s, not the hour of the message's own retry schedule, it goes.
-    let both = receiver.wait_for(2, WAIT);
-    assert_eq!(both[1].recipients, ["a@yahoo.test"]);
+    assert_eq!(receiver.captured().len(), 1, "nothing went to the suspended domain");
+    // After the rule's 10 s, not the hour of the message's own retry schedule, all go.
+    let all = receiver.wait_for(6, WAIT);
+    let mut yahoo: Vec<&str> = all[1..].iter().map(|c| c.recipients[0].as_str()).collect();
+    yahoo.sort();
+    assert_eq!(
+        yahoo,
+        [
+            "0@yahoo.test",
+            "1@yahoo.test",
+            "2@yahoo.test",
+            "3@yahoo.test",
+            "a@yahoo.test"
+        ]
+    );
     assert!(g.wait_for_log("a suspension expired", WAIT), "{}", g.log_text());
 }
 

@@ -2,7 +2,9 @@
 //! whose MX hosts all differ (forty sites) but end in one provider's suffix share the
 //! provider's connection cap; a scripted rate-limit reply (Gmail's published 4.7.28 text)
 //! matching a `slow` rule lowers the provider's rate for the rule's time, visible in the API,
-//! and the rate comes back; another provider's mail keeps flowing meanwhile.
+//! and the rate comes back; another provider's mail keeps flowing meanwhile; Yahoo's TSS04
+//! text pauses the whole provider on every shard, and the mail waiting at it can be deleted
+//! meanwhile.
 
 mod common;
 
@@ -131,17 +133,16 @@ fn a_providers_sites_share_its_connections_and_a_rate_reply_slows_it_for_a_while
 
 const TSS04: &str = "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes";
 
-#[test]
-fn a_rate_reply_pauses_the_whole_provider_for_the_rules_time_and_its_mail_then_goes() {
-    let dns = DnsServer::start();
-    let (bigmail, other) = two_providers(&dns);
+/// Gannet on `shards` shards, with a rule that pauses a provider for `suspend_for` on Yahoo's
+/// TSS04 text, after `bigmail` answered it to `tss@p0.test`: the provider is paused.
+fn paused_by_tss04(dns: &DnsServer, suspend_for: &str, shards: usize) -> (Gannet, CaptureSink, CaptureSink) {
+    let (bigmail, other) = two_providers(dns);
     *bigmail.behaviour.rcpt_replies.lock().unwrap() = vec![("tss@".into(), TSS04.into())];
-    let setup = setup(
-        &dns,
-        bigmail.addr.port(),
-        "[[rule]]\nclass = \"rate-limited\"\ntext = \"TSS04\"\naction = \"suspend\"\nsuspend_for = \"2s\"\n",
-        10,
+    let rule = format!(
+        "[[rule]]\nclass = \"rate-limited\"\ntext = \"TSS04\"\naction = \"suspend\"\nsuspend_for = \"{suspend_for}\"\n"
     );
+    let mut setup = setup(dns, bigmail.addr.port(), &rule, 10);
+    setup.shards(shards);
     let g = Gannet::start(&setup);
     send(&g, &["tss@p0.test".to_string()]);
     assert!(
@@ -149,24 +150,93 @@ fn a_rate_reply_pauses_the_whole_provider_for_the_rules_time_and_its_mail_then_g
         "{}",
         g.log_text()
     );
+    (g, bigmail, other)
+}
+
+#[test]
+fn a_rate_reply_pauses_the_whole_provider_for_the_rules_time_and_its_mail_then_goes() {
+    let dns = DnsServer::start();
+    let (g, bigmail, other) = paused_by_tss04(&dns, "10s", 2);
+    // The other shard pauses it too.
+    assert!(
+        g.wait_for_log("provider paused as another shard asked", WAIT),
+        "{}",
+        g.log_text()
+    );
     // The receiver would take it now; the pause decides.
     bigmail.behaviour.rcpt_replies.lock().unwrap().clear();
     let (_, listed) = g.http("GET", "/api/destinations", None, &[]);
-    assert!(listed.contains("\"provider bigmail\""), "{listed}");
-    // Another customer of the paused provider waits; another provider's mail flows.
-    send(&g, &["user@p1.test".to_string(), "someone@elsewhere.test".to_string()]);
+    assert_eq!(
+        listed.matches("\"provider bigmail\"").count(),
+        2,
+        "one per shard: {listed}"
+    );
+    // Other customers of the paused provider wait, whichever shard their connection reached;
+    // another provider's mail flows.
+    for n in 1..=4 {
+        send(&g, &[format!("user@p{n}.test")]);
+    }
+    send(&g, &["someone@elsewhere.test".to_string()]);
     other.wait_for(1, WAIT);
     assert!(bigmail.captured().is_empty(), "nothing went to the paused provider");
-    // The pause ends after its 2 s, not after the message's 1 h backoff: both go.
+    // The pause ends after its 10 s, not after the message's 1 h backoff: all go.
     assert!(g.wait_for_log("a provider's pause ended", WAIT), "{}", g.log_text());
-    let got = bigmail.wait_for(2, WAIT);
+    let got = bigmail.wait_for(5, WAIT);
     let mut to: Vec<&str> = got.iter().map(|c| c.recipients[0].as_str()).collect();
     to.sort();
-    assert_eq!(to, ["tss@p0.test", "user@p1.test"]);
+    assert_eq!(
+        to,
+        [
+            "tss@p0.test",
+            "user@p1.test",
+            "user@p2.test",
+            "user@p3.test",
+            "user@p4.test"
+        ]
+    );
     assert_eq!(g.metric("gannet_bounce_actions_total{action=\"suspend\"}"), 1.0);
     assert_eq!(
         g.metric("gannet_retries_total"),
         0.0,
         "the paused message never took a backoff step"
     );
+}
+
+#[test]
+fn mail_waiting_at_a_paused_provider_can_be_deleted_while_the_pause_lasts() {
+    let dns = DnsServer::start();
+    let (g, bigmail, _other) = paused_by_tss04(&dns, "1h", 1);
+    send(&g, &["user@p1.test".to_string()]);
+    // Both wait in their sites' queues for an hour; neither is busy for the operator. A
+    // message is busy only while its job is on a connection or being routed, which ends
+    // within moments here, so the delete is asked again until both are gone.
+    let deadline = Instant::now() + WAIT;
+    let mut deleted: Vec<String> = Vec::new();
+    while deleted.len() < 2 {
+        assert!(Instant::now() < deadline, "still busy: {deleted:?}\n{}", g.log_text());
+        let (status, body) = g.http("POST", "/api/queue/delete", Some(r#"{"all": true}"#), &[]);
+        assert_eq!(status, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        deleted.extend(
+            answer["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+        if deleted.len() < 2 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(g.metric("gannet_queue_messages{state=\"delivering\"}"), 0.0);
+    let (_, listed) = g.http("GET", "/api/queue", None, &[]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["matched"], 0, "{listed}");
+    assert!(bigmail.captured().is_empty(), "nothing went to the paused provider");
+    assert_eq!(
+        bigmail.connections.load(Ordering::SeqCst),
+        1,
+        "only the paused attempt connected"
+    );
+    assert_eq!(*bigmail.behaviour.rcpts_seen.lock().unwrap(), ["tss@p0.test"]);
 }

@@ -417,10 +417,14 @@ impl Deliverer {
     }
 
     /// Deletes `ids` (no notice), or with `bounce_reason`, returns them to their senders with a
-    /// failure notice first (never for the null sender). Messages being delivered are busy.
+    /// failure notice first (never for the null sender). Mail that only waits at a site (a
+    /// paused provider, a down destination) is taken out of the site's queue first; messages on
+    /// a connection or being routed are busy. A withdrawn message whose notice cannot be
+    /// spooled is planned again (`bounce_one`).
     async fn delete(self: &Rc<Self>, ids: &[MessageId], bounce_reason: Option<&str>) -> Acted {
         let mut acted = Acted::default();
         let mut gone = Vec::new();
+        self.sched.borrow_mut().withdraw(ids);
         for &id in ids {
             let idle = self
                 .sched
@@ -526,6 +530,48 @@ impl Deliverer {
             self.schedule(id);
         }
         ids.len()
+    }
+
+    /// Adopts the provider pauses other shards published (every tick, before
+    /// `resume_providers`): a receiver that asked one shard to pause sees none send.
+    pub(super) fn adopt_provider_pauses(self: &Rc<Self>) {
+        let now_unix_s = Now::read().unix_s;
+        let count = self.sched.borrow().providers().len();
+        for p in 0..count {
+            let until = super::pauses::published(p);
+            if until <= now_unix_s {
+                continue;
+            }
+            if let Some(provider) = self.sched.borrow_mut().pause_provider(p, until) {
+                info!(
+                    shard = self.shard,
+                    provider,
+                    "provider paused as another shard asked, until {}",
+                    rfc3339(until)
+                );
+            }
+        }
+    }
+
+    /// Adopts the domain suspensions other shards' bounce actions set (every tick, before
+    /// `expire_suspensions`), unless the domain is suspended that long already.
+    pub(super) fn adopt_suspensions(self: &Rc<Self>) {
+        let now_unix_s = Now::read().unix_s;
+        super::pauses::take_suspensions(self.shard, |domain, until| {
+            let mut sched = self.sched.borrow_mut();
+            let already = sched
+                .suspensions()
+                .until_unix_s(domain.as_bytes())
+                .is_some_and(|u| u >= until);
+            if until > now_unix_s && !already && sched.suspend(domain, until) {
+                info!(
+                    shard = self.shard,
+                    domain,
+                    "suspended as another shard asked, until {}",
+                    rfc3339(until)
+                );
+            }
+        });
     }
 
     /// Ends provider pauses past their time (every tick): their sites go again.

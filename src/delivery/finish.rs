@@ -147,8 +147,8 @@ fn count_verdicts(verdicts: &[(u32, Verdict)], classes: &[(u32, Classification)]
     });
 }
 
-/// The class of every recipient that was not delivered. The MX host names of the site (for
-/// provider rules) come from the attempt's site.
+/// The class of every recipient that was not delivered, sorted by recipient index (for
+/// `class_of`). The MX host names of the site (for provider rules) come from the attempt's site.
 fn classify(
     classifier: &Classifier,
     results: &[(u32, RecipientResult)],
@@ -158,7 +158,7 @@ fn classify(
         Some(gannet_sched::SiteKey::Mx(hosts)) => hosts.iter().map(|h| h.trim_end_matches('.')).collect(),
         _ => Vec::new(),
     };
-    results
+    let mut classes: Vec<(u32, Classification)> = results
         .iter()
         .filter_map(|(index, result)| match result {
             RecipientResult::Delivered(_) => None,
@@ -172,11 +172,19 @@ fn classify(
                 Some((*index, classifier.rules.classify_fully(&failure)))
             }
         })
-        .collect()
+        .collect();
+    classes.sort_unstable_by_key(|(index, _)| *index);
+    classes
+}
+
+/// The classification of one recipient in `classify`'s sorted list.
+fn classification_of(classes: &[(u32, Classification)], index: u32) -> Option<&Classification> {
+    let at = classes.binary_search_by_key(&index, |(i, _)| *i).ok()?;
+    Some(&classes[at].1)
 }
 
 fn class_of(classes: &[(u32, Classification)], index: u32) -> Option<Class> {
-    classes.iter().find(|(i, _)| *i == index).map(|(_, c)| c.class)
+    classification_of(classes, index).map(|c| c.class)
 }
 
 impl Deliverer {
@@ -195,7 +203,7 @@ impl Deliverer {
         let suspend_for_default = self.config().bounces.suspend_for.0;
         let mut suppress = Vec::new();
         for (index, result) in &mut results {
-            let Some((_, found)) = classes.iter().find(|(i, _)| i == index) else {
+            let Some(found) = classification_of(classes, *index) else {
                 continue;
             };
             let class = found.class;
@@ -227,6 +235,9 @@ impl Deliverer {
                 {
                     let key = attempt.key.as_ref().expect("checked");
                     let until = now.unix_s + suspend_for.as_secs();
+                    // The other shards adopt the pause at their next tick.
+                    let index = self.sched.borrow().provider_index_of(key);
+                    index.into_iter().for_each(|p| super::pauses::publish(p, until));
                     let paused = self.sched.borrow_mut().pause_provider_of(key, until);
                     if let Some(provider) = paused {
                         info!(
@@ -253,6 +264,7 @@ impl Deliverer {
                     {
                         let until = now.unix_s + suspend_for.as_secs();
                         if self.suspend(&domain, until) {
+                            super::pauses::publish_suspension(self.shard, &domain, until);
                             info!(
                                 shard = self.shard,
                                 domain,

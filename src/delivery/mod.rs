@@ -33,6 +33,7 @@ pub mod finish;
 pub mod intake;
 pub mod ipcap;
 pub mod outbound;
+pub mod pauses;
 pub mod pool;
 pub mod routing;
 pub mod state;
@@ -222,7 +223,9 @@ impl Deliverer {
         for id in due {
             self.schedule(id);
         }
+        self.adopt_suspensions();
         self.expire_suspensions();
+        self.adopt_provider_pauses();
         self.resume_providers();
         for key in self.sched.borrow_mut().due_probes(now) {
             info!(shard = self.shard, destination = %key, "probing a destination that is down");

@@ -119,6 +119,7 @@ pub fn serve(mut config: Config, source_name: &str) -> Result<(), String> {
     config
         .validate_for_shards(shards, cpus.len(), source_name)
         .map_err(|e| e.to_string())?;
+    crate::delivery::pauses::init(shards);
 
     let privileges = privileges::plan(&config.server, source_name == crate::config::EMBEDDED_DEFAULT_NAME)?;
     let memlock = raise_memlock_limit();

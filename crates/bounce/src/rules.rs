@@ -132,10 +132,15 @@ impl Rules {
     /// `example` must come out as its class under its own file's rules (a file is checked on
     /// its own, so that an operator's rule may override a default one).
     pub fn compile(files: &[(&str, &str)]) -> Result<Rules, RuleError> {
+        if let [(text, name)] = files {
+            // One file: the set compiled to check its examples is the whole set.
+            return compile_file(text, name).map(|(own, _)| own);
+        }
         let mut rules = Vec::new();
         let mut patterns = Vec::new();
         for (text, name) in files {
-            let (file_rules, file_patterns) = compile_file(text, name)?;
+            let (own, file_patterns) = compile_file(text, name)?;
+            let file_rules = own.rules;
             if rules.len() + file_rules.len() > RULES_MAX {
                 return Err(RuleError {
                     source_name: (*name).to_string(),
@@ -233,8 +238,8 @@ impl Rules {
     }
 }
 
-/// One file's rules and patterns, its examples checked against them.
-fn compile_file(text: &str, name: &str) -> Result<(Vec<Rule>, Vec<String>), RuleError> {
+/// One file's rules (compiled) and patterns, its examples checked against them.
+fn compile_file(text: &str, name: &str) -> Result<(Rules, Vec<String>), RuleError> {
     let fail = |index: Option<usize>, message: String| RuleError {
         source_name: name.to_string(),
         line: index.and_then(|i| line_of_rule(text, i)),
@@ -267,7 +272,7 @@ fn compile_file(text: &str, name: &str) -> Result<(Vec<Rule>, Vec<String>), Rule
             return Err(fail(Some(i), format!("its example {example:?} is classed {got}, not {class}: an earlier rule matches it first, or this one does not match it")));
         }
     }
-    Ok((own.rules, patterns))
+    Ok((own, patterns))
 }
 
 fn build(rules: Vec<Rule>, patterns: &[String], name: &str) -> Result<Rules, RuleError> {

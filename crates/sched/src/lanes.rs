@@ -98,6 +98,11 @@ impl<T> Lanes<T> {
         taken
     }
 
+    /// Every item, lane by lane.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.fresh.iter().chain(self.retry.iter()).chain(self.bounce.iter())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.fresh.is_empty() && self.retry.is_empty() && self.bounce.is_empty()
     }

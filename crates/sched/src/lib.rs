@@ -24,7 +24,7 @@ pub mod suspend;
 
 pub use health::{Change as HealthChange, HealthRules};
 pub use lanes::Lane;
-pub use provider::{ProviderRule, Slowdown};
+pub use provider::{ProviderRule, Slowdown, PROVIDERS_MAX};
 pub use queue::{QueueIndex, QueuedMessage, RecipientSet};
 pub use scheduler::{
     Classified, Completed, Job, PendingState, Plan, Route, RouteTarget, SchedConfig, Scheduler, Verdict, Waiting,

@@ -329,8 +329,20 @@ impl Scheduler {
     /// Pauses the provider of the site `key` until `until_unix_s` (see [`Provider`]); its
     /// name, or None if the site has no provider or it is paused that long already.
     pub fn pause_provider_of(&mut self, key: &SiteKey, until_unix_s: u64) -> Option<String> {
-        let p = self.sites.get(key)?.provider?;
-        let provider = &mut self.providers[p];
+        let p = self.provider_index_of(key)?;
+        self.pause_provider(p, until_unix_s)
+    }
+
+    /// The index of the site's provider in [`Scheduler::providers`]: rule order, so the same
+    /// index names the same provider in every shard.
+    pub fn provider_index_of(&self, key: &SiteKey) -> Option<usize> {
+        self.sites.get(key)?.provider
+    }
+
+    /// Pauses provider `p` until `until_unix_s` (a pause another shard published, say): its
+    /// name, or None if there is no such provider or it is paused that long already.
+    pub fn pause_provider(&mut self, p: usize, until_unix_s: u64) -> Option<String> {
+        let provider = self.providers.get_mut(p)?;
         if provider.paused_until_unix_s.is_some_and(|u| u >= until_unix_s) {
             return None;
         }
@@ -540,8 +552,9 @@ impl Scheduler {
         &self.suspensions
     }
 
-    /// Holds the messages of `ids` that are not held yet: they leave the retry timers and are
-    /// not planned until released; one being delivered finishes its attempt first. Returns the
+    /// Holds the messages of `ids` that are not held yet: they leave the retry timers and the
+    /// sites' queues (mail waiting at a paused provider or a down destination included) and are
+    /// not planned until released; one on a connection finishes its attempt first. Returns the
     /// retry schedules (with the hold) that the shell must write, durably, before it says so.
     pub fn hold(&mut self, ids: &[MessageId], now: Now) -> Vec<Deferral> {
         let wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
@@ -564,6 +577,7 @@ impl Scheduler {
                 held: true,
             });
         }
+        self.withdraw_queued(ids, false);
         entries
     }
 
@@ -593,6 +607,53 @@ impl Scheduler {
             }
         }
         (entries, released)
+    }
+
+    /// Takes the jobs of `ids` out of the sites' queues, for the messages whose every job out
+    /// is queued at a site (none on a connection or being routed): mail that waits at a paused
+    /// provider or a down destination can then be deleted or bounced at once instead of being
+    /// busy until the wait ends. Those messages have no job out afterwards, and the caller
+    /// removes them or plans them again. Returns them. O(queued jobs + ids).
+    pub fn withdraw(&mut self, ids: &[MessageId]) -> Vec<MessageId> {
+        self.withdraw_queued(ids, true)
+    }
+
+    /// Takes the queued jobs of `ids` out of the sites' queues: of every message that has
+    /// any (`whole == false`), or only of those whose every job out is queued. Returns the
+    /// messages withdrawn from.
+    fn withdraw_queued(&mut self, ids: &[MessageId], whole: bool) -> Vec<MessageId> {
+        let mut queued: HashMap<MessageId, u32> = ids
+            .iter()
+            .filter(|id| self.queue.get(id).is_some_and(|m| m.jobs_outstanding > 0))
+            .map(|id| (*id, 0))
+            .collect();
+        if queued.is_empty() {
+            return Vec::new();
+        }
+        let mut at: Vec<SiteKey> = Vec::new();
+        for (key, site) in &self.sites {
+            let mut here = false;
+            for job in site.pending.iter() {
+                if let Some(n) = queued.get_mut(&job.id) {
+                    *n += 1;
+                    here = true;
+                }
+            }
+            if here {
+                at.push(key.clone());
+            }
+        }
+        queued.retain(|id, n| *n > 0 && (!whole || self.queue.get(id).is_some_and(|m| m.jobs_outstanding == *n)));
+        for key in &at {
+            let site = self.sites.get_mut(key).expect("listed above");
+            site.pending.take_if(|job| queued.contains_key(&job.id));
+        }
+        for (id, n) in &queued {
+            let message = self.queue.get_mut(id).expect("counted above");
+            assert!(message.jobs_outstanding >= *n, "more jobs queued than counted");
+            message.jobs_outstanding -= n;
+        }
+        queued.into_keys().collect()
     }
 
     /// Forgets the messages of `ids` that no delivery job holds now (an operator's delete or
@@ -1496,6 +1557,60 @@ mod tests {
             Some(Completed::Retry { .. })
         ));
         assert_eq!(s.site(&key).unwrap().pending(), 0);
+    }
+
+    #[test]
+    fn mail_waiting_at_a_paused_provider_is_withdrawn_for_the_operator_but_mail_on_a_connection_is_not() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(with_bigmail(None, None), QueueIndex::default());
+        let on_wire = queue_mx(&mut s, 1, "a.test", &["mx1.bigmail.test"], t0);
+        let key = s.next_worker().unwrap();
+        let job = s.next_job(&key, t0).unwrap();
+        assert_eq!(job.id, on_wire);
+        s.pause_provider_of(&key, 1_000_100);
+        let waiting = queue_mx(&mut s, 2, "b.test", &["mx2.bigmail.test"], t0);
+        let gone = MessageId::new(9, 0, 999 * 4096);
+        assert_eq!(s.site(&SiteKey::mx(&["mx2.bigmail.test"])).unwrap().pending(), 1);
+        assert_eq!(s.withdraw(&[on_wire, waiting, gone]), vec![waiting]);
+        assert_eq!(
+            s.queue().get(&on_wire).unwrap().jobs_outstanding,
+            1,
+            "its job is on a connection"
+        );
+        assert_eq!(s.queue().get(&waiting).unwrap().jobs_outstanding, 0);
+        assert_eq!(s.site(&SiteKey::mx(&["mx2.bigmail.test"])).unwrap().pending(), 0);
+        assert_eq!(
+            s.remove(&[waiting, on_wire]),
+            vec![StateEntry {
+                id: waiting,
+                recipient: 0
+            }]
+        );
+        assert!(s.queue().get(&waiting).is_none());
+        // Withdrawn but kept (a bounce whose notice failed): it is planned again.
+        let kept = queue_mx(&mut s, 3, "c.test", &["mx2.bigmail.test"], t0);
+        assert_eq!(s.withdraw(&[kept]), vec![kept]);
+        assert!(s.plan(kept, t0).is_some());
+        assert!(s.withdraw(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_hold_takes_mail_out_of_a_paused_providers_queue_and_a_release_plans_it_again() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(with_bigmail(None, None), QueueIndex::default());
+        let key = SiteKey::mx(&["mx1.bigmail.test"]);
+        let first = queue_mx(&mut s, 1, "a.test", &["mx1.bigmail.test"], t0);
+        s.pause_provider_of(&key, 1_000_100);
+        let waiting = queue_mx(&mut s, 2, "b.test", &["mx1.bigmail.test"], t0);
+        assert_eq!(s.site(&key).unwrap().pending(), 2);
+        assert_eq!(s.hold(&[waiting], now(t0, 1)).len(), 1);
+        assert_eq!(s.site(&key).unwrap().pending(), 1, "the held one left the queue");
+        assert_eq!(s.queue().get(&waiting).unwrap().jobs_outstanding, 0);
+        assert_eq!(s.queue().get(&first).unwrap().jobs_outstanding, 1);
+        assert!(s.plan(waiting, t0).is_none(), "held");
+        let (_, due) = s.release(&[waiting], now(t0, 2));
+        assert_eq!(due, vec![waiting]);
+        assert!(s.plan(waiting, t0).is_some());
     }
 
     #[test]
