@@ -201,6 +201,7 @@ impl Deliverer {
         now: Now,
     ) -> (Vec<(u32, RecipientResult)>, Vec<Change>) {
         let suspend_for_default = self.config().bounces.suspend_for.0;
+        let provider = self.provider_of(attempt);
         let mut suppress = Vec::new();
         for (index, result) in &mut results {
             let Some(found) = classification_of(classes, *index) else {
@@ -230,15 +231,12 @@ impl Deliverer {
                         suppress.push(change);
                     }
                 }
-                (Action::Suspend, RecipientResult::Deferred(_))
-                    if attempt.key.as_ref().is_some_and(|k| self.has_provider(k)) =>
-                {
-                    let key = attempt.key.as_ref().expect("checked");
+                (Action::Suspend, RecipientResult::Deferred(_)) if provider.is_some() => {
+                    let p = provider.expect("checked");
                     let until = now.unix_s + suspend_for.as_secs();
                     // The other shards adopt the pause at their next tick.
-                    let index = self.sched.borrow().provider_index_of(key);
-                    index.into_iter().for_each(|p| super::pauses::publish(p, until));
-                    let paused = self.sched.borrow_mut().pause_provider_of(key, until);
+                    super::pauses::publish(p, until);
+                    let paused = self.sched.borrow_mut().pause_provider(p, until);
                     if let Some(provider) = paused {
                         info!(
                             shard = self.shard,
@@ -282,8 +280,10 @@ impl Deliverer {
         (results, suppress)
     }
 
-    fn has_provider(&self, key: &gannet_sched::SiteKey) -> bool {
-        self.sched.borrow().site(key).and_then(|s| s.provider()).is_some()
+    /// The index of the provider of the attempt's site, if it has one.
+    fn provider_of(&self, attempt: &Attempt) -> Option<usize> {
+        let key = attempt.key.as_ref()?;
+        self.sched.borrow().provider_index_of(key)
     }
 
     /// The scheduler's `complete`, except at the site of a paused provider, where the
